@@ -1,0 +1,200 @@
+"""The answer cache: upstream replies kept as wire bytes, served by splicing in a TTL.
+
+Theory of operation
+- An entry is made once, on the miss path, from a walked upstream reply (wire.parse_reply). The
+  upstream's OPT record is cut off (we add our own per client), and the rest after the question is
+  split at every record's TTL field. Serving a hit is then: the client's ID, flags, counts, the
+  client's own question bytes (its letter case, 0x20 clients check it) and `ttl.join(chunks)`.
+  No parsing, no dnslib, one `join` (see ../shared/FACTS.md: re-packing runs at 7k qps).
+- Every record carries the entry's remaining TTL (as CoreDNS does), rounded up, so a fresh
+  entry never says 0 and the TTL counts down from the first answer to the last.
+- Lifetimes: positive = smallest TTL of all records, clamped to [min_ttl, max_ttl]; negative
+  (NXDOMAIN, NODATA) = RFC 2308 min(SOA TTL, SOA MINIMUM) clamped to max_negative_ttl, and not
+  cached without an SOA; upstream SERVFAIL is remembered `servfail_ttl` seconds (RFC 9520) in a
+  separate table so it never replaces a good answer; truncated replies are never cached.
+- Bounded by entry count with LRU eviction. Time is passed in as `now` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sidecar.core import wire
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    max_entries: int = 100_000
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+    max_negative_ttl: int = 60
+    servfail_ttl: int = 5
+
+
+class Entry:
+    """One reply ready to be served to any client that asks the same question."""
+
+    __slots__ = (
+        "chunks",
+        "counts",
+        "counts_edns",
+        "expires",
+        "flags",
+        "negative",
+        "opt",
+        "size",
+        "tc_counts",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        msg: bytes,
+        reply: wire.Reply,
+        *,
+        ttl: int,
+        expires: float,
+        negative: bool,
+        do: bool,
+        patch_ttls: bool,
+    ) -> None:
+        records = reply.records
+        # The OPT record, when there is one, must be the last thing in the message so that it
+        # can be cut off without moving any name a compression pointer refers to.
+        body_end = reply.opt.start if reply.opt else len(msg)
+        start = reply.question_end
+        if patch_ttls:
+            chunks = []
+            for record in records:
+                chunks.append(msg[start : record.ttl_offset])
+                start = record.ttl_offset + 4
+            chunks.append(msg[start:body_end])
+            self.chunks: tuple[bytes, ...] = tuple(chunks)
+        else:
+            self.chunks = (msg[start:body_end],)
+        qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
+        if reply.opt is not None:
+            ar -= 1
+        # The flags a client sees: its own RD (CD is part of the key); RA since we recurse for
+        # it; AA cleared, because an answer from a cache is not authoritative (RFC 1035 6.2).
+        byte2 = msg[2] & ~(wire.RD | wire.TC | wire.AA) & 0xFF
+        byte3 = msg[3] | wire.RA
+        self.flags = (bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3)))
+        self.counts = wire.COUNTS.pack(qd, an, ns, ar)
+        self.counts_edns = wire.COUNTS.pack(qd, an, ns, ar + 1)
+        self.tc_counts = (wire.COUNTS.pack(1, 0, 0, 0), wire.COUNTS.pack(1, 0, 0, 1))
+        self.opt = wire.opt_record(wire.EDNS_PAYLOAD, do)
+        self.size = wire.HEADER_SIZE + sum(len(c) for c in self.chunks) + 4 * (len(self.chunks) - 1)
+        self.ttl = ttl
+        self.expires = expires
+        self.negative = negative
+
+    def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
+        """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""
+        qend = q.question_end
+        flags = self.flags[query[2] & wire.RD]
+        edns = q.edns_size != 0
+        size = self.size + qend - wire.HEADER_SIZE + (11 if edns else 0)
+        if size > limit:
+            tc_flags = bytes((flags[0] | wire.TC, flags[1]))
+            return b"".join(
+                (
+                    query[:2],
+                    tc_flags,
+                    self.tc_counts[edns],
+                    query[wire.HEADER_SIZE : qend],
+                    self.opt if edns else b"",
+                )
+            )
+        if len(self.chunks) > 1:
+            body = math.ceil(self.expires - now).to_bytes(4, "big").join(self.chunks)
+        else:
+            body = self.chunks[0]
+        if edns:
+            return b"".join(
+                (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, self.opt)
+            )
+        return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
+
+
+def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
+    return reply.opt is None or reply.opt.end == len(msg)
+
+
+def lifetime(msg: bytes, reply: wire.Reply, limits: CacheLimits) -> tuple[int, bool] | None:
+    """How long a reply may be cached and whether it is negative; None: do not cache it."""
+    if reply.truncated or not opt_is_last(msg, reply):
+        return None
+    if reply.rcode == wire.NOERROR and any(r.section == 0 for r in reply.records):
+        ttl = min(r.ttl for r in reply.records)
+        return min(max(ttl, limits.min_ttl), limits.max_ttl), False
+    if reply.rcode in (wire.NOERROR, wire.NXDOMAIN):
+        negative = wire.soa_negative_ttl(msg, reply)
+        if negative is None:
+            return None  # a referral or a negative answer without SOA: RFC 2308 says no
+        return min(negative, limits.max_negative_ttl), True
+    return None
+
+
+class TtlCache:
+    """Fresh answers by key, LRU-bounded, and a small table of recent upstream failures."""
+
+    def __init__(self, limits: CacheLimits) -> None:
+        self.limits = limits
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self._failures: OrderedDict[bytes, float] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<TtlCache entries={len(self._entries)} failures={len(self._failures)}>"
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        """The fresh entry for `key`, or None. Expired entries stay until evicted or replaced."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires <= now:
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def store(self, key: bytes, msg: bytes, reply: wire.Reply, now: float, do: bool) -> Entry:
+        """Make an entry from an upstream reply; cache it when its lifetime allows."""
+        life = lifetime(msg, reply, self.limits)
+        if life is None or life[0] <= 0:
+            if reply.rcode == wire.SERVFAIL:
+                self.remember_failure(key, now)
+            # Served once to the clients waiting for it, with the upstream's own TTLs.
+            return Entry(msg, reply, ttl=0, expires=now, negative=False, do=do, patch_ttls=False)
+        ttl, negative = life
+        entry = Entry(
+            msg, reply, ttl=ttl, expires=now + ttl, negative=negative, do=do, patch_ttls=True
+        )
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        self._failures.pop(key, None)
+        while len(self._entries) > self.limits.max_entries:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+        return entry
+
+    def remember_failure(self, key: bytes, now: float) -> None:
+        """RFC 9520: a failed resolution is not retried upstream for `servfail_ttl` seconds."""
+        if self.limits.servfail_ttl <= 0:
+            return
+        self._failures[key] = now + self.limits.servfail_ttl
+        self._failures.move_to_end(key)
+        while len(self._failures) > self.limits.max_entries:
+            self._failures.popitem(last=False)
+
+    def failed_recently(self, key: bytes, now: float) -> bool:
+        until = self._failures.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            del self._failures[key]
+            return False
+        return True

@@ -1,0 +1,318 @@
+"""DNS wire format, read by hand: the parts the cache and the hot path need, nothing more.
+
+Theory of operation
+- A client query is read without building any objects: header, one question, and the EDNS0 OPT
+  record if there is one. The result is a cache key made of the lowercased question bytes plus
+  the DO and CD bits (CoreDNS's key), and the numbers a reply needs (question end, EDNS size).
+- An upstream reply is walked once, bounds-checked, on the miss path: where each record's TTL
+  field sits, its type, the SOA minimum, where the OPT record is. The cache keeps the reply as
+  bytes cut at the TTL fields, so a hit is a `join` with the remaining TTL (see cache.py).
+- Every offset is checked against the message length before it is read; a compression pointer
+  must point backwards (RFC 1035 4.1.4 allows nothing else that terminates); names are at most
+  255 bytes and labels 63. Anything else raises FormError (clients) or is reported as a bad reply.
+
+This module has no I/O; it is shared by the UDP and TCP listeners and the upstream client.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from sidecar.errors import FormError
+
+HEADER_SIZE = 12
+MAX_NAME = 255
+MAX_LABEL = 63
+
+# Header flag bits, byte 2 and byte 3 of the message.
+QR = 0x80
+OPCODE_MASK = 0x78
+AA = 0x04
+TC = 0x02
+RD = 0x01
+RA = 0x80
+AD = 0x20
+CD = 0x10
+RCODE_MASK = 0x0F
+
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+
+TYPE_SOA = 6
+TYPE_OPT = 41
+CLASS_IN = 1
+
+# What we advertise upstream and accept from clients at most: the 2020 DNS flag day value,
+# which avoids IP fragmentation on practically every path (RFC 6891 section 6.2.5).
+EDNS_PAYLOAD = 1232
+PLAIN_UDP_LIMIT = 512  # RFC 1035 4.2.1, for clients without EDNS
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+COUNTS = struct.Struct("!HHHH")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+
+
+class Query(NamedTuple):
+    """What the hot path needs to know about a client query."""
+
+    key: bytes  # lowercased qname wire + qtype/qclass + one byte of DO/CD bits
+    question_end: int  # offset just past qtype/qclass
+    edns_size: int  # 0 when the client sent no OPT record, else its payload size (>= 512)
+    do: bool
+    cd: bool
+
+
+class ClientError(Exception):
+    """A query we answer with an error code instead of a lookup (or drop when rcode is None)."""
+
+    def __init__(self, rcode: int | None, question_end: int, reason: str) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.question_end = question_end  # 0 when the question could not be read
+        self.reason = reason
+
+
+def skip_name(msg: bytes, offset: int) -> int:
+    """Return the offset just past the (possibly compressed) name at `offset`."""
+    end = len(msg)
+    length = 0
+    while True:
+        if offset >= end:
+            raise FormError("name runs past the end of the message")
+        label = msg[offset]
+        if label == 0:
+            return offset + 1
+        if label & 0xC0 == 0xC0:
+            if offset + 2 > end:
+                raise FormError("compression pointer runs past the end")
+            target = ((label & 0x3F) << 8) | msg[offset + 1]
+            if target >= offset:
+                raise FormError("compression pointer does not point backwards")
+            _check_pointed_name(msg, target, offset, length)
+            return offset + 2
+        if label & 0xC0:
+            raise FormError("reserved label type")
+        length += label + 1
+        if length > MAX_NAME:
+            raise FormError("name longer than 255 bytes")
+        offset += label + 1
+
+
+def _check_pointed_name(msg: bytes, offset: int, limit: int, length: int) -> None:
+    """Follow a compressed name to its end; every jump must go strictly backwards."""
+    while True:
+        if offset >= limit:
+            raise FormError("compressed name runs past its pointer")
+        label = msg[offset]
+        if label == 0:
+            return
+        if label & 0xC0 == 0xC0:
+            if offset + 2 > limit:
+                raise FormError("compression pointer runs past the end")
+            target = ((label & 0x3F) << 8) | msg[offset + 1]
+            if target >= offset:
+                raise FormError("compression pointer does not point backwards")
+            limit = offset
+            offset = target
+            continue
+        if label & 0xC0:
+            raise FormError("reserved label type")
+        length += label + 1
+        if length > MAX_NAME:
+            raise FormError("name longer than 255 bytes")
+        offset += label + 1
+
+
+def question_end(msg: bytes) -> int:
+    """Offset just past the first question's qtype/qclass; the name must not be compressed."""
+    offset = HEADER_SIZE
+    end = len(msg)
+    length = 0
+    while True:
+        if offset >= end:
+            raise FormError("question name runs past the end")
+        label = msg[offset]
+        if label == 0:
+            offset += 1
+            break
+        if label > MAX_LABEL:
+            raise FormError("compressed or reserved label in the question")
+        length += label + 1
+        if length > MAX_NAME:
+            raise FormError("question name longer than 255 bytes")
+        offset += label + 1
+    if offset + 4 > end:
+        raise FormError("question runs past the end")
+    return offset + 4
+
+
+def parse_query(data: bytes) -> Query:
+    """Read a client query. Raises ClientError with the rcode to answer (None: drop)."""
+    if len(data) < HEADER_SIZE:
+        raise ClientError(None, 0, "shorter than a header")
+    flags = data[2]
+    if flags & QR:
+        raise ClientError(None, 0, "a response, not a query")  # never answer: no reflection
+    qdcount, ancount, nscount, arcount = COUNTS.unpack_from(data, 4)
+    if flags & OPCODE_MASK:
+        raise ClientError(NOTIMP, 0, "opcode is not QUERY")
+    if qdcount != 1:
+        raise ClientError(FORMERR, 0, "question count is not 1")
+    try:
+        qend = question_end(data)
+    except FormError as exc:
+        raise ClientError(FORMERR, 0, str(exc)) from None
+    edns_size = 0
+    do = False
+    if arcount:
+        try:
+            edns_size, do = _find_client_opt(data, qend, ancount + nscount, arcount)
+        except FormError as exc:
+            raise ClientError(FORMERR, qend, str(exc)) from None
+    cd = bool(data[3] & CD)
+    name_end = qend - 4
+    key = data[HEADER_SIZE:name_end].lower() + data[name_end:qend] + bytes(((do << 1) | cd,))
+    return Query(key, qend, edns_size, do, cd)
+
+
+def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple[int, bool]:
+    """Skip `skip` records, then look through the additional section for one OPT record."""
+    end = len(data)
+    found: tuple[int, bool] | None = None
+    for index in range(skip + arcount):
+        offset = skip_name(data, offset)
+        if offset + 10 > end:
+            raise FormError("record header runs past the end")
+        rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, offset)
+        offset += 10 + rdlen
+        if offset > end:
+            raise FormError("record data runs past the end")
+        if rtype == TYPE_OPT and index >= skip:
+            if found is not None:
+                raise FormError("more than one OPT record")
+            found = (max(rclass, PLAIN_UDP_LIMIT), bool(ttl & 0x8000))
+    return found if found is not None else (0, False)
+
+
+class Record(NamedTuple):
+    start: int
+    section: int  # 0 answer, 1 authority, 2 additional
+    rtype: int
+    ttl: int
+    ttl_offset: int
+    rdata_offset: int
+    rdlength: int
+    end: int
+
+
+class Reply(NamedTuple):
+    """An upstream reply, walked once."""
+
+    rcode: int
+    truncated: bool
+    question_end: int
+    records: tuple[Record, ...]
+    opt: Record | None
+
+
+def parse_reply(msg: bytes) -> Reply:
+    """Walk an upstream reply; raises FormError when any part of it cannot be read."""
+    if len(msg) < HEADER_SIZE:
+        raise FormError("shorter than a header")
+    qdcount, ancount, nscount, arcount = COUNTS.unpack_from(msg, 4)
+    if qdcount != 1:
+        raise FormError("reply question count is not 1")
+    qend = question_end(msg)
+    end = len(msg)
+    offset = qend
+    records: list[Record] = []
+    opt: Record | None = None
+    sections = (0,) * ancount + (1,) * nscount + (2,) * arcount
+    for section in sections:
+        start = offset
+        offset = skip_name(msg, offset)
+        if offset + 10 > end:
+            raise FormError("record header runs past the end")
+        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(msg, offset)
+        rdata = offset + 10
+        offset = rdata + rdlen
+        if offset > end:
+            raise FormError("record data runs past the end")
+        record = Record(start, section, rtype, ttl & 0x7FFFFFFF, rdata - 6, rdata, rdlen, offset)
+        if rtype == TYPE_OPT:
+            if section != 2 or opt is not None:
+                raise FormError("misplaced or repeated OPT record")
+            opt = record
+        else:
+            records.append(record)
+    if offset != end:
+        raise FormError("trailing bytes after the last record")
+    return Reply(msg[3] & RCODE_MASK, bool(msg[2] & TC), qend, tuple(records), opt)
+
+
+def soa_negative_ttl(msg: bytes, reply: Reply) -> int | None:
+    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM) of the authority SOA; None without one."""
+    for record in reply.records:
+        if record.section == 1 and record.rtype == TYPE_SOA and record.rdlength >= 22:
+            minimum = _U32.unpack_from(msg, record.rdata_offset + record.rdlength - 4)[0]
+            return min(record.ttl, int(minimum))
+    return None
+
+
+def opt_record(payload: int, do: bool) -> bytes:
+    """An OPT pseudo-record with no options: root name, type 41, payload size, DO flag."""
+    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, 0x8000 if do else 0, 0)
+
+
+def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
+    """An upstream query: RD set, CD as the client asked, EDNS0 advertising EDNS_PAYLOAD."""
+    flags = (RD << 8) | (CD if cd else 0)
+    header = struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 1)
+    return header + question + opt_record(EDNS_PAYLOAD, do)
+
+
+def error_reply(query: bytes, question_end: int, rcode: int, edns_size: int) -> bytes:
+    """A reply carrying only `rcode`: the client's ID, RD and CD, its question if readable."""
+    rd = query[2] & RD if len(query) > 2 else 0
+    cd = query[3] & CD if len(query) > 3 else 0
+    qid = query[:2] if len(query) >= 2 else b"\x00\x00"
+    has_question = question_end > 0
+    opt = opt_record(EDNS_PAYLOAD, False) if edns_size else b""
+    header = (
+        qid
+        + bytes((QR | rd, RA | cd | rcode))
+        + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
+    )
+    return header + query[HEADER_SIZE:question_end] + opt
+
+
+def udp_limit(edns_size: int) -> int:
+    """The largest reply a UDP client can take: 512 without EDNS, else what it advertised."""
+    return edns_size if edns_size else PLAIN_UDP_LIMIT
+
+
+def frame(msg: bytes) -> bytes:
+    """RFC 1035 4.2.2 / RFC 7766: a two-byte length before each message over TCP."""
+    return _U16.pack(len(msg)) + msg
+
+
+def reply_matches(msg: bytes, qid: bytes, question: bytes) -> bool:
+    """RFC 5452 section 9.1: a reply is ours only if ID, QR and the question all match.
+
+    `question` is the lowercased question we sent; the reply's name is compared ignoring case.
+    """
+    qend = HEADER_SIZE + len(question)
+    return (
+        len(msg) >= qend
+        and msg[:2] == qid
+        and msg[2] & QR != 0
+        and msg[4:6] == b"\x00\x01"
+        and msg[HEADER_SIZE : qend - 4].lower() == question[:-4]
+        and msg[qend - 4 : qend] == question[-4:]
+    )

@@ -1,0 +1,175 @@
+"""Talking to upstream servers: one UDP exchange, one TCP exchange, and the retry loop.
+
+Every exchange treats the reply as hostile (RFC 5452): a fresh connected UDP socket per query
+(the kernel picks a random source port and drops datagrams from any other address), a random
+16-bit ID from the OS CSPRNG, and a reply is taken only when ID, QR and question match. Anything
+else is counted and ignored; it never ends the wait early.
+
+Why not asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port
+unreachable, so a refused attempt would cost the whole attempt timeout. A protocol that
+resolves one future is also fewer objects per query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sidecar.config import HostPort
+from sidecar.core import wire
+from sidecar.errors import (
+    BadUpstreamReply,
+    FormError,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
+
+
+@dataclass
+class UpstreamStats:
+    """Plain counters; the metrics layer reads them at scrape time."""
+
+    queries: int = 0
+    tcp_queries: int = 0
+    mismatched: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+
+class _OneReply(asyncio.DatagramProtocol):
+    def __init__(self, qid: bytes, question: bytes, stats: UpstreamStats) -> None:
+        self.qid = qid
+        self.question = question
+        self.stats = stats
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if self.reply.done():
+            return
+        if wire.reply_matches(data, self.qid, self.question):
+            self.reply.set_result(data)
+        else:
+            self.stats.mismatched += 1
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            if isinstance(exc, ConnectionRefusedError):
+                self.reply.set_exception(UpstreamRefused(str(exc)))
+            else:
+                self.reply.set_exception(UpstreamError(str(exc)))
+
+
+async def udp_exchange(
+    server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, stats: UpstreamStats
+) -> bytes:
+    qid = secrets.randbits(16)
+    query = wire.build_query(qid, question, cd=cd, do=do)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _OneReply(query[:2], question, stats), remote_addr=(server.host, server.port)
+        )
+    except OSError as exc:
+        raise UpstreamError(f"{server}: {exc}") from None
+    try:
+        stats.queries += 1
+        transport.sendto(query)
+        return await asyncio.wait_for(protocol.reply, timeout)
+    except TimeoutError:
+        raise UpstreamTimeout(f"{server}: no reply within {timeout:.2f}s") from None
+    finally:
+        transport.close()
+
+
+async def tcp_exchange(
+    server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, stats: UpstreamStats
+) -> bytes:
+    qid = secrets.randbits(16)
+    query = wire.build_query(qid, question, cd=cd, do=do)
+    stats.tcp_queries += 1
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(wire.frame(query))
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                reply = await reader.readexactly(size)
+                if wire.reply_matches(reply, query[:2], question):
+                    return reply
+                stats.mismatched += 1
+    except TimeoutError:
+        raise UpstreamTimeout(f"{server}: no TCP reply within {timeout:.2f}s") from None
+    except ConnectionRefusedError as exc:
+        raise UpstreamRefused(f"{server}: {exc}") from None
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise UpstreamError(f"{server}: TCP: {exc!r}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+@dataclass
+class Forwarder:
+    """Sends a question to a zone's upstreams until one answers or the deadline passes."""
+
+    attempt_timeout: float
+    stats: UpstreamStats = field(default_factory=UpstreamStats)
+
+    async def forward(
+        self,
+        question: bytes,
+        upstreams: Sequence[HostPort],
+        *,
+        cd: bool,
+        do: bool,
+        deadline: float,
+    ) -> tuple[bytes, wire.Reply]:
+        """The first usable reply. Each attempt gets min(attempt_timeout, what remains); a
+        truncated UDP reply is asked again over TCP with what remains; SERVFAIL or REFUSED
+        from one upstream moves on to the next while there is one not yet asked."""
+        loop = asyncio.get_running_loop()
+        last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
+        fallback: tuple[bytes, wire.Reply] | None = None
+        attempt = 0
+        while (remaining := deadline - loop.time()) > 0.001:
+            server = upstreams[attempt % len(upstreams)]
+            attempt += 1
+            try:
+                msg = await udp_exchange(
+                    server,
+                    question,
+                    cd=cd,
+                    do=do,
+                    timeout=min(self.attempt_timeout, remaining),
+                    stats=self.stats,
+                )
+                if msg[2] & wire.TC:
+                    msg = await tcp_exchange(
+                        server,
+                        question,
+                        cd=cd,
+                        do=do,
+                        timeout=max(deadline - loop.time(), 0.001),
+                        stats=self.stats,
+                    )
+                try:
+                    reply = wire.parse_reply(msg)
+                except FormError as exc:
+                    raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
+            except UpstreamError as exc:
+                self.stats.error(exc.reason)
+                last_error = exc
+                continue
+            if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(upstreams):
+                fallback = (msg, reply)
+                continue
+            return msg, reply
+        if fallback is not None:
+            return fallback
+        raise last_error

@@ -1,0 +1,179 @@
+"""The TTL cache with an injected clock: lifetimes, clamps, countdown, EDNS, TC, eviction."""
+
+from __future__ import annotations
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
+
+from sidecar.core import wire
+from sidecar.core.cache import CacheLimits, TtlCache
+
+NAME = "resource-server.local"
+SOA_RR = RR(
+    "local", QTYPE.SOA, rdata=SOA("ns.local", "admin.local", (1, 3600, 600, 86400, 30)), ttl=300
+)
+
+
+def upstream_reply(
+    *ttls: int, rcode: int = 0, soa: bool = False, edns: bool = True, tc: bool = False
+) -> bytes:
+    reply = DNSRecord.question(NAME).reply()
+    for index, ttl in enumerate(ttls):
+        reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"10.0.0.{index + 1}"), ttl=ttl))
+    if soa:
+        reply.add_auth(SOA_RR)
+    if edns:
+        reply.add_ar(EDNS0(udp_len=1232))
+    reply.header.rcode = rcode
+    reply.header.tc = int(tc)
+    return bytes(reply.pack())
+
+
+def client_query(name: str = NAME, *, edns: int = 0, rd: bool = True, qid: int = 77) -> bytes:
+    query = DNSRecord.question(name)
+    query.header.id = qid
+    query.header.rd = int(rd)
+    if edns:
+        query.add_ar(EDNS0(udp_len=edns))
+    return bytes(query.pack())
+
+
+def stored(cache: TtlCache, msg: bytes, now: float = 100.0, query: bytes | None = None) -> bytes:
+    q = wire.parse_query(query or client_query())
+    cache.store(q.key, msg, wire.parse_reply(msg), now, q.do)
+    return q.key
+
+
+def serve(
+    cache: TtlCache, now: float, query: bytes | None = None, limit: int = 512
+) -> DNSRecord | None:
+    query = query or client_query()
+    q = wire.parse_query(query)
+    entry = cache.get(q.key, now)
+    return None if entry is None else DNSRecord.parse(entry.render(query, q, now, limit))
+
+
+class TestPositive:
+    def test_lives_for_the_smallest_ttl_and_counts_down(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(60, 20, 45))
+        first = serve(cache, 100.0)
+        assert first is not None
+        assert [rr.ttl for rr in first.rr] == [20, 20, 20]
+        later = serve(cache, 109.5)
+        assert later is not None and [rr.ttl for rr in later.rr] == [11, 11, 11]
+        almost = serve(cache, 119.99)
+        assert almost is not None and almost.rr[0].ttl == 1  # never 0 while fresh
+        assert serve(cache, 120.0) is None
+
+    def test_reply_carries_client_id_rd_and_question_case(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(60))
+        reply = serve(cache, 101.0, client_query("Resource-Server.LOCAL", rd=False, qid=4242))
+        assert reply is not None
+        assert reply.header.id == 4242
+        assert reply.header.rd == 0 and reply.header.qr == 1
+        assert str(reply.q.qname) == "Resource-Server.LOCAL."
+        assert [str(rr.rdata) for rr in reply.rr] == ["10.0.0.1"]
+
+    @pytest.mark.parametrize(
+        ("limits", "ttl", "expected"),
+        [
+            (CacheLimits(min_ttl=30), 5, 30),
+            (CacheLimits(max_ttl=100), 3600, 100),
+            (CacheLimits(min_ttl=10, max_ttl=100), 50, 50),
+        ],
+    )
+    def test_clamps(self, limits: CacheLimits, ttl: int, expected: int) -> None:
+        cache = TtlCache(limits)
+        stored(cache, upstream_reply(ttl))
+        reply = serve(cache, 100.0)
+        assert reply is not None and reply.rr[0].ttl == expected
+        assert serve(cache, 100.0 + expected) is None
+
+    def test_ttl_zero_is_not_cached(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(0))
+        assert serve(cache, 100.0) is None
+
+    def test_truncated_reply_is_not_cached(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(60, tc=True))
+        assert serve(cache, 100.0) is None
+
+
+class TestEdnsAndTruncation:
+    def test_opt_only_for_clients_that_sent_one(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(60, edns=True))
+        plain = serve(cache, 100.0)
+        assert plain is not None and plain.ar == []
+        with_edns = serve(cache, 100.0, client_query(edns=1232), limit=1232)
+        assert with_edns is not None
+        assert [rr.rtype for rr in with_edns.ar] == [QTYPE.OPT]
+
+    def test_too_big_for_the_client_goes_back_truncated(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(*([60] * 40)))
+        small = serve(cache, 100.0, limit=512)
+        assert small is not None
+        assert small.header.tc == 1 and small.rr == []
+        assert str(small.q.qname) == NAME + "."
+        whole = serve(cache, 100.0, client_query(edns=4096), limit=4096)
+        assert whole is not None and whole.header.tc == 0 and len(whole.rr) == 40
+
+
+class TestNegative:
+    def test_nxdomain_lives_for_soa_minimum(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True))
+        reply = serve(cache, 100.0)
+        assert reply is not None
+        assert reply.header.rcode == RCODE.NXDOMAIN
+        assert reply.auth[0].ttl == 30
+        assert serve(cache, 129.9) is not None
+        assert serve(cache, 130.0) is None
+
+    def test_nodata_is_negative_too(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(soa=True))
+        reply = serve(cache, 100.0)
+        assert reply is not None and reply.rr == [] and reply.header.rcode == 0
+
+    def test_negative_ttl_is_clamped(self) -> None:
+        cache = TtlCache(CacheLimits(max_negative_ttl=10))
+        stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True))
+        assert serve(cache, 109.0) is not None
+        assert serve(cache, 110.0) is None
+
+    def test_negative_without_soa_is_not_cached(self) -> None:
+        cache = TtlCache(CacheLimits())
+        stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN))
+        assert serve(cache, 100.0) is None
+
+    def test_servfail_is_remembered_briefly_and_apart(self) -> None:
+        cache = TtlCache(CacheLimits(servfail_ttl=5))
+        key = stored(cache, upstream_reply(60))
+        stored(cache, upstream_reply(rcode=RCODE.SERVFAIL), now=101.0)
+        assert cache.failed_recently(key, 105.9)
+        assert not cache.failed_recently(key, 106.0)
+        assert serve(cache, 106.0) is not None  # the good answer was not replaced
+
+    def test_servfail_ttl_zero_remembers_nothing(self) -> None:
+        cache = TtlCache(CacheLimits(servfail_ttl=0))
+        key = stored(cache, upstream_reply(rcode=RCODE.SERVFAIL))
+        assert not cache.failed_recently(key, 100.0)
+
+
+class TestEviction:
+    def test_least_recently_used_goes_first(self) -> None:
+        cache = TtlCache(CacheLimits(max_entries=2))
+        names = ["a.local", "b.local", "c.local"]
+        stored(cache, upstream_reply(60), query=client_query(names[0]))
+        stored(cache, upstream_reply(60), query=client_query(names[1]))
+        assert serve(cache, 101.0, client_query(names[0])) is not None  # a is now recent
+        stored(cache, upstream_reply(60), query=client_query(names[2]))
+        assert len(cache) == 2 and cache.evictions == 1
+        assert serve(cache, 101.0, client_query(names[1])) is None
+        assert serve(cache, 101.0, client_query(names[0])) is not None
+        assert serve(cache, 101.0, client_query(names[2])) is not None
