@@ -55,11 +55,12 @@ class Resolver:
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
-        entry = self.cache.get(q.key, self.clock())
+        now = self.clock()
+        entry = self.cache.get(q.key, now)
         if entry is None:
             return None
         self.stats.hits += 1
-        return entry.render(query, q, self.clock(), limit)
+        return entry.render(query, q, now, limit)
 
     async def resolve(self, query: bytes, q: wire.Query, limit: int) -> bytes:
         """The reply to a query the cache could not answer."""
