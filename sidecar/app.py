@@ -13,6 +13,7 @@ from sidecar import logs
 from sidecar.config import Config, HostPort
 from sidecar.core.cache import CacheLimits, TtlCache
 from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
 from sidecar.pipeline import Resolver
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
@@ -29,7 +30,10 @@ def build_resolver(config: Config) -> Resolver:
             servfail_ttl=config.cache.servfail_ttl,
         )
     )
-    router = ZoneRouter(config.upstreams, {zone.name: zone.upstreams for zone in config.zones})
+    router = ZoneRouter(
+        UpstreamSet(config.upstreams),
+        {zone.name: UpstreamSet(zone.upstreams) for zone in config.zones},
+    )
     return Resolver(
         cache,
         router,

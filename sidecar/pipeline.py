@@ -23,6 +23,7 @@ from sidecar.config import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
 from sidecar.server.upstream import Forwarder
 
@@ -39,7 +40,7 @@ class Resolver:
     def __init__(
         self,
         cache: TtlCache,
-        router: ZoneRouter[HostPort],
+        router: ZoneRouter[UpstreamSet[HostPort]],
         forwarder: Forwarder,
         *,
         query_timeout: float,

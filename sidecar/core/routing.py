@@ -6,10 +6,10 @@ lowercased wire form the cache key already holds, so no text conversion happens 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Generic, TypeVar
 
-Upstream = TypeVar("Upstream")
+Target = TypeVar("Target")
 
 
 def name_to_wire(name: str) -> bytes:
@@ -29,17 +29,15 @@ def wire_to_name(wire_name: bytes) -> str:
     return ".".join(labels) + "." if labels else "."
 
 
-class ZoneRouter(Generic[Upstream]):
+class ZoneRouter(Generic[Target]):
     """Longest-suffix match of a wire name against the configured zones."""
 
-    def __init__(
-        self, default: Sequence[Upstream], zones: Mapping[str, Sequence[Upstream]]
-    ) -> None:
-        self.default = tuple(default)
-        self._zones = {name_to_wire(name): (name, tuple(ups)) for name, ups in zones.items()}
+    def __init__(self, default: Target, zones: Mapping[str, Target]) -> None:
+        self.default = default
+        self._zones = {name_to_wire(name): (name, target) for name, target in zones.items()}
 
-    def route(self, wire_name: bytes) -> tuple[str, tuple[Upstream, ...]]:
-        """(zone name, upstreams) for a lowercased wire name; zone '.' means the default."""
+    def route(self, wire_name: bytes) -> tuple[str, Target]:
+        """(zone name, its target) for a lowercased wire name; zone '.' means the default."""
         offset = 0
         while offset < len(wire_name) and wire_name[offset]:
             hit = self._zones.get(wire_name[offset:])

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.config import HostPort
 from sidecar.core import wire
+from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import (
     BadUpstreamReply,
     FormError,
@@ -121,52 +121,68 @@ class Forwarder:
     attempt_timeout: float
     stats: UpstreamStats = field(default_factory=UpstreamStats)
 
+    async def exchange(
+        self, server: HostPort, question: bytes, *, cd: bool, do: bool, deadline: float
+    ) -> tuple[bytes, wire.Reply]:
+        """One attempt at one server: UDP, then TCP with what remains if the reply was
+        truncated; the reply walked. Raises UpstreamError."""
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        msg = await udp_exchange(
+            server,
+            question,
+            cd=cd,
+            do=do,
+            timeout=min(self.attempt_timeout, remaining),
+            stats=self.stats,
+        )
+        if msg[2] & wire.TC:
+            msg = await tcp_exchange(
+                server,
+                question,
+                cd=cd,
+                do=do,
+                timeout=max(deadline - loop.time(), 0.001),
+                stats=self.stats,
+            )
+        try:
+            return msg, wire.parse_reply(msg)
+        except FormError as exc:
+            raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
+
     async def forward(
         self,
         question: bytes,
-        upstreams: Sequence[HostPort],
+        upstreams: UpstreamSet[HostPort],
         *,
         cd: bool,
         do: bool,
         deadline: float,
     ) -> tuple[bytes, wire.Reply]:
-        """The first usable reply. Each attempt gets min(attempt_timeout, what remains); a
-        truncated UDP reply is asked again over TCP with what remains; SERVFAIL or REFUSED
-        from one upstream moves on to the next while there is one not yet asked."""
+        """The first usable reply. Each attempt gets min(attempt_timeout, what remains) and
+        failures move on to the next upstream in the set's order, round and round until the
+        deadline; SERVFAIL or REFUSED from one upstream moves on while one is not yet asked."""
         loop = asyncio.get_running_loop()
+        order = upstreams.order()
         last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
         fallback: tuple[bytes, wire.Reply] | None = None
         attempt = 0
-        while (remaining := deadline - loop.time()) > 0.001:
-            server = upstreams[attempt % len(upstreams)]
+        while deadline - loop.time() > 0.001:
+            server = order[attempt % len(order)]
             attempt += 1
+            sent = loop.time()
             try:
-                msg = await udp_exchange(
-                    server,
-                    question,
-                    cd=cd,
-                    do=do,
-                    timeout=min(self.attempt_timeout, remaining),
-                    stats=self.stats,
-                )
-                if msg[2] & wire.TC:
-                    msg = await tcp_exchange(
-                        server,
-                        question,
-                        cd=cd,
-                        do=do,
-                        timeout=max(deadline - loop.time(), 0.001),
-                        stats=self.stats,
-                    )
-                try:
-                    reply = wire.parse_reply(msg)
-                except FormError as exc:
-                    raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
+                msg, reply = await self.exchange(server, question, cd=cd, do=do, deadline=deadline)
             except UpstreamError as exc:
                 self.stats.error(exc.reason)
+                upstreams.failed(server)
                 last_error = exc
                 continue
-            if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(upstreams):
+            if reply.rcode == wire.REFUSED:
+                upstreams.failed(server)  # a server that refuses us is misconfigured for us
+            else:
+                upstreams.answered(server, loop.time() - sent)
+            if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(order):
                 fallback = (msg, reply)
                 continue
             return msg, reply

@@ -1,0 +1,60 @@
+"""Upstream health and policies, without sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sidecar.core.upstream_health import UpstreamSet
+
+
+def test_sequential_keeps_order_and_skips_down_upstreams() -> None:
+    ups = UpstreamSet(["a", "b", "c"], max_fails=2)
+    assert ups.order() == ["a", "b", "c"]
+    assert not ups.failed("a")
+    assert ups.order() == ["a", "b", "c"]  # one failure is not enough
+    assert ups.failed("a")  # the second in a row marks it down
+    assert ups.order() == ["b", "c"] and ups.down() == ["a"]
+    assert ups.answered("a", 0.01)  # one answer brings it back
+    assert ups.order() == ["a", "b", "c"] and ups.down() == []
+
+
+def test_an_answer_resets_the_failure_count() -> None:
+    ups = UpstreamSet(["a", "b"], max_fails=2)
+    ups.failed("a")
+    ups.answered("a", 0.01)
+    ups.failed("a")
+    assert ups.healthy("a")
+
+
+def test_all_down_means_all_are_tried_in_order() -> None:
+    ups = UpstreamSet(["a", "b"], max_fails=1)
+    ups.failed("a")
+    ups.failed("b")
+    assert ups.order() == ["a", "b"]
+
+
+def test_fastest_orders_by_smoothed_rtt_and_tries_the_unmeasured_first() -> None:
+    ups = UpstreamSet(["slow", "fast", "new"], policy="fastest")
+    ups.answered("slow", 0.200)
+    ups.answered("fast", 0.010)
+    assert ups.order() == ["new", "fast", "slow"]
+    ups.answered("new", 0.100)
+    assert ups.order() == ["fast", "new", "slow"]
+    for _ in range(40):  # EWMA: a server that becomes fast overtakes
+        ups.answered("slow", 0.001)
+    assert ups.order()[0] == "slow"
+
+
+def test_random_spreads_over_every_upstream() -> None:
+    ups = UpstreamSet(["a", "b", "c"], policy="random", rng=random.Random(7))
+    firsts = {ups.order()[0] for _ in range(60)}
+    assert firsts == {"a", "b", "c"}
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        UpstreamSet(["a"], policy="roundrobin")
+    with pytest.raises(ValueError):
+        UpstreamSet([])
