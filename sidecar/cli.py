@@ -1,0 +1,74 @@
+"""The console entry point: ``dns-sidecar [run] [flags]`` and ``dns-sidecar check-config FILE``.
+
+A configuration error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from sidecar.config import Config, build_arg_parser, load, load_file
+from sidecar.errors import ConfigError
+
+Command = Callable[[list[str]], int]
+
+
+def _run(args: list[str]) -> int:
+    """serve DNS (the default): dns-sidecar [run] [flags]"""
+    config = load(args, os.environ)
+    from sidecar.app import run  # lazy: check-config and --help need no event loop
+
+    return run(config)
+
+
+def _summary(config: Config) -> str:
+    listen = ", ".join(str(hp) for hp in config.listen)
+    upstreams = ", ".join(str(hp) for hp in config.upstreams)
+    zones = ", ".join(zone.name for zone in config.zones) or "none"
+    return f"listen {listen}; upstreams {upstreams} ({config.upstream_source}); zones {zones}"
+
+
+def _check_config(args: list[str]) -> int:
+    """check a config file and exit: dns-sidecar check-config FILE"""
+    parser = argparse.ArgumentParser(
+        prog="dns-sidecar check-config",
+        description="Check a TOML config file (over the defaults) and exit: 0 if it is valid, "
+        "2 with one line naming the bad key if not.",
+    )
+    parser.add_argument("file", metavar="FILE")
+    path: str = parser.parse_args(args).file
+    config = load_file(path, env=os.environ)
+    print(f"ok: {path} ({_summary(config)})")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {"run": _run, "check-config": _check_config}
+
+
+def _print_help() -> None:
+    parser = build_arg_parser()
+    parser.usage = "dns-sidecar [COMMAND] [flags]"
+    lines = [f"  {name:<14} {(cmd.__doc__ or '').strip()}" for name, cmd in COMMANDS.items()]
+    print(parser.format_help().rstrip() + "\n\ncommands:\n" + "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        _print_help()
+        return 0
+    command = COMMANDS.get(args[0]) if args else None
+    if command is None:
+        command, args = _run, args
+    else:
+        args = args[1:]
+    try:
+        return command(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: --help, --version, a usage error
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

@@ -1,0 +1,700 @@
+"""Configuration: the model, one table of settings, and the three sources that fill it.
+
+Precedence, highest first: CLI flags > ``DNS_SIDECAR_*`` environment > TOML file > defaults.
+Every setting is one row of ``SETTINGS``; the file walker, the environment reader, the CLI
+parser, the defaults and the error messages are all driven by that table, so a new setting is
+one new row (plus its field on the model).
+
+Everything is checked at start and any problem raises ``ConfigError(key, value, allowed)``
+where ``key`` is spelled the way the operator wrote it: the dotted file key (``cache.max_ttl``),
+the environment variable (``DNS_SIDECAR_CACHE_MAX_TTL``) or the flag (``--max-ttl``).
+
+Sans-IO apart from reading the TOML file and resolv.conf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from sidecar import __version__
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "DNS_SIDECAR_"
+ENV_CONFIG = "DNS_SIDECAR_CONFIG"
+ECS_METADATA_ENV = "ECS_CONTAINER_METADATA_URI_V4"
+ECS_RESOLVER = "169.254.169.253"
+DNS_PORT = 53
+TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+
+_NO_ENV: Mapping[str, str] = MappingProxyType({})
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """An IP literal and a port; ``host`` is normalized by :mod:`ipaddress`, without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    """A domain (lowercase, no trailing dot) whose questions go to their own upstreams."""
+
+    name: str
+    upstreams: tuple[HostPort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_entries: int = 100_000
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+    max_negative_ttl: int = 60
+    servfail_ttl: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[HostPort, ...]
+    upstreams: tuple[HostPort, ...]
+    upstream_source: str  # "configured" | "ecs" | "resolv.conf"
+    zones: tuple[Zone, ...]
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    attempt_timeout: float = 1.0
+    query_timeout: float = 4.0
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 256
+    log_format: str = "json"
+    log_level: str = "info"
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able summary for the start-up log line."""
+        return {
+            "listen": [str(hp) for hp in self.listen],
+            "upstreams": [str(hp) for hp in self.upstreams],
+            "upstream_source": self.upstream_source,
+            "zones": {z.name: [str(hp) for hp in z.upstreams] for z in self.zones},
+            "cache": {
+                "max_entries": self.cache.max_entries,
+                "min_ttl": self.cache.min_ttl,
+                "max_ttl": self.cache.max_ttl,
+                "max_negative_ttl": self.cache.max_negative_ttl,
+                "servfail_ttl": self.cache.servfail_ttl,
+            },
+            "attempt_timeout": self.attempt_timeout,
+            "query_timeout": self.query_timeout,
+            "tcp_idle_timeout": self.tcp_idle_timeout,
+            "tcp_max_connections": self.tcp_max_connections,
+            "log_format": self.log_format,
+            "log_level": self.log_level,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses and names
+
+_HOSTPORT_ALLOWED = (
+    "an IP address with an optional port: 1.2.3.4, 1.2.3.4:53, ::1, [::1] or [::1]:53 "
+    "(no hostnames; port 1..65535)"
+)
+
+
+def _parse_port(text: str, whole: str, key: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(key, whole, _HOSTPORT_ALLOWED)
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, whole, "port must be 1..65535")
+    return port
+
+
+def parse_hostport(text: str, default_port: int, key: str) -> HostPort:
+    """Parse ``1.2.3.4``, ``1.2.3.4:53``, ``::1``, ``[::1]`` or ``[::1]:53``."""
+    s = text.strip()
+    port = default_port
+    want_v6 = False
+    if s.startswith("["):
+        close = s.find("]")
+        if close < 0:
+            raise ConfigError(key, text, _HOSTPORT_ALLOWED)
+        host, rest = s[1:close], s[close + 1 :]
+        want_v6 = True
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(key, text, _HOSTPORT_ALLOWED)
+            port = _parse_port(rest[1:], text, key)
+    elif s.count(":") == 1:
+        host, port_text = s.split(":")
+        port = _parse_port(port_text, text, key)
+    else:
+        host = s  # an IPv4 address without port, or a bare IPv6 address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, text, _HOSTPORT_ALLOWED) from None
+    if want_v6 and ip.version != 6:
+        raise ConfigError(key, text, "brackets are only for IPv6 addresses")
+    return HostPort(str(ip), port)
+
+
+def normalize_zone_name(text: str, key: str) -> str:
+    """Lowercase, drop one trailing dot, and check it is a DNS name other than the root."""
+    name = text.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    allowed = (
+        "a DNS name such as 'local' or 'svc.example.com': labels of 1..63 letters, digits, "
+        "'-' or '_', at most 253 characters; the root '.' is not a zone (use upstreams)"
+    )
+    if not name or len(name) > 253:
+        raise ConfigError(key, text, allowed)
+    for label in name.split("."):
+        if not 1 <= len(label) <= 63:
+            raise ConfigError(key, text, allowed)
+        if not all(c.isascii() and (c.isalnum() or c in "-_") for c in label):
+            raise ConfigError(key, text, allowed)
+    return name
+
+
+def _covers(listen: HostPort, addr: HostPort, *, wildcard_covers_all: bool) -> bool:
+    """Whether a datagram sent to ``addr`` could arrive at our ``listen`` socket."""
+    if listen.port != addr.port:
+        return False
+    if listen.host == addr.host:
+        return True
+    if not ipaddress.ip_address(listen.host).is_unspecified:
+        return False
+    ip = ipaddress.ip_address(addr.host)
+    return wildcard_covers_all or ip.is_loopback or ip.is_unspecified
+
+
+def nameservers(resolv_conf_text: str) -> list[HostPort]:
+    """The ``nameserver`` addresses of a resolv.conf, in order; unparsable lines are skipped."""
+    found: list[HostPort] = []
+    for line in resolv_conf_text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue  # blank, comment (# or ;) or another option
+        try:
+            ip = ipaddress.ip_address(words[1])
+        except ValueError:
+            continue
+        found.append(HostPort(str(ip), DNS_PORT))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds of value: each knows how to read itself from TOML and from text (env var, flag)
+
+
+class Kind:
+    """How one setting is parsed and checked; values are kept as ``Any`` in the generic layers."""
+
+    metavar = "VALUE"
+    allowed = ""
+    separator = ","  # joins the values of a repeated CLI flag
+
+    def from_toml(self, value: object, key: str) -> Any:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, self.allowed)
+        return self.from_text(value, key)
+
+    def from_text(self, text: str, key: str) -> Any:
+        raise NotImplementedError
+
+    def merge(self, lower: Any, higher: Any) -> Any:
+        """Combine a lower layer's value with a higher one's; by default the higher wins."""
+        return higher
+
+    def finish(self, value: Any) -> Any:
+        """Turn the layered value into the model's field value."""
+        return value
+
+    def show(self, value: Any) -> str:
+        """Display a value (a default) in help text."""
+        return str(value)
+
+
+class IntRange(Kind):
+    metavar = "N"
+
+    def __init__(self, lo: int, hi: int, note: str = "") -> None:
+        self.lo, self.hi = lo, hi
+        self.allowed = f"an integer {lo}..{hi}" + (f" ({note})" if note else "")
+
+    def check(self, value: int, shown: object, key: str) -> int:
+        if not self.lo <= value <= self.hi:
+            raise ConfigError(key, shown, self.allowed)
+        return value
+
+    def from_toml(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, self.allowed)
+        return self.check(value, value, key)
+
+    def from_text(self, text: str, key: str) -> int:
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise ConfigError(key, text, self.allowed) from None
+        return self.check(number, text, key)
+
+
+class FloatRange(Kind):
+    metavar = "SECONDS"
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.allowed = f"a number of seconds {lo}..{hi}"
+
+    def check(self, value: float, shown: object, key: str) -> float:
+        if not (math.isfinite(value) and self.lo <= value <= self.hi):
+            raise ConfigError(key, shown, self.allowed)
+        return value
+
+    def from_toml(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, value, self.allowed)
+        return self.check(float(value), value, key)
+
+    def from_text(self, text: str, key: str) -> float:
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise ConfigError(key, text, self.allowed) from None
+        return self.check(number, text, key)
+
+
+class Choice(Kind):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.metavar = "{" + ",".join(choices) + "}"
+        self.allowed = "one of " + ", ".join(choices)
+
+    def from_text(self, text: str, key: str) -> str:
+        value = text.strip().lower()
+        if value not in self.choices:
+            raise ConfigError(key, text, self.allowed)
+        return value
+
+
+class AddressList(Kind):
+    """A non-empty list of distinct addresses; TOML: a list of strings; text: comma-separated."""
+
+    def __init__(self, default_port: int, *, upstream: bool) -> None:
+        self.default_port = default_port
+        self.upstream = upstream
+        self.metavar = "HOST[:PORT]" if upstream else "HOST:PORT"
+        self.allowed = "a list of IP addresses with optional ports, e.g. " + (
+            '["10.0.0.2", "[fd00::2]:53"]' if upstream else '["127.0.0.1:53", "[::1]:53"]'
+        )
+
+    def parse_items(self, items: Sequence[str], shown: object, key: str) -> tuple[HostPort, ...]:
+        result: list[HostPort] = []
+        for item in items:
+            hp = parse_hostport(item, self.default_port, key)
+            if self.upstream and ipaddress.ip_address(hp.host).is_unspecified:
+                raise ConfigError(key, item, "an upstream cannot be an unspecified address")
+            if hp in result:
+                raise ConfigError(key, item, f"{hp} is listed twice")
+            result.append(hp)
+        if not result:
+            raise ConfigError(key, shown, "at least one address is needed")
+        return tuple(result)
+
+    def from_toml(self, value: object, key: str) -> tuple[HostPort, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, value, self.allowed)
+        return self.parse_items(value, value, key)
+
+    def from_text(self, text: str, key: str) -> tuple[HostPort, ...]:
+        items = [item for item in text.split(",") if item.strip()]
+        return self.parse_items(items, text, key)
+
+    def show(self, value: Any) -> str:
+        return ",".join(str(hp) for hp in value)
+
+
+# The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
+_ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
+ZONE_KEYS: dict[str, Kind] = {"upstreams": _ZONE_UPSTREAMS}
+ZONE_REQUIRED = frozenset({"upstreams"})
+
+# A layered zones value: normalized name -> (zone, the key it came from).
+ZoneMap = dict[str, tuple[Zone, str]]
+
+
+def _quote_key(name: str) -> str:
+    return f'"{name}"' if "." in name or not name else name
+
+
+class Zones(Kind):
+    """Per-domain upstreams.
+
+    TOML: ``[zones.NAME]`` tables. Text: ``local=10.0.0.2:53,10.0.0.3;corp.example=10.1.0.2``.
+    Layers merge by zone name: a higher layer replaces a same-named zone and keeps the others.
+    """
+
+    metavar = "ZONE=HOST[:PORT][,HOST[:PORT]...]"
+    separator = ";"
+    allowed = "zones as NAME=HOST[:PORT][,HOST[:PORT]...], several separated by ';'"
+
+    def from_toml(self, value: object, key: str) -> ZoneMap:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a table of zones, e.g. [zones.local] upstreams = [...]")
+        zones: ZoneMap = {}
+        for raw_name, table in value.items():
+            zone_key = f"{key}.{_quote_key(raw_name)}"
+            if not isinstance(table, dict):
+                raise ConfigError(zone_key, table, "a table with upstreams = [...]")
+            name = normalize_zone_name(raw_name, zone_key)
+            fields: dict[str, Any] = {}
+            for sub, sub_value in table.items():
+                sub_key = f"{zone_key}.{_quote_key(sub)}"
+                kind = ZONE_KEYS.get(sub)
+                if kind is None:
+                    hint = ""
+                    if isinstance(sub_value, dict):
+                        hint = '; quote zone names that contain dots: [zones."svc.example.com"]'
+                    raise _unknown_key(sub_key, sub_value, sorted(ZONE_KEYS), hint)
+                fields[sub] = kind.from_toml(sub_value, sub_key)
+            missing = sorted(ZONE_REQUIRED - fields.keys())
+            if missing:
+                raise ConfigError(f"{zone_key}.{missing[0]}", None, "required in every zone")
+            self._add(zones, Zone(name=name, **fields), f"{zone_key}.upstreams", zone_key)
+        return zones
+
+    def from_text(self, text: str, key: str) -> ZoneMap:
+        zones: ZoneMap = {}
+        for part in text.split(";"):
+            if not part.strip():
+                continue
+            raw_name, eq, upstreams = part.partition("=")
+            if not eq or not upstreams.strip(","):
+                raise ConfigError(key, part, self.allowed)
+            name = normalize_zone_name(raw_name, key)
+            zone = Zone(name, _ZONE_UPSTREAMS.from_text(upstreams, key))
+            self._add(zones, zone, key, key)
+        return zones
+
+    @staticmethod
+    def _add(zones: ZoneMap, zone: Zone, source: str, key: str) -> None:
+        if zone.name in zones:
+            raise ConfigError(key, zone.name, "the same zone is given twice")
+        zones[zone.name] = (zone, source)
+
+    def merge(self, lower: ZoneMap, higher: ZoneMap) -> ZoneMap:
+        return {**lower, **higher}
+
+    def finish(self, value: ZoneMap) -> tuple[Zone, ...]:
+        return tuple(zone for zone, _ in value.values())
+
+    def show(self, value: Any) -> str:
+        return "none"
+
+
+# --------------------------------------------------------------------------------------------
+# The table of settings
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its file key, CLI flag, kind, default and help; the env var is derived."""
+
+    key: str  # dotted TOML key; "cache.x" -> Config.cache.x, "tcp.x" -> Config.tcp_x
+    flag: str
+    kind: Kind
+    default: Any
+    help: str
+    repeat: bool = False  # the flag may be given several times
+    default_text: str | None = None  # how the default is described, when not kind.show(default)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper().replace(".", "_")
+
+    @property
+    def shown_default(self) -> str:
+        return self.default_text or self.kind.show(self.default)
+
+
+_LOCALHOST_53 = (HostPort("127.0.0.1", DNS_PORT),)
+
+# fmt: off
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "--listen", AddressList(DNS_PORT, upstream=False), _LOCALHOST_53,
+            "addresses to serve DNS on (UDP and TCP)", repeat=True),
+    Setting("upstreams", "--upstream", AddressList(DNS_PORT, upstream=True), None,
+            "resolvers to forward to, tried in order", repeat=True,
+            default_text=f"{ECS_RESOLVER} on ECS, else the first nameserver in resolv.conf"),
+    Setting("zones", "--zone", Zones(), {}, "send a domain and its subdomains to own upstreams",
+            repeat=True),
+    Setting("attempt_timeout", "--attempt-timeout", FloatRange(0.05, 30), 1.0,
+            "timeout of one attempt at one upstream"),
+    Setting("query_timeout", "--query-timeout", FloatRange(0.1, 60), 4.0,
+            "deadline for answering one client query, at least attempt_timeout"),
+    Setting("log_format", "--log-format", Choice("json", "text"), "json", "log line format"),
+    Setting("log_level", "--log-level", Choice("debug", "info", "warning", "error"), "info",
+            "lowest level logged"),
+    Setting("cache.max_entries", "--cache-max-entries", IntRange(1, 10_000_000), 100_000,
+            "most answers kept in the cache (least recently used go first)"),
+    Setting("cache.min_ttl", "--min-ttl", IntRange(0, TTL_LIMIT), 0,
+            "cache answers at least this many seconds"),
+    Setting("cache.max_ttl", "--max-ttl", IntRange(1, TTL_LIMIT), 86_400,
+            "cache answers at most this many seconds, at least min_ttl"),
+    Setting("cache.max_negative_ttl", "--max-negative-ttl", IntRange(0, TTL_LIMIT), 60,
+            "cache NXDOMAIN/NODATA at most this many seconds"),
+    Setting("cache.servfail_ttl", "--servfail-ttl", IntRange(0, 300, "0 turns it off"), 5,
+            "cache upstream failures this many seconds (RFC 9520)"),
+    Setting("tcp.idle_timeout", "--tcp-idle-timeout", FloatRange(0.5, 600), 10.0,
+            "close idle client TCP connections after this many seconds"),
+    Setting("tcp.max_connections", "--tcp-max-connections", IntRange(1, 65535), 256,
+            "most client TCP connections open at once"),
+)
+# fmt: on
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+SETTINGS_BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
+KNOWN_ENV: frozenset[str] = frozenset({ENV_CONFIG, *SETTINGS_BY_ENV})
+# Dotted prefixes that are TOML tables holding settings ("cache", "tcp").
+_GROUPS: frozenset[str] = frozenset(s.key.rsplit(".", 1)[0] for s in SETTINGS if "." in s.key)
+
+# A layer: setting key -> (parsed value, the key as the operator spelled it).
+Layer = dict[str, tuple[Any, str]]
+
+
+def _unknown_key(key: str, value: object, known: Sequence[str], hint: str = "") -> ConfigError:
+    name = key.rsplit(".", 1)[-1] if not key.startswith(ENV_PREFIX) else key
+    close = difflib.get_close_matches(name, known, n=1)
+    what = "unknown variable" if key.startswith(ENV_PREFIX) else "unknown key"
+    if close:
+        return ConfigError(key, value, f"{what} (did you mean {close[0]}?){hint}")
+    return ConfigError(key, value, f"{what}; known: {', '.join(known)}{hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# The three sources
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a TOML file; an unreadable or malformed file is a ConfigError on key ``config``."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("config", path, f"cannot read the file: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        message = " ".join(str(e).split())
+        raise ConfigError("config", path, f"not valid TOML: {message}") from None
+
+
+def file_layer(doc: Mapping[str, Any], prefix: str = "") -> Layer:
+    """The settings of a parsed TOML document; unknown keys at any depth are errors."""
+    layer: Layer = {}
+    for name, value in doc.items():
+        key = prefix + name
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is not None:
+            layer[key] = (setting.kind.from_toml(value, key), key)
+        elif key in _GROUPS:
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, f"a table: [{key}]")
+            layer.update(file_layer(value, key + "."))
+        else:
+            known = sorted(
+                {k[len(prefix) :].split(".")[0] for k in SETTINGS_BY_KEY if k.startswith(prefix)}
+            )
+            raise _unknown_key(key, value, known)
+    return layer
+
+
+def env_layer(env: Mapping[str, str]) -> Layer:
+    """The ``DNS_SIDECAR_*`` variables; an empty one counts as unset, an unknown one is an error."""
+    layer: Layer = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in KNOWN_ENV:
+            raise _unknown_key(name, env[name], sorted(KNOWN_ENV))
+        setting = SETTINGS_BY_ENV.get(name)
+        if setting is None or not env[name].strip():
+            continue
+        layer[setting.key] = (setting.kind.from_text(env[name], name), name)
+    return layer
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The flags of ``dns-sidecar [run]``, one per setting plus --config and --version."""
+    parser = argparse.ArgumentParser(
+        prog="dns-sidecar",
+        description="A DNS caching proxy sidecar for Amazon ECS tasks. Each flag overrides its "
+        "environment variable, which overrides the config file.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"TOML config file (env {ENV_CONFIG})", default=None
+    )
+    for s in SETTINGS:
+        parser.add_argument(
+            s.flag,
+            dest=s.key,
+            metavar=s.kind.metavar,
+            action="append" if s.repeat else "store",
+            default=None,
+            help=f"{s.help}{'; repeatable' if s.repeat else ''} "
+            f"(env {s.env}; default: {s.shown_default})".replace("%", "%%"),
+        )
+    return parser
+
+
+def cli_layer(args: argparse.Namespace) -> Layer:
+    """The settings given as flags; values are parsed here so errors name the flag."""
+    layer: Layer = {}
+    given = vars(args)
+    for s in SETTINGS:
+        raw = given.get(s.key)
+        if raw is None:
+            continue
+        text = s.kind.separator.join(raw) if isinstance(raw, list) else raw
+        layer[s.key] = (s.kind.from_text(text, s.flag), s.flag)
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
+# Putting the layers together
+
+
+def _merge(layers: Sequence[Layer]) -> Layer:
+    merged: Layer = {}
+    for layer in layers:
+        for key, (value, source) in layer.items():
+            if key in merged:
+                value = SETTINGS_BY_KEY[key].kind.merge(merged[key][0], value)
+            merged[key] = (value, source)
+    return merged
+
+
+def _default_upstreams(
+    listen: Sequence[HostPort], env: Mapping[str, str], resolv_conf: str
+) -> tuple[tuple[HostPort, ...], str]:
+    if env.get(ECS_METADATA_ENV):
+        return (HostPort(ECS_RESOLVER, DNS_PORT),), "ecs"
+    try:
+        with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for ns in nameservers(text):
+        if not any(_covers(ours, ns, wildcard_covers_all=True) for ours in listen):
+            return (ns,), "resolv.conf"
+    raise ConfigError(
+        "upstreams",
+        "",
+        f"no upstream given and no usable nameserver in {resolv_conf} (one that is not our own "
+        f"listen address); set upstreams, {ENV_PREFIX}UPSTREAMS or --upstream",
+    )
+
+
+def _check_no_loop(
+    upstreams: Sequence[HostPort], listen: Sequence[HostPort], key: str, listen_key: str
+) -> None:
+    for hp in upstreams:
+        for ours in listen:
+            if _covers(ours, hp, wildcard_covers_all=False):
+                raise ConfigError(
+                    key,
+                    str(hp),
+                    f"this is our own listen address {ours} ({listen_key}): forwarding to "
+                    "ourselves would loop",
+                )
+
+
+def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> Config:
+    """Merge the layers (lowest first) over the defaults; check across settings."""
+    merged = _merge(layers)
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for s in SETTINGS:
+        value, source[s.key] = merged.get(s.key, (s.default, s.key))
+        values[s.key] = s.kind.finish(value)
+
+    cache = CacheSettings(
+        **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("cache.")}
+    )
+    if cache.max_ttl < cache.min_ttl:
+        raise ConfigError(
+            source["cache.max_ttl"],
+            cache.max_ttl,
+            f"must be >= min_ttl ({cache.min_ttl}, from {source['cache.min_ttl']})",
+        )
+    if values["query_timeout"] < values["attempt_timeout"]:
+        raise ConfigError(
+            source["query_timeout"],
+            values["query_timeout"],
+            f"must be >= attempt_timeout ({values['attempt_timeout']}, "
+            f"from {source['attempt_timeout']})",
+        )
+
+    listen: tuple[HostPort, ...] = values["listen"]
+    upstreams: tuple[HostPort, ...] | None = values["upstreams"]
+    if upstreams is None:
+        upstreams, upstream_source = _default_upstreams(listen, env, resolv_conf)
+    else:
+        upstream_source = "configured"
+    _check_no_loop(upstreams, listen, source["upstreams"], source["listen"])
+    zone_map: ZoneMap = merged.get("zones", ({}, ""))[0]
+    for zone, zone_key in zone_map.values():
+        _check_no_loop(zone.upstreams, listen, zone_key, source["listen"])
+
+    others = {
+        k.replace(".", "_"): v
+        for k, v in values.items()
+        if not k.startswith("cache.") and k not in ("listen", "upstreams")
+    }
+    return Config(
+        listen=listen, upstreams=upstreams, upstream_source=upstream_source, cache=cache, **others
+    )
+
+
+def load(
+    argv: Sequence[str], env: Mapping[str, str], *, resolv_conf: str = DEFAULT_RESOLV_CONF
+) -> Config:
+    """The configuration of a run: ``argv`` are the run flags (argparse exits on unknown flags)."""
+    args = build_arg_parser().parse_args(list(argv))
+    layers: list[Layer] = []
+    path = args.config or env.get(ENV_CONFIG, "").strip()
+    if path:
+        layers.append(file_layer(read_toml(path)))
+    layers.append(env_layer(env))
+    layers.append(cli_layer(args))
+    return build(layers, env, resolv_conf)
+
+
+def load_file(
+    path: str, *, env: Mapping[str, str] = _NO_ENV, resolv_conf: str = DEFAULT_RESOLV_CONF
+) -> Config:
+    """The configuration of one file over the defaults (for check-config).
+
+    ``env`` is only consulted for upstream defaulting (``ECS_CONTAINER_METADATA_URI_V4``);
+    ``DNS_SIDECAR_*`` variables are not layered on top.
+    """
+    return build([file_layer(read_toml(path))], env, resolv_conf)
