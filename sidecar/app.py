@@ -1,56 +1,70 @@
-"""Wiring: configuration -> core -> listeners; signals and the drain on the way out."""
+"""Wiring: configuration -> core -> listeners; the loop check, signals, reload and drain."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvloop
 
 from sidecar import logs
 from sidecar.config import Config, HostPort
-from sidecar.core.cache import CacheLimits, TtlCache
-from sidecar.core.routing import ZoneRouter
+from sidecar.core.cache import TtlCache
+from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.errors import ConfigError, UpstreamError
 from sidecar.pipeline import Resolver
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
-from sidecar.server.upstream import Forwarder
+from sidecar.server.upstream import Forwarder, probe_down_upstreams
+
+TYPE_NS_IN = b"\x00\x02\x00\x01"
 
 
-def build_resolver(config: Config) -> Resolver:
-    cache = TtlCache(
-        CacheLimits(
-            max_entries=config.cache.max_entries,
-            min_ttl=config.cache.min_ttl,
-            max_ttl=config.cache.max_ttl,
-            max_negative_ttl=config.cache.max_negative_ttl,
-            servfail_ttl=config.cache.servfail_ttl,
+def build_resolver(config: Config, cache: TtlCache | None = None) -> Resolver:
+    def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
+        return UpstreamSet(
+            upstreams,
+            policy=policy or config.upstream_policy,
+            max_fails=config.upstream_max_fails,
         )
-    )
+
     router = ZoneRouter(
-        UpstreamSet(config.upstreams),
-        {zone.name: UpstreamSet(zone.upstreams) for zone in config.zones},
+        upstream_set(config.upstreams, None),
+        {zone.name: upstream_set(zone.upstreams, zone.policy) for zone in config.zones},
     )
+    if cache is None:
+        cache = TtlCache(config.cache)
+    else:
+        cache.limits = config.cache
     return Resolver(
         cache,
         router,
         Forwarder(attempt_timeout=config.attempt_timeout),
         query_timeout=config.query_timeout,
+        max_inflight=config.upstream_max_inflight,
+        stale_answer_after=config.cache.stale_answer_after,
+        stale_ttl=config.cache.stale_ttl,
     )
 
 
 @dataclass
 class Server:
-    """The running listeners of one process."""
+    """The running listeners of one process and the background work that serves them."""
 
     config: Config
     resolver: Resolver
     udp: list[tuple[asyncio.DatagramTransport, UdpListener]] = field(default_factory=list)
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     tcp: TcpListener | None = None
+    ready: bool = False
+    not_ready_reason: str = "starting"
+    _prober: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -62,7 +76,7 @@ class Server:
         for address in self.config.listen:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self.resolver),
+                lambda: UdpListener(self.resolver, max_pending=self.config.max_pending),
                 local_addr=(address.host, address.port),
                 family=family,
             )
@@ -72,9 +86,61 @@ class Server:
                     self.tcp.handle, address.host, address.port, family=family, backlog=512
                 )
             )
+        self._start_prober()
+
+    def _start_prober(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+        resolver = self.resolver
+        self._prober = asyncio.ensure_future(  # noqa: RUF006 (kept in self._prober)
+            probe_down_upstreams(
+                resolver.forwarder,
+                [ups for _zone, ups in resolver.router.targets()],
+                name_to_wire(self.config.upstream_probe_name) + TYPE_NS_IN,
+                self.config.upstream_probe_interval,
+            )
+        )
+
+    async def find_loops(self) -> list[str]:
+        """Ask every upstream for a random name below its zone; report those that reach us.
+
+        Like CoreDNS's `loop`: a forwarder that sends our own query back to us would make
+        every miss circle until its deadline. Sent once, after the listeners are up.
+        """
+        resolver = self.resolver
+
+        async def probe(zone: str, server: HostPort) -> None:
+            with contextlib.suppress(UpstreamError):
+                await resolver.forwarder.probe(server, resolver.new_loop_probe(zone, server))
+
+        await asyncio.gather(
+            *(
+                probe(zone, server)
+                for zone, ups in resolver.router.targets()
+                for server in ups.upstreams
+            )
+        )
+        resolver.loop_probes.clear()
+        return resolver.loops_seen
+
+    def use(self, config: Config) -> None:
+        """Apply a reloaded configuration; the cache survives when routing did not change."""
+        keep = self.config.routing() == config.routing()
+        self.resolver = build_resolver(config, self.resolver.cache if keep else None)
+        for _transport, protocol in self.udp:
+            protocol.resolver = self.resolver
+            protocol.max_pending = config.max_pending
+        if self.tcp is not None:
+            self.tcp.resolver = self.resolver
+            self.tcp.idle_timeout = config.tcp_idle_timeout
+            self.tcp.max_connections = config.tcp_max_connections
+        self.config = config
+        self._start_prober()
 
     async def drain(self, grace: float) -> None:
         """Stop taking new work, answer what is in flight (up to `grace` s), close."""
+        if self._prober is not None:
+            self._prober.cancel()
         for server in self.tcp_servers:
             server.close()
         tcp = self.tcp
@@ -98,11 +164,11 @@ class Server:
             await server.wait_closed()
 
 
-def listen_addresses(config: Config) -> list[str]:
-    return [str(address) for address in config.listen]
-
-
-async def serve(config: Config, started: asyncio.Event | None = None) -> int:
+async def serve(
+    config: Config,
+    reload: Callable[[], Config] | None = None,
+    started: Callable[[Server], None] | None = None,
+) -> int:
     log = logs.get()
     server = Server(config, build_resolver(config))
     try:
@@ -115,19 +181,51 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
     log.info("started", extra={"fields": config.describe()})
+    loops = await server.find_loops()
+    if loops:
+        for loop_path in loops:
+            log.error(
+                "forwarding loop: our own query came back to us; refusing to run",
+                extra={"fields": {"loop": loop_path}},
+            )
+        await server.drain(0)
+        return 1
+    server.ready, server.not_ready_reason = True, ""
     if started is not None:
-        started.set()
+        started(server)
     await stop.wait()
-    log.info("stopping: draining in-flight queries")
-    await server.drain(grace=config.query_timeout + 0.5)
+    # Readiness goes first, then keep answering while the orchestrator stops sending to us.
+    server.ready, server.not_ready_reason = False, "draining"
+    log.info("stopping", extra={"fields": {"drain_seconds": server.config.drain_seconds}})
+    await asyncio.sleep(server.config.drain_seconds)
+    await server.drain(grace=server.config.query_timeout + 0.5)
     log.info("stopped")
     return 0
 
 
-def run(config: Config) -> int:
+def _reload(server: Server, reload: Callable[[], Config]) -> None:
+    log = logs.get()
+    try:
+        config = reload()
+    except ConfigError as exc:
+        log.error(
+            "reload refused, running configuration kept", extra={"fields": {"error": str(exc)}}
+        )
+        return
+    if config.listen != server.config.listen:
+        log.warning("listen addresses change only on restart; the rest is applied")
+        config = dataclasses.replace(config, listen=server.config.listen)
+    kept = server.config.routing() == config.routing()
+    server.use(config)
+    log.info("reloaded", extra={"fields": {**config.describe(), "cache_kept": kept}})
+
+
+def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     logs.setup(config.log_format, config.log_level)
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(config, reload))
 
 
 __all__ = ["HostPort", "Server", "build_resolver", "run", "serve"]

@@ -21,7 +21,8 @@ def _run(args: list[str]) -> int:
     config = load(args, os.environ)
     from sidecar.app import run  # lazy: check-config and --help need no event loop
 
-    return run(config)
+    # SIGHUP reads the same sources again (the file may have changed).
+    return run(config, reload=lambda: load(args, os.environ))
 
 
 def _summary(config: Config) -> str:

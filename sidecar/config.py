@@ -15,6 +15,7 @@ Sans-IO apart from reading the TOML file and resolv.conf.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -61,6 +62,7 @@ class Zone:
 
     name: str
     upstreams: tuple[HostPort, ...]
+    policy: str | None = None  # None: the global upstream.policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,10 @@ class CacheSettings:
     max_ttl: int = 86_400
     max_negative_ttl: int = 60
     servfail_ttl: int = 5
+    prefetch_percent: int = 10  # refresh when less than this share of the TTL is left; 0: off
+    max_stale: int = 86_400  # serve expired answers this long past expiry (RFC 8767); 0: off
+    stale_answer_after: float = 1.8  # seconds a client waits before it gets a stale answer
+    stale_ttl: int = 30  # the TTL of a stale answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,28 +91,30 @@ class Config:
     tcp_max_connections: int = 256
     log_format: str = "json"
     log_level: str = "info"
+    upstream_policy: str = "sequential"
+    upstream_max_fails: int = 2
+    upstream_probe_name: str = "."
+    upstream_probe_interval: float = 1.0
+    upstream_max_inflight: int = 1000
+    max_pending: int = 4096
+    drain_seconds: float = 2.0
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary for the start-up log line."""
-        return {
+        summary: dict[str, object] = {
             "listen": [str(hp) for hp in self.listen],
             "upstreams": [str(hp) for hp in self.upstreams],
             "upstream_source": self.upstream_source,
             "zones": {z.name: [str(hp) for hp in z.upstreams] for z in self.zones},
-            "cache": {
-                "max_entries": self.cache.max_entries,
-                "min_ttl": self.cache.min_ttl,
-                "max_ttl": self.cache.max_ttl,
-                "max_negative_ttl": self.cache.max_negative_ttl,
-                "servfail_ttl": self.cache.servfail_ttl,
-            },
-            "attempt_timeout": self.attempt_timeout,
-            "query_timeout": self.query_timeout,
-            "tcp_idle_timeout": self.tcp_idle_timeout,
-            "tcp_max_connections": self.tcp_max_connections,
-            "log_format": self.log_format,
-            "log_level": self.log_level,
+            "cache": dataclasses.asdict(self.cache),
         }
+        for f in dataclasses.fields(self):
+            summary.setdefault(f.name, getattr(self, f.name))
+        return summary
+
+    def routing(self) -> tuple[object, ...]:
+        """What decides where a question goes; a reload that keeps it keeps the cache."""
+        return (self.upstreams, self.zones, self.upstream_policy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +305,23 @@ class Choice(Kind):
         return value
 
 
+class DomainName(Kind):
+    """A DNS name, '.' for the root; stored in the text form with a trailing dot."""
+
+    metavar = "NAME"
+    allowed = "a DNS name such as '.' or 'health.example.com.'"
+
+    def from_text(self, text: str, key: str) -> str:
+        if text.strip() in (".", ""):
+            if not text.strip():
+                raise ConfigError(key, text, self.allowed)
+            return "."
+        return normalize_zone_name(text, key) + "."
+
+    def show(self, value: Any) -> str:
+        return str(value)
+
+
 class AddressList(Kind):
     """A non-empty list of distinct addresses; TOML: a list of strings; text: comma-separated."""
 
@@ -336,7 +361,8 @@ class AddressList(Kind):
 
 # The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 _ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
-ZONE_KEYS: dict[str, Kind] = {"upstreams": _ZONE_UPSTREAMS}
+_POLICY = Choice("sequential", "random", "fastest")
+ZONE_KEYS: dict[str, Kind] = {"upstreams": _ZONE_UPSTREAMS, "policy": _POLICY}
 ZONE_REQUIRED = frozenset({"upstreams"})
 
 # A layered zones value: normalized name -> (zone, the key it came from).
@@ -469,6 +495,27 @@ SETTINGS: tuple[Setting, ...] = (
             "close idle client TCP connections after this many seconds"),
     Setting("tcp.max_connections", "--tcp-max-connections", IntRange(1, 65535), 256,
             "most client TCP connections open at once"),
+    Setting("cache.prefetch_percent", "--prefetch-percent", IntRange(0, 50, "0 turns it off"),
+            10, "refresh a popular answer when less than this % of its TTL is left"),
+    Setting("cache.max_stale", "--max-stale", IntRange(0, TTL_LIMIT, "0 turns it off"), 86_400,
+            "serve expired answers this many seconds past expiry when upstreams fail"),
+    Setting("cache.stale_answer_after", "--stale-answer-after", FloatRange(0.0, 60), 1.8,
+            "seconds a client waits for the upstream before it gets a stale answer"),
+    Setting("cache.stale_ttl", "--stale-ttl", IntRange(1, 3600), 30, "TTL of stale answers"),
+    Setting("upstream.policy", "--upstream-policy", _POLICY, "sequential",
+            "order of a zone's upstreams: as given, shuffled, or by smoothed RTT"),
+    Setting("upstream.max_fails", "--max-fails", IntRange(1, 100), 2,
+            "failures in a row that mark an upstream down"),
+    Setting("upstream.probe_name", "--probe-name", DomainName(), ".",
+            "name asked (type NS) to see whether a down upstream is back"),
+    Setting("upstream.probe_interval", "--probe-interval", FloatRange(0.1, 300), 1.0,
+            "seconds between probes of a down upstream"),
+    Setting("upstream.max_inflight", "--max-inflight", IntRange(1, 100_000), 1000,
+            "most distinct upstream queries in flight; beyond, SERVFAIL at once"),
+    Setting("max_pending", "--max-pending", IntRange(1, 1_000_000), 4096,
+            "most client queries per listener waiting for an upstream; beyond, SERVFAIL"),
+    Setting("drain_seconds", "--drain-seconds", FloatRange(0.0, 60), 2.0,
+            "after SIGTERM, keep answering this long (not ready) before closing"),
 )
 # fmt: on
 

@@ -5,16 +5,23 @@ Order, and why:
 1. parse (wire.parse_query, done by the listener): bad input is answered or dropped before it
    costs anything else;
 2. cache hit: served from stored bytes with the client's ID and question; the common case, so
-   it comes before anything that allocates or awaits;
-3. recent upstream failure (RFC 9520): SERVFAIL without asking again;
-4. coalescing: a miss already being fetched for the same key waits for that fetch;
-5. forward to the zone's upstreams under one deadline; store; render for this client.
+   it comes before anything that allocates or awaits. A hit late in its TTL also starts one
+   background refresh (prefetch), so popular names never miss;
+3. loop probe: a question we sent upstream ourselves to detect a forwarding loop came back;
+4. recent upstream failure (RFC 9520): a stale answer if there is one, else SERVFAIL, without
+   asking again;
+5. coalescing: a miss already being fetched for the same key waits for that fetch; beyond
+   `max_inflight` distinct fetches, stale or SERVFAIL at once (bounded work);
+6. forward to the zone's upstreams under one deadline; store; render for this client. With a
+   stale entry the client waits at most `stale_answer_after` (RFC 8767), and gets the stale
+   answer when the upstreams fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from sidecar.config import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
-from sidecar.core.routing import ZoneRouter
+from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
 from sidecar.server.upstream import Forwarder
@@ -33,7 +40,10 @@ class PipelineStats:
     hits: int = 0
     misses: int = 0
     coalesced: int = 0
+    prefetches: int = 0
+    stale: int = 0
     servfail: int = 0
+    overload: int = 0
 
 
 class Resolver:
@@ -44,15 +54,25 @@ class Resolver:
         forwarder: Forwarder,
         *,
         query_timeout: float,
+        max_inflight: int = 1000,
+        stale_answer_after: float = 1.8,
+        stale_ttl: int = 30,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
         self.router = router
         self.forwarder = forwarder
         self.query_timeout = query_timeout
+        self.max_inflight = max_inflight
+        self.stale_answer_after = stale_answer_after
+        self.stale_ttl = stale_ttl
         self.clock = clock
         self.stats = PipelineStats()
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._background: set[asyncio.Future[Entry]] = set()
+        # Keys of the loop-detection probes we sent, and the ones that came back to us.
+        self.loop_probes: dict[bytes, str] = {}
+        self.loops_seen: list[str] = []
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
@@ -61,7 +81,18 @@ class Resolver:
         if entry is None:
             return None
         self.stats.hits += 1
+        if now >= entry.prefetch_at and not entry.prefetching:
+            self._prefetch(q, entry)
         return entry.render(query, q, now, limit)
+
+    def _prefetch(self, q: wire.Query, entry: Entry) -> None:
+        entry.prefetching = True  # once per entry: the refresh replaces it with a new one
+        if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
+            return
+        self.stats.prefetches += 1
+        fetch = self._start_fetch(q)
+        self._background.add(fetch)  # keep a reference until it is done
+        fetch.add_done_callback(self._background.discard)
 
     async def resolve(self, query: bytes, q: wire.Query, limit: int) -> bytes:
         """The reply to a query the cache could not answer."""
@@ -71,22 +102,46 @@ class Resolver:
             self.stats.hits += 1
             return entry.render(query, q, now, limit)
         self.stats.misses += 1
+        if self.loop_probes and q.key[:-1] in self.loop_probes:
+            self.loops_seen.append(self.loop_probes[q.key[:-1]])
+            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size)
+        stale = self.cache.get_stale(q.key, now)
         if self.cache.failed_recently(q.key, now):
-            self.stats.servfail += 1
-            return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size)
+            return self._stale_or_servfail(query, q, stale, limit)
         fetch = self._inflight.get(q.key)
-        if fetch is None:
-            fetch = asyncio.ensure_future(self._fetch(q))
-            self._inflight[q.key] = fetch
-            fetch.add_done_callback(functools.partial(self._fetched, q.key))
-        else:
+        if fetch is not None:
             self.stats.coalesced += 1
+        elif len(self._inflight) >= self.max_inflight:
+            self.stats.overload += 1
+            return self._stale_or_servfail(query, q, stale, limit)
+        else:
+            fetch = self._start_fetch(q)
         try:
-            entry = await asyncio.shield(fetch)
-        except UpstreamError:
-            self.stats.servfail += 1
-            return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size)
+            if stale is None:
+                entry = await asyncio.shield(fetch)
+            else:
+                async with asyncio.timeout(self.stale_answer_after):
+                    entry = await asyncio.shield(fetch)
+        except (UpstreamError, TimeoutError):
+            return self._stale_or_servfail(query, q, stale, limit)
+        if stale is not None and entry.rcode == wire.SERVFAIL:
+            return self._stale_or_servfail(query, q, stale, limit)
         return entry.render(query, q, self.clock(), limit)
+
+    def _stale_or_servfail(
+        self, query: bytes, q: wire.Query, stale: Entry | None, limit: int
+    ) -> bytes:
+        if stale is not None:
+            self.stats.stale += 1
+            return stale.render_with_ttl(query, q, self.stale_ttl, limit)
+        self.stats.servfail += 1
+        return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size)
+
+    def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
+        fetch = asyncio.ensure_future(self._fetch(q))
+        self._inflight[q.key] = fetch
+        fetch.add_done_callback(functools.partial(self._fetched, q.key))
+        return fetch
 
     def _fetched(self, key: bytes, fetch: asyncio.Future[Entry]) -> None:
         del self._inflight[key]
@@ -105,3 +160,11 @@ class Resolver:
             self.cache.remember_failure(q.key, self.clock())
             raise
         return self.cache.store(q.key, msg, reply, self.clock(), q.do)
+
+    def new_loop_probe(self, zone: str, upstream: HostPort) -> bytes:
+        """A question for a random name below `zone`; if it reaches us, `upstream` loops."""
+        label = "loop-check-" + secrets.token_hex(8)
+        name = label if zone == "." else f"{label}.{zone}"
+        question = name_to_wire(name) + b"\x00\x01\x00\x01"  # A, IN
+        self.loop_probes[question] = f"zone {zone} via upstream {upstream}"
+        return question

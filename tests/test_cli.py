@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ def fake_app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     """Replace sidecar.app with a stub whose run() records its config and returns 0."""
     seen: list[Config] = []
 
-    def run(config: Config) -> int:
+    def run(config: Config, reload: Callable[[], Config]) -> int:
         seen.append(config)
+        seen.append(reload())  # SIGHUP reads the same sources again
         return 0
 
     module = types.ModuleType("sidecar.app")
@@ -112,7 +114,8 @@ def test_run_passes_the_config_to_the_app(
     monkeypatch.setenv("DNS_SIDECAR_LOG_LEVEL", "debug")
     assert main(["--listen", "127.0.0.1:5353", "--upstream", "10.0.0.2"]) == 0
     assert main(["run", "--listen", "[::1]:5353", "--upstream", "10.0.0.3"]) == 0
-    first, second = fake_app
+    first, first_reloaded, second, _ = fake_app
+    assert first_reloaded == first
     assert first.listen == (HostPort("127.0.0.1", 5353),)
     assert first.log_level == "debug"
     assert second.upstreams == (HostPort("10.0.0.3", 53),)
@@ -120,7 +123,7 @@ def test_run_passes_the_config_to_the_app(
 
 def test_run_returns_the_app_exit_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     module = types.ModuleType("sidecar.app")
-    module.run = lambda config: 7  # type: ignore[attr-defined]
+    module.run = lambda config, reload: 7  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sidecar.app", module)
     monkeypatch.setenv("DNS_SIDECAR_CONFIG", write(tmp_path, 'upstreams = ["10.0.0.2"]\n'))
     assert main([]) == 7

@@ -12,6 +12,9 @@ Theory of operation
   (NXDOMAIN, NODATA) = RFC 2308 min(SOA TTL, SOA MINIMUM) clamped to max_negative_ttl, and not
   cached without an SOA; upstream SERVFAIL is remembered `servfail_ttl` seconds (RFC 9520) in a
   separate table so it never replaces a good answer; truncated replies are never cached.
+- Expired entries stay (serve-stale, RFC 8767) until `max_stale` past expiry, until replaced,
+  or until evicted; an NXDOMAIN from upstream removes the entry even when it cannot be cached.
+- An entry knows when it is due for prefetch (`prefetch_at`), so the hot path checks one float.
 - Bounded by entry count with LRU eviction. Time is passed in as `now` (monotonic seconds).
 """
 
@@ -19,18 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
+from sidecar.config import CacheSettings
 from sidecar.core import wire
-
-
-@dataclass(frozen=True, slots=True)
-class CacheLimits:
-    max_entries: int = 100_000
-    min_ttl: int = 0
-    max_ttl: int = 86_400
-    max_negative_ttl: int = 60
-    servfail_ttl: int = 5
 
 
 class Entry:
@@ -44,6 +38,9 @@ class Entry:
         "flags",
         "negative",
         "opt",
+        "prefetch_at",
+        "prefetching",
+        "rcode",
         "size",
         "tc_counts",
         "ttl",
@@ -59,6 +56,7 @@ class Entry:
         negative: bool,
         do: bool,
         patch_ttls: bool,
+        prefetch_percent: int = 0,
     ) -> None:
         records = reply.records
         # The OPT record, when there is one, must be the last thing in the message so that it
@@ -90,9 +88,18 @@ class Entry:
         self.ttl = ttl
         self.expires = expires
         self.negative = negative
+        self.rcode = reply.rcode
+        # Asked for after this moment, the entry is refreshed in the background (once).
+        self.prefetch_at = (
+            expires - ttl * prefetch_percent / 100 if prefetch_percent and ttl else math.inf
+        )
+        self.prefetching = False
 
     def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""
+        return self.render_with_ttl(query, q, math.ceil(self.expires - now), limit)
+
+    def render_with_ttl(self, query: bytes, q: wire.Query, ttl: int, limit: int) -> bytes:
         qend = q.question_end
         flags = self.flags[query[2] & wire.RD]
         edns = q.edns_size != 0
@@ -108,10 +115,8 @@ class Entry:
                     self.opt if edns else b"",
                 )
             )
-        if len(self.chunks) > 1:
-            body = math.ceil(self.expires - now).to_bytes(4, "big").join(self.chunks)
-        else:
-            body = self.chunks[0]
+        chunks = self.chunks
+        body = ttl.to_bytes(4, "big").join(chunks) if len(chunks) > 1 else chunks[0]
         if edns:
             return b"".join(
                 (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, self.opt)
@@ -123,7 +128,7 @@ def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
     return reply.opt is None or reply.opt.end == len(msg)
 
 
-def lifetime(msg: bytes, reply: wire.Reply, limits: CacheLimits) -> tuple[int, bool] | None:
+def lifetime(msg: bytes, reply: wire.Reply, limits: CacheSettings) -> tuple[int, bool] | None:
     """How long a reply may be cached and whether it is negative; None: do not cache it."""
     if reply.truncated or not opt_is_last(msg, reply):
         return None
@@ -141,7 +146,7 @@ def lifetime(msg: bytes, reply: wire.Reply, limits: CacheLimits) -> tuple[int, b
 class TtlCache:
     """Fresh answers by key, LRU-bounded, and a small table of recent upstream failures."""
 
-    def __init__(self, limits: CacheLimits) -> None:
+    def __init__(self, limits: CacheSettings) -> None:
         self.limits = limits
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
@@ -154,11 +159,21 @@ class TtlCache:
         return f"<TtlCache entries={len(self._entries)} failures={len(self._failures)}>"
 
     def get(self, key: bytes, now: float) -> Entry | None:
-        """The fresh entry for `key`, or None. Expired entries stay until evicted or replaced."""
+        """The fresh entry for `key`, or None. Expired entries stay for serve-stale."""
         entry = self._entries.get(key)
         if entry is None or entry.expires <= now:
             return None
         self._entries.move_to_end(key)
+        return entry
+
+    def get_stale(self, key: bytes, now: float) -> Entry | None:
+        """An entry that expired at most `max_stale` seconds ago (RFC 8767), or None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires > now:
+            return None
+        if now - entry.expires >= self.limits.max_stale:
+            del self._entries[key]  # too old to serve, even stale
+            return None
         return entry
 
     def store(self, key: bytes, msg: bytes, reply: wire.Reply, now: float, do: bool) -> Entry:
@@ -167,11 +182,20 @@ class TtlCache:
         if life is None or life[0] <= 0:
             if reply.rcode == wire.SERVFAIL:
                 self.remember_failure(key, now)
+            elif reply.rcode == wire.NXDOMAIN:
+                self._entries.pop(key, None)  # the name is gone: nothing stale may be served
             # Served once to the clients waiting for it, with the upstream's own TTLs.
             return Entry(msg, reply, ttl=0, expires=now, negative=False, do=do, patch_ttls=False)
         ttl, negative = life
         entry = Entry(
-            msg, reply, ttl=ttl, expires=now + ttl, negative=negative, do=do, patch_ttls=True
+            msg,
+            reply,
+            ttl=ttl,
+            expires=now + ttl,
+            negative=negative,
+            do=do,
+            patch_ttls=True,
+            prefetch_percent=self.limits.prefetch_percent,
         )
         self._entries[key] = entry
         self._entries.move_to_end(key)

@@ -45,3 +45,7 @@ class ZoneRouter(Generic[Target]):
                 return hit
             offset += 1 + wire_name[offset]
         return ".", self.default
+
+    def targets(self) -> list[tuple[str, Target]]:
+        """Every zone with its target, the default ('.') first."""
+        return [(".", self.default), *self._zones.values()]

@@ -13,7 +13,9 @@ resolves one future is also fewer objects per query.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.config import HostPort
@@ -26,6 +28,8 @@ from sidecar.errors import (
     UpstreamRefused,
     UpstreamTimeout,
 )
+
+log = logging.getLogger("dns_sidecar")
 
 
 @dataclass
@@ -175,13 +179,13 @@ class Forwarder:
                 msg, reply = await self.exchange(server, question, cd=cd, do=do, deadline=deadline)
             except UpstreamError as exc:
                 self.stats.error(exc.reason)
-                upstreams.failed(server)
+                self._failed(upstreams, server, exc.reason)
                 last_error = exc
                 continue
             if reply.rcode == wire.REFUSED:
-                upstreams.failed(server)  # a server that refuses us is misconfigured for us
-            else:
-                upstreams.answered(server, loop.time() - sent)
+                self._failed(upstreams, server, "refused")  # misconfigured for us
+            elif upstreams.answered(server, loop.time() - sent):
+                log.info("upstream up", extra={"fields": {"upstream": str(server)}})
             if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(order):
                 fallback = (msg, reply)
                 continue
@@ -189,3 +193,42 @@ class Forwarder:
         if fallback is not None:
             return fallback
         raise last_error
+
+    @staticmethod
+    def _failed(upstreams: UpstreamSet[HostPort], server: HostPort, reason: str) -> None:
+        if upstreams.failed(server):
+            log.warning(
+                "upstream down", extra={"fields": {"upstream": str(server), "reason": reason}}
+            )
+
+    async def probe(self, server: HostPort, question: bytes) -> float:
+        """One probe query; its round-trip time, or UpstreamError. Any reply counts."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        await self.exchange(
+            server, question, cd=False, do=False, deadline=sent + self.attempt_timeout
+        )
+        return loop.time() - sent
+
+
+async def probe_down_upstreams(
+    forwarder: Forwarder,
+    sets: Sequence[UpstreamSet[HostPort]],
+    question: bytes,
+    interval: float,
+) -> None:
+    """Forever: every `interval`, ask each down upstream `question`; an answer marks it up."""
+
+    async def probe_one(upstreams: UpstreamSet[HostPort], server: HostPort) -> None:
+        try:
+            rtt = await forwarder.probe(server, question)
+        except UpstreamError:
+            return
+        if upstreams.answered(server, rtt):
+            log.info("upstream up", extra={"fields": {"upstream": str(server), "by": "probe"}})
+
+    while True:
+        await asyncio.sleep(interval)
+        probes = [probe_one(ups, server) for ups in sets for server in ups.down()]
+        if probes:
+            await asyncio.gather(*probes)

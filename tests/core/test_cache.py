@@ -6,7 +6,8 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from sidecar.core import wire
-from sidecar.core.cache import CacheLimits, TtlCache
+from sidecar.config import CacheSettings
+from sidecar.core.cache import TtlCache
 
 NAME = "resource-server.local"
 SOA_RR = RR(
@@ -55,7 +56,7 @@ def serve(
 
 class TestPositive:
     def test_lives_for_the_smallest_ttl_and_counts_down(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(60, 20, 45))
         first = serve(cache, 100.0)
         assert first is not None
@@ -67,7 +68,7 @@ class TestPositive:
         assert serve(cache, 120.0) is None
 
     def test_reply_carries_client_id_rd_and_question_case(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(60))
         reply = serve(cache, 101.0, client_query("Resource-Server.LOCAL", rd=False, qid=4242))
         assert reply is not None
@@ -79,12 +80,12 @@ class TestPositive:
     @pytest.mark.parametrize(
         ("limits", "ttl", "expected"),
         [
-            (CacheLimits(min_ttl=30), 5, 30),
-            (CacheLimits(max_ttl=100), 3600, 100),
-            (CacheLimits(min_ttl=10, max_ttl=100), 50, 50),
+            (CacheSettings(min_ttl=30), 5, 30),
+            (CacheSettings(max_ttl=100), 3600, 100),
+            (CacheSettings(min_ttl=10, max_ttl=100), 50, 50),
         ],
     )
-    def test_clamps(self, limits: CacheLimits, ttl: int, expected: int) -> None:
+    def test_clamps(self, limits: CacheSettings, ttl: int, expected: int) -> None:
         cache = TtlCache(limits)
         stored(cache, upstream_reply(ttl))
         reply = serve(cache, 100.0)
@@ -92,19 +93,19 @@ class TestPositive:
         assert serve(cache, 100.0 + expected) is None
 
     def test_ttl_zero_is_not_cached(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(0))
         assert serve(cache, 100.0) is None
 
     def test_truncated_reply_is_not_cached(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(60, tc=True))
         assert serve(cache, 100.0) is None
 
 
 class TestEdnsAndTruncation:
     def test_opt_only_for_clients_that_sent_one(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(60, edns=True))
         plain = serve(cache, 100.0)
         assert plain is not None and plain.ar == []
@@ -113,7 +114,7 @@ class TestEdnsAndTruncation:
         assert [rr.rtype for rr in with_edns.ar] == [QTYPE.OPT]
 
     def test_too_big_for_the_client_goes_back_truncated(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(*([60] * 40)))
         small = serve(cache, 100.0, limit=512)
         assert small is not None
@@ -125,7 +126,7 @@ class TestEdnsAndTruncation:
 
 class TestNegative:
     def test_nxdomain_lives_for_soa_minimum(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True))
         reply = serve(cache, 100.0)
         assert reply is not None
@@ -135,24 +136,24 @@ class TestNegative:
         assert serve(cache, 130.0) is None
 
     def test_nodata_is_negative_too(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(soa=True))
         reply = serve(cache, 100.0)
         assert reply is not None and reply.rr == [] and reply.header.rcode == 0
 
     def test_negative_ttl_is_clamped(self) -> None:
-        cache = TtlCache(CacheLimits(max_negative_ttl=10))
+        cache = TtlCache(CacheSettings(max_negative_ttl=10))
         stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True))
         assert serve(cache, 109.0) is not None
         assert serve(cache, 110.0) is None
 
     def test_negative_without_soa_is_not_cached(self) -> None:
-        cache = TtlCache(CacheLimits())
+        cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN))
         assert serve(cache, 100.0) is None
 
     def test_servfail_is_remembered_briefly_and_apart(self) -> None:
-        cache = TtlCache(CacheLimits(servfail_ttl=5))
+        cache = TtlCache(CacheSettings(servfail_ttl=5))
         key = stored(cache, upstream_reply(60))
         stored(cache, upstream_reply(rcode=RCODE.SERVFAIL), now=101.0)
         assert cache.failed_recently(key, 105.9)
@@ -160,14 +161,14 @@ class TestNegative:
         assert serve(cache, 106.0) is not None  # the good answer was not replaced
 
     def test_servfail_ttl_zero_remembers_nothing(self) -> None:
-        cache = TtlCache(CacheLimits(servfail_ttl=0))
+        cache = TtlCache(CacheSettings(servfail_ttl=0))
         key = stored(cache, upstream_reply(rcode=RCODE.SERVFAIL))
         assert not cache.failed_recently(key, 100.0)
 
 
 class TestEviction:
     def test_least_recently_used_goes_first(self) -> None:
-        cache = TtlCache(CacheLimits(max_entries=2))
+        cache = TtlCache(CacheSettings(max_entries=2))
         names = ["a.local", "b.local", "c.local"]
         stored(cache, upstream_reply(60), query=client_query(names[0]))
         stored(cache, upstream_reply(60), query=client_query(names[1]))
