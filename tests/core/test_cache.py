@@ -178,3 +178,46 @@ class TestEviction:
         assert serve(cache, 101.0, client_query(names[1])) is None
         assert serve(cache, 101.0, client_query(names[0])) is not None
         assert serve(cache, 101.0, client_query(names[2])) is not None
+
+
+class TestStaleAndPrefetch:
+    def test_expired_entries_are_served_stale_until_max_stale(self) -> None:
+        cache = TtlCache(CacheSettings(max_stale=100))
+        key = stored(cache, upstream_reply(60))
+        assert cache.get_stale(key, 159.0) is None  # still fresh
+        stale = cache.get_stale(key, 161.0)
+        assert stale is not None
+        q = wire.parse_query(client_query())
+        reply = DNSRecord.parse(stale.render_with_ttl(client_query(), q, 30, 512))
+        assert [rr.ttl for rr in reply.rr] == [30]
+        assert cache.get_stale(key, 260.0) is None  # 100 s past expiry: gone
+        assert len(cache) == 0
+
+    def test_max_stale_zero_serves_nothing_stale(self) -> None:
+        cache = TtlCache(CacheSettings(max_stale=0))
+        key = stored(cache, upstream_reply(60))
+        assert cache.get_stale(key, 161.0) is None
+
+    def test_nxdomain_removes_what_could_be_served_stale(self) -> None:
+        cache = TtlCache(CacheSettings())
+        key = stored(cache, upstream_reply(60))
+        stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN), now=170.0)  # no SOA: not cached
+        assert cache.get_stale(key, 171.0) is None
+
+    def test_a_fresh_nxdomain_replaces_a_positive_entry(self) -> None:
+        cache = TtlCache(CacheSettings())
+        key = stored(cache, upstream_reply(60))
+        stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True), now=170.0)
+        entry = cache.get(key, 171.0)
+        assert entry is not None and entry.rcode == RCODE.NXDOMAIN
+
+    @pytest.mark.parametrize(("percent", "due"), [(10, 154.0), (50, 130.0), (0, float("inf"))])
+    def test_prefetch_is_due_when_the_share_of_ttl_left_is_small(
+        self, percent: int, due: float
+    ) -> None:
+        cache = TtlCache(CacheSettings(prefetch_percent=percent))
+        key = stored(cache, upstream_reply(60))
+        entry = cache.get(key, 100.0)
+        assert entry is not None
+        assert entry.prefetch_at == pytest.approx(due)
+        assert not entry.prefetching
