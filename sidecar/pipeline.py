@@ -7,7 +7,8 @@ Order, and why:
 2. cache hit: served from stored bytes with the client's ID and question; the common case, so
    it comes before anything that allocates or awaits. A hit late in its TTL also starts one
    background refresh (prefetch), so popular names never miss;
-3. loop probe: a question we sent upstream ourselves to detect a forwarding loop came back;
+3. local answers: CHAOS-class questions (id.server, version.bind) never leave the sidecar;
+   loop probe: a question we sent upstream ourselves to detect a forwarding loop came back;
 4. recent upstream failure (RFC 9520): a stale answer if there is one, else SERVFAIL, without
    asking again;
 5. coalescing: a miss already being fetched for the same key waits for that fetch; beyond
@@ -32,6 +33,7 @@ from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
+from sidecar.local_answers import is_local, local_reply
 from sidecar.server.upstream import Forwarder
 
 
@@ -44,6 +46,7 @@ class PipelineStats:
     stale: int = 0
     servfail: int = 0
     overload: int = 0
+    local: int = 0
 
 
 class Resolver:
@@ -101,6 +104,9 @@ class Resolver:
         if entry is not None:  # filled while this query waited to be scheduled
             self.stats.hits += 1
             return entry.render(query, q, now, limit)
+        if is_local(q.key):
+            self.stats.local += 1
+            return local_reply(query)
         self.stats.misses += 1
         if self.loop_probes and q.key[:-1] in self.loop_probes:
             self.loops_seen.append(self.loop_probes[q.key[:-1]])
