@@ -18,7 +18,9 @@ from sidecar.core.cache import TtlCache
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
+from sidecar.metrics import Gauges, Metrics, registry
 from sidecar.pipeline import Resolver
+from sidecar.server.http import HttpListener
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
 from sidecar.server.upstream import Forwarder, probe_down_upstreams
@@ -26,7 +28,7 @@ from sidecar.server.upstream import Forwarder, probe_down_upstreams
 TYPE_NS_IN = b"\x00\x02\x00\x01"
 
 
-def build_resolver(config: Config, cache: TtlCache | None = None) -> Resolver:
+def build_resolver(config: Config, metrics: Metrics, cache: TtlCache | None = None) -> Resolver:
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
         return UpstreamSet(
             upstreams,
@@ -45,7 +47,8 @@ def build_resolver(config: Config, cache: TtlCache | None = None) -> Resolver:
     return Resolver(
         cache,
         router,
-        Forwarder(attempt_timeout=config.attempt_timeout),
+        Forwarder(attempt_timeout=config.attempt_timeout, metrics=metrics),
+        metrics,
         query_timeout=config.query_timeout,
         max_inflight=config.upstream_max_inflight,
         stale_answer_after=config.cache.stale_answer_after,
@@ -59,9 +62,11 @@ class Server:
 
     config: Config
     resolver: Resolver
+    metrics: Metrics
     udp: list[tuple[asyncio.DatagramTransport, UdpListener]] = field(default_factory=list)
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     tcp: TcpListener | None = None
+    http_server: asyncio.Server | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
     _prober: asyncio.Task[None] | None = None
@@ -70,13 +75,20 @@ class Server:
         loop = asyncio.get_running_loop()
         self.tcp = TcpListener(
             self.resolver,
+            self.metrics,
             idle_timeout=self.config.tcp_idle_timeout,
             max_connections=self.config.tcp_max_connections,
+            log_queries=self.config.log_queries,
         )
         for address in self.config.listen:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self.resolver, max_pending=self.config.max_pending),
+                lambda: UdpListener(
+                    self.resolver,
+                    self.metrics,
+                    max_pending=self.config.max_pending,
+                    log_queries=self.config.log_queries,
+                ),
                 local_addr=(address.host, address.port),
                 family=family,
             )
@@ -86,7 +98,35 @@ class Server:
                     self.tcp.handle, address.host, address.port, family=family, backlog=512
                 )
             )
+        http = HttpListener(
+            registry(self.metrics, self.gauges()),
+            lambda: (self.ready, self.not_ready_reason),
+            self.endpoint_table,
+        )
+        where = self.config.metrics_listen
+        self.http_server = await http.start(where.host, where.port)
         self._start_prober()
+
+    def gauges(self) -> Gauges:
+        """Scrape-time views of whatever resolver is current (a reload replaces it)."""
+        return Gauges(
+            cache_entries=lambda: (
+                len(self.resolver.cache) - self.resolver.cache.negative_entries,
+                self.resolver.cache.negative_entries,
+            ),
+            cache_evictions=lambda: self.resolver.cache.evictions,
+            upstream_health=lambda: [
+                (str(server), ups.healthy(server))
+                for _zone, ups in self.resolver.router.targets()
+                for server in ups.upstreams
+            ],
+            endpoints=lambda: [],
+            endpoint_probes=lambda: [],
+            answers_shaped=lambda: [],
+        )
+
+    def endpoint_table(self) -> object:
+        return []
 
     def _start_prober(self) -> None:
         if self._prober is not None:
@@ -126,7 +166,7 @@ class Server:
     def use(self, config: Config) -> None:
         """Apply a reloaded configuration; the cache survives when routing did not change."""
         keep = self.config.routing() == config.routing()
-        self.resolver = build_resolver(config, self.resolver.cache if keep else None)
+        self.resolver = build_resolver(config, self.metrics, self.resolver.cache if keep else None)
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
             protocol.max_pending = config.max_pending
@@ -162,6 +202,9 @@ class Server:
             transport.close()
         for server in self.tcp_servers:
             await server.wait_closed()
+        if self.http_server is not None:
+            self.http_server.close()
+            await self.http_server.wait_closed()
 
 
 async def serve(
@@ -170,7 +213,8 @@ async def serve(
     started: Callable[[Server], None] | None = None,
 ) -> int:
     log = logs.get()
-    server = Server(config, build_resolver(config))
+    counters = Metrics()
+    server = Server(config, build_resolver(config, counters), counters)
     try:
         await server.start()
     except OSError as exc:

@@ -98,6 +98,8 @@ class Config:
     upstream_max_inflight: int = 1000
     max_pending: int = 4096
     drain_seconds: float = 2.0
+    metrics_listen: HostPort = HostPort("127.0.0.1", 9153)
+    log_queries: float = 0.0
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary for the start-up log line."""
@@ -109,7 +111,8 @@ class Config:
             "cache": dataclasses.asdict(self.cache),
         }
         for f in dataclasses.fields(self):
-            summary.setdefault(f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            summary.setdefault(f.name, str(value) if isinstance(value, HostPort) else value)
         return summary
 
     def routing(self) -> tuple[object, ...]:
@@ -359,6 +362,19 @@ class AddressList(Kind):
         return ",".join(str(hp) for hp in value)
 
 
+class Address(Kind):
+    """One address with a port; the port defaults to `default_port`."""
+
+    metavar = "HOST:PORT"
+
+    def __init__(self, default_port: int) -> None:
+        self.default_port = default_port
+        self.allowed = f"an IP address with an optional port (default {default_port})"
+
+    def from_text(self, text: str, key: str) -> HostPort:
+        return parse_hostport(text, self.default_port, key)
+
+
 # The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 _ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
 _POLICY = Choice("sequential", "random", "fastest")
@@ -516,6 +532,10 @@ SETTINGS: tuple[Setting, ...] = (
             "most client queries per listener waiting for an upstream; beyond, SERVFAIL"),
     Setting("drain_seconds", "--drain-seconds", FloatRange(0.0, 60), 2.0,
             "after SIGTERM, keep answering this long (not ready) before closing"),
+    Setting("metrics_listen", "--metrics-listen", Address(9153), HostPort("127.0.0.1", 9153),
+            "HTTP address of /metrics, /health, /ready and /debug/endpoints"),
+    Setting("log_queries", "--log-queries", FloatRange(0.0, 1.0), 0.0,
+            "share of queries logged, one line each (0 off, 1 all)"),
 )
 # fmt: on
 

@@ -49,3 +49,25 @@ def setup(log_format: str, level: str) -> logging.Logger:
 
 def get() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def query_line(
+    client: object, question: bytes, qtype: int, reply: bytes, source: str, seconds: float
+) -> None:
+    """One line of the optional query log (--log-queries): never on by default."""
+    from sidecar.core.routing import wire_to_name
+    from sidecar.metrics import QTYPE_NAMES, RCODE_NAMES
+
+    get().info(
+        "query",
+        extra={
+            "fields": {
+                "client": str(client),
+                "name": wire_to_name(question[:-4]),
+                "type": QTYPE_NAMES.get(qtype, str(qtype)),
+                "rcode": RCODE_NAMES[reply[3] & 0x0F],
+                "source": source,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+        },
+    )

@@ -25,7 +25,6 @@ import functools
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sidecar.config import HostPort
 from sidecar.core import wire
@@ -34,19 +33,8 @@ from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
 from sidecar.local_answers import is_local, local_reply
+from sidecar.metrics import Metrics
 from sidecar.server.upstream import Forwarder
-
-
-@dataclass
-class PipelineStats:
-    hits: int = 0
-    misses: int = 0
-    coalesced: int = 0
-    prefetches: int = 0
-    stale: int = 0
-    servfail: int = 0
-    overload: int = 0
-    local: int = 0
 
 
 class Resolver:
@@ -55,6 +43,7 @@ class Resolver:
         cache: TtlCache,
         router: ZoneRouter[UpstreamSet[HostPort]],
         forwarder: Forwarder,
+        metrics: Metrics,
         *,
         query_timeout: float,
         max_inflight: int = 1000,
@@ -70,7 +59,7 @@ class Resolver:
         self.stale_answer_after = stale_answer_after
         self.stale_ttl = stale_ttl
         self.clock = clock
-        self.stats = PipelineStats()
+        self.metrics = metrics
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
         # Keys of the loop-detection probes we sent, and the ones that came back to us.
@@ -83,7 +72,7 @@ class Resolver:
         entry = self.cache.get(q.key, now)
         if entry is None:
             return None
-        self.stats.hits += 1
+        self.metrics.cache_hits[entry.negative] += 1
         if now >= entry.prefetch_at and not entry.prefetching:
             self._prefetch(q, entry)
         return entry.render(query, q, now, limit)
@@ -92,34 +81,34 @@ class Resolver:
         entry.prefetching = True  # once per entry: the refresh replaces it with a new one
         if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
             return
-        self.stats.prefetches += 1
+        self.metrics.prefetches += 1
         fetch = self._start_fetch(q)
         self._background.add(fetch)  # keep a reference until it is done
         fetch.add_done_callback(self._background.discard)
 
-    async def resolve(self, query: bytes, q: wire.Query, limit: int) -> bytes:
-        """The reply to a query the cache could not answer."""
+    async def resolve(self, query: bytes, q: wire.Query, limit: int) -> tuple[bytes, str]:
+        """The reply to a query the cache could not answer, and where it came from
+        (a metrics label: cache, upstream, stale or local)."""
         now = self.clock()
         entry = self.cache.get(q.key, now)
         if entry is not None:  # filled while this query waited to be scheduled
-            self.stats.hits += 1
-            return entry.render(query, q, now, limit)
+            self.metrics.cache_hits[entry.negative] += 1
+            return entry.render(query, q, now, limit), "cache"
         if is_local(q.key):
-            self.stats.local += 1
-            return local_reply(query)
-        self.stats.misses += 1
+            return local_reply(query), "local"
+        self.metrics.cache_misses += 1
         if self.loop_probes and q.key[:-1] in self.loop_probes:
             self.loops_seen.append(self.loop_probes[q.key[:-1]])
-            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size)
+            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
         stale = self.cache.get_stale(q.key, now)
         if self.cache.failed_recently(q.key, now):
-            return self._stale_or_servfail(query, q, stale, limit)
+            return self._stale_or_servfail(query, q, stale, limit, "cache")
         fetch = self._inflight.get(q.key)
         if fetch is not None:
-            self.stats.coalesced += 1
+            self.metrics.coalesced += 1
         elif len(self._inflight) >= self.max_inflight:
-            self.stats.overload += 1
-            return self._stale_or_servfail(query, q, stale, limit)
+            self.metrics.dropped["overload"] += 1
+            return self._stale_or_servfail(query, q, stale, limit, "local")
         else:
             fetch = self._start_fetch(q)
         try:
@@ -129,19 +118,18 @@ class Resolver:
                 async with asyncio.timeout(self.stale_answer_after):
                     entry = await asyncio.shield(fetch)
         except (UpstreamError, TimeoutError):
-            return self._stale_or_servfail(query, q, stale, limit)
+            return self._stale_or_servfail(query, q, stale, limit, "upstream")
         if stale is not None and entry.rcode == wire.SERVFAIL:
-            return self._stale_or_servfail(query, q, stale, limit)
-        return entry.render(query, q, self.clock(), limit)
+            return self._stale_or_servfail(query, q, stale, limit, "upstream")
+        return entry.render(query, q, self.clock(), limit), "upstream"
 
     def _stale_or_servfail(
-        self, query: bytes, q: wire.Query, stale: Entry | None, limit: int
-    ) -> bytes:
+        self, query: bytes, q: wire.Query, stale: Entry | None, limit: int, source: str
+    ) -> tuple[bytes, str]:
         if stale is not None:
-            self.stats.stale += 1
-            return stale.render_with_ttl(query, q, self.stale_ttl, limit)
-        self.stats.servfail += 1
-        return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size)
+            self.metrics.served_stale += 1
+            return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
+        return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
 
     def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
         fetch = asyncio.ensure_future(self._fetch(q))

@@ -151,6 +151,7 @@ class TtlCache:
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
         self.evictions = 0
+        self.negative_entries = 0  # kept as entries come and go, for the metrics
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -172,7 +173,7 @@ class TtlCache:
         if entry is None or entry.expires > now:
             return None
         if now - entry.expires >= self.limits.max_stale:
-            del self._entries[key]  # too old to serve, even stale
+            self._remove(key)  # too old to serve, even stale
             return None
         return entry
 
@@ -183,7 +184,7 @@ class TtlCache:
             if reply.rcode == wire.SERVFAIL:
                 self.remember_failure(key, now)
             elif reply.rcode == wire.NXDOMAIN:
-                self._entries.pop(key, None)  # the name is gone: nothing stale may be served
+                self._remove(key)  # the name is gone: nothing stale may be served
             # Served once to the clients waiting for it, with the upstream's own TTLs.
             return Entry(msg, reply, ttl=0, expires=now, negative=False, do=do, patch_ttls=False)
         ttl, negative = life
@@ -197,13 +198,19 @@ class TtlCache:
             patch_ttls=True,
             prefetch_percent=self.limits.prefetch_percent,
         )
+        self._remove(key)
         self._entries[key] = entry
-        self._entries.move_to_end(key)
+        self.negative_entries += negative
         self._failures.pop(key, None)
         while len(self._entries) > self.limits.max_entries:
-            self._entries.popitem(last=False)
+            self.negative_entries -= self._entries.popitem(last=False)[1].negative
             self.evictions += 1
         return entry
+
+    def _remove(self, key: bytes) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.negative_entries -= old.negative
 
     def remember_failure(self, key: bytes, now: float) -> None:
         """RFC 9520: a failed resolution is not retried upstream for `servfail_ttl` seconds."""

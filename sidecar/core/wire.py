@@ -63,6 +63,7 @@ class Query(NamedTuple):
 
     key: bytes  # lowercased qname wire + qtype/qclass + one byte of DO/CD bits
     question_end: int  # offset just past qtype/qclass
+    qtype: int
     edns_size: int  # 0 when the client sent no OPT record, else its payload size (>= 512)
     do: bool
     cd: bool
@@ -178,7 +179,7 @@ def parse_query(data: bytes) -> Query:
     cd = bool(data[3] & CD)
     name_end = qend - 4
     key = data[HEADER_SIZE:name_end].lower() + data[name_end:qend] + bytes(((do << 1) | cd,))
-    return Query(key, qend, edns_size, do, cd)
+    return Query(key, qend, (data[name_end] << 8) | data[name_end + 1], edns_size, do, cd)
 
 
 def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple[int, bool]:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from random import random
+from time import perf_counter
 
+from sidecar import logs
 from sidecar.core import wire
+from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
 
 log = logging.getLogger("dns_sidecar")
@@ -17,19 +21,28 @@ MAX_PIPELINED = 64  # per connection: a client cannot make us hold more work tha
 
 
 class TcpListener:
-    def __init__(self, resolver: Resolver, *, idle_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        metrics: Metrics,
+        *,
+        idle_timeout: float,
+        max_connections: int,
+        log_queries: float = 0.0,
+    ) -> None:
         self.resolver = resolver
+        self.metrics = metrics
+        self.requests = metrics.requests["tcp"]
+        self.log_queries = log_queries
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections: set[asyncio.Task[None]] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self.draining = False
-        self.refused_connections = 0
-        self.dropped: dict[str, int] = {"malformed": 0}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.draining or len(self.connections) >= self.max_connections:
-            self.refused_connections += 1
+            self.metrics.dropped["overload"] += 1
             writer.close()
             return
         task = asyncio.current_task()
@@ -58,31 +71,51 @@ class TcpListener:
             size = int.from_bytes(prefix, "big")
             async with asyncio.timeout(self.idle_timeout):
                 data = await reader.readexactly(size)
+            start = perf_counter()
             try:
                 q = wire.parse_query(data)
             except wire.ClientError as exc:
-                self.dropped["malformed"] += 1
+                self.metrics.dropped["malformed"] += 1
                 if exc.rcode is None:
                     return  # not a query we would ever answer: close the connection
                 writer.write(wire.frame(wire.error_reply(data, exc.question_end, exc.rcode, 0)))
                 continue
+            self.requests[q.qtype] += 1
             reply = self.resolver.answer(data, q, TCP_LIMIT)
             if reply is not None:
                 writer.write(wire.frame(reply))
+                self.metrics.answered("cache", reply, perf_counter() - start)
+                if self.log_queries:
+                    self._log(writer, q, reply, "cache", start)
                 await writer.drain()
                 continue
             while len(mine) >= MAX_PIPELINED:
                 await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.ensure_future(self._miss(data, q, writer))
+            task = asyncio.ensure_future(self._miss(data, q, writer, start))
             for group in (mine, self.pending):
                 group.add(task)
                 task.add_done_callback(group.discard)
 
-    async def _miss(self, data: bytes, q: wire.Query, writer: asyncio.StreamWriter) -> None:
+    async def _miss(
+        self, data: bytes, q: wire.Query, writer: asyncio.StreamWriter, start: float
+    ) -> None:
         try:
-            reply = await self.resolver.resolve(data, q, TCP_LIMIT)
+            reply, source = await self.resolver.resolve(data, q, TCP_LIMIT)
         except Exception:
             log.exception("query failed")
-            reply = wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size)
+            reply, source = (
+                wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size),
+                "local",
+            )
         if not writer.is_closing():
             writer.write(wire.frame(reply))
+            self.metrics.answered(source, reply, perf_counter() - start)
+            if self.log_queries:
+                self._log(writer, q, reply, source, start)
+
+    def _log(
+        self, writer: asyncio.StreamWriter, q: wire.Query, reply: bytes, source: str, start: float
+    ) -> None:
+        if random() < self.log_queries:
+            peer = writer.get_extra_info("peername") or ("?",)
+            logs.query_line(peer[0], q.key[:-1], q.qtype, reply, source, perf_counter() - start)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from time import perf_counter
 
 from sidecar.config import HostPort
 from sidecar.core import wire
@@ -28,28 +29,16 @@ from sidecar.errors import (
     UpstreamRefused,
     UpstreamTimeout,
 )
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("dns_sidecar")
 
 
-@dataclass
-class UpstreamStats:
-    """Plain counters; the metrics layer reads them at scrape time."""
-
-    queries: int = 0
-    tcp_queries: int = 0
-    mismatched: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-
-    def error(self, reason: str) -> None:
-        self.errors[reason] = self.errors.get(reason, 0) + 1
-
-
 class _OneReply(asyncio.DatagramProtocol):
-    def __init__(self, qid: bytes, question: bytes, stats: UpstreamStats) -> None:
+    def __init__(self, qid: bytes, question: bytes, mismatch: Callable[[], None]) -> None:
         self.qid = qid
         self.question = question
-        self.stats = stats
+        self.mismatch = mismatch
         self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
@@ -58,7 +47,7 @@ class _OneReply(asyncio.DatagramProtocol):
         if wire.reply_matches(data, self.qid, self.question):
             self.reply.set_result(data)
         else:
-            self.stats.mismatched += 1
+            self.mismatch()
 
     def error_received(self, exc: Exception) -> None:
         if not self.reply.done():
@@ -69,19 +58,24 @@ class _OneReply(asyncio.DatagramProtocol):
 
 
 async def udp_exchange(
-    server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, stats: UpstreamStats
+    server: HostPort,
+    question: bytes,
+    *,
+    cd: bool,
+    do: bool,
+    timeout: float,
+    mismatch: Callable[[], None],
 ) -> bytes:
     qid = secrets.randbits(16)
     query = wire.build_query(qid, question, cd=cd, do=do)
     loop = asyncio.get_running_loop()
     try:
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneReply(query[:2], question, stats), remote_addr=(server.host, server.port)
+            lambda: _OneReply(query[:2], question, mismatch), remote_addr=(server.host, server.port)
         )
     except OSError as exc:
         raise UpstreamError(f"{server}: {exc}") from None
     try:
-        stats.queries += 1
         transport.sendto(query)
         return await asyncio.wait_for(protocol.reply, timeout)
     except TimeoutError:
@@ -91,11 +85,16 @@ async def udp_exchange(
 
 
 async def tcp_exchange(
-    server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, stats: UpstreamStats
+    server: HostPort,
+    question: bytes,
+    *,
+    cd: bool,
+    do: bool,
+    timeout: float,
+    mismatch: Callable[[], None],
 ) -> bytes:
     qid = secrets.randbits(16)
     query = wire.build_query(qid, question, cd=cd, do=do)
-    stats.tcp_queries += 1
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -106,7 +105,7 @@ async def tcp_exchange(
                 reply = await reader.readexactly(size)
                 if wire.reply_matches(reply, query[:2], question):
                     return reply
-                stats.mismatched += 1
+                mismatch()
     except TimeoutError:
         raise UpstreamTimeout(f"{server}: no TCP reply within {timeout:.2f}s") from None
     except ConnectionRefusedError as exc:
@@ -123,7 +122,7 @@ class Forwarder:
     """Sends a question to a zone's upstreams until one answers or the deadline passes."""
 
     attempt_timeout: float
-    stats: UpstreamStats = field(default_factory=UpstreamStats)
+    metrics: Metrics
 
     async def exchange(
         self, server: HostPort, question: bytes, *, cd: bool, do: bool, deadline: float
@@ -132,22 +131,28 @@ class Forwarder:
         truncated; the reply walked. Raises UpstreamError."""
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
+        name = str(server)
+
+        def mismatch() -> None:
+            self.metrics.upstream_error(name, "mismatch")
+
         msg = await udp_exchange(
             server,
             question,
             cd=cd,
             do=do,
             timeout=min(self.attempt_timeout, remaining),
-            stats=self.stats,
+            mismatch=mismatch,
         )
         if msg[2] & wire.TC:
+            self.metrics.upstream_error(name, "truncated")
             msg = await tcp_exchange(
                 server,
                 question,
                 cd=cd,
                 do=do,
                 timeout=max(deadline - loop.time(), 0.001),
-                stats=self.stats,
+                mismatch=mismatch,
             )
         try:
             return msg, wire.parse_reply(msg)
@@ -174,17 +179,19 @@ class Forwarder:
         while deadline - loop.time() > 0.001:
             server = order[attempt % len(order)]
             attempt += 1
-            sent = loop.time()
+            sent = perf_counter()  # loop.time() is millisecond-grained under uvloop
             try:
                 msg, reply = await self.exchange(server, question, cd=cd, do=do, deadline=deadline)
             except UpstreamError as exc:
-                self.stats.error(exc.reason)
+                self.metrics.upstream_error(str(server), exc.reason)
                 self._failed(upstreams, server, exc.reason)
                 last_error = exc
                 continue
+            rtt = perf_counter() - sent
+            self.metrics.upstream_reply(str(server), reply.rcode, rtt)
             if reply.rcode == wire.REFUSED:
                 self._failed(upstreams, server, "refused")  # misconfigured for us
-            elif upstreams.answered(server, loop.time() - sent):
+            elif upstreams.answered(server, rtt):
                 log.info("upstream up", extra={"fields": {"upstream": str(server)}})
             if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(order):
                 fallback = (msg, reply)
@@ -204,11 +211,11 @@ class Forwarder:
     async def probe(self, server: HostPort, question: bytes) -> float:
         """One probe query; its round-trip time, or UpstreamError. Any reply counts."""
         loop = asyncio.get_running_loop()
-        sent = loop.time()
+        sent = perf_counter()
         await self.exchange(
-            server, question, cd=False, do=False, deadline=sent + self.attempt_timeout
+            server, question, cd=False, do=False, deadline=loop.time() + self.attempt_timeout
         )
-        return loop.time() - sent
+        return perf_counter() - sent
 
 
 async def probe_down_upstreams(

@@ -221,3 +221,16 @@ class TestStaleAndPrefetch:
         assert entry is not None
         assert entry.prefetch_at == pytest.approx(due)
         assert not entry.prefetching
+
+
+def test_negative_entries_are_counted_as_entries_come_and_go() -> None:
+    cache = TtlCache(CacheSettings(max_entries=2))
+    nx = upstream_reply(rcode=RCODE.NXDOMAIN, soa=True)
+    key_a = stored(cache, nx, query=client_query("a.local"))
+    stored(cache, nx, query=client_query("b.local"))
+    assert cache.negative_entries == 2
+    stored(cache, upstream_reply(60), query=client_query("a.local"))  # replaced by a positive
+    assert cache.negative_entries == 1
+    stored(cache, upstream_reply(60), query=client_query("c.local"))  # evicts b (negative)
+    assert cache.negative_entries == 0 and len(cache) == 2
+    assert cache.get(key_a, 101.0) is not None

@@ -102,6 +102,8 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_UPSTREAM_MAX_INFLIGHT",
         "DNS_SIDECAR_MAX_PENDING",
         "DNS_SIDECAR_DRAIN_SECONDS",
+        "DNS_SIDECAR_METRICS_LISTEN",
+        "DNS_SIDECAR_LOG_QUERIES",
     }
     assert documented == cfg.KNOWN_ENV
 
