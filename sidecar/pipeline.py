@@ -22,19 +22,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import random
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sidecar.config import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
+from sidecar.core.endpoints import EndpointTable
 from sidecar.core.routing import ZoneRouter, name_to_wire
+from sidecar.core.shaping import ShapeSettings, shape
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
 from sidecar.local_answers import is_local, local_reply
 from sidecar.metrics import Metrics
 from sidecar.server.upstream import Forwarder
+
+
+@dataclass(frozen=True)
+class DiscoveryZone:
+    """A zone whose A/AAAA answers are shaped by endpoint health and latency."""
+
+    shaping: ShapeSettings
 
 
 class Resolver:
@@ -49,7 +61,10 @@ class Resolver:
         max_inflight: int = 1000,
         stale_answer_after: float = 1.8,
         stale_ttl: int = 30,
+        discovery: ZoneRouter[DiscoveryZone | None] | None = None,
+        endpoints: EndpointTable | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.cache = cache
         self.router = router
@@ -59,6 +74,10 @@ class Resolver:
         self.stale_answer_after = stale_answer_after
         self.stale_ttl = stale_ttl
         self.clock = clock
+        self.discovery: ZoneRouter[DiscoveryZone | None] = discovery or ZoneRouter(None, {})
+        self.endpoints = endpoints or EndpointTable()
+        self.rng = rng or random.Random()
+        self.shaped_counts: dict[tuple[str, str], int] = {}
         self.metrics = metrics
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
@@ -75,6 +94,8 @@ class Resolver:
         self.metrics.cache_hits[entry.negative] += 1
         if now >= entry.prefetch_at and not entry.prefetching:
             self._prefetch(q, entry)
+        if entry.shaped is not None:
+            return entry.shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
 
     def _prefetch(self, q: wire.Query, entry: Entry) -> None:
@@ -93,7 +114,7 @@ class Resolver:
         entry = self.cache.get(q.key, now)
         if entry is not None:  # filled while this query waited to be scheduled
             self.metrics.cache_hits[entry.negative] += 1
-            return entry.render(query, q, now, limit), "cache"
+            return self._render(entry, query, q, now, limit), "cache"
         if is_local(q.key):
             return local_reply(query), "local"
         self.metrics.cache_misses += 1
@@ -121,15 +142,23 @@ class Resolver:
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
         if stale is not None and entry.rcode == wire.SERVFAIL:
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
-        return entry.render(query, q, self.clock(), limit), "upstream"
+        return self._render(entry, query, q, self.clock(), limit), "upstream"
 
     def _stale_or_servfail(
         self, query: bytes, q: wire.Query, stale: Entry | None, limit: int, source: str
     ) -> tuple[bytes, str]:
         if stale is not None:
             self.metrics.served_stale += 1
+            if stale.shaped is not None:
+                return stale.shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
             return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
         return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
+
+    @staticmethod
+    def _render(entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
+        if entry.shaped is not None:
+            return entry.shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
+        return entry.render(query, q, now, limit)
 
     def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
         fetch = asyncio.ensure_future(self._fetch(q))
@@ -153,7 +182,22 @@ class Resolver:
         except UpstreamError:
             self.cache.remember_failure(q.key, self.clock())
             raise
-        return self.cache.store(q.key, msg, reply, self.clock(), q.do)
+        now = self.clock()
+        entry = self.cache.store(q.key, msg, reply, now, q.do)
+        zone_name, zone = self.discovery.route(question[:-4])
+        if zone is not None and entry.ttl > 0:
+            entry.shaped = shape(
+                entry,
+                msg,
+                zone_name,
+                q.do,
+                self.endpoints,
+                zone.shaping,
+                self.rng,
+                self.shaped_counts,
+                now,
+            )
+        return entry
 
     def new_loop_probe(self, zone: str, upstream: HostPort) -> bytes:
         """A question for a random name below `zone`; if it reaches us, `upstream` loops."""

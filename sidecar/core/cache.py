@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from sidecar.config import CacheSettings
 from sidecar.core import wire
+
+if TYPE_CHECKING:
+    from sidecar.core.shaping import ShapedAnswer
 
 
 class Entry:
@@ -41,6 +45,7 @@ class Entry:
         "prefetch_at",
         "prefetching",
         "rcode",
+        "shaped",
         "size",
         "tc_counts",
         "ttl",
@@ -94,6 +99,8 @@ class Entry:
             expires - ttl * prefetch_percent / 100 if prefetch_percent and ttl else math.inf
         )
         self.prefetching = False
+        # Discovery zones: prepared shaped replies (core/shaping.py), served instead of this.
+        self.shaped: ShapedAnswer | None = None
 
     def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""

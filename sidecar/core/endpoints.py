@@ -1,0 +1,204 @@
+"""The endpoints behind discovery answers: health from probes (and Cloud Map), and latency.
+
+Theory of operation
+- Every address seen in an A/AAAA answer of a discovery zone becomes an endpoint of that zone.
+  A new endpoint is "unknown" and due for a probe at once; after that it is probed every
+  `interval` seconds, with +-20% jitter so that a fleet of sidecars does not probe in step.
+- The first probe of an unknown endpoint decides its health; after that health has hysteresis:
+  `rise` successes in a row make an unhealthy endpoint healthy, `fall` failures in a row a
+  healthy one unhealthy (HAProxy's rise/fall). Cloud Map's UNHEALTHY overrides a good probe.
+- Latency is the smoothed probe round trip: an EWMA with weight 0.3, so a step change shows
+  within a few probes.
+- An endpoint not seen in any answer for `forget_after` seconds is dropped; the table holds at
+  most `max_endpoints` (the least recently seen go first), so memory is bounded whatever the
+  upstream returns.
+- `version` changes whenever something that can change an answer's shape changes: health,
+  or latency by more than a quarter-octave band. Shaped answers compare it to know when to
+  rebuild, so the hot path never recomputes an order.
+Time comes in as `now` (monotonic seconds); randomness from an injectable random.Random.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
+LATENCY_WEIGHT = 0.3
+JITTER = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    interval: float = 1.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+    forget_after: float = 300.0
+    max_endpoints: int = 4096
+
+
+@dataclass(slots=True)
+class Endpoint:
+    zone: str
+    address: str
+    state: str = UNKNOWN
+    successes: int = 0  # in a row
+    failures: int = 0  # in a row
+    latency: float | None = None  # seconds, smoothed
+    last_seen: float = 0.0
+    last_probe: float | None = None
+    next_probe: float = 0.0
+    probing: bool = False
+    cloudmap: str | None = None  # HEALTHY / UNHEALTHY as Cloud Map says, None if not asked
+    band: int | None = None  # latency band last published in `version`
+
+    @property
+    def healthy(self) -> bool | None:
+        """True, False, or None while nothing is known (neither probes nor Cloud Map)."""
+        if self.cloudmap == "UNHEALTHY" or self.state == UNHEALTHY:
+            return False
+        if self.state == HEALTHY:
+            return True
+        if self.cloudmap == "HEALTHY":
+            return True
+        return None
+
+    @property
+    def health_source(self) -> str:
+        if self.cloudmap == "UNHEALTHY":
+            return "cloudmap"
+        return "probe" if self.state != UNKNOWN else ("cloudmap" if self.cloudmap else "none")
+
+    def describe(self, now: float) -> dict[str, object]:
+        return {
+            "zone": self.zone,
+            "address": self.address,
+            "health": {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[self.healthy],
+            "probe_state": self.state,
+            "cloudmap": self.cloudmap,
+            "health_source": self.health_source,
+            "latency_ms": None if self.latency is None else round(self.latency * 1000, 3),
+            "last_probe_ago_s": None
+            if self.last_probe is None
+            else round(now - self.last_probe, 3),
+            "last_seen_ago_s": round(now - self.last_seen, 3),
+        }
+
+
+def latency_band(latency: float) -> int:
+    """Quarter-octave bands of latency in microseconds: small jitter does not move the band."""
+    return int(math.log2(max(latency, 1e-6) * 1e6) * 4)
+
+
+@dataclass
+class EndpointTable:
+    settings: ProbeSettings = field(default_factory=ProbeSettings)
+    rng: random.Random = field(default_factory=random.Random)
+    endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
+    version: int = 0
+    probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result) -> count
+
+    def __repr__(self) -> str:
+        states: dict[str, int] = {}
+        for endpoint in self.endpoints.values():
+            key = {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[endpoint.healthy]
+            states[key] = states.get(key, 0) + 1
+        return f"<EndpointTable {len(self.endpoints)} endpoints {states} version={self.version}>"
+
+    def get(self, zone: str, address: str) -> Endpoint | None:
+        return self.endpoints.get((zone, address))
+
+    def seen(self, zone: str, addresses: Iterable[str], now: float) -> None:
+        """Addresses that appeared in an answer: new ones are added and due for a probe now."""
+        for address in addresses:
+            key = (zone, address)
+            endpoint = self.endpoints.get(key)
+            if endpoint is None:
+                endpoint = self.endpoints[key] = Endpoint(zone, address, next_probe=now)
+                self.version += 1
+            else:  # most recently seen last, for eviction order
+                self.endpoints[key] = self.endpoints.pop(key)
+            endpoint.last_seen = now
+        while len(self.endpoints) > self.settings.max_endpoints:
+            del self.endpoints[next(iter(self.endpoints))]
+            self.version += 1
+
+    def due(self, now: float) -> list[Endpoint]:
+        """Endpoints whose probe is due and not already running; marks them running."""
+        out = []
+        for endpoint in self.endpoints.values():
+            if not endpoint.probing and endpoint.next_probe <= now:
+                endpoint.probing = True
+                out.append(endpoint)
+        return out
+
+    def probed(self, endpoint: Endpoint, ok: bool, rtt: float | None, now: float) -> bool:
+        """Record a probe result; True when the endpoint's health changed."""
+        s = self.settings
+        endpoint.probing = False
+        endpoint.last_probe = now
+        spread = s.interval * JITTER
+        endpoint.next_probe = now + s.interval + self.rng.uniform(-spread, spread)
+        self.probes[(endpoint.zone, "success" if ok else "failure")] = (
+            self.probes.get((endpoint.zone, "success" if ok else "failure"), 0) + 1
+        )
+        before = endpoint.healthy
+        if ok:
+            endpoint.successes += 1
+            endpoint.failures = 0
+            if rtt is not None:
+                endpoint.latency = (
+                    rtt
+                    if endpoint.latency is None
+                    else endpoint.latency + LATENCY_WEIGHT * (rtt - endpoint.latency)
+                )
+            # The first probe of an unknown endpoint decides at once (new endpoints must not
+            # be handed out dead while rise/fall counts up); after that, hysteresis.
+            if endpoint.state == UNKNOWN or (
+                endpoint.state == UNHEALTHY and endpoint.successes >= s.rise
+            ):
+                endpoint.state = HEALTHY
+        else:
+            endpoint.failures += 1
+            endpoint.successes = 0
+            if endpoint.state == UNKNOWN or (
+                endpoint.state == HEALTHY and endpoint.failures >= s.fall
+            ):
+                endpoint.state = UNHEALTHY
+        changed = endpoint.healthy != before
+        band = None if endpoint.latency is None else latency_band(endpoint.latency)
+        if changed or band != endpoint.band:
+            endpoint.band = band
+            self.version += 1
+        return changed
+
+    def set_cloudmap(self, zone: str, statuses: dict[str, str]) -> list[Endpoint]:
+        """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) to known endpoints of a zone;
+        the endpoints whose health changed."""
+        changed = []
+        for (ep_zone, address), endpoint in self.endpoints.items():
+            if ep_zone != zone or address not in statuses:
+                continue
+            before = endpoint.healthy
+            endpoint.cloudmap = statuses[address]
+            if endpoint.healthy != before:
+                changed.append(endpoint)
+        if changed:
+            self.version += 1
+        return changed
+
+    def forget(self, now: float) -> list[Endpoint]:
+        """Drop endpoints not seen in any answer for `forget_after` seconds."""
+        limit = now - self.settings.forget_after
+        gone = [e for e in self.endpoints.values() if e.last_seen < limit]
+        for endpoint in gone:
+            del self.endpoints[(endpoint.zone, endpoint.address)]
+        if gone:
+            self.version += 1
+        return gone
+
+    def describe(self, now: float) -> list[dict[str, object]]:
+        return [e.describe(now) for e in self.endpoints.values()]

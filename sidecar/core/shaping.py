@@ -1,0 +1,186 @@
+"""Answer shaping for discovery zones: leave out the dead, put the fast first, spread the load.
+
+Theory of operation
+- A cached A/AAAA answer of a discovery zone gets a `ShapedAnswer` beside it. The cache entry
+  itself is never changed: shaped replies are separate messages built from it.
+- Endpoints known unhealthy are left out. If that leaves none, the answer fails open: every
+  address, unhealthy last (as Route 53 answers when all records are unhealthy). Leaving out
+  is what protects glibc clients, which re-sort same-subnet IPv4 answers (RFC 6724 rule 9)
+  and so ignore any order we give.
+- Among the rest, the order is a weighted random draw without replacement. The weight of an
+  endpoint is ((best + floor) / (latency + floor)) ** steepness: with a 5 ms floor and
+  steepness 3, endpoints within a few ms of each other share first place about equally (no
+  herd, unlike "fastest first"), while one 80 ms slower than the best gets a weight of 0.0002.
+  Unknown endpoints (not probed yet) get the median latency of the known ones.
+- `max_answers` keeps only the first N after shaping: with N = 1 client-side re-sorting has
+  nothing to re-sort.
+- The shaped TTL is capped (`answer_ttl`, default 5 s) so clients come back soon enough to
+  follow health changes; the cache keeps the upstream TTL.
+- Cost: orderings are drawn and rendered when the endpoint table's `version` changes, into a
+  pool of `pool_size` prepared messages; a query picks one of them at random. So the hot path
+  pays a version compare, one random index and the usual TTL join.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dnslib import QTYPE, DNSRecord
+
+from sidecar.core import wire
+from sidecar.core.cache import Entry
+from sidecar.core.endpoints import EndpointTable
+
+ADDRESS_TYPES = (QTYPE.A, QTYPE.AAAA)
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeSettings:
+    max_answers: int | None = None
+    answer_ttl: int = 5
+    pool_size: int = 64
+    latency_floor: float = 0.005
+    steepness: float = 3.0
+
+
+def weights(latencies: Sequence[float | None], floor: float, steepness: float) -> list[float]:
+    """Weights for a weighted random order; None (not measured yet) counts as the median."""
+    known = [lat for lat in latencies if lat is not None]
+    fallback = statistics.median(known) if known else 0.0
+    filled = [fallback if lat is None else lat for lat in latencies]
+    if not filled:
+        return []
+    best = min(filled)
+    return [((best + floor) / (lat + floor)) ** steepness for lat in filled]
+
+
+def weighted_order(
+    items: Sequence[int], item_weights: Sequence[float], rng: random.Random
+) -> list[int]:
+    """A random order in which each next item is drawn with probability ~ its weight."""
+    pool = list(items)
+    pool_weights = list(item_weights)
+    order = []
+    while pool:
+        total = sum(pool_weights)
+        pick = rng.random() * total if total > 0 else 0.0
+        index = 0
+        while index < len(pool) - 1 and pick >= pool_weights[index]:
+            pick -= pool_weights[index]
+            index += 1
+        order.append(pool.pop(index))
+        pool_weights.pop(index)
+    return order
+
+
+@dataclass
+class ShapedAnswer:
+    """Prepared shaped replies for one cached answer; rebuilt when the endpoint table changes."""
+
+    base: Entry
+    record: DNSRecord  # the upstream reply, parsed once
+    zone: str
+    do: bool
+    table: EndpointTable
+    settings: ShapeSettings
+    rng: random.Random
+    counts: dict[tuple[str, str], int]
+    version: int = -1
+    action: str = "reordered"
+    variants: list[Entry] = field(default_factory=list)
+    seen_at: float = -math.inf
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(rr.rdata) for rr in self.record.rr if rr.rtype in ADDRESS_TYPES]
+
+    def rebuild(self) -> None:
+        self.version = self.table.version
+        rrs = self.record.rr
+        others = [rr for rr in rrs if rr.rtype not in ADDRESS_TYPES]  # the CNAME chain
+        indexes = [i for i, rr in enumerate(rrs) if rr.rtype in ADDRESS_TYPES]
+        health = []
+        for i in indexes:
+            endpoint = self.table.get(self.zone, str(rrs[i].rdata))
+            health.append((endpoint.healthy, endpoint.latency) if endpoint else (None, None))
+        usable = [
+            i for i, (healthy, _lat) in zip(indexes, health, strict=True) if healthy is not False
+        ]
+        latency = {i: lat for i, (_h, lat) in zip(indexes, health, strict=True)}
+        if usable:
+            self.action = "filtered" if len(usable) < len(indexes) else "reordered"
+            dead: list[int] = []
+        else:
+            self.action = "failed_open"
+            usable, dead = [], list(indexes)
+        s = self.settings
+        w = weights([latency[i] for i in usable], s.latency_floor, s.steepness)
+        built: dict[tuple[int, ...], Entry] = {}
+        variants = []
+        for _ in range(s.pool_size):
+            order = weighted_order(usable, w, self.rng) + self.rng.sample(dead, len(dead))
+            if s.max_answers is not None:
+                order = order[: s.max_answers]
+            key = tuple(order)
+            entry = built.get(key)
+            if entry is None:
+                entry = built[key] = self._message([*others, *(rrs[i] for i in order)])
+            variants.append(entry)
+        self.variants = variants
+
+    def _message(self, answers: list[object]) -> Entry:
+        record = DNSRecord(header=self.record.header, questions=self.record.questions, rr=answers)
+        msg = bytes(record.pack())
+        return Entry(
+            msg,
+            wire.parse_reply(msg),
+            ttl=self.base.ttl,
+            expires=self.base.expires,
+            negative=False,
+            do=self.do,
+            patch_ttls=True,
+        )
+
+    def render(self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int) -> bytes:
+        """A shaped reply with TTL min(answer_ttl, `ttl`)."""
+        if now - self.seen_at > 10.0:  # keep the endpoints of cached answers from being forgotten
+            self.seen_at = now
+            self.table.seen(self.zone, self.addresses, now)
+        if self.version != self.table.version:
+            self.rebuild()
+        key = (self.zone, self.action)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        variant = self.variants[int(self.rng.random() * len(self.variants))]
+        return variant.render_with_ttl(query, q, min(self.settings.answer_ttl, ttl), limit)
+
+
+def shape(
+    entry: Entry,
+    msg: bytes,
+    zone: str,
+    do: bool,
+    table: EndpointTable,
+    settings: ShapeSettings,
+    rng: random.Random,
+    counts: dict[tuple[str, str], int],
+    now: float,
+) -> ShapedAnswer | None:
+    """A ShapedAnswer for a positive A/AAAA answer with addresses in it, else None."""
+    if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
+        return None
+    record = DNSRecord.parse(msg)
+    if record.q.qtype not in ADDRESS_TYPES:
+        return None
+    record.auth = []
+    record.ar = []
+    shaped = ShapedAnswer(entry, record, zone, do, table, settings, rng, counts)
+    addresses = shaped.addresses
+    if not addresses:
+        return None
+    shaped.seen_at = now
+    table.seen(zone, addresses, now)
+    return shaped

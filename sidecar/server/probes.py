@@ -1,0 +1,111 @@
+"""Probing discovery endpoints: TCP connect or HTTP GET, a bounded number at a time.
+
+The schedule lives in core/endpoints.py (who is due, rise/fall, latency); this module only
+does the I/O and reports back. A probe's round trip is measured with perf_counter: uvloop's
+loop.time() has millisecond grain, too coarse for loopback and same-AZ latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from time import monotonic, perf_counter
+
+from sidecar.core.endpoints import Endpoint, EndpointTable
+
+log = logging.getLogger("dns_sidecar")
+TICK = 0.05  # how often due probes are looked for; well under any probe interval
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """`tcp:PORT` (a connect succeeds) or `http:PORT/PATH` (GET answers 2xx or 3xx)."""
+
+    kind: str
+    port: int
+    path: str = "/"
+
+    def __str__(self) -> str:
+        return f"tcp:{self.port}" if self.kind == "tcp" else f"http:{self.port}{self.path}"
+
+
+async def probe(check: HealthCheck, address: str, timeout: float) -> float:
+    """The round trip of one probe in seconds; raises OSError or TimeoutError on failure."""
+    start = perf_counter()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address, check.port)
+            if check.kind == "http":
+                host = f"[{address}]" if ":" in address else address
+                writer.write(
+                    f"GET {check.path} HTTP/1.1\r\nHost: {host}:{check.port}\r\n"
+                    "User-Agent: dns-sidecar\r\nConnection: close\r\n\r\n".encode()
+                )
+                status_line = await reader.readline()
+                parts = status_line.split()
+                if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or parts[1][:1] not in (
+                    b"2",
+                    b"3",
+                ):
+                    raise OSError(f"HTTP status {status_line[:40]!r}")
+        return perf_counter() - start
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def run_probes(
+    table: EndpointTable,
+    checks: Mapping[str, HealthCheck],
+    *,
+    timeout: float,
+    max_concurrent: int,
+    clock: Callable[[], float] = monotonic,
+) -> None:
+    """Forever: start the probes that are due, at most `max_concurrent` at a time; forget
+    endpoints no answer has mentioned for a while. Health transitions are logged."""
+    running: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(max_concurrent)
+
+    async def one(endpoint: Endpoint, check: HealthCheck) -> None:
+        async with slots:
+            try:
+                rtt: float | None = await probe(check, endpoint.address, timeout)
+                ok = True
+            except (OSError, TimeoutError):
+                rtt, ok = None, False
+            if table.probed(endpoint, ok, rtt, clock()):
+                log.info(
+                    "endpoint health changed",
+                    extra={
+                        "fields": {
+                            "zone": endpoint.zone,
+                            "address": endpoint.address,
+                            "health": "healthy" if endpoint.healthy else "unhealthy",
+                            "check": str(check),
+                        }
+                    },
+                )
+
+    last_forget = clock()
+    try:
+        while True:
+            now = clock()
+            for endpoint in table.due(now):
+                check = checks.get(endpoint.zone)
+                if check is None:
+                    endpoint.probing = False
+                    continue
+                task = asyncio.ensure_future(one(endpoint, check))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if now - last_forget > 10.0:
+                last_forget = now
+                table.forget(now)
+            await asyncio.sleep(TICK)
+    finally:
+        for task in running:
+            task.cancel()

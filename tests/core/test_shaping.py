@@ -1,0 +1,141 @@
+"""Answer shaping without sockets: filtering, fail-open, weighted order, max answers, TTL."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from dnslib import CNAME, QTYPE, RR, A, DNSRecord
+
+from sidecar.config import CacheSettings
+from sidecar.core import wire
+from sidecar.core.cache import TtlCache
+from sidecar.core.endpoints import EndpointTable
+from sidecar.core.shaping import ShapedAnswer, ShapeSettings, shape, weighted_order, weights
+
+NAME = "resource-server.local"
+ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+
+
+def reply(addresses: list[str] = ADDRESSES, ttl: int = 60, cname: bool = False) -> bytes:
+    record = DNSRecord.question(NAME).reply()
+    owner = NAME
+    if cname:
+        owner = "task.local"
+        record.add_answer(RR(NAME, QTYPE.CNAME, rdata=CNAME(owner), ttl=ttl))
+    for address in addresses:
+        record.add_answer(RR(owner, QTYPE.A, rdata=A(address), ttl=ttl))
+    return bytes(record.pack())
+
+
+def shaped_answer(
+    table: EndpointTable, settings: ShapeSettings | None = None, msg: bytes | None = None
+) -> tuple[ShapedAnswer, wire.Query, bytes]:
+    settings = settings or ShapeSettings()
+    msg = msg or reply()
+    query = bytes(DNSRecord.question(NAME).pack())
+    q = wire.parse_query(query)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    shaped = shape(entry, msg, "local", False, table, settings, random.Random(3), {}, 100.0)
+    assert shaped is not None
+    return shaped, q, query
+
+
+def set_health(table: EndpointTable, health: dict[str, tuple[bool, float]]) -> None:
+    for endpoint in table.due(100.0):
+        ok, latency = health[endpoint.address]
+        table.probed(endpoint, ok, latency if ok else None, 100.0)
+
+
+def firsts(shaped: ShapedAnswer, q: wire.Query, query: bytes, n: int = 400) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        answer = DNSRecord.parse(shaped.render(query, q, 101.0, 4096, 59))
+        addresses = [str(rr.rdata) for rr in answer.rr if rr.rtype == QTYPE.A]
+        seen[addresses[0]] += 1
+    return seen
+
+
+def test_weights_fall_steeply_with_latency_but_not_within_the_floor() -> None:
+    w = weights([0.0001, 0.0002, 0.080, None], floor=0.005, steepness=3.0)
+    assert w[0] == 1.0
+    assert w[1] > 0.9  # loopback noise is not a reason to herd
+    assert w[2] < 0.001  # 80 ms slower is almost never first
+    assert 0.9 < w[3] <= 1.0  # unknown counts as the median
+
+
+def test_weighted_order_draws_every_item_once() -> None:
+    rng = random.Random(5)
+    order = weighted_order([1, 2, 3], [1.0, 1.0, 1.0], rng)
+    assert sorted(order) == [1, 2, 3]
+    counts = Counter(weighted_order([1, 2], [9.0, 1.0], rng)[0] for _ in range(2000))
+    assert 0.85 < counts[1] / 2000 < 0.95
+
+
+def test_dead_never_first_slow_rarely_fast_share() -> None:
+    table = EndpointTable(rng=random.Random(2))
+    shaped, q, query = shaped_answer(table)
+    set_health(
+        table,
+        {
+            "10.0.0.1": (False, 0.0),
+            "10.0.0.2": (True, 0.0805),
+            "10.0.0.3": (True, 0.0005),
+            "10.0.0.4": (True, 0.0006),
+        },
+    )
+    seen = firsts(shaped, q, query)
+    assert seen["10.0.0.1"] == 0
+    assert seen["10.0.0.2"] <= 40
+    assert seen["10.0.0.3"] >= 100 and seen["10.0.0.4"] >= 100
+    answer = DNSRecord.parse(shaped.render(query, q, 101.0, 4096, 59))
+    assert "10.0.0.1" not in [str(rr.rdata) for rr in answer.rr]  # left out, not just last
+    assert shaped.action == "filtered"
+
+
+def test_all_dead_fails_open() -> None:
+    table = EndpointTable()
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (False, 0.0) for a in ADDRESSES})
+    answer = DNSRecord.parse(shaped.render(query, q, 101.0, 4096, 59))
+    assert sorted(str(rr.rdata) for rr in answer.rr) == ADDRESSES
+    assert shaped.action == "failed_open"
+
+
+def test_max_answers_and_ttl_cap_and_cname_kept() -> None:
+    table = EndpointTable()
+    settings = ShapeSettings(max_answers=1, answer_ttl=5)
+    shaped, q, query = shaped_answer(table, settings, reply(cname=True))
+    set_health(table, {a: (True, 0.001) for a in ADDRESSES})
+    answer = DNSRecord.parse(shaped.render(query, q, 101.0, 4096, 59))
+    assert [rr.rtype for rr in answer.rr] == [QTYPE.CNAME, QTYPE.A]
+    assert {rr.ttl for rr in answer.rr} == {5}
+    assert answer.header.id == DNSRecord.parse(query).header.id
+    assert len(firsts(shaped, q, query, 200)) == 4  # every healthy endpoint gets a turn
+
+
+def test_shaped_entry_is_a_copy_and_cache_keeps_upstream_ttl() -> None:
+    table = EndpointTable()
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (a != "10.0.0.1", 0.001) for a in ADDRESSES})
+    shaped.render(query, q, 101.0, 4096, 59)
+    plain = DNSRecord.parse(shaped.base.render(query, q, 101.0, 4096))
+    assert len(plain.rr) == 4 and plain.rr[0].ttl == 59
+
+
+@pytest.mark.parametrize("qtype", ["TXT", "MX"])
+def test_only_address_answers_are_shaped(qtype: str) -> None:
+    record = DNSRecord.question(NAME, qtype).reply()
+    record.add_answer(
+        *RR.fromZone(f"{NAME} 60 IN {qtype} {'10 mx.local.' if qtype == 'MX' else 'x'}")
+    )
+    msg = bytes(record.pack())
+    q = wire.parse_query(bytes(DNSRecord.question(NAME, qtype).pack()))
+    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    assert (
+        shape(
+            entry, msg, "local", False, EndpointTable(), ShapeSettings(), random.Random(), {}, 100.0
+        )
+        is None
+    )
