@@ -7,20 +7,24 @@ import contextlib
 import dataclasses
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvloop
 
-from sidecar import logs
+from sidecar import logs, resolv_conf
 from sidecar.config import Config, HostPort
 from sidecar.core.cache import TtlCache
+from sidecar.core.endpoints import EndpointTable, ProbeSettings
 from sidecar.core.routing import ZoneRouter, name_to_wire
+from sidecar.core.shaping import ShapeSettings
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, Metrics, registry
-from sidecar.pipeline import Resolver
+from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server.http import HttpListener
+from sidecar.server.probes import run_probes
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
 from sidecar.server.upstream import Forwarder, probe_down_upstreams
@@ -28,7 +32,25 @@ from sidecar.server.upstream import Forwarder, probe_down_upstreams
 TYPE_NS_IN = b"\x00\x02\x00\x01"
 
 
-def build_resolver(config: Config, metrics: Metrics, cache: TtlCache | None = None) -> Resolver:
+def probe_settings(config: Config) -> ProbeSettings:
+    return ProbeSettings(
+        interval=config.discovery_probe_interval,
+        timeout=config.discovery_probe_timeout,
+        rise=config.discovery_rise,
+        fall=config.discovery_fall,
+        forget_after=config.discovery_forget_after,
+        max_endpoints=config.discovery_max_endpoints,
+    )
+
+
+def build_resolver(
+    config: Config,
+    metrics: Metrics,
+    cache: TtlCache | None = None,
+    endpoints: EndpointTable | None = None,
+) -> Resolver:
+    """The query path for `config`; a reload passes the cache and endpoints to keep."""
+
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
         return UpstreamSet(
             upstreams,
@@ -38,12 +60,30 @@ def build_resolver(config: Config, metrics: Metrics, cache: TtlCache | None = No
 
     router = ZoneRouter(
         upstream_set(config.upstreams, None),
-        {zone.name: upstream_set(zone.upstreams, zone.policy) for zone in config.zones},
+        {
+            zone.name: upstream_set(zone.upstreams, zone.policy)
+            for zone in config.zones
+            if zone.upstreams  # a discovery zone without upstreams uses the default ones
+        },
+    )
+    discovery: ZoneRouter[DiscoveryZone | None] = ZoneRouter(
+        None,
+        {
+            zone.name: DiscoveryZone(
+                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery_answer_ttl)
+            )
+            for zone in config.zones
+            if zone.health_check is not None
+        },
     )
     if cache is None:
         cache = TtlCache(config.cache)
     else:
         cache.limits = config.cache
+    if endpoints is None:
+        endpoints = EndpointTable(probe_settings(config))
+    else:
+        endpoints.settings = probe_settings(config)
     return Resolver(
         cache,
         router,
@@ -53,6 +93,8 @@ def build_resolver(config: Config, metrics: Metrics, cache: TtlCache | None = No
         max_inflight=config.upstream_max_inflight,
         stale_answer_after=config.cache.stale_answer_after,
         stale_ttl=config.cache.stale_ttl,
+        discovery=discovery,
+        endpoints=endpoints,
     )
 
 
@@ -69,7 +111,8 @@ class Server:
     http_server: asyncio.Server | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
-    _prober: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+    resolv_original: resolv_conf.Original | None = None  # manage_resolv_conf: what to put back
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,7 +148,7 @@ class Server:
         )
         where = self.config.metrics_listen
         self.http_server = await http.start(where.host, where.port)
-        self._start_prober()
+        self._start_background()
 
     def gauges(self) -> Gauges:
         """Scrape-time views of whatever resolver is current (a reload replaces it)."""
@@ -120,26 +163,53 @@ class Server:
                 for _zone, ups in self.resolver.router.targets()
                 for server in ups.upstreams
             ],
-            endpoints=lambda: [],
-            endpoint_probes=lambda: [],
-            answers_shaped=lambda: [],
+            endpoints=lambda: [
+                (e.zone, e.address, e.healthy, e.latency)
+                for e in list(self.resolver.endpoints.endpoints.values())
+            ],
+            endpoint_probes=lambda: [
+                (zone, result, count)
+                for (zone, result), count in sorted(self.resolver.endpoints.probes.items())
+            ],
+            answers_shaped=lambda: [
+                (zone, action, count)
+                for (zone, action), count in sorted(self.resolver.shaped_counts.items())
+            ],
         )
 
     def endpoint_table(self) -> object:
-        return []
+        """/debug/endpoints and `dns-sidecar status`: the endpoint table as JSON."""
+        table = self.resolver.endpoints
+        checks = {z.name: str(z.health_check) for z in self.config.zones if z.health_check}
+        return {
+            "discovery_zones": checks,
+            "endpoints": table.describe(time.monotonic()),
+        }
 
-    def _start_prober(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-        resolver = self.resolver
-        self._prober = asyncio.ensure_future(  # noqa: RUF006 (kept in self._prober)
+    def _start_background(self) -> None:
+        """(Re)start the background work of the current resolver and configuration."""
+        for task in self.background:
+            task.cancel()
+        resolver, config = self.resolver, self.config
+        work = [
             probe_down_upstreams(
                 resolver.forwarder,
                 [ups for _zone, ups in resolver.router.targets()],
-                name_to_wire(self.config.upstream_probe_name) + TYPE_NS_IN,
-                self.config.upstream_probe_interval,
+                name_to_wire(config.upstream_probe_name) + TYPE_NS_IN,
+                config.upstream_probe_interval,
             )
-        )
+        ]
+        checks = {z.name: z.health_check for z in config.zones if z.health_check is not None}
+        if checks:
+            work.append(
+                run_probes(
+                    resolver.endpoints,
+                    checks,
+                    timeout=config.discovery_probe_timeout,
+                    max_concurrent=config.discovery_max_probes,
+                )
+            )
+        self.background = [asyncio.ensure_future(coro) for coro in work]
 
     async def find_loops(self) -> list[str]:
         """Ask every upstream for a random name below its zone; report those that reach us.
@@ -166,7 +236,12 @@ class Server:
     def use(self, config: Config) -> None:
         """Apply a reloaded configuration; the cache survives when routing did not change."""
         keep = self.config.routing() == config.routing()
-        self.resolver = build_resolver(config, self.metrics, self.resolver.cache if keep else None)
+        self.resolver = build_resolver(
+            config,
+            self.metrics,
+            self.resolver.cache if keep else None,
+            self.resolver.endpoints,  # endpoint health survives any reload
+        )
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
             protocol.max_pending = config.max_pending
@@ -175,12 +250,29 @@ class Server:
             self.tcp.idle_timeout = config.tcp_idle_timeout
             self.tcp.max_connections = config.tcp_max_connections
         self.config = config
-        self._start_prober()
+        self._start_background()
+
+    def release_resolv_conf(self) -> None:
+        """Put back the resolv.conf taken over at start; once, before the listeners close."""
+        original, self.resolv_original = self.resolv_original, None
+        if original is None:
+            return
+        log = logs.get()
+        try:
+            restored = resolv_conf.restore(original)
+        except OSError as exc:
+            log.error("cannot restore resolv.conf", extra={"fields": {"error": str(exc)}})
+            return
+        if restored:
+            log.info("resolv.conf restored", extra={"fields": {"path": original.path}})
+        else:
+            log.warning("resolv.conf was changed by someone else; left as it is")
 
     async def drain(self, grace: float) -> None:
         """Stop taking new work, answer what is in flight (up to `grace` s), close."""
-        if self._prober is not None:
-            self._prober.cancel()
+        self.release_resolv_conf()
+        for task in self.background:
+            task.cancel()
         for server in self.tcp_servers:
             server.close()
         tcp = self.tcp
@@ -221,6 +313,18 @@ async def serve(
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
         await server.drain(0)
         return 1
+    if config.manage_resolv_conf:  # listeners are up: point the task's resolv.conf at us
+        try:
+            server.resolv_original = resolv_conf.take_over(config.resolv_conf_path, config.listen)
+        except (OSError, ConfigError) as exc:
+            log.error("cannot manage resolv.conf", extra={"fields": {"error": str(exc)}})
+            await server.drain(0)
+            return 1
+        fields = {
+            "path": server.resolv_original.path,
+            "nameserver": server.resolv_original.nameserver,
+        }
+        log.info("resolv.conf taken over", extra={"fields": fields})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -241,6 +345,7 @@ async def serve(
     if started is not None:
         started(server)
     await stop.wait()
+    server.release_resolv_conf()  # the task's clients go back to the original nameservers
     # Readiness goes first, then keep answering while the orchestrator stops sending to us.
     server.ready, server.not_ready_reason = False, "draining"
     log.info("stopping", extra={"fields": {"drain_seconds": server.config.drain_seconds}})

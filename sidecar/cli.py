@@ -46,7 +46,18 @@ def _check_config(args: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Command] = {"run": _run, "check-config": _check_config}
+def _healthcheck(args: list[str]) -> int:
+    """exit 0 if the local sidecar answers DNS: dns-sidecar healthcheck [--address HOST:PORT]"""
+    from sidecar.healthcheck import main as healthcheck  # lazy, like the app
+
+    return healthcheck(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "run": _run,
+    "check-config": _check_config,
+    "healthcheck": _healthcheck,
+}
 
 
 def _print_help() -> None:

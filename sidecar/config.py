@@ -23,10 +23,11 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from sidecar import __version__
 from sidecar.errors import ConfigError
+from sidecar.resolv_conf import original_text, our_nameserver
 
 ENV_PREFIX = "DNS_SIDECAR_"
 ENV_CONFIG = "DNS_SIDECAR_CONFIG"
@@ -57,12 +58,36 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """How discovery endpoints are probed: `tcp:PORT` (a connect succeeds) or `http:PORT/PATH`
+    (a GET answers 2xx or 3xx)."""
+
+    kind: str
+    port: int
+    path: str = "/"
+
+    def __str__(self) -> str:
+        return f"tcp:{self.port}" if self.kind == "tcp" else f"http:{self.port}{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
 class Zone:
     """A domain (lowercase, no trailing dot) whose questions go to their own upstreams."""
 
     name: str
     upstreams: tuple[HostPort, ...]
     policy: str | None = None  # None: the global upstream.policy
+    health_check: HealthCheck | None = None  # set: a discovery zone, its answers are shaped
+    max_answers: int | None = None  # discovery zones: keep only the first N after shaping
+    cloudmap_namespace: str | None = None  # discovery zones: also ask Cloud Map for health
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {"upstreams": [str(hp) for hp in self.upstreams]}
+        for name in ("policy", "health_check", "max_answers", "cloudmap_namespace"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value) if isinstance(value, HealthCheck) else value
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +125,17 @@ class Config:
     drain_seconds: float = 2.0
     metrics_listen: HostPort = HostPort("127.0.0.1", 9153)
     log_queries: float = 0.0
+    discovery_probe_interval: float = 1.0
+    discovery_probe_timeout: float = 0.5
+    discovery_rise: int = 2
+    discovery_fall: int = 2
+    discovery_forget_after: float = 300.0
+    discovery_answer_ttl: int = 5
+    discovery_max_probes: int = 64
+    discovery_max_endpoints: int = 4096
+    discovery_cloudmap_interval: float = 10.0
+    manage_resolv_conf: bool = False  # rewrite resolv.conf to us at start, restore at exit
+    resolv_conf_path: str = DEFAULT_RESOLV_CONF
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary for the start-up log line."""
@@ -107,7 +143,7 @@ class Config:
             "listen": [str(hp) for hp in self.listen],
             "upstreams": [str(hp) for hp in self.upstreams],
             "upstream_source": self.upstream_source,
-            "zones": {z.name: [str(hp) for hp in z.upstreams] for z in self.zones},
+            "zones": {z.name: z.describe() for z in self.zones},
             "cache": dataclasses.asdict(self.cache),
         }
         for f in dataclasses.fields(self):
@@ -223,6 +259,8 @@ class Kind:
     metavar = "VALUE"
     allowed = ""
     separator = ","  # joins the values of a repeated CLI flag
+    nargs: str | None = None  # argparse nargs of the flag ("?": the value may be left out)
+    const: str | None = None  # the flag's value when it is given without one
 
     def from_toml(self, value: object, key: str) -> Any:
         if not isinstance(value, str):
@@ -375,11 +413,140 @@ class Address(Kind):
         return parse_hostport(text, self.default_port, key)
 
 
+class Bool(Kind):
+    """true/false (TOML booleans; in text also 1/0, yes/no, on/off); a bare flag means true."""
+
+    metavar = "BOOL"
+    allowed = "true or false"
+    nargs = "?"
+    const = "true"
+    words: ClassVar[dict[str, bool]] = {
+        **dict.fromkeys(("true", "1", "yes", "on"), True),
+        **dict.fromkeys(("false", "0", "no", "off"), False),
+    }
+
+    def from_toml(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, self.allowed)
+        return value
+
+    def from_text(self, text: str, key: str) -> bool:
+        value = self.words.get(text.strip().lower())
+        if value is None:
+            raise ConfigError(key, text, self.allowed)
+        return value
+
+    def show(self, value: Any) -> str:
+        return "true" if value else "false"
+
+
+class FilePath(Kind):
+    """An absolute file path (not checked for existence here)."""
+
+    metavar = "PATH"
+    allowed = "an absolute path, e.g. /etc/resolv.conf"
+
+    def from_text(self, text: str, key: str) -> str:
+        path = text.strip()
+        if not path.startswith("/") or "\0" in path:
+            raise ConfigError(key, text, self.allowed)
+        return path
+
+
+class HealthCheckSpec(Kind):
+    metavar = "tcp:PORT|http:PORT/PATH"
+    allowed = "tcp:PORT or http:PORT/PATH, e.g. tcp:8080 or http:8080/health (port 1..65535)"
+
+    def from_text(self, text: str, key: str) -> HealthCheck:
+        kind, _, rest = text.strip().partition(":")
+        port_text, slash, path = rest.partition("/")
+        if kind not in ("tcp", "http") or not port_text.isdigit() or (kind == "tcp" and slash):
+            raise ConfigError(key, text, self.allowed)
+        port = int(port_text)
+        if not 1 <= port <= 65535 or any(c.isspace() for c in path):
+            raise ConfigError(key, text, self.allowed)
+        return HealthCheck(kind, port, "/" + path)
+
+
+class CloudMapNamespace(Kind):
+    """TOML: {namespace = "local"}; text: the namespace name."""
+
+    metavar = "NAMESPACE"
+    allowed = 'a Cloud Map namespace name, in TOML {namespace = "local"}'
+
+    def from_toml(self, value: object, key: str) -> str:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"namespace"})
+            if unknown:
+                raise _unknown_key(f"{key}.{unknown[0]}", value[unknown[0]], ["namespace"])
+            value = value.get("namespace")
+        if not isinstance(value, str):
+            raise ConfigError(key, value, self.allowed)
+        return self.from_text(value, key)
+
+    def from_text(self, text: str, key: str) -> str:
+        name = text.strip().rstrip(".")
+        if not name:
+            raise ConfigError(key, text, self.allowed)
+        return normalize_zone_name(name, key)
+
+
+class PerZone(Kind):
+    """A value per zone: ZONE=VALUE (CLI, repeatable), ZONE=VALUE;ZONE=VALUE (env), or a TOML
+    table {zone = value}. Layers merge by zone, like zones."""
+
+    separator = ";"
+
+    def __init__(self, inner: Kind) -> None:
+        self.inner = inner
+        self.metavar = f"ZONE={inner.metavar}"
+        self.allowed = f"ZONE={inner.metavar}, several separated by ';'"
+
+    def from_toml(self, value: object, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a table {zone = value}")
+        return {
+            normalize_zone_name(zone, f"{key}.{zone}"): self.inner.from_toml(v, f"{key}.{zone}")
+            for zone, v in value.items()
+        }
+
+    def from_text(self, text: str, key: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in text.split(";"):
+            if not part.strip():
+                continue
+            zone, eq, value = part.partition("=")
+            if not eq:
+                raise ConfigError(key, part, self.allowed)
+            out[normalize_zone_name(zone, key)] = self.inner.from_text(value, key)
+        return out
+
+    def merge(self, lower: Any, higher: Any) -> Any:
+        return {**lower, **higher}
+
+    def show(self, value: Any) -> str:
+        return "none"
+
+
+_HEALTH_CHECK = HealthCheckSpec()
+_MAX_ANSWERS = IntRange(1, 64)
+_CLOUDMAP = CloudMapNamespace()
+
+
 # The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 _ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
 _POLICY = Choice("sequential", "random", "fastest")
-ZONE_KEYS: dict[str, Kind] = {"upstreams": _ZONE_UPSTREAMS, "policy": _POLICY}
-ZONE_REQUIRED = frozenset({"upstreams"})
+ZONE_KEYS: dict[str, Kind] = {
+    "upstreams": _ZONE_UPSTREAMS,
+    "policy": _POLICY,
+    "health_check": _HEALTH_CHECK,
+    "max_answers": _MAX_ANSWERS,
+    "cloudmap": _CLOUDMAP,
+}
+# zone table key -> Zone field, where they differ
+ZONE_FIELDS: dict[str, str] = {"cloudmap": "cloudmap_namespace"}
+# Settings that are folded into the zones rather than being Config fields of their own.
+ZONE_OPTION_SETTINGS = ("health_checks", "max_answers", "cloudmap")
 
 # A layered zones value: normalized name -> (zone, the key it came from).
 ZoneMap = dict[str, tuple[Zone, str]]
@@ -418,10 +585,15 @@ class Zones(Kind):
                     if isinstance(sub_value, dict):
                         hint = '; quote zone names that contain dots: [zones."svc.example.com"]'
                     raise _unknown_key(sub_key, sub_value, sorted(ZONE_KEYS), hint)
-                fields[sub] = kind.from_toml(sub_value, sub_key)
-            missing = sorted(ZONE_REQUIRED - fields.keys())
-            if missing:
-                raise ConfigError(f"{zone_key}.{missing[0]}", None, "required in every zone")
+                fields[ZONE_FIELDS.get(str(sub), str(sub))] = kind.from_toml(sub_value, sub_key)
+            if "upstreams" not in fields and "health_check" not in fields:
+                raise ConfigError(
+                    f"{zone_key}.upstreams",
+                    None,
+                    "a zone needs upstreams, or a health_check (a discovery zone that uses the "
+                    "default upstreams)",
+                )
+            fields.setdefault("upstreams", ())
             self._add(zones, Zone(name=name, **fields), f"{zone_key}.upstreams", zone_key)
         return zones
 
@@ -536,6 +708,36 @@ SETTINGS: tuple[Setting, ...] = (
             "HTTP address of /metrics, /health, /ready and /debug/endpoints"),
     Setting("log_queries", "--log-queries", FloatRange(0.0, 1.0), 0.0,
             "share of queries logged, one line each (0 off, 1 all)"),
+    Setting("health_checks", "--health-check", PerZone(_HEALTH_CHECK), {},
+            "make ZONE a discovery zone: probe its endpoints so, shape its A/AAAA answers",
+            repeat=True),
+    Setting("max_answers", "--max-answers", PerZone(_MAX_ANSWERS), {},
+            "discovery zones: keep only the first N addresses after shaping", repeat=True),
+    Setting("cloudmap", "--cloudmap", PerZone(_CLOUDMAP), {},
+            "discovery zones: merge Cloud Map health of NAMESPACE (needs boto3)", repeat=True),
+    Setting("discovery.probe_interval", "--endpoint-probe-interval", FloatRange(0.1, 60), 1.0,
+            "seconds between probes of one endpoint (with +-20% jitter)"),
+    Setting("discovery.probe_timeout", "--endpoint-probe-timeout", FloatRange(0.01, 30), 0.5,
+            "timeout of one endpoint probe"),
+    Setting("discovery.rise", "--endpoint-rise", IntRange(1, 10), 2,
+            "successful probes in a row that make an unhealthy endpoint healthy"),
+    Setting("discovery.fall", "--endpoint-fall", IntRange(1, 10), 2,
+            "failed probes in a row that make a healthy endpoint unhealthy"),
+    Setting("discovery.forget_after", "--endpoint-forget-after", FloatRange(1, 86_400), 300.0,
+            "forget an endpoint no answer has mentioned for this many seconds"),
+    Setting("discovery.answer_ttl", "--answer-ttl", IntRange(1, 3600), 5,
+            "TTL cap of shaped answers, so clients follow health changes"),
+    Setting("discovery.max_probes", "--max-endpoint-probes", IntRange(1, 4096), 64,
+            "endpoint probes running at once"),
+    Setting("discovery.max_endpoints", "--max-endpoints", IntRange(1, 100_000), 4096,
+            "endpoints tracked at most (least recently seen forgotten first)"),
+    Setting("discovery.cloudmap_interval", "--cloudmap-interval", FloatRange(1, 3600), 10.0,
+            "seconds between Cloud Map health refreshes (doubled on throttling)"),
+    Setting("manage_resolv_conf", "--manage-resolv-conf", Bool(), False,
+            "at start point resolv.conf at our first listen address (port 53), taking its "
+            "nameservers as upstreams if none are given; put it back at exit (awsvpc, Fargate)"),
+    Setting("resolv_conf_path", "--resolv-conf-path", FilePath(), DEFAULT_RESOLV_CONF,
+            "the resolv.conf read for default upstreams and rewritten by manage_resolv_conf"),
 )
 # fmt: on
 
@@ -626,6 +828,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
             dest=s.key,
             metavar=s.kind.metavar,
             action="append" if s.repeat else "store",
+            nargs=s.kind.nargs,
+            const=s.kind.const,
             default=None,
             help=f"{s.help}{'; repeatable' if s.repeat else ''} "
             f"(env {s.env}; default: {s.shown_default})".replace("%", "%%"),
@@ -661,18 +865,32 @@ def _merge(layers: Sequence[Layer]) -> Layer:
 
 
 def _default_upstreams(
-    listen: Sequence[HostPort], env: Mapping[str, str], resolv_conf: str
+    listen: Sequence[HostPort], env: Mapping[str, str], resolv_conf: str, *, managed: bool = False
 ) -> tuple[tuple[HostPort, ...], str]:
-    if env.get(ECS_METADATA_ENV):
+    """Upstreams when none are configured.
+
+    Normally the ECS resolver on ECS, else the first usable nameserver of resolv.conf. With
+    ``managed`` (manage_resolv_conf) resolv.conf comes first and all its usable nameservers
+    are taken (from the original it carries when we rewrote it before), then the ECS resolver.
+    """
+    on_ecs = bool(env.get(ECS_METADATA_ENV))
+    if on_ecs and not managed:
         return (HostPort(ECS_RESOLVER, DNS_PORT),), "ecs"
     try:
         with open(resolv_conf, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+            text = original_text(f.read())
     except OSError:
         text = ""
+    usable: list[HostPort] = []
     for ns in nameservers(text):
-        if not any(_covers(ours, ns, wildcard_covers_all=True) for ours in listen):
-            return (ns,), "resolv.conf"
+        if ns not in usable and not any(
+            _covers(ours, ns, wildcard_covers_all=True) for ours in listen
+        ):
+            usable.append(ns)
+    if usable:
+        return (tuple(usable) if managed else (usable[0],)), "resolv.conf"
+    if on_ecs:
+        return (HostPort(ECS_RESOLVER, DNS_PORT),), "ecs"
     raise ConfigError(
         "upstreams",
         "",
@@ -693,6 +911,25 @@ def _check_no_loop(
                     f"this is our own listen address {ours} ({listen_key}): forwarding to "
                     "ourselves would loop",
                 )
+
+
+def _with_zone_options(
+    zones: tuple[Zone, ...], options: Mapping[str, tuple[Mapping[str, Any], str]]
+) -> tuple[Zone, ...]:
+    """Zones with the per-zone flags applied (--health-check, --max-answers, --cloudmap); a
+    flag may name a zone that has no table of its own: it then uses the default upstreams."""
+    by_name = {zone.name: zone for zone in zones}
+    for field_name, (per_zone, _key) in options.items():
+        for name, value in per_zone.items():
+            zone = by_name.get(name) or Zone(name, ())
+            by_name[name] = dataclasses.replace(zone, **{field_name: value})
+    for zone in by_name.values():
+        if zone.health_check is None and (zone.max_answers or zone.cloudmap_namespace):
+            key = options["max_answers" if zone.max_answers else "cloudmap_namespace"][1]
+            raise ConfigError(
+                key, zone.name, "only for a discovery zone: give it a health check too"
+            )
+    return tuple(by_name.values())
 
 
 def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> Config:
@@ -723,8 +960,13 @@ def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> 
 
     listen: tuple[HostPort, ...] = values["listen"]
     upstreams: tuple[HostPort, ...] | None = values["upstreams"]
+    if "resolv_conf_path" in merged:
+        resolv_conf = values["resolv_conf_path"]
+    managed: bool = values["manage_resolv_conf"]
+    if managed:
+        our_nameserver(listen, source["manage_resolv_conf"])  # port 53, or a config error
     if upstreams is None:
-        upstreams, upstream_source = _default_upstreams(listen, env, resolv_conf)
+        upstreams, upstream_source = _default_upstreams(listen, env, resolv_conf, managed=managed)
     else:
         upstream_source = "configured"
     _check_no_loop(upstreams, listen, source["upstreams"], source["listen"])
@@ -737,6 +979,17 @@ def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> 
         for k, v in values.items()
         if not k.startswith("cache.") and k not in ("listen", "upstreams")
     }
+    others["resolv_conf_path"] = resolv_conf
+    others["zones"] = _with_zone_options(
+        values["zones"],
+        {
+            "health_check": (values.pop("health_checks"), source["health_checks"]),
+            "max_answers": (values.pop("max_answers"), source["max_answers"]),
+            "cloudmap_namespace": (values.pop("cloudmap"), source["cloudmap"]),
+        },
+    )
+    for name in ZONE_OPTION_SETTINGS:
+        del others[name]
     return Config(
         listen=listen, upstreams=upstreams, upstream_source=upstream_source, cache=cache, **others
     )

@@ -10,25 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from time import monotonic, perf_counter
 
+from sidecar.config import HealthCheck
 from sidecar.core.endpoints import Endpoint, EndpointTable
 
 log = logging.getLogger("dns_sidecar")
 TICK = 0.05  # how often due probes are looked for; well under any probe interval
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    """`tcp:PORT` (a connect succeeds) or `http:PORT/PATH` (GET answers 2xx or 3xx)."""
-
-    kind: str
-    port: int
-    path: str = "/"
-
-    def __str__(self) -> str:
-        return f"tcp:{self.port}" if self.kind == "tcp" else f"http:{self.port}{self.path}"
 
 
 async def probe(check: HealthCheck, address: str, timeout: float) -> float:
@@ -46,9 +34,14 @@ async def probe(check: HealthCheck, address: str, timeout: float) -> float:
                 )
                 status_line = await reader.readline()
                 parts = status_line.split()
-                if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or parts[1][:1] not in (
-                    b"2",
-                    b"3",
+                if (
+                    len(parts) < 2
+                    or not parts[0].startswith(b"HTTP/")
+                    or parts[1][:1]
+                    not in (
+                        b"2",
+                        b"3",
+                    )
                 ):
                     raise OSError(f"HTTP status {status_line[:40]!r}")
         return perf_counter() - start

@@ -51,6 +51,7 @@ def test_defaults(tmp_path: Path) -> None:
         upstream_source="resolv.conf",
         zones=(),
         cache=CacheSettings(),
+        resolv_conf_path=str(tmp_path / "resolv.conf"),  # the file it was given
     )
     assert config.cache == CacheSettings(100_000, 0, 86_400, 60, 5)
     assert (config.attempt_timeout, config.query_timeout) == (1.0, 4.0)
@@ -61,6 +62,8 @@ def test_defaults(tmp_path: Path) -> None:
 def test_table_defaults_agree_with_the_dataclasses() -> None:
     for s in cfg.SETTINGS:
         group, _, name = s.key.rpartition(".")
+        if s.key in cfg.ZONE_OPTION_SETTINGS:
+            continue  # folded into Config.zones
         if group == "cache":
             owner: type[object] = CacheSettings
         else:
@@ -68,7 +71,11 @@ def test_table_defaults_agree_with_the_dataclasses() -> None:
         (found,) = [f for f in dataclasses.fields(owner) if f.name == name]  # type: ignore[arg-type]
         if found.default is not dataclasses.MISSING:
             assert s.default == found.default, s.key
-    covered = {s.key.replace(".", "_") for s in cfg.SETTINGS if not s.key.startswith("cache.")}
+    covered = {
+        s.key.replace(".", "_")
+        for s in cfg.SETTINGS
+        if not s.key.startswith("cache.") and s.key not in cfg.ZONE_OPTION_SETTINGS
+    }
     assert {f.name for f in dataclasses.fields(Config)} == covered | {"cache", "upstream_source"}
     cache_keys = {s.key[6:] for s in cfg.SETTINGS if s.key.startswith("cache.")}
     assert {f.name for f in dataclasses.fields(CacheSettings)} == cache_keys
@@ -103,7 +110,21 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_MAX_PENDING",
         "DNS_SIDECAR_DRAIN_SECONDS",
         "DNS_SIDECAR_METRICS_LISTEN",
+        "DNS_SIDECAR_HEALTH_CHECKS",
+        "DNS_SIDECAR_MAX_ANSWERS",
+        "DNS_SIDECAR_CLOUDMAP",
+        "DNS_SIDECAR_DISCOVERY_PROBE_INTERVAL",
+        "DNS_SIDECAR_DISCOVERY_PROBE_TIMEOUT",
+        "DNS_SIDECAR_DISCOVERY_RISE",
+        "DNS_SIDECAR_DISCOVERY_FALL",
+        "DNS_SIDECAR_DISCOVERY_FORGET_AFTER",
+        "DNS_SIDECAR_DISCOVERY_ANSWER_TTL",
+        "DNS_SIDECAR_DISCOVERY_MAX_PROBES",
+        "DNS_SIDECAR_DISCOVERY_MAX_ENDPOINTS",
+        "DNS_SIDECAR_DISCOVERY_CLOUDMAP_INTERVAL",
         "DNS_SIDECAR_LOG_QUERIES",
+        "DNS_SIDECAR_MANAGE_RESOLV_CONF",
+        "DNS_SIDECAR_RESOLV_CONF_PATH",
     }
     assert documented == cfg.KNOWN_ENV
 
@@ -129,7 +150,7 @@ def test_describe_is_json() -> None:
     assert summary["listen"] == ["[::1]:5353"]
     assert summary["upstreams"] == ["10.0.0.2:53"]
     assert summary["upstream_source"] == "configured"
-    assert summary["zones"] == {"local": ["10.0.0.3:53"]}
+    assert summary["zones"] == {"local": {"upstreams": ["10.0.0.3:53"]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,3 +583,68 @@ def test_load_file_uses_env_only_for_defaulting(tmp_path: Path) -> None:
     config = load_file(str(path), env=env)
     assert config.upstream_source == "ecs"
     assert config.cache.max_ttl == 30
+
+
+def test_discovery_zones_from_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'upstreams = ["10.0.0.2"]\n'
+        "[zones.local]\n"
+        'health_check = "http:8080/health"\n'
+        "max_answers = 2\n"
+        'cloudmap = {namespace = "local"}\n'
+        '[zones."corp.example"]\n'
+        'upstreams = ["10.1.0.2"]\n'
+    )
+    config = cfg.load(
+        ["--config", str(path), "--health-check", "svc.test=tcp:81", "--max-answers", "local=1"],
+        {},
+    )
+    zones = {zone.name: zone for zone in config.zones}
+    local = zones["local"]
+    assert local.upstreams == ()  # the default upstreams
+    assert local.health_check == cfg.HealthCheck("http", 8080, "/health")
+    assert local.max_answers == 1  # the flag wins over the file
+    assert local.cloudmap_namespace == "local"
+    assert zones["svc.test"].health_check == cfg.HealthCheck("tcp", 81, "/")
+    assert zones["corp.example"].health_check is None
+
+
+def test_discovery_settings_from_env() -> None:
+    env = {
+        "DNS_SIDECAR_UPSTREAMS": "10.0.0.2",
+        "DNS_SIDECAR_HEALTH_CHECKS": "local=tcp:80;svc.test=http:8080/ready",
+        "DNS_SIDECAR_MAX_ANSWERS": "local=1",
+        "DNS_SIDECAR_DISCOVERY_ANSWER_TTL": "3",
+    }
+    config = cfg.load([], env)
+    zones = {zone.name: zone for zone in config.zones}
+    assert str(zones["local"].health_check) == "tcp:80"
+    assert str(zones["svc.test"].health_check) == "http:8080/ready"
+    assert zones["local"].max_answers == 1
+    assert config.discovery_answer_ttl == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [
+        (["--health-check", "local=udp:53"], "--health-check"),
+        (["--health-check", "local=tcp:0"], "--health-check"),
+        (["--health-check", "local=tcp:80/x"], "--health-check"),
+        (["--health-check", "local"], "--health-check"),
+        (["--max-answers", "local=0"], "--max-answers"),
+        (["--max-answers", "local=1"], "--max-answers"),  # not a discovery zone
+        (["--cloudmap", "local=local"], "--cloudmap"),  # not a discovery zone
+    ],
+)
+def test_bad_discovery_settings(argv: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        cfg.load(["--upstream", "10.0.0.2", *argv], {})
+    assert str(caught.value).startswith(f"config error: {key} = ")
+
+
+def test_zone_table_needs_upstreams_or_a_health_check(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('upstreams = ["10.0.0.2"]\n[zones.local]\nmax_answers = 1\n')
+    with pytest.raises(ConfigError, match=r"zones.local.upstreams"):
+        cfg.load(["--config", str(path)], {})
