@@ -53,10 +53,18 @@ def _healthcheck(args: list[str]) -> int:
     return healthcheck(args)
 
 
+def _status(args: list[str]) -> int:
+    """print the endpoint table of a running sidecar: dns-sidecar status [--json]"""
+    from sidecar import status
+
+    return status.main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "run": _run,
     "check-config": _check_config,
     "healthcheck": _healthcheck,
+    "status": _status,
 }
 
 

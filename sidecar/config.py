@@ -1009,6 +1009,19 @@ def load(
     return build(layers, env, resolv_conf)
 
 
+def value_from_sources(key: str, env: Mapping[str, str], config_path: str | None = None) -> Any:
+    """One setting as the running sidecar sees it from its file and environment (not its
+    flags): for the helper commands (healthcheck, status) that run beside it."""
+    value = SETTINGS_BY_KEY[key].default
+    path = config_path or env.get(ENV_CONFIG, "").strip()
+    layers = [file_layer(read_toml(path))] if path else []
+    layers.append(env_layer(env))
+    for layer in layers:
+        if key in layer:
+            value = layer[key][0]
+    return SETTINGS_BY_KEY[key].kind.finish(value)
+
+
 def load_file(
     path: str, *, env: Mapping[str, str] = _NO_ENV, resolv_conf: str = DEFAULT_RESOLV_CONF
 ) -> Config:
