@@ -7,6 +7,8 @@ Theory of operation
 - The first probe of an unknown endpoint decides its health; after that health has hysteresis:
   `rise` successes in a row make an unhealthy endpoint healthy, `fall` failures in a row a
   healthy one unhealthy (HAProxy's rise/fall). Cloud Map's UNHEALTHY overrides a good probe.
+  The last Cloud Map statuses of each zone are kept, so an endpoint first seen after a refresh
+  starts with Cloud Map's word instead of waiting for the next one.
 - Latency is the smoothed probe round trip: an EWMA with weight 0.3, so a step change shows
   within a few probes.
 - An endpoint not seen in any answer for `forget_after` seconds is dropped; the table holds at
@@ -100,6 +102,8 @@ class EndpointTable:
     endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
     version: int = 0
     probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result) -> count
+    # zone -> address -> HEALTHY/UNHEALTHY, as of the last Cloud Map refresh of that zone
+    cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         states: dict[str, int] = {}
@@ -118,6 +122,7 @@ class EndpointTable:
             endpoint = self.endpoints.get(key)
             if endpoint is None:
                 endpoint = self.endpoints[key] = Endpoint(zone, address, next_probe=now)
+                endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
                 self.version += 1
             else:  # most recently seen last, for eviction order
                 self.endpoints[key] = self.endpoints.pop(key)
@@ -176,8 +181,9 @@ class EndpointTable:
         return changed
 
     def set_cloudmap(self, zone: str, statuses: dict[str, str]) -> list[Endpoint]:
-        """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) to known endpoints of a zone;
-        the endpoints whose health changed."""
+        """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) to known endpoints of a zone,
+        and remember it for endpoints seen later; the endpoints whose health changed."""
+        self.cloudmap_status[zone] = dict(statuses)
         changed = []
         for (ep_zone, address), endpoint in self.endpoints.items():
             if ep_zone != zone or address not in statuses:

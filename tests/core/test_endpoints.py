@@ -73,6 +73,21 @@ def test_cloudmap_unhealthy_overrides_a_good_probe() -> None:
     assert t.get("local", "a").describe(1.0)["health_source"] == "cloudmap"  # type: ignore[union-attr]
 
 
+def test_cloudmap_status_applies_to_endpoints_first_seen_after_the_refresh() -> None:
+    t = table()
+    assert t.set_cloudmap("local", {"a": "UNHEALTHY", "b": "HEALTHY"}) == []  # none known yet
+    t.seen("local", ["a", "b", "c"], 0.0)
+    t.seen("other", ["a"], 0.0)  # the same address in another zone: not Cloud Map's
+    assert t.get("local", "a").healthy is False  # type: ignore[union-attr]
+    assert t.get("local", "b").healthy is True  # type: ignore[union-attr]
+    assert t.get("local", "c").healthy is None  # type: ignore[union-attr]
+    assert t.get("other", "a").healthy is None  # type: ignore[union-attr]
+    t.set_cloudmap("local", {"b": "HEALTHY"})  # the latest refresh replaces what is remembered
+    t.forget(1000.0)  # a is forgotten, then seen anew
+    t.seen("local", ["a"], 1000.0)
+    assert t.get("local", "a").cloudmap is None  # type: ignore[union-attr]
+
+
 def test_forgotten_when_not_seen_and_bounded_in_size() -> None:
     t = table(forget_after=300.0, max_endpoints=3)
     t.seen("local", ["a", "b"], 0.0)
