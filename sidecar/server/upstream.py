@@ -170,13 +170,20 @@ class Forwarder:
     ) -> tuple[bytes, wire.Reply]:
         """The first usable reply. Each attempt gets min(attempt_timeout, what remains) and
         failures move on to the next upstream in the set's order, round and round until the
-        deadline; SERVFAIL or REFUSED from one upstream moves on while one is not yet asked."""
+        deadline; SERVFAIL or REFUSED from one upstream moves on while one is not yet asked.
+        A round in which no attempt timed out (every upstream refused or sent garbage) ends
+        the query: asking again at once would only hammer a server that is restarting."""
         loop = asyncio.get_running_loop()
         order = upstreams.order()
         last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
         fallback: tuple[bytes, wire.Reply] | None = None
         attempt = 0
+        timed_out_this_round = False
         while deadline - loop.time() > 0.001:
+            if attempt and attempt % len(order) == 0:
+                if not timed_out_this_round:
+                    break
+                timed_out_this_round = False
             server = order[attempt % len(order)]
             attempt += 1
             sent = perf_counter()  # loop.time() is millisecond-grained under uvloop
@@ -186,6 +193,7 @@ class Forwarder:
                 self.metrics.upstream_error(str(server), exc.reason)
                 self._failed(upstreams, server, exc.reason)
                 last_error = exc
+                timed_out_this_round |= isinstance(exc, UpstreamTimeout)
                 continue
             rtt = perf_counter() - sent
             self.metrics.upstream_reply(str(server), reply.rcode, rtt)
