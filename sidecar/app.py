@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import uvloop
@@ -23,6 +24,7 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, Metrics, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
+from sidecar.server.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.server.http import HttpListener
 from sidecar.server.probes import run_probes
 from sidecar.server.tcp import TcpListener
@@ -30,6 +32,18 @@ from sidecar.server.udp import UdpListener
 from sidecar.server.upstream import Forwarder, probe_down_upstreams
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"
+
+
+def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
+    """One Cloud Map source per discovery zone that asks for one. An endpoint URL from
+    AWS_ENDPOINT_URL_SERVICEDISCOVERY / AWS_ENDPOINT_URL is passed explicitly, which also
+    stops botocore from prefixing it with `data-`."""
+    url = os.environ.get("AWS_ENDPOINT_URL_SERVICEDISCOVERY") or os.environ.get("AWS_ENDPOINT_URL")
+    return {
+        zone.name: CloudMapSource(zone.name, zone.cloudmap_namespace, endpoint_url=url or None)
+        for zone in config.zones
+        if zone.health_check is not None and zone.cloudmap_namespace
+    }
 
 
 def probe_settings(config: Config) -> ProbeSettings:
@@ -48,8 +62,10 @@ def build_resolver(
     metrics: Metrics,
     cache: TtlCache | None = None,
     endpoints: EndpointTable | None = None,
+    cloudmap: Mapping[str, CloudMapSource] | None = None,
 ) -> Resolver:
     """The query path for `config`; a reload passes the cache and endpoints to keep."""
+    cloudmap = cloudmap or {}
 
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
         return UpstreamSet(
@@ -70,7 +86,8 @@ def build_resolver(
         None,
         {
             zone.name: DiscoveryZone(
-                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery_answer_ttl)
+                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery_answer_ttl),
+                cloudmap[zone.name].add_service if zone.name in cloudmap else None,
             )
             for zone in config.zones
             if zone.health_check is not None
@@ -112,6 +129,7 @@ class Server:
     ready: bool = False
     not_ready_reason: str = "starting"
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    cloudmap: dict[str, CloudMapSource] = field(default_factory=dict)
     resolv_original: resolv_conf.Original | None = None  # manage_resolv_conf: what to put back
 
     async def start(self) -> None:
@@ -209,6 +227,12 @@ class Server:
                     max_concurrent=config.discovery_max_probes,
                 )
             )
+        for source in self.cloudmap.values():
+            work.append(
+                run_cloudmap(
+                    source, resolver.endpoints, interval=config.discovery_cloudmap_interval
+                )
+            )
         self.background = [asyncio.ensure_future(coro) for coro in work]
 
     async def find_loops(self) -> list[str]:
@@ -236,11 +260,13 @@ class Server:
     def use(self, config: Config) -> None:
         """Apply a reloaded configuration; the cache survives when routing did not change."""
         keep = self.config.routing() == config.routing()
+        self.cloudmap = cloudmap_sources(config)
         self.resolver = build_resolver(
             config,
             self.metrics,
             self.resolver.cache if keep else None,
             self.resolver.endpoints,  # endpoint health survives any reload
+            self.cloudmap,
         )
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
@@ -306,7 +332,9 @@ async def serve(
 ) -> int:
     log = logs.get()
     counters = Metrics()
-    server = Server(config, build_resolver(config, counters), counters)
+    cloudmap = cloudmap_sources(config)
+    server = Server(config, build_resolver(config, counters, cloudmap=cloudmap), counters)
+    server.cloudmap = cloudmap
     try:
         await server.start()
     except OSError as exc:

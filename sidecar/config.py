@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import math
 import tomllib
@@ -924,6 +925,12 @@ def _with_zone_options(
             zone = by_name.get(name) or Zone(name, ())
             by_name[name] = dataclasses.replace(zone, **{field_name: value})
     for zone in by_name.values():
+        if zone.cloudmap_namespace and importlib.util.find_spec("boto3") is None:
+            raise ConfigError(
+                options["cloudmap_namespace"][1],
+                zone.cloudmap_namespace,
+                "Cloud Map needs boto3: pip install 'ecs-dns-sidecar[cloudmap]'",
+            )
         if zone.health_check is None and (zone.max_answers or zone.cloudmap_namespace):
             key = options["max_answers" if zone.max_answers else "cloudmap_namespace"][1]
             raise ConfigError(

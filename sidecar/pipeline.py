@@ -33,7 +33,7 @@ from sidecar.config import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.endpoints import EndpointTable
-from sidecar.core.routing import ZoneRouter, name_to_wire
+from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.shaping import ShapeSettings, shape
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
@@ -47,6 +47,15 @@ class DiscoveryZone:
     """A zone whose A/AAAA answers are shaped by endpoint health and latency."""
 
     shaping: ShapeSettings
+    # With Cloud Map: called with each service name asked for (the label below the zone).
+    asked: Callable[[str], object] | None = None
+
+
+def service_label(wire_name: bytes, zone: str) -> str:
+    """The label just below `zone` in a wire name: b'...resource-server.local' -> the service."""
+    labels = wire_to_name(wire_name).rstrip(".").split(".")
+    depth = zone.count(".") + 1
+    return labels[-depth - 1] if len(labels) > depth else ""
 
 
 class Resolver:
@@ -185,6 +194,8 @@ class Resolver:
         now = self.clock()
         entry = self.cache.store(q.key, msg, reply, now, q.do)
         zone_name, zone = self.discovery.route(question[:-4])
+        if zone is not None and zone.asked is not None:
+            zone.asked(service_label(question[:-4], zone_name))
         if zone is not None and entry.ttl > 0:
             entry.shaped = shape(
                 entry,

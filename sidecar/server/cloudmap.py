@@ -1,0 +1,387 @@
+"""Cloud Map health for discovery zones (optional: needs boto3, the `cloudmap` extra).
+
+Theory of operation
+- One CloudMapSource per discovery zone configured with a Cloud Map namespace. The pipeline
+  calls `add_service` with the label directly below the zone of every name asked for
+  (`resource-server` for `resource-server.local`); only those services are ever looked up.
+  Names Cloud Map does not know (ServiceNotFound) are dropped and not taken back for a minute,
+  and at most MAX_SERVICES are tracked, so stray lookups cannot grow the work without bound.
+- `run_cloudmap` calls DiscoverInstances(HealthStatus=ALL) for each service every `interval`
+  seconds, in a worker thread (boto3 blocks), and hands the zone's merged statuses to
+  EndpointTable.set_cloudmap. A service asked for the first time is looked up at once rather
+  than at the next tick. If one service's call fails, its previous statuses are kept.
+- An instance counts by its AWS_INSTANCE_IPV4 / AWS_INSTANCE_IPV6 attribute and HealthStatus;
+  UNKNOWN (no health check, or not decided yet) says nothing and is left out. If an address
+  is listed twice with different statuses, UNHEALTHY wins.
+- Throttling (ThrottlingException, RequestLimitExceeded, TooManyRequestsException) doubles the
+  wait, up to 5 minutes; a round without throttling brings it back to `interval`. Other errors
+  are logged at most once a minute per distinct message, and the loop goes on.
+
+AWS side
+- boto3 is imported only when a client is first needed, so the sidecar runs without it unless
+  Cloud Map is configured. Credentials come from boto3's default chain: in ECS, the task role.
+- Region: the `region` argument, else AWS_REGION, else AWS_DEFAULT_REGION (ECS sets both on
+  Fargate), else the region of the task ARN (or the availability zone less its letter) in the
+  ECS task metadata (ECS_CONTAINER_METADATA_URI_V4/task), else boto3's own configuration.
+- DiscoverInstances goes to the `data-servicediscovery` endpoint: botocore puts the `data-` host
+  prefix in front of whatever endpoint it uses, a custom `endpoint_url` included (which would
+  make http://127.0.0.1:5000 into http://data-127.0.0.1:5000). With an explicit `endpoint_url`
+  the client is made with Config(inject_host_prefix=False).
+- NamespaceName is the namespace's HttpName, which for a private DNS namespace is normally its
+  name (`local`).
+- The IAM permission needed is servicediscovery:DiscoverInstances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from sidecar.core.endpoints import HEALTHY, UNHEALTHY, UNKNOWN, Endpoint, EndpointTable
+
+log = logging.getLogger("dns_sidecar")
+
+DEFAULT_INTERVAL = 10.0
+MAX_BACKOFF = 300.0
+ERROR_LOG_EVERY = 60.0  # seconds between two logs of the same error message
+NOT_FOUND_HOLD = 60.0  # a service Cloud Map does not know is not taken back for this long
+MAX_SERVICES = 256
+MAX_RESULTS = 1000  # DiscoverInstances' maximum; the default is 100
+THROTTLING_CODES = frozenset(
+    {"ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+NOT_FOUND_CODES = frozenset({"ServiceNotFound"})
+ADDRESS_ATTRIBUTES = ("AWS_INSTANCE_IPV4", "AWS_INSTANCE_IPV6")
+STATUSES = (HEALTHY.upper(), UNHEALTHY.upper())  # what Cloud Map says that counts
+METADATA_TIMEOUT = 2.0
+
+
+class DiscoveryClient(Protocol):
+    """The part of a boto3 servicediscovery client used here (tests inject fakes)."""
+
+    def discover_instances(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+def boto3_available() -> bool:
+    """Whether boto3 can be imported (without importing it): check it when Cloud Map is
+    configured, to fail at start rather than log the ImportError every minute."""
+    return importlib.util.find_spec("boto3") is not None
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError (duck-typed: botocore is not imported)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        error = response.get("Error")
+        if isinstance(error, Mapping):
+            code = error.get("Code")
+            return str(code) if code is not None else None
+    return None
+
+
+def region_from_task_metadata(metadata: Mapping[str, Any]) -> str | None:
+    """The region of an ECS task, from its v4 task metadata: the TaskARN's region field, else
+    the AvailabilityZone less its letter (us-east-1a, and us-west-2-lax-1a, give the parent)."""
+    arn = metadata.get("TaskARN")
+    if isinstance(arn, str):
+        parts = arn.split(":")
+        if len(parts) > 3 and parts[0] == "arn" and parts[3]:
+            return parts[3]
+    zone = metadata.get("AvailabilityZone")
+    if isinstance(zone, str):
+        match = re.match(r"[a-z]{2}(?:-[a-z]+)+-\d+", zone)
+        if match:
+            return match.group(0)
+    return None
+
+
+def resolve_region(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The region to use (see the module docstring); None leaves it to boto3's configuration.
+    Reads the ECS task metadata over HTTP only when nothing else says."""
+    env = os.environ if env is None else env
+    for region in (explicit, env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION")):
+        if region:
+            return region
+    base = env.get("ECS_CONTAINER_METADATA_URI_V4")
+    if not base:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # link-local: no proxy
+    try:
+        with opener.open(base.rstrip("/") + "/task", timeout=METADATA_TIMEOUT) as response:
+            metadata = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "cloudmap: no region from the ECS task metadata",
+            extra={"fields": {"error": str(exc)}},
+        )
+        return None
+    return region_from_task_metadata(metadata) if isinstance(metadata, dict) else None
+
+
+def statuses_of(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """{address: HEALTHY|UNHEALTHY} from DiscoverInstances' Instances; UNKNOWN is left out."""
+    out: dict[str, str] = {}
+    for instance in instances:
+        status = instance.get("HealthStatus")
+        if status not in STATUSES:
+            continue
+        attributes = instance.get("Attributes") or {}
+        for key in ADDRESS_ATTRIBUTES:
+            value = attributes.get(key)
+            if not value:
+                continue
+            try:
+                address = str(ipaddress.ip_address(value))  # the form answers are read in
+            except ValueError:
+                continue
+            if out.get(address) != "UNHEALTHY":
+                out[address] = status
+    return out
+
+
+def merge(per_service: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for statuses in per_service:
+        for address, status in statuses.items():
+            if out.get(address) != "UNHEALTHY":
+                out[address] = status
+    return out
+
+
+class CloudMapSource:
+    """The Cloud Map services of one discovery zone and their last known instance health.
+
+    `discover` is blocking and thread-safe (it runs in a worker thread); everything else is
+    meant to be called from the event loop's thread."""
+
+    def __init__(
+        self,
+        zone: str,
+        namespace: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: DiscoveryClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.zone = zone
+        self.namespace = namespace
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.clock = clock
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._services: dict[str, str] = {}  # lowercased -> the name as first asked
+        self._fetched: set[str] = set()  # services looked up at least once (lowercased)
+        self._not_found: dict[str, float] = {}  # lowercased -> when it may be taken back
+        self.statuses: dict[str, dict[str, str]] = {}  # service -> address -> status
+        self.wake: asyncio.Event | None = None  # set by run_cloudmap while it runs
+
+    def __repr__(self) -> str:
+        return (
+            f"<CloudMapSource zone={self.zone} namespace={self.namespace} "
+            f"services={len(self._services)}>"
+        )
+
+    # --- the services asked for ---------------------------------------------------------------
+
+    def add_service(self, name: str) -> bool:
+        """Record a service that has been asked for; True when it is new (then looked up soon)."""
+        key = name.strip().rstrip(".").lower()
+        if not key or key in self._services:
+            return False
+        hold = self._not_found.get(key)
+        if hold is not None:
+            if self.clock() < hold:
+                return False
+            del self._not_found[key]
+        if len(self._services) >= MAX_SERVICES:
+            return False
+        self._services[key] = name.strip().rstrip(".")
+        if self.wake is not None:
+            self.wake.set()
+        return True
+
+    def services(self) -> list[str]:
+        return list(self._services.values())
+
+    def pending(self) -> list[str]:
+        """Services asked for but not looked up yet."""
+        return [name for key, name in self._services.items() if key not in self._fetched]
+
+    def drop_service(self, name: str) -> None:
+        """Forget a service Cloud Map does not know; it is not taken back for a while."""
+        key = name.lower()
+        self._services.pop(key, None)
+        self._fetched.discard(key)
+        self.statuses.pop(name, None)
+        self._not_found[key] = self.clock() + NOT_FOUND_HOLD
+        if len(self._not_found) > 4 * MAX_SERVICES:  # bounded: drop the expired holds
+            now = self.clock()
+            self._not_found = {k: t for k, t in self._not_found.items() if t > now}
+
+    def mark_fetched(self, name: str) -> None:
+        self._fetched.add(name.lower())
+
+    def zone_statuses(self) -> dict[str, str]:
+        """Every service's last known statuses, merged (UNHEALTHY wins)."""
+        return merge(self.statuses.values())
+
+    # --- AWS ----------------------------------------------------------------------------------
+
+    def client(self) -> DiscoveryClient:
+        """The servicediscovery client, made once on first use (imports boto3)."""
+        with self._client_lock:
+            if self._client is None:
+                import boto3  # only when Cloud Map is configured
+                from botocore.config import Config
+
+                options: dict[str, Any] = {
+                    "connect_timeout": 3,
+                    "read_timeout": 5,
+                    "retries": {"mode": "standard", "max_attempts": 2},
+                }
+                if self.endpoint_url is not None:
+                    options["inject_host_prefix"] = False
+                session = boto3.session.Session()
+                self._client = session.client(
+                    "servicediscovery",
+                    region_name=resolve_region(self.region),
+                    endpoint_url=self.endpoint_url,
+                    config=Config(**options),
+                )
+            return self._client
+
+    def discover(self, service: str) -> dict[str, str]:
+        """{address: HEALTHY|UNHEALTHY} of the service's instances (blocking)."""
+        response = self.client().discover_instances(
+            NamespaceName=self.namespace,
+            ServiceName=service,
+            HealthStatus="ALL",
+            MaxResults=MAX_RESULTS,
+        )
+        return statuses_of(response.get("Instances") or [])
+
+
+class _ErrorLog:
+    """Logs a warning at most once per `every` seconds for each distinct message."""
+
+    def __init__(self, clock: Callable[[], float], every: float = ERROR_LOG_EVERY) -> None:
+        self.clock = clock
+        self.every = every
+        self.last: dict[str, float] = {}
+
+    def warning(self, msg: str, key: str, fields: dict[str, object]) -> None:
+        now = self.clock()
+        last = self.last.get(key)
+        if last is not None and now - last < self.every:
+            return
+        if len(self.last) > 1000:
+            self.last = {k: t for k, t in self.last.items() if now - t < self.every}
+        self.last[key] = now
+        log.warning(msg, extra={"fields": fields})
+
+
+def _health(endpoint: Endpoint) -> str:
+    return {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[endpoint.healthy]
+
+
+async def _refresh(
+    source: CloudMapSource, table: EndpointTable, services: list[str], errors: _ErrorLog
+) -> bool:
+    """Look up `services` and apply the zone's statuses; True when Cloud Map throttled us."""
+    throttled = False
+    for service in services:
+        source.mark_fetched(service)
+        try:
+            statuses = await asyncio.to_thread(source.discover, service)
+        except Exception as exc:
+            code = error_code(exc)
+            fields: dict[str, object] = {
+                "zone": source.zone,
+                "namespace": source.namespace,
+                "service": service,
+                "error": str(exc),
+                "error_code": code or type(exc).__name__,
+            }
+            if code in THROTTLING_CODES:
+                throttled = True
+                errors.warning("cloudmap throttled", "throttled", fields)
+                break  # the rest of the round waits too
+            if code in NOT_FOUND_CODES:
+                source.drop_service(service)
+                log.debug("cloudmap service not found", extra={"fields": fields})
+                continue
+            errors.warning("cloudmap refresh failed", str(exc), fields)
+            continue
+        source.statuses[service] = statuses
+    for endpoint in table.set_cloudmap(source.zone, source.zone_statuses()):
+        log.info(
+            "endpoint health changed",
+            extra={
+                "fields": {
+                    "zone": endpoint.zone,
+                    "address": endpoint.address,
+                    "health": _health(endpoint),
+                    "source": "cloudmap",
+                    "cloudmap": endpoint.cloudmap,
+                }
+            },
+        )
+    return throttled
+
+
+async def run_cloudmap(
+    source: CloudMapSource,
+    table: EndpointTable,
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    clock: Callable[[], float] = time.monotonic,
+    max_backoff: float = MAX_BACKOFF,
+) -> None:
+    """Forever: refresh the Cloud Map health of the services asked for every `interval`
+    seconds (services new since the last round at once), backing off on throttling."""
+    if interval <= 0:
+        raise ValueError("the Cloud Map refresh interval must be positive")
+    errors = _ErrorLog(clock)
+    wake = source.wake = asyncio.Event()
+    wait = interval
+    next_round = clock()
+    try:
+        while True:
+            now = clock()
+            backing_off = wait > interval
+            if now >= next_round:
+                batch, full = source.services(), True
+            else:
+                batch, full = ([] if backing_off else source.pending()), False
+            if batch:
+                if await _refresh(source, table, batch, errors):
+                    wait = min(wait * 2, max_backoff)
+                    next_round = clock() + wait
+                    continue
+                wait = interval
+            if full:
+                next_round = now + wait
+            wake.clear()
+            if source.pending() and not backing_off:
+                continue  # asked for while the round ran
+            timeout = next_round - clock()
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+    finally:
+        source.wake = None

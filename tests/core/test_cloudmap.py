@@ -1,0 +1,97 @@
+"""Cloud Map parsing and bookkeeping, without AWS (no boto3 needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.server.cloudmap import (
+    NOT_FOUND_HOLD,
+    CloudMapSource,
+    error_code,
+    merge,
+    region_from_task_metadata,
+    resolve_region,
+    statuses_of,
+)
+
+
+def instance(status: str, **attributes: str) -> dict[str, Any]:
+    return {"InstanceId": "i", "HealthStatus": status, "Attributes": attributes}
+
+
+def test_statuses_of_reads_addresses_and_leaves_unknown_out() -> None:
+    got = statuses_of(
+        [
+            instance("HEALTHY", AWS_INSTANCE_IPV4="10.0.0.1", AWS_INSTANCE_PORT="80"),
+            instance("UNHEALTHY", AWS_INSTANCE_IPV4="10.0.0.2"),
+            instance("UNKNOWN", AWS_INSTANCE_IPV4="10.0.0.3"),
+            instance("HEALTHY", AWS_INSTANCE_IPV6="2001:DB8:0:0:0:0:0:1"),
+            instance("HEALTHY", AWS_INSTANCE_IPV4="10.0.0.4", AWS_INSTANCE_IPV6="2001:db8::4"),
+            instance("HEALTHY", AWS_INSTANCE_IPV4="not-an-address"),
+            instance("HEALTHY", AWS_ALIAS_DNS_NAME="lb.example.com"),
+            instance("UNHEALTHY", AWS_INSTANCE_IPV4="10.0.0.5"),
+            instance("HEALTHY", AWS_INSTANCE_IPV4="10.0.0.5"),  # listed twice: UNHEALTHY wins
+            {"InstanceId": "no-attributes", "HealthStatus": "HEALTHY"},
+        ]
+    )
+    assert got == {
+        "10.0.0.1": "HEALTHY",
+        "10.0.0.2": "UNHEALTHY",
+        "2001:db8::1": "HEALTHY",
+        "10.0.0.4": "HEALTHY",
+        "2001:db8::4": "HEALTHY",
+        "10.0.0.5": "UNHEALTHY",
+    }
+
+
+def test_merge_of_services_unhealthy_wins() -> None:
+    assert merge([{"a": "HEALTHY", "b": "UNHEALTHY"}, {"a": "UNHEALTHY", "b": "HEALTHY"}]) == {
+        "a": "UNHEALTHY",
+        "b": "UNHEALTHY",
+    }
+
+
+def test_error_code_is_read_without_botocore() -> None:
+    exc = RuntimeError("throttled")
+    exc.response = {"Error": {"Code": "ThrottlingException"}}  # type: ignore[attr-defined]
+    assert error_code(exc) == "ThrottlingException"
+    assert error_code(ValueError("x")) is None
+
+
+def test_region_from_task_metadata() -> None:
+    arn = "arn:aws:ecs:eu-west-1:111122223333:task/cluster/0123456789abcdef"
+    assert region_from_task_metadata({"TaskARN": arn, "AvailabilityZone": "x"}) == "eu-west-1"
+    assert region_from_task_metadata({"AvailabilityZone": "us-east-1a"}) == "us-east-1"
+    assert region_from_task_metadata({"AvailabilityZone": "us-west-2-lax-1a"}) == "us-west-2"
+    assert region_from_task_metadata({"AvailabilityZone": "us-gov-west-1b"}) == "us-gov-west-1"
+    assert region_from_task_metadata({}) is None
+
+
+def test_resolve_region_order_without_metadata() -> None:
+    env = {"AWS_REGION": "eu-central-1", "AWS_DEFAULT_REGION": "us-west-2"}
+    assert resolve_region("ap-south-1", env) == "ap-south-1"
+    assert resolve_region(None, env) == "eu-central-1"
+    assert resolve_region(None, {"AWS_DEFAULT_REGION": "us-west-2"}) == "us-west-2"
+    assert resolve_region(None, {}) is None  # left to boto3; no metadata URI, no request
+
+
+def test_services_asked_for_are_deduplicated_bounded_and_held_when_unknown() -> None:
+    now = [0.0]
+    client: Any = object()  # never called
+    source = CloudMapSource("local", "local", client=client, clock=lambda: now[0])
+    assert source.add_service("resource-server")
+    assert not source.add_service("Resource-Server.")  # DNS names ignore case
+    assert source.pending() == ["resource-server"]
+    source.mark_fetched("resource-server")
+    assert source.pending() == []
+    assert source.add_service("typo")
+    source.statuses["typo"] = {"10.0.0.9": "HEALTHY"}
+    source.drop_service("typo")
+    assert source.services() == ["resource-server"]
+    assert source.zone_statuses() == {}
+    assert not source.add_service("typo")
+    now[0] += NOT_FOUND_HOLD + 1
+    assert source.add_service("typo")
+    for i in range(1000):
+        source.add_service(f"s{i}")
+    assert len(source.services()) == 256
