@@ -1,6 +1,7 @@
 # dns-sidecar: a DNS caching proxy run as a sidecar container in Amazon ECS tasks.
 #
 #   docker build -t dns-sidecar .
+#   docker build --build-arg CLOUDMAP=true -t dns-sidecar:cloudmap .   # with boto3
 #   docker run --rm dns-sidecar --version
 #
 # Two stages: the first builds a virtualenv in /opt/venv from pinned wheels (requirements.lock),
@@ -14,9 +15,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # --copies: the virtualenv gets its own interpreter binary, the only file that the runtime stage
 # gives the right to bind port 53 (see below).
 RUN python -m venv --copies /opt/venv
-COPY requirements.lock /tmp/requirements.lock
+COPY requirements.lock requirements-cloudmap.lock /tmp/
+# CLOUDMAP=true adds boto3 for Cloud Map health (zones with `cloudmap`); off by default to keep
+# the image small. Without it a config that asks for Cloud Map stops at start with a clear error.
+ARG CLOUDMAP=false
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
         -r /tmp/requirements.lock \
+    && if [ "$CLOUDMAP" = "true" ]; then \
+        /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
+            -r /tmp/requirements-cloudmap.lock; \
+    fi \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps setuptools==80.9.0
 COPY pyproject.toml README.md /src/
 COPY sidecar /src/sidecar

@@ -7,11 +7,12 @@ Theory of operation
   address, unhealthy last (as Route 53 answers when all records are unhealthy). Leaving out
   is what protects glibc clients, which re-sort same-subnet IPv4 answers (RFC 6724 rule 9)
   and so ignore any order we give.
-- Among the rest, the order is a weighted random draw without replacement. The weight of an
-  endpoint is ((best + floor) / (latency + floor)) ** steepness: with a 5 ms floor and
-  steepness 3, endpoints within a few ms of each other share first place about equally (no
-  herd, unlike "fastest first"), while one 80 ms slower than the best gets a weight of 0.0002.
-  Unknown endpoints (not probed yet) get the median latency of the known ones.
+- Among the rest, the order is a weighted random draw without replacement. An endpoint's
+  excess is how much slower than the best it is beyond a slack of max(10 ms, 25% of the best)
+  (probe noise: loopback probes on a busy 2-core machine scatter from 1 to 12 ms); its weight
+  is (5 ms / (excess + 5 ms)) ** 3. So endpoints within the slack share first place equally
+  (no herd, unlike "fastest first"), one 20 ms slower than the best has weight 0.06 and one
+  80 ms slower 0.0003. Unknown endpoints (not probed yet) get the median of the known ones.
 - `max_answers` keeps only the first N after shaping: with N = 1 client-side re-sorting has
   nothing to re-sort.
 - The shaped TTL is capped (`answer_ttl`, default 5 s) so clients come back soon enough to
@@ -43,11 +44,14 @@ class ShapeSettings:
     max_answers: int | None = None
     answer_ttl: int = 5
     pool_size: int = 64
-    latency_floor: float = 0.005
+    slack: float = 0.010  # at least; or 25% of the best latency when that is more
+    scale: float = 0.005
     steepness: float = 3.0
 
 
-def weights(latencies: Sequence[float | None], floor: float, steepness: float) -> list[float]:
+def weights(
+    latencies: Sequence[float | None], slack: float, scale: float, steepness: float
+) -> list[float]:
     """Weights for a weighted random order; None (not measured yet) counts as the median."""
     known = [lat for lat in latencies if lat is not None]
     fallback = statistics.median(known) if known else 0.0
@@ -55,7 +59,8 @@ def weights(latencies: Sequence[float | None], floor: float, steepness: float) -
     if not filled:
         return []
     best = min(filled)
-    return [((best + floor) / (lat + floor)) ** steepness for lat in filled]
+    allowed = best + max(slack, best * 0.25)
+    return [(scale / (max(lat - allowed, 0.0) + scale)) ** steepness for lat in filled]
 
 
 def weighted_order(
@@ -118,7 +123,7 @@ class ShapedAnswer:
             self.action = "failed_open"
             usable, dead = [], list(indexes)
         s = self.settings
-        w = weights([latency[i] for i in usable], s.latency_floor, s.steepness)
+        w = weights([latency[i] for i in usable], s.slack, s.scale, s.steepness)
         built: dict[tuple[int, ...], Entry] = {}
         variants = []
         for _ in range(s.pool_size):

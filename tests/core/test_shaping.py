@@ -57,12 +57,16 @@ def firsts(shaped: ShapedAnswer, q: wire.Query, query: bytes, n: int = 400) -> C
     return seen
 
 
-def test_weights_fall_steeply_with_latency_but_not_within_the_floor() -> None:
-    w = weights([0.0001, 0.0002, 0.080, None], floor=0.005, steepness=3.0)
-    assert w[0] == 1.0
-    assert w[1] > 0.9  # loopback noise is not a reason to herd
-    assert w[2] < 0.001  # 80 ms slower is almost never first
-    assert 0.9 < w[3] <= 1.0  # unknown counts as the median
+def test_weights_fall_steeply_with_latency_beyond_the_slack() -> None:
+    w = weights([0.0001, 0.008, 0.012, 0.0805, 0.030], slack=0.010, scale=0.005, steepness=3.0)
+    assert w[0] == w[1] == 1.0  # probe noise within ~10 ms is not a reason to herd
+    assert 0.3 < w[2] < 0.5  # 2 ms past the slack
+    assert w[3] < 0.001  # 80 ms slower is almost never first
+    assert w[4] < 0.01  # 30 ms slower is rarely first
+    assert weights([0.001, 0.003, None], 0.010, 0.005, 3.0)[2] == 1.0  # unknown: the median
+    # Relative slack for slow services: 25% of the best.
+    assert weights([0.200, 0.240], 0.010, 0.005, 3.0) == [1.0, 1.0]
+    assert weights([0.200, 0.300], 0.010, 0.005, 3.0)[1] < 0.01
 
 
 def test_weighted_order_draws_every_item_once() -> None:

@@ -69,21 +69,37 @@ def test_hadolint_reports_nothing() -> None:
     assert proc.stdout.strip() == ""
 
 
-def test_the_lock_pins_every_runtime_dependency() -> None:
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+def read_pins(lock: Path) -> dict[str, str]:
     pinned: dict[str, str] = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
             assert sep, f"not pinned with ==: {line}"
             pinned[canonicalize_name(name)] = version
+    return pinned
+
+
+def test_the_lock_pins_every_runtime_dependency() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pinned = read_pins(LOCK)
     wanted = [Requirement(text) for text in project["dependencies"]]
     for requirement in wanted:
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{requirement.name} is in pyproject.toml but not in {LOCK.name}"
         assert requirement.specifier.contains(pinned[name]), (requirement, pinned[name])
     assert set(pinned) == {canonicalize_name(r.name) for r in wanted}, "stale pins in the lock"
+
+
+def test_the_cloudmap_lock_pins_the_cloudmap_extra() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pinned = read_pins(REPO_ROOT / "requirements-cloudmap.lock")
+    for text in project["optional-dependencies"]["cloudmap"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{requirement.name} is not in requirements-cloudmap.lock"
+        assert requirement.specifier.contains(pinned[name]), (requirement, pinned[name])
+    assert not set(pinned) & set(read_pins(LOCK)), "pinned in both locks"
 
 
 def test_base_images_are_pinned_and_the_same() -> None:
