@@ -71,3 +71,11 @@ def query_line(
             }
         },
     )
+
+
+def endpoint_changed(zone: str, address: str, health: str, **fields: object) -> None:
+    """The log line of a discovery endpoint's health transition (probes and Cloud Map)."""
+    get().info(
+        "endpoint health changed",
+        extra={"fields": {"zone": zone, "address": address, "health": health, **fields}},
+    )

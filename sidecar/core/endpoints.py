@@ -69,6 +69,10 @@ class Endpoint:
         return None
 
     @property
+    def health_name(self) -> str:
+        return {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[self.healthy]
+
+    @property
     def health_source(self) -> str:
         if self.cloudmap == "UNHEALTHY":
             return "cloudmap"
@@ -78,7 +82,7 @@ class Endpoint:
         return {
             "zone": self.zone,
             "address": self.address,
-            "health": {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[self.healthy],
+            "health": self.health_name,
             "probe_state": self.state,
             "cloudmap": self.cloudmap,
             "health_source": self.health_source,
@@ -108,8 +112,7 @@ class EndpointTable:
     def __repr__(self) -> str:
         states: dict[str, int] = {}
         for endpoint in self.endpoints.values():
-            key = {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[endpoint.healthy]
-            states[key] = states.get(key, 0) + 1
+            states[endpoint.health_name] = states.get(endpoint.health_name, 0) + 1
         return f"<EndpointTable {len(self.endpoints)} endpoints {states} version={self.version}>"
 
     def get(self, zone: str, address: str) -> Endpoint | None:

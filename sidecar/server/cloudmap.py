@@ -47,7 +47,8 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from sidecar.core.endpoints import HEALTHY, UNHEALTHY, UNKNOWN, Endpoint, EndpointTable
+from sidecar import logs
+from sidecar.core.endpoints import HEALTHY, UNHEALTHY, EndpointTable
 
 log = logging.getLogger("dns_sidecar")
 
@@ -292,10 +293,6 @@ class _ErrorLog:
         log.warning(msg, extra={"fields": fields})
 
 
-def _health(endpoint: Endpoint) -> str:
-    return {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[endpoint.healthy]
-
-
 async def _refresh(
     source: CloudMapSource, table: EndpointTable, services: list[str], errors: _ErrorLog
 ) -> bool:
@@ -326,17 +323,12 @@ async def _refresh(
             continue
         source.statuses[service] = statuses
     for endpoint in table.set_cloudmap(source.zone, source.zone_statuses()):
-        log.info(
-            "endpoint health changed",
-            extra={
-                "fields": {
-                    "zone": endpoint.zone,
-                    "address": endpoint.address,
-                    "health": _health(endpoint),
-                    "source": "cloudmap",
-                    "cloudmap": endpoint.cloudmap,
-                }
-            },
+        logs.endpoint_changed(
+            endpoint.zone,
+            endpoint.address,
+            endpoint.health_name,
+            source="cloudmap",
+            cloudmap=endpoint.cloudmap,
         )
     return throttled
 

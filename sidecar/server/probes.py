@@ -8,14 +8,13 @@ loop.time() has millisecond grain, too coarse for loopback and same-AZ latencies
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from time import monotonic, perf_counter
 
+from sidecar import logs
 from sidecar.config import HealthCheck
 from sidecar.core.endpoints import Endpoint, EndpointTable
 
-log = logging.getLogger("dns_sidecar")
 TICK = 0.05  # how often due probes are looked for; well under any probe interval
 
 
@@ -71,16 +70,12 @@ async def run_probes(
             except (OSError, TimeoutError):
                 rtt, ok = None, False
             if table.probed(endpoint, ok, rtt, clock()):
-                log.info(
-                    "endpoint health changed",
-                    extra={
-                        "fields": {
-                            "zone": endpoint.zone,
-                            "address": endpoint.address,
-                            "health": "healthy" if endpoint.healthy else "unhealthy",
-                            "check": str(check),
-                        }
-                    },
+                logs.endpoint_changed(
+                    endpoint.zone,
+                    endpoint.address,
+                    endpoint.health_name,
+                    source="probe",
+                    check=str(check),
                 )
 
     last_forget = clock()
