@@ -5,11 +5,13 @@
 #   docker run --rm dns-sidecar --version
 #
 # Two stages: the first builds a virtualenv in /opt/venv from pinned wheels (requirements.lock),
-# the second copies only that virtualenv onto the same slim base. Pin the base by digest too
-# (python:3.11.14-slim-bookworm@sha256:...) in your own registry mirror for reproducible builds.
+# the second copies only that virtualenv onto the same base. Alpine rather than Debian slim: the
+# sidecar needs no glibc (uvloop ships musllinux wheels), and the base is about 50 MB unpacked
+# against about 125 MB, which keeps the image under the 80 MB target. Pin the base by digest too
+# (python:3.11.14-alpine3.22@sha256:...) in your own registry mirror for reproducible builds.
 # See docs/deployment.md for how the image is meant to run on ECS.
 
-FROM python:3.11.14-slim-bookworm AS build
+FROM python:3.11.14-alpine3.22 AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # --copies: the virtualenv gets its own interpreter binary, the only file that the runtime stage
@@ -36,13 +38,12 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src
     && /opt/venv/bin/dns-sidecar --version
 
 
-FROM python:3.11.14-slim-bookworm
+FROM python:3.11.14-alpine3.22
 
 # A fixed numeric user: the process never runs as root (unless a task definition says so, as the
 # awsvpc/Fargate variant with --manage-resolv-conf must, to rewrite resolv.conf).
-RUN groupadd --system --gid 10053 dns-sidecar \
-    && useradd --system --uid 10053 --gid 10053 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin dns-sidecar
+RUN addgroup -S -g 10053 dns-sidecar \
+    && adduser -S -D -H -u 10053 -G dns-sidecar -h /nonexistent -s /sbin/nologin dns-sidecar
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -32,7 +32,7 @@ from tests.deploy.helpers import (
 
 LOCK = REPO_ROOT / "requirements.lock"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
-BASE = re.compile(r"^python:3\.11\.\d+-slim-bookworm$")
+BASE = re.compile(r"^python:3\.11\.\d+-alpine3\.\d+$")
 
 
 def instructions() -> list[tuple[str, str]]:
