@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
 import signal
 import socket
 import time
@@ -131,6 +132,8 @@ class Server:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     cloudmap: dict[str, CloudMapSource] = field(default_factory=dict)
     resolv_original: resolv_conf.Original | None = None  # manage_resolv_conf: what to put back
+    worker: int = 0  # with workers > 1: this process's number
+    loop_found: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,6 +146,7 @@ class Server:
         )
         for address in self.config.listen:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            reuse_port = self.config.workers > 1  # the kernel spreads queries over workers
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: UdpListener(
                     self.resolver,
@@ -152,11 +156,17 @@ class Server:
                 ),
                 local_addr=(address.host, address.port),
                 family=family,
+                reuse_port=reuse_port,
             )
             self.udp.append((transport, protocol))
             self.tcp_servers.append(
                 await asyncio.start_server(
-                    self.tcp.handle, address.host, address.port, family=family, backlog=512
+                    self.tcp.handle,
+                    address.host,
+                    address.port,
+                    family=family,
+                    backlog=512,
+                    reuse_port=reuse_port,
                 )
             )
         http = HttpListener(
@@ -165,8 +175,14 @@ class Server:
             self.endpoint_table,
         )
         where = self.config.metrics_listen
-        self.http_server = await http.start(where.host, where.port)
+        self.http_server = await http.start(where.host, where.port + self.worker)
         self._start_background()
+
+    def watch_loops(self, token: str) -> None:
+        """Loop probes (with this token, shared by all workers) reaching the resolver at any
+        time stop the sidecar: a loop found by another worker's probe counts too."""
+        self.resolver.set_loop_token(token)
+        self.resolver.on_loop = lambda _path: self.loop_found.set()
 
     def gauges(self) -> Gauges:
         """Scrape-time views of whatever resolver is current (a reload replaces it)."""
@@ -235,32 +251,29 @@ class Server:
             )
         self.background = [asyncio.ensure_future(coro) for coro in work]
 
-    async def find_loops(self) -> list[str]:
-        """Ask every upstream for a random name below its zone; report those that reach us.
+    async def find_loops(self, send: bool = True) -> list[str]:
+        """Ask every upstream for a name below its zone that no one else asks; report those
+        that reach us (`send=False`: another worker asks, this one only listens).
 
         Like CoreDNS's `loop`: a forwarder that sends our own query back to us would make
         every miss circle until its deadline. Sent once, after the listeners are up.
         """
         resolver = self.resolver
+        probes = resolver.loop_probes()
+        if send:
 
-        async def probe(zone: str, server: HostPort) -> None:
-            with contextlib.suppress(UpstreamError):
-                await resolver.forwarder.probe(server, resolver.new_loop_probe(zone, server))
+            async def probe(server: HostPort, question: bytes) -> None:
+                with contextlib.suppress(UpstreamError):
+                    await resolver.forwarder.probe(server, question)
 
-        await asyncio.gather(
-            *(
-                probe(zone, server)
-                for zone, ups in resolver.router.targets()
-                for server in ups.upstreams
-            )
-        )
-        resolver.loop_probes.clear()
+            await asyncio.gather(*(probe(server, question) for server, question in probes))
         return resolver.loops_seen
 
     def use(self, config: Config) -> None:
         """Apply a reloaded configuration; the cache survives when routing did not change."""
         keep = self.config.routing() == config.routing()
         self.cloudmap = cloudmap_sources(config)
+        old = self.resolver
         self.resolver = build_resolver(
             config,
             self.metrics,
@@ -268,6 +281,7 @@ class Server:
             self.resolver.endpoints,  # endpoint health survives any reload
             self.cloudmap,
         )
+        self.watch_loops(old.loop_token)
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
             protocol.max_pending = config.max_pending
@@ -329,19 +343,25 @@ async def serve(
     config: Config,
     reload: Callable[[], Config] | None = None,
     started: Callable[[Server], None] | None = None,
+    *,
+    worker: int = 0,
+    loop_token: str | None = None,
 ) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code. `worker`/`loop_token`: see run()."""
     log = logs.get()
     counters = Metrics()
     cloudmap = cloudmap_sources(config)
     server = Server(config, build_resolver(config, counters, cloudmap=cloudmap), counters)
     server.cloudmap = cloudmap
+    server.worker = worker
+    server.watch_loops(loop_token or server.resolver.loop_token)
     try:
         await server.start()
     except OSError as exc:
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
         await server.drain(0)
         return 1
-    if config.manage_resolv_conf:  # listeners are up: point the task's resolv.conf at us
+    if config.manage_resolv_conf and worker == 0:  # listeners up: point resolv.conf at us
         try:
             server.resolv_original = resolv_conf.take_over(config.resolv_conf_path, config.listen)
         except (OSError, ConfigError) as exc:
@@ -359,20 +379,26 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
-    log.info("started", extra={"fields": config.describe()})
-    loops = await server.find_loops()
-    if loops:
-        for loop_path in loops:
+    log.info("started", extra={"fields": {**config.describe(), "worker": worker}})
+    await server.find_loops(send=worker == 0)
+    if not server.loop_found.is_set():
+        server.ready, server.not_ready_reason = True, ""
+        if started is not None:
+            started(server)
+        stopped = asyncio.ensure_future(stop.wait())
+        looped = asyncio.ensure_future(server.loop_found.wait())
+        await asyncio.wait((stopped, looped), return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        looped.cancel()
+    if server.loop_found.is_set():
+        for loop_path in dict.fromkeys(server.resolver.loops_seen):
             log.error(
                 "forwarding loop: our own query came back to us; refusing to run",
                 extra={"fields": {"loop": loop_path}},
             )
+        server.release_resolv_conf()
         await server.drain(0)
         return 1
-    server.ready, server.not_ready_reason = True, ""
-    if started is not None:
-        started(server)
-    await stop.wait()
     server.release_resolv_conf()  # the task's clients go back to the original nameservers
     # Readiness goes first, then keep answering while the orchestrator stops sending to us.
     server.ready, server.not_ready_reason = False, "draining"
@@ -402,7 +428,50 @@ def _reload(server: Server, reload: Callable[[], Config]) -> None:
 
 def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     logs.setup(config.log_format, config.log_level)
-    return uvloop.run(serve(config, reload))
+    if config.workers == 1:
+        return uvloop.run(serve(config, reload))
+    return supervise(config, reload)
+
+
+def supervise(config: Config, reload: Callable[[], Config] | None) -> int:
+    """`workers` > 1: fork the workers, pass SIGTERM/SIGINT/SIGHUP on to them, wait. If one
+    exits with an error, stop the others and exit with that code. The workers share one loop
+    token, so a loop probe sent by worker 0 is recognised by whichever worker it reaches."""
+    token = secrets.token_hex(6)
+    children: list[int] = []
+    for worker in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker: its own event loop, never returns to the caller
+            code = 1
+            try:
+                code = uvloop.run(serve(config, reload, worker=worker, loop_token=token))
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    exit_code = 0
+    running = set(children)
+    while running:
+        pid, status = os.wait()
+        running.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # killed by a signal: report it the way a shell does
+            code = 128 - code
+        if code != 0 and exit_code == 0:
+            exit_code = code
+            logs.get().error(
+                "a worker failed; stopping the others",
+                extra={"fields": {"pid": pid, "exit_code": code}},
+            )
+            forward(signal.SIGTERM, None)
+    return exit_code
 
 
 __all__ = ["HostPort", "Server", "build_resolver", "run", "serve"]

@@ -135,6 +135,7 @@ class Config:
     discovery_max_probes: int = 64
     discovery_max_endpoints: int = 4096
     discovery_cloudmap_interval: float = 10.0
+    workers: int = 1
     manage_resolv_conf: bool = False  # rewrite resolv.conf to us at start, restore at exit
     resolv_conf_path: str = DEFAULT_RESOLV_CONF
 
@@ -734,6 +735,8 @@ SETTINGS: tuple[Setting, ...] = (
             "endpoints tracked at most (least recently seen forgotten first)"),
     Setting("discovery.cloudmap_interval", "--cloudmap-interval", FloatRange(1, 3600), 10.0,
             "seconds between Cloud Map health refreshes (doubled on throttling)"),
+    Setting("workers", "--workers", IntRange(1, 64), 1,
+            "processes serving the same addresses (SO_REUSEPORT), each with its own cache"),
     Setting("manage_resolv_conf", "--manage-resolv-conf", Bool(), False,
             "at start point resolv.conf at our first listen address (port 53), taking its "
             "nameservers as upstreams if none are given; put it back at exit (awsvpc, Fargate)"),

@@ -90,9 +90,12 @@ class Resolver:
         self.metrics = metrics
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
-        # Keys of the loop-detection probes we sent, and the ones that came back to us.
-        self.loop_probes: dict[bytes, str] = {}
+        # Forwarding-loop probes (see new_loop_probe): their names start with one label that
+        # carries a token shared by every worker of this sidecar, and the probe's number.
+        self.loop_paths: list[str] = []
         self.loops_seen: list[str] = []
+        self.on_loop: Callable[[str], None] | None = None  # told of every loop probe seen
+        self.set_loop_token(secrets.token_hex(6))
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
@@ -127,8 +130,11 @@ class Resolver:
         if is_local(q.key):
             return local_reply(query), "local"
         self.metrics.cache_misses += 1
-        if self.loop_probes and q.key[:-1] in self.loop_probes:
-            self.loops_seen.append(self.loop_probes[q.key[:-1]])
+        if q.key.startswith(self._loop_prefix):
+            path = self._loop_path(q.key)
+            self.loops_seen.append(path)
+            if self.on_loop is not None:
+                self.on_loop(path)
             return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
         stale = self.cache.get_stale(q.key, now)
         if self.cache.failed_recently(q.key, now):
@@ -210,10 +216,27 @@ class Resolver:
             )
         return entry
 
-    def new_loop_probe(self, zone: str, upstream: HostPort) -> bytes:
-        """A question for a random name below `zone`; if it reaches us, `upstream` loops."""
-        label = "loop-check-" + secrets.token_hex(8)
-        name = label if zone == "." else f"{label}.{zone}"
-        question = name_to_wire(name) + b"\x00\x01\x00\x01"  # A, IN
-        self.loop_probes[question] = f"zone {zone} via upstream {upstream}"
-        return question
+    def set_loop_token(self, token: str) -> None:
+        self.loop_token = token
+        label = f"loop-check-{token}-0000"
+        self._loop_prefix = bytes((len(label),)) + label[:-4].encode()
+
+    def _loop_path(self, key: bytes) -> str:
+        start = len(self._loop_prefix)
+        number = key[start : start + 4]
+        index = int(number) if number.isdigit() else -1
+        return self.loop_paths[index] if 0 <= index < len(self.loop_paths) else "unknown"
+
+    def loop_probes(self) -> list[tuple[HostPort, bytes]]:
+        """One question per (zone, upstream), below the zone, that no one else asks; if one
+        reaches us (any worker of this sidecar), that upstream sends our queries back to us.
+        Numbered in router order, so every worker can name the path of any probe."""
+        probes = []
+        self.loop_paths = []
+        for zone, upstreams in self.router.targets():
+            for upstream in upstreams.upstreams:
+                label = f"loop-check-{self.loop_token}-{len(self.loop_paths):04d}"
+                self.loop_paths.append(f"zone {zone} via upstream {upstream}")
+                name = label if zone == "." else f"{label}.{zone}"
+                probes.append((upstream, name_to_wire(name) + b"\x00\x01\x00\x01"))  # A, IN
+        return probes

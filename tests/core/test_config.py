@@ -110,6 +110,7 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_MAX_PENDING",
         "DNS_SIDECAR_DRAIN_SECONDS",
         "DNS_SIDECAR_METRICS_LISTEN",
+        "DNS_SIDECAR_WORKERS",
         "DNS_SIDECAR_HEALTH_CHECKS",
         "DNS_SIDECAR_MAX_ANSWERS",
         "DNS_SIDECAR_CLOUDMAP",

@@ -386,17 +386,22 @@ def test_upstream_equal_to_listen_address_is_refused_at_start(
     assert address in lines[0] and "loop" in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
 def test_loop_through_another_forwarder_stops_the_second_sidecar(
     sidecar: StartSidecar,
     raw_sidecar: RawSidecar,
     loopback: Loopback,
     free_port: FreePort,
+    workers: str,
 ) -> None:
     b_host = loopback()
     b_port = free_port(b_host)
     # A forwards to B, where nothing listens yet: A's own start-up probe gets no answer.
     a = sidecar("--upstream", f"{b_host}:{b_port}", *NO_DRAIN)
-    b = raw_sidecar(b_host, b_port, "--upstream", f"{a.addr}:{a.port}", *NO_DRAIN)
+    # With several workers the probe of B's worker 0 may come back to any of them.
+    b = raw_sidecar(
+        b_host, b_port, "--upstream", f"{a.addr}:{a.port}", "--workers", workers, *NO_DRAIN
+    )
     try:
         returncode = b.proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -634,3 +639,47 @@ def test_upstream_that_refuses_fails_fast_without_hammering_it(
     ]
     # One attempt for the query, perhaps one for the start-up loop check: never thousands.
     assert 1 <= sum(refused) <= 3, refused
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
+def _requests(url: str) -> float:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dns_sidecar_requests_total{")
+    )
+
+
+def test_workers_share_the_address_and_stop_together(
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, loopback: Loopback,
+    free_port: FreePort,
+) -> None:  # fmt: skip
+    host = loopback()
+    port = free_port(host)
+    while free_port(host) == port + 1:  # the second worker's HTTP port must be free too
+        port = free_port(host)
+    sc = sidecar(
+        "--upstream", scripted_upstream.address, "--workers", "2",
+        "--metrics-listen", f"{host}:{port}", *NO_DRAIN,
+    )  # fmt: skip
+    for index in range(60):  # a fresh socket (source port) each: the kernel spreads them
+        reply, _ = ask_sidecar(sc, f"w{index % 5}.example.test.")
+        assert reply.rcode() == dns.rcode.NOERROR
+    per_worker = [_requests(f"http://{host}:{port + i}/metrics") for i in range(2)]
+    assert 60 <= sum(per_worker) <= 63, per_worker  # and the fixture's readiness queries
+    assert min(per_worker) > 0, per_worker
+    workers = _children(sc.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)  # one worker dies: the sidecar must not half-run
+    assert sc.proc.wait(timeout=5) == 128 + signal.SIGKILL, sc.stderr_text()
+    assert "a worker failed" in sc.stderr_text()
+    assert wait_until(lambda: not Path(f"/proc/{workers[0]}").exists(), 5.0)
