@@ -8,6 +8,8 @@ Order, and why:
    it comes before anything that allocates or awaits. A hit late in its TTL also starts one
    background refresh (prefetch), so popular names never miss;
 3. local answers: CHAOS-class questions (id.server, version.bind) never leave the sidecar;
+   zone transfers (AXFR, IXFR) get REFUSED, we are no zone server; ANY gets RFC 8482's minimal
+   answer (one HINFO "RFC8482" record), so it is no amplifier and costs the upstream nothing;
    loop probe: a question we sent upstream ourselves to detect a forwarding loop came back;
 4. recent upstream failure (RFC 9520): a stale answer if there is one, else SERVFAIL, without
    asking again;
@@ -100,17 +102,22 @@ class Resolver:
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
         now = self.clock()
+        entry = self.cached(q, now)
+        if entry is None:
+            return None
+        return self.render(entry, query, q, now, limit)
+
+    def cached(self, q: wire.Query, now: float) -> Entry | None:
+        """The fresh entry for a query, counted as a hit, prefetched when due; or None."""
         entry = self.cache.get(q.key, now)
         if entry is None:
             return None
         self.metrics.cache_hits[entry.negative] += 1
         if now >= entry.prefetch_at and not entry.prefetching:
-            self._prefetch(q, entry)
-        if entry.shaped is not None:
-            return entry.shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
-        return entry.render(query, q, now, limit)
+            self.prefetch(q, entry)
+        return entry
 
-    def _prefetch(self, q: wire.Query, entry: Entry) -> None:
+    def prefetch(self, q: wire.Query, entry: Entry) -> None:
         entry.prefetching = True  # once per entry: the refresh replaces it with a new one
         if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
             return
@@ -126,9 +133,14 @@ class Resolver:
         entry = self.cache.get(q.key, now)
         if entry is not None:  # filled while this query waited to be scheduled
             self.metrics.cache_hits[entry.negative] += 1
-            return self._render(entry, query, q, now, limit), "cache"
+            return self.render(entry, query, q, now, limit), "cache"
         if is_local(q.key):
             return local_reply(query), "local"
+        if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
+            self.metrics.dropped["refused"] += 1
+            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
+        if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
+            return wire.any_reply(query, q), "local"
         self.metrics.cache_misses += 1
         if q.key.startswith(self._loop_prefix):
             path = self._loop_path(q.key)
@@ -157,7 +169,7 @@ class Resolver:
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
         if stale is not None and entry.rcode == wire.SERVFAIL:
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
-        return self._render(entry, query, q, self.clock(), limit), "upstream"
+        return self.render(entry, query, q, self.clock(), limit), "upstream"
 
     def _stale_or_servfail(
         self, query: bytes, q: wire.Query, stale: Entry | None, limit: int, source: str
@@ -170,7 +182,7 @@ class Resolver:
         return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
 
     @staticmethod
-    def _render(entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
+    def render(entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         if entry.shaped is not None:
             return entry.shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
@@ -188,7 +200,7 @@ class Resolver:
 
     async def _fetch(self, q: wire.Query) -> Entry:
         question = q.key[:-1]  # lowercased name + qtype + qclass
-        _zone, upstreams = self.router.route(question[:-4])
+        route, upstreams = self.router.route(question[:-4])
         loop = asyncio.get_running_loop()
         try:
             msg, reply = await self.forwarder.forward(
@@ -198,7 +210,7 @@ class Resolver:
             self.cache.remember_failure(q.key, self.clock())
             raise
         now = self.clock()
-        entry = self.cache.store(q.key, msg, reply, now, q.do)
+        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route))
         zone_name, zone = self.discovery.route(question[:-4])
         if zone is not None and zone.asked is not None:
             zone.asked(service_label(question[:-4], zone_name))

@@ -1,0 +1,123 @@
+"""The UDP listener's fast path, driven in-process with a recording transport (no sockets)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from sidecar.config import CacheSettings, HostPort
+from sidecar.core import wire
+from sidecar.core.cache import TtlCache
+from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.metrics import Metrics
+from sidecar.pipeline import Resolver
+from sidecar.server.udp import UdpListener
+from sidecar.server.upstream import Forwarder
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, addr: object) -> None:
+        self.sent.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def listener() -> Iterator[UdpListener]:
+    metrics = Metrics()
+    resolver = Resolver(
+        TtlCache(CacheSettings(prefetch_percent=0)),
+        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
+        Forwarder(1.0, metrics),
+        metrics,
+        query_timeout=4.0,
+    )
+    udp = UdpListener(resolver, metrics)
+    udp.connection_made(Recorder())  # type: ignore[arg-type]
+    yield udp
+
+
+def query(name: str, qid: int) -> bytes:
+    record = DNSRecord.question(name)
+    record.header.id = qid
+    return bytes(record.pack())
+
+
+def store(udp: UdpListener, name: str, address: str, ttl: int = 60) -> None:
+    reply = DNSRecord.question(name).reply()
+    reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=ttl))
+    msg = bytes(reply.pack())
+    q = wire.parse_query(query(name, 1))
+    udp.resolver.cache.store(q.key, msg, wire.parse_reply(msg), time.monotonic(), False)
+
+
+def ask(udp: UdpListener, name: str, qid: int) -> DNSRecord:
+    transport = udp.transport
+    assert isinstance(transport, Recorder)
+    before = len(transport.sent)
+    udp.datagram_received(query(name, qid), CLIENT)
+    assert len(transport.sent) == before + 1, "no reply (a miss would start a task)"
+    return DNSRecord.parse(transport.sent[-1])
+
+
+def test_repeated_queries_take_the_fast_path_with_their_own_id(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1")
+    first = ask(listener, "a.example", 1001)
+    assert len(listener.fast) == 1
+    second = ask(listener, "a.example", 1002)
+    assert (first.header.id, second.header.id) == (1001, 1002)
+    assert str(second.rr[0].rdata) == "192.0.2.1"
+    assert listener.metrics.cache_hits[0] == 2
+    assert listener.metrics.responses["cache"][0] == 2
+
+
+def test_a_replaced_entry_is_not_served_from_the_fast_path(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1")
+    ask(listener, "a.example", 1)
+    store(listener, "a.example", "192.0.2.2")  # a refresh replaces the entry
+    assert str(ask(listener, "a.example", 2).rr[0].rdata) == "192.0.2.2"
+
+
+def test_ttl_counts_down_on_the_fast_path(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1", ttl=60)
+    ask(listener, "a.example", 1)
+    hit = next(iter(listener.fast.values()))
+    hit.entry.expires -= 10  # ten seconds later
+    assert ask(listener, "a.example", 2).rr[0].ttl == 50
+
+
+def test_an_expired_entry_leaves_the_fast_path(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1", ttl=60)
+    ask(listener, "a.example", 1)
+    next(iter(listener.fast.values())).entry.expires = time.monotonic() - 1
+    transport = listener.transport
+    assert isinstance(transport, Recorder)
+    listener.datagram_received(query("a.example", 2), CLIENT)
+    assert len(transport.sent) == 1  # no reply from the fast path: the miss path takes over
+    assert listener.fast == {}
+    for task in listener.pending:
+        task.cancel()
+
+
+def test_letter_case_is_kept_per_query(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1")
+    assert str(ask(listener, "A.Example", 1).q.qname) == "A.Example."
+    assert str(ask(listener, "a.example", 2).q.qname) == "a.example."
+    assert str(ask(listener, "A.Example", 3).q.qname) == "A.Example."
+
+
+def test_a_reload_forgets_the_fast_path(listener: UdpListener) -> None:
+    store(listener, "a.example", "192.0.2.1")
+    ask(listener, "a.example", 1)
+    listener.resolver = listener.resolver
+    assert listener.fast == {}
