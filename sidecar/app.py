@@ -17,6 +17,7 @@ import uvloop
 
 from sidecar import logs, resolv_conf
 from sidecar.config import Config, HostPort
+from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
 from sidecar.core.endpoints import EndpointTable, ProbeSettings
 from sidecar.core.routing import ZoneRouter, name_to_wire
@@ -45,6 +46,11 @@ def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
         for zone in config.zones
         if zone.health_check is not None and zone.cloudmap_namespace
     }
+
+
+def rate_limiter(config: Config) -> RateLimiter | None:
+    """One per listener (each counts its own clients); None while the limit is off."""
+    return RateLimiter(config.rate_limit) if config.rate_limit else None
 
 
 def probe_settings(config: Config) -> ProbeSettings:
@@ -137,11 +143,14 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        access = ClientFilter(self.config.allow)
         self.tcp = TcpListener(
             self.resolver,
             self.metrics,
             idle_timeout=self.config.tcp_idle_timeout,
             max_connections=self.config.tcp_max_connections,
+            message_timeout=self.config.tcp_message_timeout,
+            access=access,
             log_queries=self.config.log_queries,
         )
         for address in self.config.listen:
@@ -153,6 +162,8 @@ class Server:
                     self.metrics,
                     max_pending=self.config.max_pending,
                     log_queries=self.config.log_queries,
+                    access=access,
+                    limiter=rate_limiter(self.config),
                 ),
                 local_addr=(address.host, address.port),
                 family=family,
@@ -282,13 +293,17 @@ class Server:
             self.cloudmap,
         )
         self.watch_loops(old.loop_token)
+        access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
             protocol.max_pending = config.max_pending
+            protocol.set_access(access, rate_limiter(config))
         if self.tcp is not None:
             self.tcp.resolver = self.resolver
             self.tcp.idle_timeout = config.tcp_idle_timeout
             self.tcp.max_connections = config.tcp_max_connections
+            self.tcp.message_timeout = config.tcp_message_timeout
+            self.tcp.access = access
         self.config = config
         self._start_background()
 

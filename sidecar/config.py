@@ -15,6 +15,7 @@ Sans-IO apart from reading the TOML file and resolv.conf.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -27,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from sidecar import __version__
+from sidecar.core.access import DEFAULT_ALLOW, IpNetwork, parse_networks
 from sidecar.errors import ConfigError
 from sidecar.resolv_conf import original_text, our_nameserver
 
@@ -39,6 +41,7 @@ TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
+DEFAULT_ALLOW_NETWORKS = parse_networks(DEFAULT_ALLOW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class CacheSettings:
     max_stale: int = 86_400  # serve expired answers this long past expiry (RFC 8767); 0: off
     stale_answer_after: float = 1.8  # seconds a client waits before it gets a stale answer
     stale_ttl: int = 30  # the TTL of a stale answer
+    max_bytes: int = 64 * 1024 * 1024  # estimated memory of all entries (Entry.cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Config:
     query_timeout: float = 4.0
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 256
+    tcp_message_timeout: float = 2.0
     log_format: str = "json"
     log_level: str = "info"
     upstream_policy: str = "sequential"
@@ -136,6 +141,8 @@ class Config:
     discovery_max_endpoints: int = 4096
     discovery_cloudmap_interval: float = 10.0
     workers: int = 1
+    allow: tuple[IpNetwork, ...] = DEFAULT_ALLOW_NETWORKS
+    rate_limit: int = 0  # queries per second per client over UDP; 0: off
     manage_resolv_conf: bool = False  # rewrite resolv.conf to us at start, restore at exit
     resolv_conf_path: str = DEFAULT_RESOLV_CONF
 
@@ -147,6 +154,7 @@ class Config:
             "upstream_source": self.upstream_source,
             "zones": {z.name: z.describe() for z in self.zones},
             "cache": dataclasses.asdict(self.cache),
+            "allow": [str(net) for net in self.allow],
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -400,6 +408,51 @@ class AddressList(Kind):
 
     def show(self, value: Any) -> str:
         return ",".join(str(hp) for hp in value)
+
+
+class NetworkList(Kind):
+    """Client networks in CIDR form (a bare address is one host); TOML: a list of strings;
+    text: comma-separated."""
+
+    metavar = "CIDR"
+    allowed = (
+        'a list of networks such as ["10.0.0.0/8", "fd00::/8", "127.0.0.1"]; '
+        '["0.0.0.0/0", "::/0"] allows everyone'
+    )
+
+    def parse_items(self, items: Sequence[str], shown: object, key: str) -> tuple[IpNetwork, ...]:
+        result: list[IpNetwork] = []
+        for item in items:
+            text = item.strip()
+            try:
+                net = ipaddress.ip_network(text)
+            except ValueError:
+                loose = None
+                with contextlib.suppress(ValueError):
+                    loose = ipaddress.ip_network(text, strict=False)
+                if loose is not None:
+                    raise ConfigError(
+                        key, item, f"host bits are set (did you mean {loose}?)"
+                    ) from None
+                raise ConfigError(key, item, self.allowed) from None
+            if net in result:
+                raise ConfigError(key, item, f"{net} is listed twice")
+            result.append(net)
+        if not result:
+            raise ConfigError(key, shown, "at least one network is needed; " + self.allowed)
+        return tuple(result)
+
+    def from_toml(self, value: object, key: str) -> tuple[IpNetwork, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, value, self.allowed)
+        return self.parse_items(value, value, key)
+
+    def from_text(self, text: str, key: str) -> tuple[IpNetwork, ...]:
+        items = [item for item in text.split(",") if item.strip()]
+        return self.parse_items(items, text, key)
+
+    def show(self, value: Any) -> str:
+        return ",".join(str(net) for net in value)
 
 
 class Address(Kind):
@@ -685,6 +738,8 @@ SETTINGS: tuple[Setting, ...] = (
             "close idle client TCP connections after this many seconds"),
     Setting("tcp.max_connections", "--tcp-max-connections", IntRange(1, 65535), 256,
             "most client TCP connections open at once"),
+    Setting("tcp.message_timeout", "--tcp-message-timeout", FloatRange(0.1, 60), 2.0,
+            "a TCP message must arrive whole within this many seconds of its length prefix"),
     Setting("cache.prefetch_percent", "--prefetch-percent", IntRange(0, 50, "0 turns it off"),
             10, "refresh a popular answer when less than this % of its TTL is left"),
     Setting("cache.max_stale", "--max-stale", IntRange(0, TTL_LIMIT, "0 turns it off"), 86_400,
@@ -692,6 +747,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache.stale_answer_after", "--stale-answer-after", FloatRange(0.0, 60), 1.8,
             "seconds a client waits for the upstream before it gets a stale answer"),
     Setting("cache.stale_ttl", "--stale-ttl", IntRange(1, 3600), 30, "TTL of stale answers"),
+    Setting("cache.max_bytes", "--cache-max-bytes", IntRange(1 << 20, 1 << 40), 64 << 20,
+            "memory the cache may use, estimated per entry (least recently used go first)"),
     Setting("upstream.policy", "--upstream-policy", _POLICY, "sequential",
             "order of a zone's upstreams: as given, shuffled, or by smoothed RTT"),
     Setting("upstream.max_fails", "--max-fails", IntRange(1, 100), 2,
@@ -737,6 +794,12 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between Cloud Map health refreshes (doubled on throttling)"),
     Setting("workers", "--workers", IntRange(1, 64), 1,
             "processes serving the same addresses (SO_REUSEPORT), each with its own cache"),
+    Setting("allow", "--allow", NetworkList(), DEFAULT_ALLOW_NETWORKS,
+            "client networks served (CIDR); others get REFUSED over UDP, a closed TCP "
+            "connection", repeat=True, default_text="loopback, RFC 1918, RFC 6598, link-local, "
+            "fc00::/7"),
+    Setting("rate_limit", "--rate-limit", IntRange(0, 1_000_000, "0 turns it off"), 0,
+            "UDP queries per second per client (token bucket); beyond it they are dropped"),
     Setting("manage_resolv_conf", "--manage-resolv-conf", Bool(), False,
             "at start point resolv.conf at our first listen address (port 53), taking its "
             "nameservers as upstreams if none are given; put it back at exit (awsvpc, Fargate)"),

@@ -3,19 +3,22 @@
 `id.server` / `hostname.bind` (CH TXT) name the host, `version.server` / `version.bind` give
 the version (RFC 4892). They need no upstream, which makes `id.server CH TXT` the query of
 `dns-sidecar healthcheck`: it passes while the VPC resolver is slow or down. Any other CHAOS
-question gets REFUSED. Built with dnslib: this is not the hot path.
+question gets REFUSED. Built from the bytes parse_query already checked, never by parsing the
+whole query again: whatever else a hostile CHAOS query carries cannot make this fail.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable
 
-from dnslib import CLASS, QTYPE, RCODE, RR, TXT, DNSRecord
-
 from sidecar import __version__
+from sidecar.core import wire
+from sidecar.core.routing import wire_to_name
 
 CLASS_CH = b"\x00\x03"
+TYPE_TXT = 16
 
 _NAMES: dict[str, Callable[[], str]] = {
     "id.server.": socket.gethostname,
@@ -30,14 +33,16 @@ def is_local(key: bytes) -> bool:
     return key[-3:-1] == CLASS_CH
 
 
-def local_reply(query: bytes) -> bytes:
-    request = DNSRecord.parse(query)
-    reply = request.reply()
-    name = str(request.q.qname).lower()
-    text = _NAMES.get(name)
-    if text is None or request.q.qtype not in (QTYPE.TXT, QTYPE.ANY):
-        reply.header.rcode = RCODE.REFUSED
-    else:
-        reply.add_answer(RR(request.q.qname, QTYPE.TXT, CLASS.CH, 0, TXT(text())))
-    reply.header.ra = 1
-    return bytes(reply.pack())
+def local_reply(query: bytes, q: wire.Query) -> bytes:
+    """The answer to a CHAOS question: one TXT record (TTL 0, AA set), or REFUSED."""
+    text = _NAMES.get(wire_to_name(q.key[:-5]))
+    qend = q.question_end
+    if text is None or q.qtype not in (TYPE_TXT, wire.TYPE_ANY):
+        return wire.error_reply(query, qend, wire.REFUSED, 0)
+    data = text().encode("utf-8", "replace")[:255]
+    rdata = bytes((len(data),)) + data
+    record = b"\xc0\x0c" + struct.pack("!HHIH", TYPE_TXT, 3, 0, len(rdata)) + rdata
+    flags = bytes((wire.QR | wire.AA | (query[2] & wire.RD), wire.RA))
+    return (
+        query[:2] + flags + wire.COUNTS.pack(1, 1, 0, 0) + query[wire.HEADER_SIZE : qend] + record
+    )

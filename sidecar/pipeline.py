@@ -2,6 +2,8 @@
 only when that returns None, `resolve` (the miss path).
 
 Order, and why:
+0. admission (done by the listener, core/access.py): a client outside `allow` is refused and
+   one over its rate limit dropped before anything else, the cache included;
 1. parse (wire.parse_query, done by the listener): bad input is answered or dropped before it
    costs anything else;
 2. cache hit: served from stored bytes with the client's ID and question; the common case, so
@@ -135,7 +137,7 @@ class Resolver:
             self.metrics.cache_hits[entry.negative] += 1
             return self.render(entry, query, q, now, limit), "cache"
         if is_local(q.key):
-            return local_reply(query), "local"
+            return local_reply(query, q), "local"
         if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
             self.metrics.dropped["refused"] += 1
             return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"

@@ -10,6 +10,10 @@ Theory of operation
 - Every offset is checked against the message length before it is read; a compression pointer
   must point backwards (RFC 1035 4.1.4 allows nothing else that terminates); names are at most
   255 bytes and labels 63. Anything else raises FormError (clients) or is reported as a bad reply.
+- A client query is walked as far as its section counts say (so absurd counts are FORMERR, not
+  silently ignored), and the EDNS options must fill the OPT record exactly. What is answered
+  how: shorter than a header or QR set, silence (no reflection); another opcode, NOTIMP; a
+  question count other than 1 or anything unreadable after a readable header, FORMERR.
 
 This module has no I/O; it is shared by the UDP and TCP listeners and the upstream client.
 """
@@ -44,8 +48,14 @@ NOTIMP = 4
 REFUSED = 5
 
 TYPE_SOA = 6
+TYPE_HINFO = 13
 TYPE_OPT = 41
+TYPE_ANY = 255
+ZONE_TRANSFERS = frozenset((251, 252))  # IXFR, AXFR
 CLASS_IN = 1
+# RFC 8482 section 4.2: the synthesised HINFO's CPU field says "RFC8482", its OS field is empty.
+ANY_HINFO_RDATA = b"\x07RFC8482\x00"
+ANY_TTL = 3600
 
 # What we advertise upstream and accept from clients at most: the 2020 DNS flag day value,
 # which avoids IP fragmentation on practically every path (RFC 6891 section 6.2.5).
@@ -100,7 +110,7 @@ def skip_name(msg: bytes, offset: int) -> int:
         if label & 0xC0:
             raise FormError("reserved label type")
         length += label + 1
-        if length > MAX_NAME:
+        if length >= MAX_NAME:  # the root label still follows
             raise FormError("name longer than 255 bytes")
         offset += label + 1
 
@@ -125,7 +135,7 @@ def _check_pointed_name(msg: bytes, offset: int, limit: int, length: int) -> Non
         if label & 0xC0:
             raise FormError("reserved label type")
         length += label + 1
-        if length > MAX_NAME:
+        if length >= MAX_NAME:  # the root label still follows
             raise FormError("name longer than 255 bytes")
         offset += label + 1
 
@@ -145,7 +155,7 @@ def question_end(msg: bytes) -> int:
         if label > MAX_LABEL:
             raise FormError("compressed or reserved label in the question")
         length += label + 1
-        if length > MAX_NAME:
+        if length >= MAX_NAME:  # the root label still follows
             raise FormError("question name longer than 255 bytes")
         offset += label + 1
     if offset + 4 > end:
@@ -171,7 +181,7 @@ def parse_query(data: bytes) -> Query:
         raise ClientError(FORMERR, 0, str(exc)) from None
     edns_size = 0
     do = False
-    if arcount:
+    if arcount or ancount or nscount:  # counts must match the records that are there
         try:
             edns_size, do = _find_client_opt(data, qend, ancount + nscount, arcount)
         except FormError as exc:
@@ -191,14 +201,26 @@ def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple
         if offset + 10 > end:
             raise FormError("record header runs past the end")
         rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, offset)
-        offset += 10 + rdlen
+        rdata = offset + 10
+        offset = rdata + rdlen
         if offset > end:
             raise FormError("record data runs past the end")
         if rtype == TYPE_OPT and index >= skip:
             if found is not None:
                 raise FormError("more than one OPT record")
+            _check_options(data, rdata, offset)
             found = (max(rclass, PLAIN_UDP_LIMIT), bool(ttl & 0x8000))
     return found if found is not None else (0, False)
+
+
+def _check_options(data: bytes, offset: int, end: int) -> None:
+    """EDNS options (code, length, data) must fill the OPT record's data exactly."""
+    while offset < end:
+        if offset + 4 > end:
+            raise FormError("EDNS option header runs past the OPT record")
+        offset += 4 + _U16.unpack_from(data, offset + 2)[0]
+    if offset != end:
+        raise FormError("EDNS option runs past the OPT record")
 
 
 class Record(NamedTuple):
@@ -291,6 +313,25 @@ def error_reply(query: bytes, question_end: int, rcode: int, edns_size: int) -> 
         + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
     )
     return header + query[HEADER_SIZE:question_end] + opt
+
+
+def any_reply(query: bytes, q: Query) -> bytes:
+    """RFC 8482's answer to an ANY question: one synthesised HINFO "RFC8482" record for the
+    name asked (its class as asked), so an ANY query cannot be used for amplification."""
+    qend = q.question_end
+    flags = bytes((QR | (query[2] & RD), RA | (query[3] & CD)))
+    opt = opt_record(EDNS_PAYLOAD, q.do) if q.edns_size else b""
+    counts = COUNTS.pack(1, 1, 0, 1 if opt else 0)
+    qclass = query[qend - 2 : qend]
+    record = (
+        b"\xc0\x0c"  # the question's name
+        + TYPE_HINFO.to_bytes(2, "big")
+        + qclass
+        + _U32.pack(ANY_TTL)
+        + _U16.pack(len(ANY_HINFO_RDATA))
+        + ANY_HINFO_RDATA
+    )
+    return query[:2] + flags + counts + query[HEADER_SIZE:qend] + record + opt
 
 
 def udp_limit(edns_size: int) -> int:

@@ -1,16 +1,29 @@
 """The TCP listener (RFC 7766): length-framed messages, several per connection, each answered
-as soon as it is ready (out of order), an idle timeout, and a cap on connections.
+as soon as it is ready (out of order).
+
+Limits, so that slow, idle or hostile clients cannot starve the others or grow memory:
+- only clients in `allow` (core/access.py); anyone else's connection is closed at once;
+- at most `max_connections` open. At the cap a new connection closes the connection that has
+  been quiet longest and has no query in flight (RFC 7766 section 6.2.3 lets a server close
+  idle connections under pressure), so idle connections never lock out a client with a query;
+  only when every connection is busy is the new one closed;
+- `idle_timeout` for the next length prefix; once a prefix has come, the message must arrive
+  whole within `message_timeout` (a length that promises more than comes costs that long);
+- at most MAX_PIPELINED queries in flight per connection, and a client that does not read its
+  answers is dropped after `idle_timeout` instead of having them buffered without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from random import random
 from time import perf_counter
 
 from sidecar import logs
 from sidecar.core import wire
+from sidecar.core.access import ClientFilter
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
 
@@ -18,6 +31,19 @@ log = logging.getLogger("dns_sidecar")
 
 TCP_LIMIT = 65535
 MAX_PIPELINED = 64  # per connection: a client cannot make us hold more work than this
+
+
+class Connection:
+    """One client connection: its writer and the queries it has in flight."""
+
+    __slots__ = ("mine", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.mine: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Connection in_flight={len(self.mine)} closing={self.writer.is_closing()}>"
 
 
 class TcpListener:
@@ -28,6 +54,8 @@ class TcpListener:
         *,
         idle_timeout: float,
         max_connections: int,
+        message_timeout: float = 2.0,
+        access: ClientFilter | None = None,
         log_queries: float = 0.0,
     ) -> None:
         self.resolver = resolver
@@ -35,42 +63,77 @@ class TcpListener:
         self.requests = metrics.requests["tcp"]
         self.log_queries = log_queries
         self.idle_timeout = idle_timeout
+        self.message_timeout = message_timeout
         self.max_connections = max_connections
-        self.connections: set[asyncio.Task[None]] = set()
+        self.access = access
+        # Open connections, the one quiet longest first (moved to the end on every message).
+        self.connections: OrderedDict[asyncio.Task[None], Connection] = OrderedDict()
         self.pending: set[asyncio.Task[None]] = set()
         self.draining = False
 
+    def __repr__(self) -> str:
+        return f"<TcpListener connections={len(self.connections)} pending={len(self.pending)}>"
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.draining or len(self.connections) >= self.max_connections:
+        if self.access is not None:
+            peer = writer.get_extra_info("peername")
+            if not (peer and self.access.allowed(str(peer[0]))):
+                self.metrics.dropped["refused"] += 1
+                writer.transport.abort()
+                return
+        if self.draining or (
+            len(self.connections) >= self.max_connections and not self._close_quietest()
+        ):
             self.metrics.dropped["overload"] += 1
-            writer.close()
+            writer.transport.abort()
             return
         task = asyncio.current_task()
         assert task is not None
-        self.connections.add(task)
-        mine: set[asyncio.Task[None]] = set()
+        connection = Connection(writer)
+        self.connections[task] = connection
+        clean = False
         try:
-            await self._serve(reader, writer, mine)
-            if mine:
-                await asyncio.wait(mine)  # in flight when the client stopped sending
+            await self._serve(reader, writer, task, connection.mine)
+            if connection.mine:
+                await asyncio.wait(connection.mine)  # in flight when the client stopped sending
+            clean = True
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self.connections.discard(task)
-            writer.close()
+            self.connections.pop(task, None)
+            if clean:
+                writer.close()  # flush what is still buffered
+            else:
+                writer.transport.abort()  # nothing buffered for a client that stopped reading
+
+    def _close_quietest(self) -> bool:
+        """Close the connection quiet longest that has no query in flight; False if none."""
+        for connection in self.connections.values():
+            if not connection.mine and not connection.writer.is_closing():
+                connection.writer.transport.abort()
+                return True
+        return False
 
     async def _serve(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        task: asyncio.Task[None],
         mine: set[asyncio.Task[None]],
     ) -> None:
         while not self.draining:
-            async with asyncio.timeout(self.idle_timeout):
-                prefix = await reader.readexactly(2)
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    await writer.drain()  # a client that does not read its answers is let go
+                    prefix = await reader.readexactly(2)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise
+                return  # the client is done sending: its queries in flight are still answered
             size = int.from_bytes(prefix, "big")
-            async with asyncio.timeout(self.idle_timeout):
+            async with asyncio.timeout(self.message_timeout):
                 data = await reader.readexactly(size)
+            self.connections.move_to_end(task)
             start = perf_counter()
             try:
                 q = wire.parse_query(data)
@@ -87,14 +150,13 @@ class TcpListener:
                 self.metrics.answered("cache", reply, perf_counter() - start)
                 if self.log_queries:
                     self._log(writer, q, reply, "cache", start)
-                await writer.drain()
                 continue
             while len(mine) >= MAX_PIPELINED:
                 await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.ensure_future(self._miss(data, q, writer, start))
+            miss = asyncio.ensure_future(self._miss(data, q, writer, start))
             for group in (mine, self.pending):
-                group.add(task)
-                task.add_done_callback(group.discard)
+                group.add(miss)
+                miss.add_done_callback(group.discard)
 
     async def _miss(
         self, data: bytes, q: wire.Query, writer: asyncio.StreamWriter, start: float

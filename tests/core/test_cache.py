@@ -16,11 +16,16 @@ SOA_RR = RR(
 
 
 def upstream_reply(
-    *ttls: int, rcode: int = 0, soa: bool = False, edns: bool = True, tc: bool = False
+    *ttls: int,
+    rcode: int = 0,
+    soa: bool = False,
+    edns: bool = True,
+    tc: bool = False,
+    name: str = NAME,
 ) -> bytes:
-    reply = DNSRecord.question(NAME).reply()
+    reply = DNSRecord.question(name).reply()
     for index, ttl in enumerate(ttls):
-        reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"10.0.0.{index + 1}"), ttl=ttl))
+        reply.add_answer(RR(name, QTYPE.A, rdata=A(f"10.0.0.{index + 1}"), ttl=ttl))
     if soa:
         reply.add_auth(SOA_RR)
     if edns:
@@ -170,10 +175,10 @@ class TestEviction:
     def test_least_recently_used_goes_first(self) -> None:
         cache = TtlCache(CacheSettings(max_entries=2))
         names = ["a.local", "b.local", "c.local"]
-        stored(cache, upstream_reply(60), query=client_query(names[0]))
-        stored(cache, upstream_reply(60), query=client_query(names[1]))
+        for name in names[:2]:
+            stored(cache, upstream_reply(60, name=name), query=client_query(name))
         assert serve(cache, 101.0, client_query(names[0])) is not None  # a is now recent
-        stored(cache, upstream_reply(60), query=client_query(names[2]))
+        stored(cache, upstream_reply(60, name=names[2]), query=client_query(names[2]))
         assert len(cache) == 2 and cache.evictions == 1
         assert serve(cache, 101.0, client_query(names[1])) is None
         assert serve(cache, 101.0, client_query(names[0])) is not None
@@ -225,12 +230,15 @@ class TestStaleAndPrefetch:
 
 def test_negative_entries_are_counted_as_entries_come_and_go() -> None:
     cache = TtlCache(CacheSettings(max_entries=2))
-    nx = upstream_reply(rcode=RCODE.NXDOMAIN, soa=True)
-    key_a = stored(cache, nx, query=client_query("a.local"))
-    stored(cache, nx, query=client_query("b.local"))
+    key_a = stored(
+        cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True), query=client_query("a.local")
+    )
+    stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN, soa=True), query=client_query("b.local"))
     assert cache.negative_entries == 2
-    stored(cache, upstream_reply(60), query=client_query("a.local"))  # replaced by a positive
+    a_positive = upstream_reply(60, name="a.local")
+    stored(cache, a_positive, query=client_query("a.local"))  # replaced by a positive
     assert cache.negative_entries == 1
-    stored(cache, upstream_reply(60), query=client_query("c.local"))  # evicts b (negative)
+    c_positive = upstream_reply(60, name="c.local")
+    stored(cache, c_positive, query=client_query("c.local"))  # evicts b (negative)
     assert cache.negative_entries == 0 and len(cache) == 2
     assert cache.get(key_a, 101.0) is not None
