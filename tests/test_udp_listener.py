@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -34,6 +35,10 @@ class Recorder:
 
 @pytest.fixture
 def listener() -> Iterator[UdpListener]:
+    # A miss starts a task: give it a loop of its own (an earlier test's asyncio.run() leaves
+    # none set, and then ensure_future cannot make one).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     metrics = Metrics()
     resolver = Resolver(
         TtlCache(CacheSettings(prefetch_percent=0)),
@@ -45,6 +50,11 @@ def listener() -> Iterator[UdpListener]:
     udp = UdpListener(resolver, metrics)
     udp.connection_made(Recorder())  # type: ignore[arg-type]
     yield udp
+    for task in udp.pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*udp.pending, return_exceptions=True))
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 def query(name: str, qid: int) -> bytes:
