@@ -15,8 +15,8 @@ Theory of operation
   most `max_endpoints` (the least recently seen go first), so memory is bounded whatever the
   upstream returns.
 - `version` changes whenever something that can change an answer's shape changes: health,
-  or latency by more than a quarter-octave band. Shaped answers compare it to know when to
-  rebuild, so the hot path never recomputes an order.
+  or latency moving to another band (half octaves above 10 ms). Shaped answers compare it to
+  know when to look again, so the hot path never recomputes an order.
 Time comes in as `now` (monotonic seconds); randomness from an injectable random.Random.
 """
 
@@ -95,8 +95,12 @@ class Endpoint:
 
 
 def latency_band(latency: float) -> int:
-    """Quarter-octave bands of latency in microseconds: small jitter does not move the band."""
-    return int(math.log2(max(latency, 1e-6) * 1e6) * 4)
+    """Half-octave bands of latency above 10 ms; everything faster is band 0. Shaping treats
+    endpoints within max(10 ms, 25%) of the best alike (shaping.py), so finer changes, which
+    probe noise makes every second, would only make every shaped answer be rebuilt."""
+    if latency < 0.010:
+        return 0
+    return 1 + int(math.log2(latency / 0.010) * 2)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ShapedAnswer:
     version: int = -1
     action: str = "reordered"
     variants: list[Entry] = field(default_factory=list)
+    signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
 
     @property
@@ -104,26 +105,30 @@ class ShapedAnswer:
         return [str(rr.rdata) for rr in self.record.rr if rr.rtype in ADDRESS_TYPES]
 
     def rebuild(self) -> None:
+        """Draw the pool again if this answer's endpoints changed in a way that matters."""
         self.version = self.table.version
         rrs = self.record.rr
-        others = [rr for rr in rrs if rr.rtype not in ADDRESS_TYPES]  # the CNAME chain
         indexes = [i for i, rr in enumerate(rrs) if rr.rtype in ADDRESS_TYPES]
         health = []
         for i in indexes:
             endpoint = self.table.get(self.zone, str(rrs[i].rdata))
             health.append((endpoint.healthy, endpoint.latency) if endpoint else (None, None))
-        usable = [
-            i for i, (healthy, _lat) in zip(indexes, health, strict=True) if healthy is not False
-        ]
-        latency = {i: lat for i, (_h, lat) in zip(indexes, health, strict=True)}
-        if usable:
-            self.action = "filtered" if len(usable) < len(indexes) else "reordered"
-            dead: list[int] = []
-        else:
-            self.action = "failed_open"
+        pairs = list(zip(indexes, health, strict=True))
+        usable = [i for i, (healthy, _latency) in pairs if healthy is not False]
+        latency = {i: lat for i, (_healthy, lat) in pairs}
+        dead: list[int] = []
+        if not usable:
             usable, dead = [], list(indexes)
         s = self.settings
         w = weights([latency[i] for i in usable], s.slack, s.scale, s.steepness)
+        signature = (tuple(usable), tuple(dead), tuple(round(x, 1) for x in w))
+        if signature == self.signature and self.variants:
+            return  # another answer's endpoint changed, or this one's did not matter
+        self.signature = signature
+        self.action = (
+            "failed_open" if dead else "filtered" if len(usable) < len(indexes) else "reordered"
+        )
+        others = [rr for rr in rrs if rr.rtype not in ADDRESS_TYPES]  # the CNAME chain
         built: dict[tuple[int, ...], Entry] = {}
         variants = []
         for _ in range(s.pool_size):

@@ -143,3 +143,24 @@ def test_only_address_answers_are_shaped(qtype: str) -> None:
         )
         is None
     )
+
+
+def test_the_pool_is_drawn_again_only_when_this_answer_would_change() -> None:
+    table = EndpointTable(rng=random.Random(2))
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (True, 0.001) for a in ADDRESSES})
+    shaped.render(query, q, 101.0, 4096, 59)
+    pool = shaped.variants
+    for endpoint in list(table.endpoints.values()):  # probe noise within band 0
+        endpoint.probing = True
+        table.probed(endpoint, True, 0.004, 102.0)
+    table.version += 1  # as if some other answer's endpoint had changed
+    shaped.render(query, q, 103.0, 4096, 59)
+    assert shaped.variants is pool
+    endpoint = table.get("local", "10.0.0.2")
+    assert endpoint is not None
+    for _ in range(2):
+        endpoint.probing = True
+        table.probed(endpoint, False, None, 104.0)
+    shaped.render(query, q, 105.0, 4096, 59)
+    assert shaped.variants is not pool and shaped.action == "filtered"
