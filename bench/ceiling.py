@@ -1,0 +1,202 @@
+"""What a Python cache-hit path can reach here: `python -m bench.ceiling`.
+
+Two toy responders answer the 1,000 cache-hit names of the benchmark from a dict of finished
+replies (the query's bytes after the ID -> the reply's bytes after the ID), with nothing else:
+no TTL, no metrics, no checks. They differ only in how datagrams come in and go out:
+
+- `protocol`: an asyncio.DatagramProtocol on uvloop: `datagram_received`, `transport.sendto`
+  (what the sidecar does);
+- `reader`: uvloop's `add_reader` on a plain non-blocking socket; each wake-up drains up to 64
+  datagrams with `sock.recvfrom` and answers each with `sock.sendto`.
+
+They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
+the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
+`bench/results/ceiling.md`, is the ceiling the sidecar's hit path can approach in one process.
+
+`python -m bench.ceiling serve --mode MODE --listen HOST:PORT` runs one responder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import load, zones
+from bench.run import ROOT, cpu_busy_share, log
+from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
+
+MODES = ("protocol", "reader")
+
+
+def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
+    """query[2:] -> reply[2:] for an A query with RD and no EDNS (what dnsperf sends)."""
+    table: dict[bytes, bytes] = {}
+    for i, name in enumerate(names):
+        question = b"".join(bytes((len(x),)) + x.encode() for x in name.split(".")) + b"\x00"
+        question += struct.pack("!HH", 1, 1)
+        query_tail = struct.pack("!HHHHH", 0x0100, 1, 0, 0, 0) + question
+        answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 3600, 4) + bytes((127, 1, i // 250, i % 250))
+        table[query_tail] = struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
+    return table
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, table: dict[bytes, bytes]) -> None:
+        self.table = table
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        tail = self.table.get(data[2:])
+        if tail is not None and self.transport is not None:
+            self.transport.sendto(data[:2] + tail, addr)
+
+
+async def _serve(mode: str, host: str, port: int) -> None:
+    table = reply_table(zones.hit_names(1000))
+    loop = asyncio.get_running_loop()
+    if mode == "protocol":
+        await loop.create_datagram_endpoint(lambda: _Protocol(table), local_addr=(host, port))
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        recvfrom, sendto, get = sock.recvfrom, sock.sendto, table.get
+
+        def readable() -> None:
+            for _ in range(64):
+                try:
+                    data, addr = recvfrom(512)
+                except BlockingIOError:
+                    return
+                tail = get(data[2:])
+                if tail is not None:
+                    # A full socket buffer drops the reply, as a busy server does.
+                    with contextlib.suppress(BlockingIOError):
+                        sendto(data[:2] + tail, addr)
+
+        loop.add_reader(sock.fileno(), readable)
+    await asyncio.Event().wait()  # until SIGTERM
+
+
+def serve(argv: Sequence[str]) -> int:
+    import signal
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling serve")
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--listen", required=True)
+    args = parser.parse_args(argv)
+    host, port = args.listen.rsplit(":", 1)
+    signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
+    uvloop.run(_serve(args.mode, host, int(port)))
+    return 0
+
+
+class Responder(Server):
+    kind = "responder"
+
+    def __init__(self, mode: str, host: str, workdir: Path, cpus: str | None) -> None:
+        super().__init__(f"python-{mode}", host, workdir, cpus)
+        self.mode = mode
+
+    def command(self) -> list[str]:
+        exe = str(VENV_BIN / "python")
+        return [exe, "-m", "bench.ceiling", "serve", "--mode", self.mode, "--listen", self.address]
+
+
+def measure(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ceiling.md")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {0})
+    os.environ["PYTHONPATH"] = str(ROOT)  # the responders import bench
+    busy = cpu_busy_share()
+    work = Path(tempfile.mkdtemp(prefix="dns-bench-ceiling-"))
+    nsd = Nsd("127.0.21.1", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(1000)})
+    servers: list[Server] = []
+    results: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # the server's CPU time / run time
+    try:
+        nsd.start()
+        servers = [
+            Dnsmasq("dnsmasq", "127.0.20.3", work / "dnsmasq", "1", nsd.address, {}, 210000),
+            Sidecar("sidecar", "127.0.20.1", work / "sidecar", "1", nsd.address, {}, 210000),
+            *(Responder(m, f"127.0.20.{6 + i}", work / m, "1") for i, m in enumerate(MODES)),
+        ]
+        for server in servers:
+            server.start()
+        data = zones.write_query_file(work / "hits.txt", zones.hit_names(1000))
+        for server in servers:
+            load.dnsperf(server.address, data, seconds=60, once=True, clients=4, outstanding=200)
+        for round_no in range(args.rounds):
+            order = servers[round_no % len(servers) :] + servers[: round_no % len(servers)]
+            for server in [*order, *reversed(order)]:
+                cpu0 = server.cpu_seconds()
+                res = load.dnsperf(server.address, data, seconds=args.seconds)
+                results.setdefault(server.label, []).append(res.qps)
+                busy_share = (server.cpu_seconds() - cpu0) / res.runtime if res.runtime else 0
+                cpu.setdefault(server.label, []).append(busy_share)
+            log(
+                f"ceiling round {round_no + 1}: "
+                + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items())
+            )
+    finally:
+        for server in servers:
+            server.stop()
+        nsd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    base = statistics.median(results["dnsmasq"])
+    lines = [
+        "# The ceiling of a Python cache-hit path on this machine",
+        "",
+        f"`python -m bench.ceiling`: {args.rounds} rounds, each server {2 * args.rounds} runs "
+        f"of {args.seconds:g} s (dnsperf -c 10 -q 100, 1,000 cached names), servers pinned to "
+        f"CPU 1, dnsperf to CPU 0. Machine busy before the run: {busy:.0%}. "
+        "See bench/ceiling.py for the two toy responders.",
+        "",
+        "| server | median QPS | / dnsmasq | server CPU busy | us of CPU per query | runs |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for label, values in results.items():
+        med = statistics.median(values)
+        busy_med = statistics.median(cpu[label])
+        runs = ", ".join(f"{v / 1000:.0f}k" for v in values)
+        lines.append(
+            f"| {label} | {med:,.0f} | {med / base:.2f} | {busy_med:.0%} | "
+            f"{busy_med * 1e6 / med:.1f} | {runs} |"
+        )
+    lines += [
+        "",
+        "A server below 100% CPU is waiting for queries: dnsperf (one thread on the other "
+        "core) is the limit there, not the server.",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:
+        return serve(args[1:])
+    return measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
