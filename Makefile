@@ -51,12 +51,14 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) --qps $(SOAK_QPS)
 
 # The benchmark against dnsmasq and Unbound (bench/README.md); not part of `make test` or CI.
-# Installs dnsperf, nsd, dnsmasq and unbound from Debian when missing, matplotlib into .venv.
+# Installs dnsperf, nsd, dnsmasq and unbound from Debian when missing; into .venv the sidecar
+# with the bench extra (matplotlib, py-spy) only, not the test extra, to keep a fresh machine fast.
 .PHONY: bench bench-quick
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
-$(BENCH_STAMP): $(STAMP) pyproject.toml
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 

@@ -71,8 +71,8 @@ BACKEND_POOL = [f"127.0.22.{i}" for i in range(2, 10)]
 @dataclass
 class Settings:
     rounds: int = 3
-    hit_seconds: float = 3.0  # each cache-hit / discovery / miss-mix dnsperf run
-    latency_seconds: float = 2.0  # each latency run (both kinds)
+    hit_seconds: float = 2.5  # each cache-hit / discovery / miss-mix dnsperf run
+    latency_seconds: float = 1.5  # each latency run (both kinds)
     latency_count: int = 20000  # at most this many queries one at a time
     clients: int = 10  # dnsperf -c: client sockets
     outstanding: int = 100  # dnsperf -q: queries in flight

@@ -108,7 +108,8 @@ class Client:
         else:
             address = addresses[0]
             try:
-                ok, error = await asyncio.wait_for(self._call(address), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    ok, error = await self._call(address)
             except ConnectionRefusedError:
                 error = "refused"
             except TimeoutError:
