@@ -71,7 +71,7 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick --out bench/results/quick $(BENCH_ARGS)
 
 # What the application sees when a backend dies or slows down (bench/discovery/README.md):
-# four DNS setups side by side in network namespaces, about 2 minutes; needs root. Installs nsd,
+# three DNS setups side by side in network namespaces, about 2 minutes; needs root. Installs nsd,
 # dnsmasq-base and iproute2 from Debian when missing; into .venv only what the run imports (the
 # bench extra and dnspython, not the test extra), so that a fresh machine stays under 5 minutes.
 .PHONY: bench-discovery

@@ -1,7 +1,8 @@
 """python -m bench.discovery [--setups ...] [--time-scale F] [--sequential] ...
 
-Runs the discovery timeline against the setups (by default all four side by side, each in
-network namespaces of its own), then writes bench/results/discovery.md and discovery.png.
+Runs the discovery timeline against the setups (by default sidecar, direct and dnsmasq side by
+side, each in network namespaces of its own), then writes bench/results/discovery.md and
+bench/results/discovery.png.
 Needs root, glibc, iproute2, nsd and (for the dnsmasq setup) dnsmasq.
 """
 
@@ -30,7 +31,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--setups",
         default=",".join(DEFAULT_SETUPS),
-        help=f"comma-separated, of {', '.join(SETUPS)} (default: all)",
+        help=f"comma-separated, of {', '.join(SETUPS)}, or all "
+        f"(default: {','.join(DEFAULT_SETUPS)})",
     )
     p.add_argument(
         "--time-scale",
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md}")
         return 0
     keys = [k.strip() for k in args.setups.split(",") if k.strip()]
+    if keys == ["all"]:
+        keys = list(SETUPS)
     unknown = [k for k in keys if k not in SETUPS]
     if unknown or not keys:
         print(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}", file=sys.stderr)

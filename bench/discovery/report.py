@@ -506,8 +506,7 @@ def write(run: RunData, out_dir: Path) -> tuple[Path, dict[str, Figures]]:
         f" on 2 cores, load average {run.load_before:.1f} before the run. Written by "
         "`bench/discovery/report.py`; how it is measured: bench/discovery/README.md.",
         "",
-        *warnings(run, figs),
-        "",
+        *(line for w in warnings(run, figs) for line in (w, "")),
         f"Six HTTP backends of `resource-server.local` share a /24 with the client task "
         f"({CLIENT_ADDR}); NSD serves their A records with a {tl.ttl} s TTL. glibc's order "
         f"for the client (RFC 6724 rule 9) is {', '.join(short(a) for a in RULE9)}: the first "
@@ -521,6 +520,11 @@ def write(run: RunData, out_dir: Path) -> tuple[Path, dict[str, Figures]]:
         "after a failed connection.",
         "",
         *titles,
+        "",
+        "The client task sits in the backends' subnet, as tasks of an awsvpc service in one "
+        "subnet do, and there glibc re-sorts every whole answer by rule 9. So the sidecar runs "
+        "with `--max-answers local=1`: one address per answer leaves glibc nothing to re-sort. "
+        "The herding row of the setups that hand out whole answers shows what re-sorting does.",
         "",
         *table(run, figs),
         "",

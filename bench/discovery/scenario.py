@@ -140,4 +140,6 @@ SETUPS: dict[str, Setup] = {
         Setup("dnsmasq", "dnsmasq as a plain local cache", "dnsmasq"),
     )
 }
-DEFAULT_SETUPS = ("sidecar", "sidecar-whole", "direct", "dnsmasq")
+# The three. sidecar-whole (whole answers: what glibc's re-sorting does to them) is
+# left out by default to keep the run under one of the two cores: `--setups all` adds it.
+DEFAULT_SETUPS = ("sidecar", "direct", "dnsmasq")
