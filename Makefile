@@ -63,11 +63,11 @@ $(BENCH_STAMP): pyproject.toml
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	bash bench/install-deps.sh
+	bash bench/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	bash bench/install-deps.sh
+	bash bench/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
 	$(BIN)/python -m bench.run --quick --out bench/results/quick $(BENCH_ARGS)
 
 # What the application sees when a backend dies or slows down (bench/discovery/README.md):
@@ -84,5 +84,5 @@ $(BENCH_DISCOVERY_STAMP): pyproject.toml
 	touch $(BENCH_DISCOVERY_STAMP)
 
 bench-discovery: $(BENCH_DISCOVERY_STAMP)
-	bash bench/discovery/install-deps.sh
+	bash bench/install-deps.sh bench-discovery nsd=nsd dnsmasq=dnsmasq-base ip=iproute2
 	$(BIN)/python -m bench.discovery $(BENCH_DISCOVERY_ARGS)

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# Finds or installs what `make bench` needs from Debian: dnsperf (the load), nsd (the
-# authoritative upstream), dnsmasq and unbound (the servers compared), taskset (util-linux).
-# dnsmasq comes from dnsmasq-base: the binary without the system service. A policy-rc.d keeps
-# the packages' own services (unbound, nsd) from starting while they install; the benchmark
-# starts its own instances on loopback.
+# Finds or installs the Debian packages a benchmark needs.
+#   bash bench/install-deps.sh NAME COMMAND=PACKAGE...
+# e.g. `bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux`.
+# A command found on PATH or in /usr/sbin is taken as installed. dnsmasq comes from dnsmasq-base:
+# the binary without the system service. A policy-rc.d keeps the packages' own services (unbound,
+# nsd) from starting while they install; the benchmarks start their own instances.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+name=$1
+shift
 need=()
-command -v dnsperf >/dev/null || need+=(dnsperf)
-command -v nsd >/dev/null || [ -x /usr/sbin/nsd ] || need+=(nsd)
-command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
-command -v unbound >/dev/null || [ -x /usr/sbin/unbound ] || need+=(unbound)
-command -v taskset >/dev/null || need+=(util-linux)
+for pair in "$@"; do
+  cmd=${pair%%=*}
+  pkg=${pair#*=}
+  command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+done
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-  echo "bench: missing ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
+  echo "$name: missing ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
   exit 1
 fi
-echo "bench: installing ${need[*]}"
+echo "$name: installing ${need[*]}"
 apt-get update -qq
 made_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
