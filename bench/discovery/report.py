@@ -44,6 +44,9 @@ class Figures:
     dead_after: int
     dead_last: float | None  # seconds after the death of the last attempt to DEAD
     dead_until_back: bool
+    # the sidecar's own answers (the watcher's samples): the last one naming DEAD first, in
+    # seconds after its death; None without samples or when none did
+    answers_dead_last: float | None
     slow_share: float
     p50_ms: float
     p99_ms: float
@@ -97,6 +100,12 @@ def effective(data: SetupData, timeline: Timeline) -> Timeline:
     )
 
 
+def answers_dead_last(data: SetupData, tl: Timeline) -> float | None:
+    """Seconds from DEAD's death to the last sampled sidecar answer that named it first."""
+    named = [t for t, a in data.answers if a == DEAD and tl.death <= t < tl.back]
+    return max(named) - tl.death if named else None
+
+
 def figures(data: SetupData, timeline: Timeline) -> Figures:
     tl = effective(data, timeline)
     window = [r for r in data.requests if 0.0 <= r[0] < tl.duration]
@@ -130,6 +139,7 @@ def figures(data: SetupData, timeline: Timeline) -> Figures:
         dead_after=len(to_dead),
         dead_last=None if last is None else last - tl.death,
         dead_until_back=last is not None and last >= tl.back - 1.0,
+        answers_dead_last=answers_dead_last(data, tl),
         slow_share=slow_share,
         p50_ms=percentile(ok_latency, 0.50),
         p99_ms=percentile(ok_latency, 0.99),
@@ -257,7 +267,13 @@ def acceptance(run: RunData, figs: dict[str, Figures]) -> list[str]:
         (
             f"no request reaches the dead backend later than {DEAD_STOP_LIMIT:g} s after its death",
             f.dead_last is None or (f.dead_last <= DEAD_STOP_LIMIT and not f.dead_until_back),
-            fmt_dead_stop(f, tl),
+            fmt_dead_stop(f, tl)
+            + (
+                ""
+                if f.answers_dead_last is None
+                else f" (in the sidecar's own answers, sampled once a second, it came first until "
+                f"{f.answers_dead_last:.1f} s after its death)"
+            ),
         ),
         (
             f"the slow backend gets under {100 * SLOW_SHARE_LIMIT:.0f}% of requests while slow",
