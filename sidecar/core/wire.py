@@ -192,19 +192,24 @@ def parse_query(data: bytes) -> Query:
     return Query(key, qend, (data[name_end] << 8) | data[name_end + 1], edns_size, do, cd)
 
 
+def read_record(msg: bytes, offset: int, end: int) -> tuple[int, int, int, int, int]:
+    """The record at `offset`: (type, class, ttl, rdata offset, offset past the record)."""
+    offset = skip_name(msg, offset)
+    if offset + 10 > end:
+        raise FormError("record header runs past the end")
+    rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(msg, offset)
+    rdata = offset + 10
+    if rdata + rdlen > end:
+        raise FormError("record data runs past the end")
+    return rtype, rclass, ttl, rdata, rdata + rdlen
+
+
 def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple[int, bool]:
     """Skip `skip` records, then look through the additional section for one OPT record."""
     end = len(data)
     found: tuple[int, bool] | None = None
     for index in range(skip + arcount):
-        offset = skip_name(data, offset)
-        if offset + 10 > end:
-            raise FormError("record header runs past the end")
-        rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, offset)
-        rdata = offset + 10
-        offset = rdata + rdlen
-        if offset > end:
-            raise FormError("record data runs past the end")
+        rtype, rclass, ttl, rdata, offset = read_record(data, offset, end)
         if rtype == TYPE_OPT and index >= skip:
             if found is not None:
                 raise FormError("more than one OPT record")
@@ -259,14 +264,8 @@ def parse_reply(msg: bytes) -> Reply:
     sections = (0,) * ancount + (1,) * nscount + (2,) * arcount
     for section in sections:
         start = offset
-        offset = skip_name(msg, offset)
-        if offset + 10 > end:
-            raise FormError("record header runs past the end")
-        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(msg, offset)
-        rdata = offset + 10
-        offset = rdata + rdlen
-        if offset > end:
-            raise FormError("record data runs past the end")
+        rtype, _rclass, ttl, rdata, offset = read_record(msg, offset, end)
+        rdlen = offset - rdata
         record = Record(start, section, rtype, ttl & 0x7FFFFFFF, rdata - 6, rdata, rdlen, offset)
         if rtype == TYPE_OPT:
             if section != 2 or opt is not None:
