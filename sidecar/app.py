@@ -220,6 +220,7 @@ class Server:
                 (zone, action, count)
                 for (zone, action), count in sorted(self.resolver.shaped_counts.items())
             ],
+            before_scrape=lambda: self.resolver.fast.flush(),
         )
 
     def endpoint_table(self) -> object:
@@ -293,6 +294,7 @@ class Server:
             self.cloudmap,
         )
         self.watch_loops(old.loop_token)
+        old.fast.clear()  # its rows may answer differently now; their counts are kept
         access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver

@@ -61,6 +61,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def add_quick(self, count: int, seconds: float) -> None:
+        """`count` observations, `seconds` in all, each below the first bound."""
+        self.counts[0] += count
+        self.total += seconds
+
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative (le, count) pairs ending with +Inf, as the exposition wants them."""
         out = []
@@ -121,6 +126,8 @@ class Gauges:
     endpoints: Callable[[], Iterable[tuple[str, str, bool | None, float | None]]]
     endpoint_probes: Callable[[], Iterable[tuple[str, str, int]]]  # (zone, result, count)
     answers_shaped: Callable[[], Iterable[tuple[str, str, int]]]  # (zone, action, count)
+    # Counts kept elsewhere (the UDP fast path's rows) are added to the metrics first.
+    before_scrape: Callable[[], None] = lambda: None
 
 
 def _name(short: str) -> str:
@@ -135,6 +142,7 @@ class SidecarCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         g = self.gauges
+        g.before_scrape()
 
         requests = CounterMetricFamily(
             _name("requests"), "DNS queries received.", labels=["proto", "type"]

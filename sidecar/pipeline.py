@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 import random
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from sidecar.config import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.endpoints import EndpointTable
+from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.shaping import ShapeSettings, shape
 from sidecar.core.upstream_health import UpstreamSet
@@ -92,6 +93,10 @@ class Resolver:
         self.rng = rng or random.Random()
         self.shaped_counts: dict[tuple[str, str], int] = {}
         self.metrics = metrics
+        # Cache hits remembered as finished replies, for the UDP listeners (core/fast_path.py).
+        self.fast = FastPath(
+            metrics, self.prefetch, min(cache.limits.max_entries, FAST_PATH_ROWS), self.rng
+        )
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
         # Forwarding-loop probes (see new_loop_probe): their names start with one label that
@@ -99,7 +104,7 @@ class Resolver:
         self.loop_paths: list[str] = []
         self.loops_seen: list[str] = []
         self.on_loop: Callable[[str], None] | None = None  # told of every loop probe seen
-        self.set_loop_token(secrets.token_hex(6))
+        self.set_loop_token(os.urandom(6).hex())
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""

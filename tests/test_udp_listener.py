@@ -16,6 +16,7 @@ from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
+from sidecar.server import udp as udp_module
 from sidecar.server.udp import UdpListener
 from sidecar.server.upstream import Forwarder
 
@@ -80,41 +81,56 @@ def ask(udp: UdpListener, name: str, qid: int) -> DNSRecord:
     return DNSRecord.parse(transport.sent[-1])
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The listener's clock, moved by hand: [seconds added to the real monotonic clock]."""
+    shift = [0.0]
+    monkeypatch.setattr(udp_module, "monotonic", lambda: time.monotonic() + shift[0])
+    return shift
+
+
 def test_repeated_queries_take_the_fast_path_with_their_own_id(listener: UdpListener) -> None:
     store(listener, "a.example", "192.0.2.1")
     first = ask(listener, "a.example", 1001)
     assert len(listener.fast) == 1
     second = ask(listener, "a.example", 1002)
-    assert (first.header.id, second.header.id) == (1001, 1002)
-    assert str(second.rr[0].rdata) == "192.0.2.1"
-    assert listener.metrics.cache_hits[0] == 2
-    assert listener.metrics.responses["cache"][0] == 2
+    third = ask(listener, "a.example", 1003)
+    assert (first.header.id, second.header.id, third.header.id) == (1001, 1002, 1003)
+    assert str(third.rr[0].rdata) == "192.0.2.1"
+    assert listener.fast.get(query("a.example", 1)[2:]).hits == 2  # type: ignore[union-attr]
+    listener.fast.flush()  # what a scrape does first
+    metrics = listener.metrics
+    assert metrics.cache_hits[0] == 3
+    assert metrics.responses["cache"][0] == 3
+    assert metrics.requests["udp"][QTYPE.A] == 3
+    assert sum(metrics.durations["cache"].counts) == 3
 
 
 def test_a_replaced_entry_is_not_served_from_the_fast_path(listener: UdpListener) -> None:
     store(listener, "a.example", "192.0.2.1")
     ask(listener, "a.example", 1)
     store(listener, "a.example", "192.0.2.2")  # a refresh replaces the entry
+    assert len(listener.fast) == 0
     assert str(ask(listener, "a.example", 2).rr[0].rdata) == "192.0.2.2"
 
 
-def test_ttl_counts_down_on_the_fast_path(listener: UdpListener) -> None:
+def test_ttl_counts_down_on_the_fast_path(listener: UdpListener, clock: list[float]) -> None:
     store(listener, "a.example", "192.0.2.1", ttl=60)
-    ask(listener, "a.example", 1)
-    hit = next(iter(listener.fast.values()))
-    hit.entry.expires -= 10  # ten seconds later
+    assert ask(listener, "a.example", 1).rr[0].ttl == 60
+    clock[0] = 10.2  # ten seconds later
     assert ask(listener, "a.example", 2).rr[0].ttl == 50
+    assert len(listener.fast) == 1  # the same row, rendered again
 
 
-def test_an_expired_entry_leaves_the_fast_path(listener: UdpListener) -> None:
+def test_an_expired_entry_leaves_the_fast_path(listener: UdpListener, clock: list[float]) -> None:
     store(listener, "a.example", "192.0.2.1", ttl=60)
     ask(listener, "a.example", 1)
-    next(iter(listener.fast.values())).entry.expires = time.monotonic() - 1
+    clock[0] = 61.0
     transport = listener.transport
     assert isinstance(transport, Recorder)
     listener.datagram_received(query("a.example", 2), CLIENT)
     assert len(transport.sent) == 1  # no reply from the fast path: the miss path takes over
-    assert listener.fast == {}
+    assert len(listener.fast) == 0 and len(listener.pending) == 1
     for task in listener.pending:
         task.cancel()
 
@@ -124,10 +140,23 @@ def test_letter_case_is_kept_per_query(listener: UdpListener) -> None:
     assert str(ask(listener, "A.Example", 1).q.qname) == "A.Example."
     assert str(ask(listener, "a.example", 2).q.qname) == "a.example."
     assert str(ask(listener, "A.Example", 3).q.qname) == "A.Example."
+    assert len(listener.fast) == 2
 
 
-def test_a_reload_forgets_the_fast_path(listener: UdpListener) -> None:
+def test_draining_stops_the_fast_path(listener: UdpListener) -> None:
     store(listener, "a.example", "192.0.2.1")
     ask(listener, "a.example", 1)
+    listener.draining = True
+    transport = listener.transport
+    assert isinstance(transport, Recorder)
+    listener.datagram_received(query("a.example", 2), CLIENT)
+    assert len(transport.sent) == 1
+
+
+def test_logging_every_query_bypasses_the_fast_path(listener: UdpListener) -> None:
+    listener.log_queries = 1e-9  # sampled so rarely that nothing is written
     listener.resolver = listener.resolver
-    assert listener.fast == {}
+    store(listener, "a.example", "192.0.2.1")
+    ask(listener, "a.example", 1)
+    ask(listener, "a.example", 2)
+    assert len(listener.fast) == 0 and listener.metrics.cache_hits[0] == 2

@@ -61,6 +61,11 @@ class ClientFilter:
     def __repr__(self) -> str:
         return f"<ClientFilter allow={[str(n) for n in self.networks]} known={len(self.verdicts)}>"
 
+    @property
+    def allows_everyone(self) -> bool:
+        """Every IPv4 and IPv6 address is allowed (the default): no check is needed."""
+        return {4, 6} <= {net.version for net in self.networks if net.prefixlen == 0}
+
     def allowed(self, host: str | int) -> bool:
         verdict = self.verdicts.get(host)
         if verdict is None:

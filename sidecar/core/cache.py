@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.config import CacheSettings
 from sidecar.core import bailiwick, wire
@@ -37,11 +37,18 @@ ENTRY_OVERHEAD = 740
 CHUNK_OVERHEAD = 42
 
 
+class Copy(Protocol):
+    """Something made from an entry that must go when the entry goes."""
+
+    def retire(self) -> None: ...
+
+
 class Entry:
     """One reply ready to be served to any client that asks the same question."""
 
     __slots__ = (
         "chunks",
+        "copies",
         "cost",
         "counts",
         "counts_edns",
@@ -112,6 +119,8 @@ class Entry:
         )
         self.prefetching = False
         self.dead = False  # set when the cache drops or replaces it: copies of it are stale
+        # Rendered copies of this entry kept elsewhere (the UDP fast path): retired with it.
+        self.copies: list[Copy] | None = None
         # Discovery zones: prepared shaped replies (core/shaping.py), served instead of this.
         self.shaped: ShapedAnswer | None = None
 
@@ -142,6 +151,14 @@ class Entry:
                 (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, self.opt)
             )
         return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
+
+    def retire(self) -> None:
+        """The cache no longer holds this entry: it and every copy of it must not be served."""
+        self.dead = True
+        copies, self.copies = self.copies, None
+        if copies:
+            for copy in copies:
+                copy.retire()
 
 
 def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
@@ -241,7 +258,7 @@ class TtlCache:
         limits = self.limits
         while len(self._entries) > limits.max_entries or self.bytes > limits.max_bytes:
             old_key, evicted = self._entries.popitem(last=False)
-            evicted.dead = True
+            evicted.retire()
             self.negative_entries -= evicted.negative
             self.bytes -= evicted.cost + len(old_key)
             self.evictions += 1
@@ -250,7 +267,7 @@ class TtlCache:
     def _remove(self, key: bytes) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            old.dead = True
+            old.retire()
             self.negative_entries -= old.negative
             self.bytes -= old.cost + len(key)
 

@@ -97,6 +97,7 @@ class ShapedAnswer:
     version: int = -1
     action: str = "reordered"
     variants: list[Entry] = field(default_factory=list)
+    generation: int = 0  # counts the draws of `variants`, so copies of them know they are old
     signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
 
@@ -141,6 +142,7 @@ class ShapedAnswer:
                 entry = built[key] = self._message([*others, *(rrs[i] for i in order)])
             variants.append(entry)
         self.variants = variants
+        self.generation += 1
 
     def _message(self, answers: list[object]) -> Entry:
         record = DNSRecord(header=self.record.header, questions=self.record.questions, rr=answers)
@@ -155,15 +157,23 @@ class ShapedAnswer:
             patch_ttls=True,
         )
 
-    def render(self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int) -> bytes:
-        """A shaped reply with TTL min(answer_ttl, `ttl`)."""
+    def refresh(self, now: float) -> None:
+        """Bring the pool up to date with the endpoint table; before serving from it."""
         if now - self.seen_at > 10.0:  # keep the endpoints of cached answers from being forgotten
             self.seen_at = now
             self.table.seen(self.zone, self.addresses, now)
         if self.version != self.table.version:
             self.rebuild()
+
+    def count(self, answers: int) -> None:
+        """Count `answers` shaped replies served under the current action."""
         key = (self.zone, self.action)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + answers
+
+    def render(self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int) -> bytes:
+        """A shaped reply with TTL min(answer_ttl, `ttl`)."""
+        self.refresh(now)
+        self.count(1)
         variant = self.variants[int(self.rng.random() * len(self.variants))]
         return variant.render_with_ttl(query, q, min(self.settings.answer_ttl, ttl), limit)
 

@@ -1,0 +1,205 @@
+"""The UDP fast path's table: finished replies by the bytes of the query after its ID.
+
+Theory of operation
+- Clients ask the same bytes again and again (the same resolver library, name, flags and EDNS
+  options); only the ID changes. So a cache hit is remembered as a row keyed by the query's
+  bytes after the ID, holding the reply's bytes after the ID. The listener answers the next
+  identical query with `query[:2] + row.next_tail()`: one dict lookup, one clock read, one
+  join, one send. No parsing, no TTL arithmetic, no labelled counters on that path.
+- A row is valid until one moment, `valid_until`: the earliest of the entry's expiry, its
+  prefetch time (unless a prefetch runs already), the moment the TTL it shows next drops by a
+  second, and for shaped answers a recheck of endpoint health every `SHAPED_RECHECK` seconds.
+  Past that moment the row is refreshed (re-rendered, prefetch started, pool redrawn) or
+  dropped, off the hot path. Between refreshes nothing about the entry is read per query.
+- A row dies with its cache entry: the entry lists its rows (`Entry.copies`) and retires them
+  when the cache drops or replaces it, so the table never serves what the cache let go.
+- Shaped (discovery) answers: the row holds the pool of prepared variants, rendered for this
+  query shape, and hands them out in turn (`itertools.cycle`), starting at a random place.
+- Counting: a row counts its own hits and their time; the labelled families (requests by type,
+  cache hits, responses by rcode, the latency histogram, shaped answers by action) are added
+  up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
+- Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
+  a second) are swept out, at most once a second; if that frees nothing, no row is added and
+  such queries take the ordinary path.
+Time is passed in as `now` (monotonic seconds); no I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from itertools import cycle, repeat
+
+from sidecar.core import wire
+from sidecar.core.cache import Entry
+from sidecar.metrics import LATENCY_BUCKETS, Metrics
+
+FAST_PATH_ROWS = 16384
+SHAPED_RECHECK = 0.25  # seconds between endpoint-health checks of a shaped row
+QUICK = LATENCY_BUCKETS[0]  # hits faster than this land in the histogram's first bucket
+SWEEP_EVERY = 1.0
+
+
+class FastHit:
+    """One remembered query shape and its reply (or pool of replies) after the ID."""
+
+    __slots__ = (
+        "entry",
+        "generation",
+        "hits",
+        "key",
+        "next_tail",
+        "q",
+        "seconds",
+        "shown_ttl",
+        "table",
+        "valid_until",
+    )
+
+    def __init__(self, table: FastPath, key: bytes, entry: Entry, q: wire.Query) -> None:
+        self.table = table
+        self.key = key
+        self.entry = entry
+        self.q = q
+        self.next_tail: Callable[[], bytes] = repeat(b"").__next__
+        self.shown_ttl = -1
+        self.generation = -1
+        self.valid_until = -math.inf
+        self.hits = 0  # served from this row since its last flush
+        self.seconds = 0.0  # the time of those that took less than QUICK
+
+    def retire(self) -> None:
+        """Called by the cache when the entry goes."""
+        self.table.drop(self)
+
+
+class FastPath:
+    """The rows, their refresh, and their counts; one per resolver, shared by its listeners."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        prefetch: Callable[[wire.Query, Entry], None],
+        capacity: int = FAST_PATH_ROWS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.prefetch = prefetch
+        self.capacity = capacity
+        self.rng = rng or random.Random()
+        self.rows: dict[bytes, FastHit] = {}
+        self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
+        self._swept_at = -math.inf
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def remember(self, query: bytes, q: wire.Query, entry: Entry, now: float) -> FastHit | None:
+        """A row for `query` answered from `entry`, ready to serve; None if there is no room."""
+        if len(self.rows) >= self.capacity:
+            if now - self._swept_at < SWEEP_EVERY:
+                return None
+            self._swept_at = now
+            for stale in [hit for hit in self.rows.values() if hit.valid_until <= now]:
+                self.drop(stale)
+            if len(self.rows) >= self.capacity:
+                return None
+        key = query[2:]
+        old = self.rows.get(key)
+        if old is not None:
+            self.drop(old)
+        hit = FastHit(self, key, entry, q)
+        if not self.refresh(hit, query, now):
+            return None
+        self.rows[key] = hit
+        if entry.copies is None:
+            entry.copies = [hit]
+        else:
+            entry.copies.append(hit)
+        return hit
+
+    def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
+        """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
+        or went, and the row is dropped."""
+        entry = hit.entry
+        if entry.dead or entry.expires <= now:
+            self.drop(hit)
+            return False
+        q = hit.q
+        if now >= entry.prefetch_at and not entry.prefetching:
+            self.prefetch(q, entry)
+        ttl = math.ceil(entry.expires - now)
+        limit = wire.udp_limit(q.edns_size)
+        shaped = entry.shaped
+        if shaped is None:
+            if ttl != hit.shown_ttl:
+                hit.next_tail = repeat(entry.render_with_ttl(query, q, ttl, limit)[2:]).__next__
+                hit.shown_ttl = ttl
+            valid_until = entry.expires - (ttl - 1)
+        else:
+            self.flush_row(hit)  # counted under the action the pool had while it served them
+            shaped.refresh(now)
+            shown = min(shaped.settings.answer_ttl, ttl)
+            if shown != hit.shown_ttl or shaped.generation != hit.generation:
+                rendered: dict[int, bytes] = {}
+                tails = []
+                for variant in shaped.variants:
+                    tail = rendered.get(id(variant))
+                    if tail is None:
+                        tail = variant.render_with_ttl(query, q, shown, limit)[2:]
+                        rendered[id(variant)] = tail
+                    tails.append(tail)
+                start = int(self.rng.random() * len(tails))
+                hit.next_tail = cycle(tails[start:] + tails[:start]).__next__
+                hit.shown_ttl = shown
+                hit.generation = shaped.generation
+            valid_until = min(entry.expires - (shown - 1), now + SHAPED_RECHECK)
+        if not entry.prefetching:
+            valid_until = min(valid_until, entry.prefetch_at)
+        hit.valid_until = valid_until
+        return True
+
+    def slow_hit(self, hit: FastHit, seconds: float) -> None:
+        """A hit from `hit` that took QUICK or longer: its own histogram observation."""
+        self.metrics.durations["cache"].observe(seconds)
+        hit.hits -= 1  # counted here in full instead of at the flush
+        self._count(hit, 1)
+
+    def flush_row(self, hit: FastHit) -> None:
+        """Add a row's hits to the metrics."""
+        hits = hit.hits
+        if hits:
+            self._count(hit, hits)
+            self.metrics.durations["cache"].add_quick(hits, hit.seconds)
+            hit.hits = 0
+            hit.seconds = 0.0
+
+    def _count(self, hit: FastHit, hits: int) -> None:
+        metrics = self.metrics
+        entry = hit.entry
+        metrics.requests["udp"][hit.q.qtype] += hits
+        metrics.cache_hits[entry.negative] += hits
+        metrics.responses["cache"][entry.rcode] += hits
+        if entry.shaped is not None:
+            entry.shaped.count(hits)
+
+    def flush(self) -> None:
+        """Bring the metrics up to date (before a scrape)."""
+        for hit in list(self.rows.values()):
+            self.flush_row(hit)
+
+    def drop(self, hit: FastHit) -> None:
+        """Forget a row, counting what it served."""
+        self.flush_row(hit)
+        hit.valid_until = -math.inf
+        if self.rows.get(hit.key) is hit:
+            del self.rows[hit.key]
+        copies = hit.entry.copies
+        if copies is not None and hit in copies:
+            copies.remove(hit)
+
+    def clear(self) -> None:
+        """Forget every row (a reload, or draining)."""
+        for hit in list(self.rows.values()):
+            self.drop(hit)

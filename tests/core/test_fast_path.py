@@ -1,0 +1,174 @@
+"""The fast-path table without sockets: validity, refresh, retirement, counts, bounds, shaping."""
+
+from __future__ import annotations
+
+import random
+
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from sidecar.config import CacheSettings
+from sidecar.core import wire
+from sidecar.core.cache import Entry, TtlCache
+from sidecar.core.endpoints import EndpointTable
+from sidecar.core.fast_path import SHAPED_RECHECK, FastPath
+from sidecar.core.shaping import ShapeSettings, shape
+from sidecar.metrics import Metrics
+
+NAME = "a.example"
+
+
+def query(name: str = NAME, qid: int = 7) -> bytes:
+    record = DNSRecord.question(name)
+    record.header.id = qid
+    return bytes(record.pack())
+
+
+def reply(addresses: tuple[str, ...] = ("192.0.2.1",), ttl: int = 60, name: str = NAME) -> bytes:
+    record = DNSRecord.question(name).reply()
+    for address in addresses:
+        record.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=ttl))
+    return bytes(record.pack())
+
+
+class Setup:
+    def __init__(self, prefetch_percent: int = 0, capacity: int = 100) -> None:
+        self.metrics = Metrics()
+        self.cache = TtlCache(CacheSettings(prefetch_percent=prefetch_percent))
+        self.prefetched: list[bytes] = []
+        self.fast = FastPath(
+            self.metrics,
+            lambda q, entry: self.prefetched.append(q.key),
+            capacity,
+            random.Random(1),
+        )
+
+    def store(self, msg: bytes, now: float, name: str = NAME) -> Entry:
+        q = wire.parse_query(query(name))
+        return self.cache.store(q.key, msg, wire.parse_reply(msg), now, False)
+
+    def served(self, data: bytes, now: float) -> DNSRecord | None:
+        """What the listener would send for `data` at `now` from the table, or None."""
+        hit = self.fast.get(data[2:])
+        if hit is None or not (now < hit.valid_until or self.fast.refresh(hit, data, now)):
+            return None
+        hit.hits += 1
+        return DNSRecord.parse(data[:2] + hit.next_tail())
+
+
+def test_a_row_answers_with_the_callers_id_until_its_ttl_drops_a_second() -> None:
+    s = Setup()
+    entry = s.store(reply(ttl=60), 100.0)
+    data = query(qid=1)
+    hit = s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    assert hit is not None and hit.valid_until == 101.0  # TTL 60 shown until 60 - 59 s left
+    answer = s.served(query(qid=2), 100.9)
+    assert answer is not None and (answer.header.id, answer.rr[0].ttl) == (2, 60)
+    answer = s.served(query(qid=3), 110.5)  # past valid_until: refreshed, 49.5 s left
+    assert answer is not None and answer.rr[0].ttl == 50
+    assert hit.valid_until == 111.0
+
+
+def test_an_expired_entry_drops_its_row() -> None:
+    s = Setup()
+    entry = s.store(reply(ttl=60), 100.0)
+    s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
+    assert s.served(query(), 160.0) is None
+    assert len(s.fast) == 0 and entry.copies == []
+
+
+def test_a_replaced_or_evicted_entry_takes_its_rows_with_it() -> None:
+    s = Setup()
+    entry = s.store(reply(), 100.0)
+    for spelling in (NAME, NAME.upper()):  # two query shapes, one entry
+        data = query(spelling)
+        s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    s.served(query(NAME), 100.5)
+    assert len(s.fast) == 2 and entry.copies is not None and len(entry.copies) == 2
+    s.store(reply(("192.0.2.2",)), 100.6)  # a refresh replaces the entry
+    assert len(s.fast) == 0 and entry.dead
+    assert s.metrics.cache_hits[0] == 1  # the row's hit was counted on the way out
+
+
+def test_prefetch_starts_once_when_a_row_reaches_the_prefetch_time() -> None:
+    s = Setup(prefetch_percent=10)
+    entry = s.store(reply(ttl=60), 100.0)
+    assert entry.prefetch_at == 154.0
+    s.fast.remember(query(), wire.parse_query(query()), entry, 153.5)
+    hit = s.fast.get(query()[2:])
+    assert hit is not None and hit.valid_until == 154.0  # not 154.5, when the TTL drops
+    assert s.served(query(), 154.0) is not None
+    assert s.prefetched == [wire.parse_query(query()).key]
+    entry.prefetching = True  # what Resolver.prefetch does
+    assert s.served(query(), 154.5) is not None
+    assert len(s.prefetched) == 1 and hit.valid_until == 155.0
+
+
+def test_hits_reach_the_metrics_exactly_when_flushed() -> None:
+    s = Setup()
+    entry = s.store(reply(), 100.0)
+    hit = s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
+    assert hit is not None
+    for _ in range(5):
+        hit.hits += 1
+        hit.seconds += 0.00001
+    hit.hits += 1
+    s.fast.slow_hit(hit, 0.003)  # one that took 3 ms
+    assert s.metrics.cache_hits == [1, 0]  # the slow one only, so far
+    s.fast.flush()
+    histogram = s.metrics.durations["cache"]
+    assert s.metrics.cache_hits == [6, 0]
+    assert s.metrics.requests["udp"][QTYPE.A] == 6
+    assert s.metrics.responses["cache"][wire.NOERROR] == 6
+    assert sum(histogram.counts) == 6 and histogram.counts[0] == 5
+    assert abs(histogram.total - 0.00305) < 1e-9
+    s.fast.flush()
+    assert s.metrics.cache_hits == [6, 0]  # nothing counted twice
+
+
+def test_a_full_table_sweeps_rows_not_asked_lately_and_else_adds_none() -> None:
+    s = Setup(capacity=2)
+    rows = []
+    for i, name in enumerate(("a.example", "b.example", "c.example")):
+        entry = s.store(reply(name=name), 100.0, name)
+        data = query(name)
+        rows.append(s.fast.remember(data, wire.parse_query(data), entry, 100.0 + i * 0.1))
+    assert rows[2] is None and len(s.fast) == 2  # full, and both rows still valid
+    entry = s.store(reply(name="c.example"), 102.0, "c.example")
+    data = query("c.example")
+    assert s.fast.remember(data, wire.parse_query(data), entry, 102.0) is not None
+    assert len(s.fast) == 1  # the two rows nobody asked for since 101.0 went
+
+
+def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
+    s = Setup()
+    addresses = ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4")
+    msg = reply(addresses, name="svc.local")
+    entry = s.store(msg, 100.0, "svc.local")
+    table = EndpointTable()
+    counts: dict[tuple[str, str], int] = {}
+    settings = ShapeSettings(max_answers=1)
+    entry.shaped = shape(entry, msg, "local", False, table, settings, random.Random(2), counts, 100)
+    assert entry.shaped is not None
+    data = query("svc.local")
+    s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    firsts = []
+    for i in range(64):
+        answer = s.served(data, 100.0 + i * 0.001)
+        assert answer is not None and len(answer.rr) == 1 and answer.rr[0].ttl == 5
+        firsts.append(str(answer.rr[0].rdata))
+    assert sorted(set(firsts)) == list(addresses)
+    drawn = sorted(
+        str(DNSRecord.parse(v.render(data, wire.parse_query(data), 100.0, 512)).rr[0].rdata)
+        for v in entry.shaped.variants
+    )
+    assert sorted(firsts) == drawn  # one turn through the pool: each variant once
+    for endpoint in table.due(100.0):  # the first probe settles an unknown endpoint
+        table.probed(endpoint, endpoint.address != "10.0.0.1", 0.001, 100.0)
+    seen = set()
+    for i in range(64):
+        answer = s.served(data, 100.0 + SHAPED_RECHECK + i * 0.001)
+        assert answer is not None
+        seen.add(str(answer.rr[0].rdata))
+    assert seen == set(addresses[1:])
+    s.fast.flush()
+    assert counts == {("local", "reordered"): 64, ("local", "filtered"): 64}
