@@ -7,7 +7,9 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
 - `protocol`: an asyncio.DatagramProtocol on uvloop: `datagram_received`, `transport.sendto`
   (what the sidecar does);
 - `reader`: uvloop's `add_reader` on a plain non-blocking socket; each wake-up drains up to 64
-  datagrams with `sock.recvfrom` and answers each with `sock.sendto`.
+  datagrams with `sock.recvfrom` and answers each with `sock.sendto`;
+- `blocking`: no event loop at all: a plain blocking socket, `recvfrom` then `sendto`, in a loop
+  (the least a Python process can do per datagram).
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
@@ -35,7 +37,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("protocol", "reader")
+MODES = ("protocol", "reader", "blocking")
 
 
 def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
@@ -62,6 +64,18 @@ class _Protocol(asyncio.DatagramProtocol):
         tail = self.table.get(data[2:])
         if tail is not None and self.transport is not None:
             self.transport.sendto(data[:2] + tail, addr)
+
+
+def _serve_blocking(host: str, port: int) -> None:
+    table = reply_table(zones.hit_names(1000))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    recvfrom, sendto, get = sock.recvfrom, sock.sendto, table.get
+    while True:
+        data, addr = recvfrom(512)
+        tail = get(data[2:])
+        if tail is not None:
+            sendto(data[:2] + tail, addr)
 
 
 async def _serve(mode: str, host: str, port: int) -> None:
@@ -102,6 +116,8 @@ def serve(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
+    if args.mode == "blocking":
+        _serve_blocking(host, int(port))
     uvloop.run(_serve(args.mode, host, int(port)))
     return 0
 

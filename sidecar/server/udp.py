@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from random import random
 from time import monotonic, perf_counter
 from typing import cast
@@ -30,7 +31,41 @@ def _no_row(_key: bytes) -> None:
     return None
 
 
+Receiver = Callable[[bytes, tuple[str | int, ...]], None]
+
+
+def _hot_path(
+    fast_get: Callable[[bytes], FastHit | None],
+    sendto: Receiver,
+    slow_hit: Callable[[FastHit, float], None],
+    received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None],
+) -> Receiver:
+    """The listener's `datagram_received`: a closure over what it uses, so a hit reads no
+    attribute of the listener (uvloop looks the method up per datagram; an instance attribute
+    holding this function saves making a bound method too). Bound again whenever one of its
+    parts changes (transport, resolver, draining, access, query logging)."""
+
+    def datagram_received(data: bytes, addr: tuple[str | int, ...]) -> None:
+        hit = fast_get(data[2:])
+        if hit is not None:
+            now = monotonic()
+            if now < hit.valid_until:
+                sendto(data[:2] + hit.next_tail(), addr)
+                hit.hits += 1
+                elapsed = monotonic() - now
+                if elapsed < QUICK:
+                    hit.seconds += elapsed
+                else:
+                    slow_hit(hit, elapsed)
+                return
+        received(data, addr, hit)
+
+    return datagram_received
+
+
 class UdpListener(asyncio.DatagramProtocol):
+    datagram_received: Receiver  # type: ignore[assignment]  # a closure; see _hot_path
+
     def __init__(
         self,
         resolver: Resolver,
@@ -46,7 +81,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.max_pending = max_pending
         self.log_queries = log_queries
         self.transport: asyncio.DatagramTransport | None = None
-        self.sendto = self._not_connected
+        self.sendto: Receiver = self._not_connected
         self.pending: set[asyncio.Task[None]] = set()
         self._draining = False
         self._resolver = resolver
@@ -88,27 +123,15 @@ class UdpListener(asyncio.DatagramProtocol):
         # Draining, logging every query, admission: every query goes through _received.
         off = self._draining or self.log_queries > 0 or self.guarded
         self.fast = self._resolver.fast
-        self.fast_get = _no_row if off else self.fast.get
+        self.datagram_received = _hot_path(
+            _no_row if off else self.fast.get, self.sendto, self.fast.slow_hit, self._received
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport does not derive from asyncio.DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
         self.sendto = self.transport.sendto
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        hit = self.fast_get(data[2:])
-        if hit is not None:
-            now = monotonic()
-            if now < hit.valid_until:
-                self.sendto(data[:2] + hit.next_tail(), addr)
-                hit.hits += 1
-                elapsed = monotonic() - now
-                if elapsed < QUICK:
-                    hit.seconds += elapsed
-                else:
-                    self.fast.slow_hit(hit, elapsed)
-                return
-        self._received(data, addr, hit)
+        self._bind_fast_path()
 
     def _admit(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """Admission: a client not judged yet, refused, or rate limited."""
