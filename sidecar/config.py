@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import importlib.util
 import ipaddress
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -819,6 +817,8 @@ Layer = dict[str, tuple[Any, str]]
 
 
 def _unknown_key(key: str, value: object, known: Sequence[str], hint: str = "") -> ConfigError:
+    import difflib  # lazy: only an error needs it
+
     name = key.rsplit(".", 1)[-1] if not key.startswith(ENV_PREFIX) else key
     close = difflib.get_close_matches(name, known, n=1)
     what = "unknown variable" if key.startswith(ENV_PREFIX) else "unknown key"
@@ -833,6 +833,8 @@ def _unknown_key(key: str, value: object, known: Sequence[str], hint: str = "") 
 
 def read_toml(path: str) -> dict[str, Any]:
     """Read a TOML file; an unreadable or malformed file is a ConfigError on key ``config``."""
+    import tomllib  # lazy: most sidecars run from flags and the environment alone
+
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import socket
 import struct
 import sys
@@ -92,7 +91,7 @@ def check(address: HostPort, timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, st
     started = time.monotonic()
     deadline = started + timeout
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    qid = secrets.randbelow(1 << 16)
+    qid = int.from_bytes(os.urandom(2), "big")  # from the OS CSPRNG
     mismatched = 0
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:

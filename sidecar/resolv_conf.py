@@ -26,7 +26,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -114,6 +113,8 @@ def _write_in_place(path: str, data: bytes) -> None:
 
 def _write_atomically(path: str, data: bytes) -> None:
     """A temporary file in the same directory, with the file's mode and owner, renamed over."""
+    import tempfile  # lazy: only --manage-resolv-conf writes, once at start and once at stop
+
     st = os.stat(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".resolv.conf.", dir=directory)

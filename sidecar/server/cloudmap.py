@@ -37,13 +37,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import ipaddress
-import json
 import logging
 import os
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -116,6 +114,9 @@ def resolve_region(explicit: str | None, env: Mapping[str, str] | None = None) -
     base = env.get("ECS_CONTAINER_METADATA_URI_V4")
     if not base:
         return None
+    import json  # lazy: only this rare path (Cloud Map, no region configured) needs them
+    import urllib.request
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # link-local: no proxy
     try:
         with opener.open(base.rstrip("/") + "/task", timeout=METADATA_TIMEOUT) as response:
