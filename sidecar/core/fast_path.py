@@ -95,8 +95,11 @@ class FastPath:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def remember(self, query: bytes, q: wire.Query, entry: Entry, now: float) -> FastHit | None:
-        """A row for `query` answered from `entry`, ready to serve; None if there is no room."""
+    def remember(
+        self, query: bytes, q: wire.Query, entry: Entry, now: float, reply: bytes = b""
+    ) -> FastHit | None:
+        """A row for `query` answered from `entry`, ready to serve; None if there is no room.
+        `reply`: the plain (not shaped) reply just rendered from `entry` at `now`, if any."""
         if len(self.rows) >= self.capacity:
             if now - self._swept_at < SWEEP_EVERY:
                 return None
@@ -110,6 +113,9 @@ class FastPath:
         if old is not None:
             self.drop(old)
         hit = FastHit(self, key, entry, q)
+        if reply and entry.shaped is None:
+            hit.next_tail = repeat(reply[2:]).__next__
+            hit.shown_ttl = math.ceil(entry.expires - now)
         if not self.refresh(hit, query, now):
             return None
         self.rows[key] = hit

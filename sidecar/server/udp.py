@@ -188,7 +188,7 @@ class UdpListener(asyncio.DatagramProtocol):
             reply = self._resolver.render(cached, data, q, now, limit)
             self.sendto(reply, addr)
             if not self.log_queries:
-                self.fast.remember(data, q, cached, now)
+                self.fast.remember(data, q, cached, now, reply)
             self.metrics.answered("cache", reply, perf_counter() - start)
             if self.log_queries:
                 self._log(addr, q, reply, "cache", start)

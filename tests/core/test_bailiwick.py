@@ -3,6 +3,8 @@ cache's estimated bytes stay under max_bytes."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from dnslib import CNAME, DNAME, NS, QTYPE, RR, SOA, A, DNSRecord
 
@@ -204,9 +206,27 @@ class TestMaxBytes:
             keys.append(query_key(name))
             cache.store(keys[-1], msg, wire.parse_reply(msg), 100.0, False)
         costs = [entry.cost + len(key) for key, entry in cache._entries.items()]
-        assert cache.bytes == sum(costs) and 800 < costs[0] < 1000
+        assert cache.bytes == sum(costs) and 400 < costs[0] < 600
         cache.get_stale(keys[0], 100.0 + 60 + 10**6)  # too old even for stale: removed
         assert cache.bytes == sum(costs[1:])
+
+    def test_the_estimate_is_close_to_what_python_allocates(self) -> None:
+        cache = TtlCache(CacheSettings(max_entries=5000))
+        stored = []
+        for i in range(2000):
+            name = f"n{i}.example.test"
+            msg = reply(name, (a(name), a(name, "10.0.0.2")))
+            stored.append((query_key(name), msg, wire.parse_reply(msg)))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for key, msg, walked in stored:
+                cache.store(key, msg, walked, 100.0, False)
+            allocated = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        keys = sum(len(key) for key, _msg, _walked in stored)  # allocated before, charged too
+        assert 0.8 < cache.bytes / (allocated + keys) < 1.25
 
     def test_least_recently_used_evicted_to_stay_under_max_bytes(self) -> None:
         limit = 1 << 20
