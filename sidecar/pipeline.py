@@ -95,7 +95,11 @@ class Resolver:
         self.metrics = metrics
         # Cache hits remembered as finished replies, for the UDP listeners (core/fast_path.py).
         self.fast = FastPath(
-            metrics, self.prefetch, min(cache.limits.max_entries, FAST_PATH_ROWS), self.rng
+            metrics,
+            self.prefetch,
+            min(cache.limits.max_entries, FAST_PATH_ROWS),
+            self.rng,
+            cache.touch,
         )
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()

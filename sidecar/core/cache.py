@@ -226,6 +226,11 @@ class TtlCache:
         self._entries.move_to_end(key)
         return entry
 
+    def touch(self, key: bytes) -> None:
+        """Mark `key` as recently used (for hits served from a copy of its entry)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+
     def get_stale(self, key: bytes, now: float) -> Entry | None:
         """An entry that expired at most `max_stale` seconds ago (RFC 8767), or None."""
         entry = self._entries.get(key)

@@ -18,6 +18,8 @@ Theory of operation
 - Counting: a row counts its own hits and their time; the labelled families (requests by type,
   cache hits, responses by rcode, the latency histogram, shaped answers by action) are added
   up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
+- The cache's LRU order sees a row's entry used at every refresh (about once a second while
+  the row is asked), not at every hit.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -83,9 +85,11 @@ class FastPath:
         prefetch: Callable[[wire.Query, Entry], None],
         capacity: int = FAST_PATH_ROWS,
         rng: random.Random | None = None,
+        touch: Callable[[bytes], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.prefetch = prefetch
+        self.touch = touch or (lambda _key: None)  # marks a cache key as recently used
         self.capacity = capacity
         self.rng = rng or random.Random()
         self.rows: dict[bytes, FastHit] = {}
@@ -133,6 +137,7 @@ class FastPath:
             self.drop(hit)
             return False
         q = hit.q
+        self.touch(q.key)  # hits on rows keep their entry from looking least recently used
         if now >= entry.prefetch_at and not entry.prefetching:
             self.prefetch(q, entry)
         ttl = math.ceil(entry.expires - now)

@@ -172,3 +172,21 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
     assert seen == set(addresses[1:])
     s.fast.flush()
     assert counts == {("local", "reordered"): 64, ("local", "filtered"): 64}
+
+
+def test_refreshing_a_row_keeps_its_entry_from_being_evicted_first() -> None:
+    metrics = Metrics()
+    cache = TtlCache(CacheSettings(max_entries=2, prefetch_percent=0))
+    fast = FastPath(metrics, lambda q, entry: None, touch=cache.touch)
+    entries = {}
+    for name in ("a.example", "b.example"):
+        q = wire.parse_query(query(name))
+        msg = reply(name=name)
+        entries[name] = cache.store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    data = query("a.example")
+    hit = fast.remember(data, wire.parse_query(data), entries["a.example"], 100.0)
+    assert hit is not None and fast.refresh(hit, data, 101.5)  # a.example asked again
+    q = wire.parse_query(query("c.example"))
+    msg = reply(name="c.example")
+    cache.store(q.key, msg, wire.parse_reply(msg), 101.6, False)  # full: one must go
+    assert entries["b.example"].dead and not entries["a.example"].dead
