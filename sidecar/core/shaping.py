@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from dnslib import QTYPE, DNSRecord
+from typing import TYPE_CHECKING
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
 from sidecar.core.endpoints import EndpointTable
 
-ADDRESS_TYPES = (QTYPE.A, QTYPE.AAAA)
+if TYPE_CHECKING:
+    from dnslib import DNSRecord  # imported when the first answer is shaped: idle RSS
+
+ADDRESS_TYPES = (1, 28)  # A, AAAA
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,9 @@ def weights(
     latencies: Sequence[float | None], slack: float, scale: float, steepness: float
 ) -> list[float]:
     """Weights for a weighted random order; None (not measured yet) counts as the median."""
-    known = [lat for lat in latencies if lat is not None]
-    fallback = statistics.median(known) if known else 0.0
+    known = sorted(lat for lat in latencies if lat is not None)
+    middle = len(known) // 2
+    fallback = (known[middle] + known[~middle]) / 2 if known else 0.0  # the median
     filled = [fallback if lat is None else lat for lat in latencies]
     if not filled:
         return []
@@ -145,6 +147,8 @@ class ShapedAnswer:
         self.generation += 1
 
     def _message(self, answers: list[object]) -> Entry:
+        from dnslib import DNSRecord
+
         record = DNSRecord(header=self.record.header, questions=self.record.questions, rr=answers)
         msg = bytes(record.pack())
         return Entry(
@@ -192,6 +196,8 @@ def shape(
     """A ShapedAnswer for a positive A/AAAA answer with addresses in it, else None."""
     if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
         return None
+    from dnslib import DNSRecord
+
     record = DNSRecord.parse(msg)
     if record.q.qtype not in ADDRESS_TYPES:
         return None
