@@ -12,7 +12,14 @@ from sidecar.config import CacheSettings
 from sidecar.core import wire
 from sidecar.core.cache import TtlCache
 from sidecar.core.endpoints import EndpointTable
-from sidecar.core.shaping import ShapedAnswer, ShapeSettings, shape, weighted_order, weights
+from sidecar.core.shaping import (
+    ShapedAnswer,
+    ShapeSettings,
+    exact_shares,
+    shape,
+    weighted_order,
+    weights,
+)
 
 NAME = "resource-server.local"
 ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
@@ -164,3 +171,29 @@ def test_the_pool_is_drawn_again_only_when_this_answer_would_change() -> None:
         table.probed(endpoint, False, None, 104.0)
     shaped.render(query, q, 105.0, 4096, 59)
     assert shaped.variants is not pool and shaped.action == "filtered"
+
+
+def pool_firsts(shaped: ShapedAnswer, q: wire.Query, query: bytes) -> Counter[str]:
+    shaped.refresh(101.0)
+    return Counter(
+        str(DNSRecord.parse(v.render(query, q, 101.0, 4096)).rr[0].rdata) for v in shaped.variants
+    )
+
+
+def test_equally_healthy_endpoints_lead_the_pool_in_exact_shares() -> None:
+    table = EndpointTable()
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (True, 0.001) for a in ADDRESSES})
+    assert pool_firsts(shaped, q, query) == dict.fromkeys(ADDRESSES, 16)
+    table = EndpointTable()
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (a != "10.0.0.4", 0.001) for a in ADDRESSES})  # 64 / 3 each
+    assert sorted(pool_firsts(shaped, q, query).values()) == [21, 21, 22]
+
+
+def test_exact_shares_follow_the_weights_and_add_up() -> None:
+    rng = random.Random(5)
+    assert exact_shares([1.0, 1.0, 2.0], 64, rng) == [16, 16, 32]
+    assert sum(exact_shares([0.3, 0.3, 0.3], 64, rng)) == 64
+    assert exact_shares([0.0, 0.0], 10, rng) == [5, 5]
+    assert exact_shares([], 64, rng) == []
