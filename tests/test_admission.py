@@ -84,6 +84,22 @@ def test_outsider_never_gets_a_fast_path_hit() -> None:
     assert DNSRecord.parse(sent.sent[-1][0]).header.rcode == wire.REFUSED
 
 
+def test_an_allowed_client_known_before_takes_the_fast_path() -> None:
+    udp, sent = make_listener()
+    for qid in (1, 2, 3):
+        udp.datagram_received(query(qid), ALLOWED)
+    row = udp.fast.get(query(1)[2:])
+    assert row is not None and row.hits == 2  # the first query made the row
+    assert [DNSRecord.parse(data).header.id for data, _addr in sent.sent] == [1, 2, 3]
+
+
+def test_with_a_rate_limit_every_query_takes_a_token_even_on_the_fast_path() -> None:
+    udp, sent = make_listener(RateLimiter(rate=2.0))  # a burst of 2
+    for qid in range(5):
+        udp.datagram_received(query(qid), ALLOWED)
+    assert len(sent.sent) == 2 and udp.metrics.dropped["overload"] == 3
+
+
 @pytest.mark.parametrize("data", [b"", b"\x00" * 11, b"\x12\x34\x81\x80" + bytes(8), b"junk" * 9])
 def test_outsider_garbage_gets_silence(data: bytes) -> None:
     udp, sent = make_listener()

@@ -36,18 +36,20 @@ Receiver = Callable[[bytes, tuple[str | int, ...]], None]
 
 def _hot_path(
     fast_get: Callable[[bytes], FastHit | None],
+    admitted_get: Callable[[str | int], bool | None] | None,
     sendto: Receiver,
     slow_hit: Callable[[FastHit, float], None],
     received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None],
 ) -> Receiver:
     """The listener's `datagram_received`: a closure over what it uses, so a hit reads no
     attribute of the listener (uvloop looks the method up per datagram; an instance attribute
-    holding this function saves making a bound method too). Bound again whenever one of its
-    parts changes (transport, resolver, draining, access, query logging)."""
+    holding this function saves making a bound method too). With an allow list, a client
+    judged allowed before passes with one dict lookup (`admitted_get`). Bound again whenever
+    one of its parts changes (transport, resolver, draining, access, query logging)."""
 
     def datagram_received(data: bytes, addr: tuple[str | int, ...]) -> None:
         hit = fast_get(data[2:])
-        if hit is not None:
+        if hit is not None and (admitted_get is None or admitted_get(addr[0]) is True):
             now = monotonic()
             if now < hit.valid_until:
                 sendto(data[:2] + hit.next_tail(), addr)
@@ -120,11 +122,16 @@ class UdpListener(asyncio.DatagramProtocol):
         self._bind_fast_path()
 
     def _bind_fast_path(self) -> None:
-        # Draining, logging every query, admission: every query goes through _received.
-        off = self._draining or self.log_queries > 0 or self.guarded
         self.fast = self._resolver.fast
+        # Draining or logging every query: every query goes through _received. A rate limit
+        # takes a token per query, so there too; an allow list alone costs one dict lookup.
+        off = self._draining or self.log_queries > 0 or self.limiter is not None
         self.datagram_received = _hot_path(
-            _no_row if off else self.fast.get, self.sendto, self.fast.slow_hit, self._received
+            _no_row if off else self.fast.get,
+            self.admitted.get if self.guarded else None,
+            self.sendto,
+            self.fast.slow_hit,
+            self._received,
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,7 +170,8 @@ class UdpListener(asyncio.DatagramProtocol):
         if self.guarded:
             if not self._admit(data, addr):
                 return
-            hit = self.fast.get(data[2:])
+            if hit is None:
+                hit = self.fast.get(data[2:])
         now = monotonic()
         if hit is not None and (now < hit.valid_until or self.fast.refresh(hit, data, now)):
             self.sendto(data[:2] + hit.next_tail(), addr)
