@@ -295,6 +295,7 @@ class Server:
         )
         self.watch_loops(old.loop_token)
         old.fast.clear()  # its rows may answer differently now; their counts are kept
+        old.forwarder.close()  # its sockets close as the queries still on them end
         access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:
             protocol.resolver = self.resolver
@@ -349,6 +350,7 @@ class Server:
                 await asyncio.wait(tcp.connections, timeout=1.0)
         for transport, _protocol in self.udp:
             transport.close()
+        self.resolver.forwarder.close()
         for server in self.tcp_servers:
             await server.wait_closed()
         if self.http_server is not None:

@@ -1,22 +1,43 @@
-"""Talking to upstream servers: one UDP exchange, one TCP exchange, and the retry loop.
+"""Talking to upstream servers: UDP through a pool of long-lived sockets, TCP, the retry loop.
 
-Every exchange treats the reply as hostile (RFC 5452): a fresh connected UDP socket per query
-(the kernel picks a random source port and drops datagrams from any other address), a random
-16-bit ID from the OS CSPRNG, and a reply is taken only when ID, QR and question match. Anything
-else is counted and ignored; it never ends the wait early.
+Every exchange treats the reply as hostile (RFC 5452): a random 16-bit ID from the OS CSPRNG,
+a random source port, and a reply is taken only when ID, QR and question match. Anything else
+is counted and ignored; it never ends the wait early.
 
-Why not asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port
-unreachable, so a refused attempt would cost the whole attempt timeout. A protocol that
-resolves one future is also fewer objects per query.
+The UDP socket pool (one `SocketPool` per upstream server):
+- Each socket is connected to its server, so the kernel picks a random source port and drops
+  datagrams from any other address or port (nothing forged from elsewhere wakes us up), and an
+  ICMP port unreachable from the server comes back as an error on the socket at once.
+- Several queries share one socket: they are told apart by ID (unique among the socket's
+  queries in flight and its recently finished ones) and question. A socket takes at most
+  `SOCKET_INFLIGHT` queries at a time (its receive buffer must hold their replies), and the
+  pool opens another when every socket is full, up to `MAX_SOCKETS`; queries take the sockets
+  in turn, and at least `POOL_SOCKETS` are kept so that the ports in use vary.
+- A socket is retired after `SOCKET_QUERIES` queries or `SOCKET_SECONDS`, so source ports keep
+  changing; also at once when it reports an error (ICMP unreachable, a failed send), which then
+  fails every query waiting on it (they all went to the same address and port). A retired
+  socket takes no new query and is closed when its last one ends.
+- A reply to a query that has given up (timed out, cancelled) or was answered already is
+  dropped without a word, as it was when each query had its socket of its own (which was closed
+  by then); only what matches nothing is counted as a mismatch.
+- Deadlines are one timer per attempt (`loop.call_later`) that fails the attempt's future;
+  no task per attempt.
+
+Sockets are plain non-blocking sockets read from `loop.add_reader`: they are made and closed
+without awaiting (no per-socket transport to set up), and one wake-up reads every datagram
+waiting. Why not asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port
+unreachable, so a refused attempt would cost the whole attempt timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 
 from sidecar.config import HostPort
@@ -33,55 +54,213 @@ from sidecar.metrics import Metrics
 
 log = logging.getLogger("dns_sidecar")
 
+POOL_SOCKETS = 4  # sockets per upstream server kept open (more while many queries are in flight)
+SOCKET_INFLIGHT = 64  # queries waiting on one socket at most: their replies fit its buffer
+MAX_SOCKETS = 1024  # per upstream server: 65,536 queries in flight
+SOCKET_QUERIES = 500  # a socket is retired after this many queries...
+SOCKET_SECONDS = 5.0  # ...or this long after it was opened
+RECENT_IDS = 256  # IDs of finished queries per socket: not reused, late replies dropped quietly
+MAX_REPLY = 65535
+_IDS = 256  # random IDs drawn from the OS CSPRNG at a time
 
-class _OneReply(asyncio.DatagramProtocol):
-    def __init__(self, qid: bytes, question: bytes, mismatch: Callable[[], None]) -> None:
+
+class _Query:
+    """One UDP query in flight: its ID, question, the future its reply goes to, its timer."""
+
+    __slots__ = ("future", "qid", "question", "timer")
+
+    def __init__(
+        self, qid: bytes, question: bytes, future: asyncio.Future[bytes], timer: asyncio.Handle
+    ) -> None:
         self.qid = qid
         self.question = question
-        self.mismatch = mismatch
-        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.future = future
+        self.timer = timer
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.reply.done():
-            return
-        if wire.reply_matches(data, self.qid, self.question):
-            self.reply.set_result(data)
-        else:
-            self.mismatch()
 
-    def error_received(self, exc: Exception) -> None:
-        if not self.reply.done():
-            if isinstance(exc, ConnectionRefusedError):
-                self.reply.set_exception(UpstreamRefused(str(exc)))
+def _expired(future: asyncio.Future[bytes], server: HostPort, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(UpstreamTimeout(f"{server}: no reply within {timeout:.2f}s"))
+
+
+class UpstreamSocket:
+    """A connected UDP socket to one server, shared by the queries of its pool."""
+
+    def __init__(self, pool: SocketPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        server = pool.server
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((server.host, server.port))  # UDP: no packet, a random source port
+            loop.add_reader(sock.fileno(), self._readable)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock: socket.socket | None = sock
+        self.pending: dict[bytes, _Query] = {}
+        self.recent: dict[bytes, bytes] = {}  # ID -> question of finished queries, oldest first
+        self.sent = 0
+        self.retire_at = loop.time() + SOCKET_SECONDS
+        self.retired = False
+
+    def send(self, question: bytes, *, cd: bool, do: bool, timeout: float) -> _Query:
+        """Send a query; its future gets the reply, or fails with UpstreamError (at once when
+        the send fails). Call `finish` with it once done waiting."""
+        loop = self.loop
+        pending = self.pending
+        recent = self.recent
+        pool = self.pool
+        qid = pool.new_id()
+        while qid in pending or qid in recent:
+            qid = pool.new_id()
+        future: asyncio.Future[bytes] = loop.create_future()
+        timer = loop.call_later(timeout, _expired, future, pool.server, timeout)
+        query = _Query(qid, question, future, timer)
+        pending[qid] = query
+        self.sent += 1
+        sock = self.sock
+        assert sock is not None  # a closed socket is never handed out
+        try:
+            sock.send(wire.build_query(int.from_bytes(qid, "big"), question, cd=cd, do=do))
+        except BlockingIOError as exc:  # the send buffer is full: this query only
+            future.set_exception(UpstreamError(f"{pool.server}: {exc}"))
+        except OSError as exc:  # an ICMP error reported on the send: the server's, for all
+            self._error(exc)
+        return query
+
+    def finish(self, query: _Query) -> None:
+        """The waiter is done with `query` (answered, failed, timed out or cancelled)."""
+        query.timer.cancel()
+        qid = query.qid
+        self.pending.pop(qid, None)
+        if self.sock is not None:
+            recent = self.recent
+            recent[qid] = query.question
+            if len(recent) > RECENT_IDS:
+                del recent[next(iter(recent))]
+            if self.retired and not self.pending:
+                self.close()
+
+    def _readable(self) -> None:
+        sock = self.sock
+        while sock is not None:
+            try:
+                data = sock.recv(MAX_REPLY)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._error(exc)
+                return
+            qid = data[:2]
+            query = self.pending.get(qid)
+            if query is not None and wire.reply_matches(data, qid, query.question):
+                del self.pending[qid]
+                if not query.future.done():
+                    query.future.set_result(data)
             else:
-                self.reply.set_exception(UpstreamError(str(exc)))
+                question = self.recent.get(qid)
+                if question is None or not wire.reply_matches(data, qid, question):
+                    self.pool.mismatch()
+            sock = self.sock
+
+    def _error(self, exc: OSError) -> None:
+        """The socket reported an error: every query on it fails, and it is replaced."""
+        server = self.pool.server
+        kind = UpstreamRefused if isinstance(exc, ConnectionRefusedError) else UpstreamError
+        for query in self.pending.values():
+            if not query.future.done():
+                query.future.set_exception(kind(f"{server}: {exc}"))
+        self.pending.clear()
+        self.retire()
+
+    def retire(self) -> None:
+        """Take no new query; close when the last one ends."""
+        if not self.retired:
+            self.retired = True
+            self.pool.retired(self)
+        if not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if not self.loop.is_closed():
+            self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    @property
+    def port(self) -> int:
+        """The local (source) port, for tests; 0 once closed."""
+        return self.sock.getsockname()[1] if self.sock is not None else 0
 
 
-async def udp_exchange(
-    server: HostPort,
-    question: bytes,
-    *,
-    cd: bool,
-    do: bool,
-    timeout: float,
-    mismatch: Callable[[], None],
-) -> bytes:
-    qid = secrets.randbits(16)
-    query = wire.build_query(qid, question, cd=cd, do=do)
-    loop = asyncio.get_running_loop()
-    try:
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneReply(query[:2], question, mismatch), remote_addr=(server.host, server.port)
-        )
-    except OSError as exc:
-        raise UpstreamError(f"{server}: {exc}") from None
-    try:
-        transport.sendto(query)
-        return await asyncio.wait_for(protocol.reply, timeout)
-    except TimeoutError:
-        raise UpstreamTimeout(f"{server}: no reply within {timeout:.2f}s") from None
-    finally:
-        transport.close()
+class SocketPool:
+    """The UDP sockets to one upstream server: see the module's docstring."""
+
+    def __init__(self, server: HostPort, metrics: Metrics) -> None:
+        self.server = server
+        self.name = str(server)
+        self.metrics = metrics
+        self.live: list[UpstreamSocket] = []
+        self.turn = 0
+        self.closed = False
+        self._ids = b""
+        self._next = 0
+
+    def new_id(self) -> bytes:
+        """A random 16-bit ID from the OS CSPRNG (drawn a few hundred at a time)."""
+        at = self._next
+        if at >= len(self._ids):
+            self._ids, at = os.urandom(2 * _IDS), 0
+        self._next = at + 2
+        return self._ids[at : at + 2]
+
+    def socket(self, loop: asyncio.AbstractEventLoop) -> UpstreamSocket:
+        """The socket for the next query: the live ones in turn, skipping full ones; retired
+        when due; a new one when there are fewer than POOL_SOCKETS or all are full."""
+        live = self.live
+        if len(live) >= POOL_SOCKETS and not self.closed:
+            now = loop.time()
+            for _ in range(len(live)):
+                self.turn += 1
+                sock = live[self.turn % len(live)]
+                if sock.sent >= SOCKET_QUERIES or now >= sock.retire_at:
+                    sock.retire()  # leaves `live`; replaced below if need be
+                    break
+                if len(sock.pending) < SOCKET_INFLIGHT:
+                    return sock
+        if len(live) >= MAX_SOCKETS:
+            raise UpstreamError(f"{self.server}: too many queries in flight")
+        try:
+            sock = UpstreamSocket(self, loop)
+        except OSError as exc:
+            raise UpstreamError(f"{self.server}: {exc}") from None
+        if self.closed:
+            sock.retired = True  # closed once its only query ends
+        else:
+            live.append(sock)
+        return sock
+
+    def retired(self, sock: UpstreamSocket) -> None:
+        if sock in self.live:
+            self.live.remove(sock)
+
+    def mismatch(self) -> None:
+        self.metrics.upstream_error(self.name, "mismatch")
+
+    def close(self) -> None:
+        """Retire every socket (each closes when its last query ends); later queries get a
+        socket of their own, closed after them."""
+        self.closed = True
+        for sock in list(self.live):
+            sock.retire()
+
+    def sockets(self) -> int:
+        return len(self.live)
 
 
 async def tcp_exchange(
@@ -123,6 +302,8 @@ class Forwarder:
 
     attempt_timeout: float
     metrics: Metrics
+    pools: dict[HostPort, SocketPool] = field(default_factory=dict, init=False, repr=False)
+    closed: bool = field(default=False, init=False)
 
     async def exchange(
         self, server: HostPort, question: bytes, *, cd: bool, do: bool, deadline: float
@@ -130,34 +311,40 @@ class Forwarder:
         """One attempt at one server: UDP, then TCP with what remains if the reply was
         truncated; the reply walked. Raises UpstreamError."""
         loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        name = str(server)
-
-        def mismatch() -> None:
-            self.metrics.upstream_error(name, "mismatch")
-
-        msg = await udp_exchange(
-            server,
-            question,
-            cd=cd,
-            do=do,
-            timeout=min(self.attempt_timeout, remaining),
-            mismatch=mismatch,
+        pool = self.pools.get(server)
+        if pool is None:
+            pool = self.pools[server] = SocketPool(server, self.metrics)
+            if self.closed:
+                pool.close()
+        sock = pool.socket(loop)
+        query = sock.send(
+            question, cd=cd, do=do, timeout=min(self.attempt_timeout, deadline - loop.time())
         )
+        try:
+            msg = await query.future
+        finally:
+            sock.finish(query)
         if msg[2] & wire.TC:
-            self.metrics.upstream_error(name, "truncated")
+            self.metrics.upstream_error(pool.name, "truncated")
             msg = await tcp_exchange(
                 server,
                 question,
                 cd=cd,
                 do=do,
                 timeout=max(deadline - loop.time(), 0.001),
-                mismatch=mismatch,
+                mismatch=pool.mismatch,
             )
         try:
             return msg, wire.parse_reply(msg)
         except FormError as exc:
             raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
+
+    def close(self) -> None:
+        """Close the UDP sockets, each as soon as no query waits on it any more. Queries
+        still to come (in flight at a reload or at shutdown) get sockets of their own."""
+        self.closed = True
+        for pool in self.pools.values():
+            pool.close()
 
     async def forward(
         self,
