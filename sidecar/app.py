@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
-import secrets
 import signal
 import socket
 import time
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from sidecar import logs, resolv_conf
+from sidecar import logs, resolv_conf, supervisor
 from sidecar.config import Config, HostPort
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
@@ -455,42 +455,39 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
 def supervise(config: Config, reload: Callable[[], Config] | None) -> int:
     """`workers` > 1: fork the workers, pass SIGTERM/SIGINT/SIGHUP on to them, wait. If one
     exits with an error, stop the others and exit with that code. The workers share one loop
-    token, so a loop probe sent by worker 0 is recognised by whichever worker it reaches."""
-    token = secrets.token_hex(6)
+    token, so a loop probe sent by worker 0 is recognised by whichever worker it reaches.
+
+    They are forked from this fully imported process (their pages shared copy-on-write, and
+    kept shared: gc.freeze() keeps their collections off the objects they inherit); then this
+    process becomes the lean parent of sidecar/supervisor.py."""
+    token = os.urandom(6).hex()
+    # Held until the parent's handlers are in place (see sidecar/supervisor.py).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.FORWARDED)
+    gc.collect()
+    gc.freeze()
     children: list[int] = []
-    for worker in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # the worker: its own event loop, never returns to the caller
-            code = 1
-            try:
-                code = uvloop.run(serve(config, reload, worker=worker, loop_token=token))
-            finally:
-                os._exit(code)
-        children.append(pid)
-
-    def forward(signum: int, _frame: object) -> None:
+    try:
+        for worker in range(config.workers):
+            pid = os.fork()
+            if pid == 0:  # the worker: its own event loop, never returns to the caller
+                code = 1
+                try:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    code = uvloop.run(serve(config, reload, worker=worker, loop_token=token))
+                finally:
+                    os._exit(code)
+            children.append(pid)
+    except OSError:  # no fork: the sidecar must not half-run
         for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+            os.kill(pid, signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    supervisor.become_lean(children, config.log_format, config.log_level)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    exit_code = 0
-    running = set(children)
-    while running:
-        pid, status = os.wait()
-        running.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if code < 0:  # killed by a signal: report it the way a shell does
-            code = 128 - code
-        if code != 0 and exit_code == 0:
-            exit_code = code
-            logs.get().error(
-                "a worker failed; stopping the others",
-                extra={"fields": {"pid": pid, "exit_code": code}},
-            )
-            forward(signal.SIGTERM, None)
-    return exit_code
+    def log_error(message: str, fields: dict[str, object]) -> None:
+        logs.get().error(message, extra={"fields": fields})
+
+    return supervisor.supervise(children, log_error)
 
 
 __all__ = ["HostPort", "Server", "build_resolver", "run", "serve"]
