@@ -90,10 +90,13 @@ def main(argv: Sequence[str]) -> int:
     root, log_format, log_level, *pids = argv
 
     def log_error(message: str, fields: dict[str, object]) -> None:
-        sys.path.insert(0, root)
-        from sidecar import logs  # lazy: a healthy sidecar never needs logging here
+        try:
+            sys.path.insert(0, root)
+            from sidecar import logs  # lazy: a healthy sidecar never needs logging here
 
-        logs.setup(log_format, log_level).error(message, extra={"fields": fields})
+            logs.setup(log_format, log_level).error(message, extra={"fields": fields})
+        except Exception:  # whatever happens, the other workers must still be stopped
+            print(f"error   {message} {fields}", file=sys.stderr, flush=True)
 
     return supervise([int(pid) for pid in pids], log_error)
 
