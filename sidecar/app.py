@@ -350,7 +350,7 @@ class Server:
                 await asyncio.wait(tcp.connections, timeout=1.0)
         for transport, _protocol in self.udp:
             transport.close()
-        self.resolver.forwarder.close()
+        self.resolver.forwarder.close(now=True)  # what is still in flight ends here
         for server in self.tcp_servers:
             await server.wait_closed()
         if self.http_server is not None:

@@ -170,12 +170,22 @@ class Resolver:
             return self._stale_or_servfail(query, q, stale, limit, "local")
         else:
             fetch = self._start_fetch(q)
+        # Waiting on a future of our own that the fetch wakes, not on the fetch: cancelling
+        # this query (its client went away) must not cancel a fetch other queries share.
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake(_: asyncio.Future[Entry]) -> None:
+            if not waiter.done():  # unless this query was cancelled meanwhile
+                waiter.set_result(None)
+
+        fetch.add_done_callback(wake)
         try:
             if stale is None:
-                entry = await asyncio.shield(fetch)
+                await waiter
             else:
                 async with asyncio.timeout(self.stale_answer_after):
-                    entry = await asyncio.shield(fetch)
+                    await waiter
+            entry = fetch.result()
         except (UpstreamError, TimeoutError):
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
         if stale is not None and entry.rcode == wire.SERVFAIL:
@@ -199,27 +209,47 @@ class Resolver:
         return entry.render(query, q, now, limit)
 
     def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
-        fetch = asyncio.ensure_future(self._fetch(q))
-        self._inflight[q.key] = fetch
-        fetch.add_done_callback(functools.partial(self._fetched, q.key))
-        return fetch
-
-    def _fetched(self, key: bytes, fetch: asyncio.Future[Entry]) -> None:
-        del self._inflight[key]
-        if not fetch.cancelled():
-            fetch.exception()  # retrieved here so a fetch nobody waits for any more is quiet
-
-    async def _fetch(self, q: wire.Query) -> Entry:
+        """Forward `q` to its zone's upstreams; the future of the entry then stored. No task:
+        the forwarder's future calls `_fetched` when it is done."""
+        loop = asyncio.get_running_loop()
         question = q.key[:-1]  # lowercased name + qtype + qclass
         route, upstreams = self.router.route(question[:-4])
-        loop = asyncio.get_running_loop()
+        fetch: asyncio.Future[Entry] = loop.create_future()
+        self._inflight[q.key] = fetch
+        forwarded = self.forwarder.start(
+            question, upstreams, cd=q.cd, do=q.do, deadline=loop.time() + self.query_timeout
+        )
+        forwarded.add_done_callback(functools.partial(self._fetched, q, route, fetch))
+        return fetch
+
+    def _fetched(
+        self,
+        q: wire.Query,
+        route: str,
+        fetch: asyncio.Future[Entry],
+        forwarded: asyncio.Future[tuple[bytes, wire.Reply]],
+    ) -> None:
+        """The upstreams answered or failed: store, and settle `fetch` for its waiters."""
+        del self._inflight[q.key]
         try:
-            msg, reply = await self.forwarder.forward(
-                question, upstreams, cd=q.cd, do=q.do, deadline=loop.time() + self.query_timeout
-            )
-        except UpstreamError:
+            msg, reply = forwarded.result()
+            entry = self._fetch(q, route, msg, reply)
+        except UpstreamError as exc:
             self.cache.remember_failure(q.key, self.clock())
-            raise
+            fetch.set_exception(exc)
+        except asyncio.CancelledError:
+            fetch.cancel()
+            return
+        except Exception as exc:  # a bug: each waiter logs it and answers SERVFAIL
+            fetch.set_exception(exc)
+        else:
+            fetch.set_result(entry)
+            return
+        fetch.exception()  # retrieved here so a fetch nobody waits for any more is quiet
+
+    def _fetch(self, q: wire.Query, route: str, msg: bytes, reply: wire.Reply) -> Entry:
+        """Store an upstream reply (shaped in a discovery zone); the entry."""
+        question = q.key[:-1]
         now = self.clock()
         entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route))
         zone_name, zone = self.discovery.route(question[:-4])

@@ -170,9 +170,13 @@ class UpstreamSocket:
         """The socket reported an error: every query on it fails, and it is replaced."""
         server = self.pool.server
         kind = UpstreamRefused if isinstance(exc, ConnectionRefusedError) else UpstreamError
+        self.fail(lambda: kind(f"{server}: {exc}"))
+
+    def fail(self, error: Callable[[], UpstreamError]) -> None:
+        """Every query waiting on this socket fails with `error()`; the socket is retired."""
         for query in self.pending.values():
             if not query.future.done():
-                query.future.set_exception(kind(f"{server}: {exc}"))
+                query.future.set_exception(error())
         self.pending.clear()
         self.retire()
 
@@ -188,6 +192,7 @@ class UpstreamSocket:
         sock, self.sock = self.sock, None
         if sock is None:
             return
+        self.pool.closed_socket(self)
         if not self.loop.is_closed():
             self.loop.remove_reader(sock.fileno())
         sock.close()
@@ -206,6 +211,7 @@ class SocketPool:
         self.name = str(server)
         self.metrics = metrics
         self.live: list[UpstreamSocket] = []
+        self.retiring: set[UpstreamSocket] = set()  # retired, still open
         self.turn = 0
         self.closed = False
         self._ids = b""
@@ -241,26 +247,35 @@ class SocketPool:
             raise UpstreamError(f"{self.server}: {exc}") from None
         if self.closed:
             sock.retired = True  # closed once its only query ends
+            self.retiring.add(sock)
         else:
             live.append(sock)
         return sock
 
     def retired(self, sock: UpstreamSocket) -> None:
+        """`sock` takes no new query; it stays open until its last one ends."""
         if sock in self.live:
             self.live.remove(sock)
+        self.retiring.add(sock)
+
+    def closed_socket(self, sock: UpstreamSocket) -> None:
+        self.retiring.discard(sock)
 
     def mismatch(self) -> None:
         self.metrics.upstream_error(self.name, "mismatch")
 
-    def close(self) -> None:
+    def close(self, *, now: bool = False) -> None:
         """Retire every socket (each closes when its last query ends); later queries get a
-        socket of their own, closed after them."""
+        socket of their own, closed after them. `now`: close all at once, failing the
+        queries on them."""
         self.closed = True
         for sock in list(self.live):
             sock.retire()
-
-    def sockets(self) -> int:
-        return len(self.live)
+        if now:
+            server = self.server
+            for sock in list(self.retiring):
+                sock.fail(lambda: UpstreamError(f"{server}: shutting down"))
+                sock.close()
 
 
 async def tcp_exchange(
@@ -296,6 +311,191 @@ async def tcp_exchange(
             writer.close()
 
 
+class _Forwarding:
+    """One question's way through a zone's upstreams (see `Forwarder.forward`), driven by the
+    callbacks of its attempts: no task and no coroutine per question or attempt."""
+
+    __slots__ = (
+        "attempt",
+        "cd",
+        "deadline",
+        "do",
+        "fallback",
+        "forwarder",
+        "last_error",
+        "loop",
+        "order",
+        "pool",
+        "query",
+        "question",
+        "result",
+        "sent",
+        "server",
+        "sock",
+        "tcp",
+        "timed_out",
+        "upstreams",
+    )
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        question: bytes,
+        upstreams: UpstreamSet[HostPort],
+        cd: bool,
+        do: bool,
+        deadline: float,
+    ) -> None:
+        self.forwarder = forwarder
+        self.loop = loop = asyncio.get_running_loop()
+        self.question = question
+        self.upstreams = upstreams
+        self.cd = cd
+        self.do = do
+        self.deadline = deadline
+        self.order = upstreams.order()
+        self.attempt = 0
+        self.timed_out = False  # in this round
+        self.fallback: tuple[bytes, wire.Reply] | None = None
+        self.last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
+        self.result: asyncio.Future[tuple[bytes, wire.Reply]] = loop.create_future()
+        self.server: HostPort | None = None
+        self.pool: SocketPool | None = None
+        self.sock: UpstreamSocket | None = None
+        self.query: _Query | None = None
+        self.tcp: asyncio.Task[bytes] | None = None
+        self.sent = 0.0
+        self.next()
+
+    def next(self) -> None:
+        """Start the next attempt; or end, when the deadline has passed or a round went by in
+        which no attempt timed out."""
+        loop = self.loop
+        order = self.order
+        forwarder = self.forwarder
+        while self.deadline - loop.time() > 0.001 and not forwarder.stopped:
+            attempt = self.attempt
+            if attempt and attempt % len(order) == 0:
+                if not self.timed_out:
+                    break
+                self.timed_out = False
+            server = order[attempt % len(order)]
+            self.attempt = attempt + 1
+            self.server = server
+            self.sent = perf_counter()  # loop.time() is millisecond-grained under uvloop
+            try:
+                self.pool = pool = forwarder.pool(server)
+                self.sock = sock = pool.socket(loop)
+                timeout = min(forwarder.attempt_timeout, self.deadline - loop.time())
+                self.query = query = sock.send(
+                    self.question, cd=self.cd, do=self.do, timeout=timeout
+                )
+            except UpstreamError as exc:
+                self.failed(server, exc)
+                continue
+            query.future.add_done_callback(self.udp_done)
+            return
+        if self.fallback is not None:
+            self.result.set_result(self.fallback)
+        else:
+            self.result.set_exception(self.last_error)
+
+    def udp_done(self, future: asyncio.Future[bytes]) -> None:
+        sock, query, pool, server = self.sock, self.query, self.pool, self.server
+        assert sock is not None and query is not None and pool is not None and server is not None
+        sock.finish(query)
+        self.query = None
+        result = self.result
+        if result.done():  # abandoned
+            return
+        try:
+            try:
+                msg = future.result()
+            except UpstreamError as exc:
+                self.failed(server, exc)
+                self.next()
+                return
+            if msg[2] & wire.TC:
+                self.forwarder.metrics.upstream_error(pool.name, "truncated")
+                self.tcp = self.loop.create_task(
+                    tcp_exchange(
+                        server,
+                        self.question,
+                        cd=self.cd,
+                        do=self.do,
+                        timeout=max(self.deadline - self.loop.time(), 0.001),
+                        mismatch=pool.mismatch,
+                    )
+                )
+                self.tcp.add_done_callback(self.tcp_done)
+                return
+            self.answered(server, msg)
+        except asyncio.CancelledError:
+            result.cancel()
+        except Exception as exc:  # a bug: the waiters learn of it
+            if not result.done():
+                result.set_exception(exc)
+
+    def tcp_done(self, task: asyncio.Task[bytes]) -> None:
+        self.tcp = None
+        server = self.server
+        assert server is not None
+        result = self.result
+        if task.cancelled():
+            result.cancel()
+            return
+        if result.done():  # abandoned
+            task.exception()
+            return
+        try:
+            try:
+                msg = task.result()
+            except UpstreamError as exc:
+                self.failed(server, exc)
+                self.next()
+                return
+            self.answered(server, msg)
+        except Exception as exc:  # a bug: the waiters learn of it
+            if not result.done():
+                result.set_exception(exc)
+
+    def answered(self, server: HostPort, msg: bytes) -> None:
+        """A reply: used, or kept as the fallback while another upstream is still to ask."""
+        try:
+            reply = wire.parse_reply(msg)
+        except FormError as exc:
+            self.failed(server, BadUpstreamReply(f"{server}: unreadable reply: {exc}"))
+            self.next()
+            return
+        rtt = perf_counter() - self.sent
+        forwarder, upstreams = self.forwarder, self.upstreams
+        forwarder.metrics.upstream_reply(str(server), reply.rcode, rtt)
+        if reply.rcode == wire.REFUSED:
+            forwarder._failed(upstreams, server, "refused")  # misconfigured for us
+        elif upstreams.answered(server, rtt):
+            log.info("upstream up", extra={"fields": {"upstream": str(server)}})
+        if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and self.attempt < len(self.order):
+            self.fallback = (msg, reply)
+            self.next()
+            return
+        self.result.set_result((msg, reply))
+
+    def failed(self, server: HostPort, exc: UpstreamError) -> None:
+        self.last_error = exc
+        if self.forwarder.stopped:  # shutting down: no fault of the upstream's
+            return
+        self.forwarder.metrics.upstream_error(str(server), exc.reason)
+        self.forwarder._failed(self.upstreams, server, exc.reason)
+        self.timed_out |= isinstance(exc, UpstreamTimeout)
+
+    def abandon(self) -> None:
+        """Nobody waits any more: end the attempt in flight."""
+        if self.query is not None:
+            self.query.future.cancel()  # udp_done releases it
+        if self.tcp is not None:
+            self.tcp.cancel()
+
+
 @dataclass
 class Forwarder:
     """Sends a question to a zone's upstreams until one answers or the deadline passes."""
@@ -304,6 +504,15 @@ class Forwarder:
     metrics: Metrics
     pools: dict[HostPort, SocketPool] = field(default_factory=dict, init=False, repr=False)
     closed: bool = field(default=False, init=False)
+    stopped: bool = field(default=False, init=False)  # closed at shutdown: no new attempts
+
+    def pool(self, server: HostPort) -> SocketPool:
+        pool = self.pools.get(server)
+        if pool is None:
+            pool = self.pools[server] = SocketPool(server, self.metrics)
+            if self.closed:
+                pool.close()
+        return pool
 
     async def exchange(
         self, server: HostPort, question: bytes, *, cd: bool, do: bool, deadline: float
@@ -311,11 +520,7 @@ class Forwarder:
         """One attempt at one server: UDP, then TCP with what remains if the reply was
         truncated; the reply walked. Raises UpstreamError."""
         loop = asyncio.get_running_loop()
-        pool = self.pools.get(server)
-        if pool is None:
-            pool = self.pools[server] = SocketPool(server, self.metrics)
-            if self.closed:
-                pool.close()
+        pool = self.pool(server)
         sock = pool.socket(loop)
         query = sock.send(
             question, cd=cd, do=do, timeout=min(self.attempt_timeout, deadline - loop.time())
@@ -339,12 +544,17 @@ class Forwarder:
         except FormError as exc:
             raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
 
-    def close(self) -> None:
-        """Close the UDP sockets, each as soon as no query waits on it any more. Queries
-        still to come (in flight at a reload or at shutdown) get sockets of their own."""
-        self.closed = True
-        for pool in self.pools.values():
-            pool.close()
+    def start(
+        self,
+        question: bytes,
+        upstreams: UpstreamSet[HostPort],
+        *,
+        cd: bool,
+        do: bool,
+        deadline: float,
+    ) -> asyncio.Future[tuple[bytes, wire.Reply]]:
+        """`forward` without a coroutine: the future of its outcome."""
+        return _Forwarding(self, question, upstreams, cd, do, deadline).result
 
     async def forward(
         self,
@@ -360,41 +570,21 @@ class Forwarder:
         deadline; SERVFAIL or REFUSED from one upstream moves on while one is not yet asked.
         A round in which no attempt timed out (every upstream refused or sent garbage) ends
         the query: asking again at once would only hammer a server that is restarting."""
-        loop = asyncio.get_running_loop()
-        order = upstreams.order()
-        last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
-        fallback: tuple[bytes, wire.Reply] | None = None
-        attempt = 0
-        timed_out_this_round = False
-        while deadline - loop.time() > 0.001:
-            if attempt and attempt % len(order) == 0:
-                if not timed_out_this_round:
-                    break
-                timed_out_this_round = False
-            server = order[attempt % len(order)]
-            attempt += 1
-            sent = perf_counter()  # loop.time() is millisecond-grained under uvloop
-            try:
-                msg, reply = await self.exchange(server, question, cd=cd, do=do, deadline=deadline)
-            except UpstreamError as exc:
-                self.metrics.upstream_error(str(server), exc.reason)
-                self._failed(upstreams, server, exc.reason)
-                last_error = exc
-                timed_out_this_round |= isinstance(exc, UpstreamTimeout)
-                continue
-            rtt = perf_counter() - sent
-            self.metrics.upstream_reply(str(server), reply.rcode, rtt)
-            if reply.rcode == wire.REFUSED:
-                self._failed(upstreams, server, "refused")  # misconfigured for us
-            elif upstreams.answered(server, rtt):
-                log.info("upstream up", extra={"fields": {"upstream": str(server)}})
-            if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and attempt < len(order):
-                fallback = (msg, reply)
-                continue
-            return msg, reply
-        if fallback is not None:
-            return fallback
-        raise last_error
+        forwarding = _Forwarding(self, question, upstreams, cd, do, deadline)
+        try:
+            return await forwarding.result
+        except asyncio.CancelledError:
+            forwarding.abandon()
+            raise
+
+    def close(self, *, now: bool = False) -> None:
+        """Close the UDP sockets, each as soon as no query waits on it any more; queries still
+        to come (in flight at a reload) get sockets of their own. `now` (at shutdown): at
+        once, failing the queries in flight, and no further attempts."""
+        self.closed = True
+        self.stopped |= now
+        for pool in self.pools.values():
+            pool.close(now=now)
 
     @staticmethod
     def _failed(upstreams: UpstreamSet[HostPort], server: HostPort, reason: str) -> None:

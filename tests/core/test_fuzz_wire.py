@@ -195,6 +195,14 @@ class FakeForwarder:
         except FormError as exc:
             raise BadUpstreamReply(str(exc)) from None
 
+    def start(
+        self, question: bytes, upstreams: object, *, cd: bool, do: bool, deadline: float
+    ) -> asyncio.Future[tuple[bytes, wire.Reply]]:
+        """What the resolver calls: forward() without awaiting it."""
+        return asyncio.ensure_future(
+            self.forward(question, upstreams, cd=cd, do=do, deadline=deadline)
+        )
+
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
@@ -208,7 +216,7 @@ def resolver() -> tuple[Resolver, FakeForwarder]:
     metrics = Metrics()
     router = ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {})
     cache = TtlCache(CacheSettings(max_entries=50, max_bytes=1 << 20))
-    fake: Any = forwarder  # duck-typed: only forward() is called
+    fake: Any = forwarder  # duck-typed: only start() is called
     res = Resolver(cache, router, fake, metrics, query_timeout=1.0, rng=random.Random(1))
     return res, forwarder
 
