@@ -54,13 +54,20 @@ COPY --from=build /opt/venv /opt/venv
 # capability cap_net_bind_service+ep (what `setcap` writes, set here with os.setxattr so that no
 # extra package is needed). It needs NET_BIND_SERVICE in the container's capability bounding set
 # (Docker's default): with it dropped, the interpreter does not start at all.
+#
+# The sidecar runs with PYTHONOPTIMIZE=2: no docstrings (and no asserts) kept in memory, about
+# 1 MiB less RSS in every task. The .opt-2.pyc files of every module it imports are written
+# here, once (as root, before PYTHONDONTWRITEBYTECODE): without them each start would compile
+# those modules again, slower and with more memory.
 RUN /opt/venv/bin/python -c "import os, struct; \
 [os.setxattr('/opt/venv/bin/' + n, 'security.capability', struct.pack('<5I', 0x02000001, 1 << 10, 0, 0, 0)) \
- for n in ('python', 'python3', 'python3.11')]"
+ for n in ('python', 'python3', 'python3.11')]" \
+    && PYTHONOPTIMIZE=2 /opt/venv/bin/python -m sidecar.warm
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONOPTIMIZE=2
 
 USER 10053:10053
 

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,30 @@ from pathlib import Path
 from bench.zones import hit_name
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_python_env() -> dict[str, str]:
+    """The PYTHON* settings the Dockerfile's ENV gives the sidecar (PYTHONOPTIMIZE=2), so that
+    the benchmark runs it as the image does."""
+    text = (REPO / "Dockerfile").read_text()
+    return dict(re.findall(r"\b(PYTHONOPTIMIZE)=(\S+)", text))
+
+
+_warmed: set[str] = set()
+
+
+def warm_bytecode(env: Mapping[str, str]) -> None:
+    """`python -m sidecar.warm` with `env`, once per benchmark process: writes the bytecode
+    cache for the sidecar's optimization level, as the image build does (not timed)."""
+    key = env.get("PYTHONOPTIMIZE", "")
+    if key in _warmed:
+        return
+    _warmed.add(key)
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([str(VENV_BIN / "python"), "-m", "sidecar.warm"], env=env, check=True)
+
+
 PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
 
@@ -141,6 +166,10 @@ class Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str] | None:
+        """The process environment; None: the benchmark's own."""
+        return None
+
     def configure(self) -> None:
         """Write config files into workdir (called after the port is chosen)."""
 
@@ -155,6 +184,7 @@ class Server:
             self.port = free_port(self.host)
         self.configure()
         cmd = self.command()
+        env = self.env()
         if self.cpus is not None:
             cmd = ["taskset", "-c", self.cpus, *cmd]
         with (self.workdir / "stderr.log").open("ab") as err:
@@ -165,6 +195,7 @@ class Server:
                 stdout=err,
                 stderr=err,
                 cwd=self.workdir,
+                env=env,
                 preexec_fn=_die_with_parent,
             )
         return self.wait_answer(timeout)
@@ -476,6 +507,12 @@ class Sidecar(Server):
             "0",
             *self.extra,
         ]
+
+    def env(self) -> dict[str, str]:
+        """As the image runs it (see image_python_env); its bytecode written beforehand."""
+        env = {**os.environ, **image_python_env()}
+        warm_bytecode(env)
+        return env
 
     def version(self) -> str:
         return _first_line([str(VENV_BIN / "dns-sidecar"), "--version"])

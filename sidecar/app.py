@@ -8,7 +8,6 @@ import dataclasses
 import gc
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, Metrics, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
+from sidecar.server import sockets
 from sidecar.server.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.server.http import HttpListener
 from sidecar.server.probes import run_probes
@@ -154,7 +154,6 @@ class Server:
             log_queries=self.config.log_queries,
         )
         for address in self.config.listen:
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             reuse_port = self.config.workers > 1  # the kernel spreads queries over workers
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: UdpListener(
@@ -165,20 +164,12 @@ class Server:
                     access=access,
                     limiter=rate_limiter(self.config),
                 ),
-                local_addr=(address.host, address.port),
-                family=family,
-                reuse_port=reuse_port,
+                sock=sockets.udp_socket(address.host, address.port, reuse_port=reuse_port),
             )
             self.udp.append((transport, protocol))
+            listener = sockets.tcp_listener(address.host, address.port, reuse_port=reuse_port)
             self.tcp_servers.append(
-                await asyncio.start_server(
-                    self.tcp.handle,
-                    address.host,
-                    address.port,
-                    family=family,
-                    backlog=512,
-                    reuse_port=reuse_port,
-                )
+                await asyncio.start_server(self.tcp.handle, sock=listener, backlog=512)
             )
         http = HttpListener(
             registry(self.metrics, self.gauges()),

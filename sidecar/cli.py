@@ -60,18 +60,26 @@ def _status(args: list[str]) -> int:
     return status.main(args)
 
 
-COMMANDS: dict[str, Command] = {
-    "run": _run,
-    "check-config": _check_config,
-    "healthcheck": _healthcheck,
-    "status": _status,
+# Name -> (what it runs, what --help says). Help texts are strings here, not docstrings: the
+# image runs with PYTHONOPTIMIZE=2, which drops docstrings.
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "run": (_run, "serve DNS (the default): dns-sidecar [run] [flags]"),
+    "check-config": (_check_config, "check a config file and exit: dns-sidecar check-config FILE"),
+    "healthcheck": (
+        _healthcheck,
+        "exit 0 if the local sidecar answers DNS: dns-sidecar healthcheck [--address HOST:PORT]",
+    ),
+    "status": (
+        _status,
+        "print the endpoint table of a running sidecar: dns-sidecar status [--json]",
+    ),
 }
 
 
 def _print_help() -> None:
     parser = build_arg_parser()
     parser.usage = "dns-sidecar [COMMAND] [flags]"
-    lines = [f"  {name:<14} {(cmd.__doc__ or '').strip()}" for name, cmd in COMMANDS.items()]
+    lines = [f"  {name:<14} {text}" for name, (_cmd, text) in COMMANDS.items()]
     print(parser.format_help().rstrip() + "\n\ncommands:\n" + "\n".join(lines))
 
 
@@ -80,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] in (["-h"], ["--help"]):
         _print_help()
         return 0
-    command = COMMANDS.get(args[0]) if args else None
-    if command is None:
-        command, args = _run, args
-    else:
-        args = args[1:]
+    known = COMMANDS.get(args[0]) if args else None
+    command: Command = _run
+    if known is not None:
+        command, args = known[0], args[1:]
     try:
         return command(args)
     except ConfigError as e:

@@ -44,7 +44,9 @@ def table(data: dict[str, Any]) -> str:
 
 def main(args: Sequence[str]) -> int:
     """print the endpoint table of a running sidecar: dns-sidecar status [--json]"""
-    parser = argparse.ArgumentParser(prog="dns-sidecar status", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dns-sidecar status", description="print the endpoint table of a running sidecar"
+    )
     parser.add_argument("--address", help="HOST:PORT of the sidecar's metrics listener")
     parser.add_argument("--json", action="store_true", help="print the JSON as it comes")
     opts = parser.parse_args(list(args))

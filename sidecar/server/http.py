@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sidecar.server import sockets
+
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
 
@@ -107,4 +109,5 @@ class HttpListener:
             writer.close()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=MAX_REQUEST)
+        listener = sockets.tcp_listener(host, port)
+        return await asyncio.start_server(self.handle, sock=listener, limit=MAX_REQUEST)

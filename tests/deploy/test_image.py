@@ -166,7 +166,7 @@ def setcap_code(venv_bin: Path) -> str:
     (run,) = [
         args for word, args in instructions() if word == "RUN" and "security.capability" in args
     ]
-    match = re.search(r'-c "(.*)"$', run)
+    match = re.search(r'-c "([^"]*)"', run)  # the first `python -c`: the setxattr
     assert match, run
     return match.group(1).replace("/opt/venv/bin/", f"{venv_bin}/")
 
@@ -272,3 +272,22 @@ def test_image_command_and_healthcheck_with_the_capability(
     assert "ok: 127.0.0.1:53 answered id.server CH TXT" in out, out + log
     assert "exit=0" in out, out + log
     assert '"listen": ["127.0.0.1:53"]' in log
+
+
+def test_the_image_runs_optimized_with_its_bytecode_written_at_build() -> None:
+    """PYTHONOPTIMIZE=2 (no docstrings or asserts in memory) is set in the final stage, after
+    `python -m sidecar.warm` wrote the .opt-2.pyc files of everything the sidecar imports; the
+    integration tests run the sidecar with the same setting (tests/integration/conftest.py)."""
+    text = DOCKERFILE.read_text()
+    final = text[text.rindex("\nFROM ") :]
+    assert re.search(r"^ENV (?:.*\\\n)*\s*PYTHONOPTIMIZE=2\b", final, re.MULTILINE)
+    assert "PYTHONOPTIMIZE=2 /opt/venv/bin/python -m sidecar.warm" in final
+    assert final.index("sidecar.warm") < final.index("PYTHONDONTWRITEBYTECODE=1")
+    warm = subprocess.run(
+        [sys.executable, "-m", "sidecar.warm"],
+        env={**os.environ, "PYTHONOPTIMIZE": "2"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert warm.returncode == 0, warm.stderr

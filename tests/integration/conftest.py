@@ -121,7 +121,7 @@ class Sidecar:
         return self.proc.returncode
 
 
-def _clean_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
     """The environment without anything that could point the sidecar elsewhere."""
     env = {
         k: v
@@ -129,7 +129,15 @@ def _clean_env() -> dict[str, str]:
         if not k.startswith("DNS_SIDECAR_") and k != "ECS_CONTAINER_METADATA_URI_V4"
     }
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(IMAGE_PYTHON_ENV)
     return env
+
+
+# The sidecar runs here as the image runs it: with the Dockerfile's PYTHONOPTIMIZE (no
+# docstrings, no asserts), so that nothing it serves with depends on either.
+IMAGE_PYTHON_ENV = dict(
+    re.findall(r"\b(PYTHONOPTIMIZE)=(\S+)", (REPO_ROOT / "Dockerfile").read_text())
+)
 
 
 def _probe(sc: Sidecar, query: bytes) -> bool:
@@ -207,7 +215,7 @@ class SidecarFactory:
                 stdout=err,
                 stderr=err,
                 cwd=REPO_ROOT,
-                env=_clean_env(),
+                env=clean_env(),
             )
         sc = Sidecar(host, port, proc, stderr_path, argv)
         self.started.append(sc)

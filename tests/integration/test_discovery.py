@@ -44,7 +44,7 @@ import pytest
 
 from tests.fakes.backends import Backend, BackendPool
 from tests.fakes.nsd import NSD_BINARY, NsdServer, free_port, loopback_host, running_nsd
-from tests.integration.conftest import REPO_ROOT, Sidecar, StartSidecar
+from tests.integration.conftest import REPO_ROOT, Sidecar, StartSidecar, clean_env
 
 pytestmark = pytest.mark.integration
 
@@ -423,15 +423,9 @@ def _check(*argv: str) -> None:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-def _clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("DNS_SIDECAR_") and k != "ECS_CONTAINER_METADATA_URI_V4"
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
+def _netns_env() -> dict[str, str]:
+    """clean_env(), and the repository on the path (the sidecar runs in another namespace)."""
+    return {**clean_env(), "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -482,7 +476,7 @@ class GlibcLab:
                 stdout=stdout if stdout is not None else log,
                 stderr=log,
                 cwd=REPO_ROOT,
-                env=_clean_env(),
+                env=_netns_env(),
             )
         self.procs.append(proc)
         return proc
@@ -624,7 +618,7 @@ class GlibcLab:
                 timeout=60,
                 check=False,
                 cwd=REPO_ROOT,
-                env=_clean_env(),
+                env=_netns_env(),
             )
             if client.returncode != 0 or sc.poll() is not None:
                 pytest.fail(

@@ -37,7 +37,7 @@ from tests.fakes.scripted_upstream import (
     ScriptedUpstream,
     Silent,
 )
-from tests.integration.conftest import READY_NAME, REPO_ROOT, Sidecar, StartSidecar
+from tests.integration.conftest import READY_NAME, REPO_ROOT, Sidecar, StartSidecar, clean_env
 
 pytestmark = pytest.mark.integration
 
@@ -128,17 +128,6 @@ class PendingQuery:
         self.sock.close()
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment minus anything that could point the sidecar somewhere else."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("DNS_SIDECAR_") and k != "ECS_CONTAINER_METADATA_URI_V4"
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 RawSidecar = Callable[..., Sidecar]
 
 
@@ -177,7 +166,7 @@ def raw_sidecar(tmp_path: Path, free_port: FreePort) -> Iterator[RawSidecar]:
                 stdout=err,
                 stderr=err,
                 cwd=REPO_ROOT,
-                env=_clean_env(),
+                env=clean_env(),
             )
         sc = Sidecar(host, port, proc, stderr_path, argv)
         started.append(sc)
@@ -377,7 +366,7 @@ def test_upstream_equal_to_listen_address_is_refused_at_start(
         text=True,
         timeout=20,
         cwd=REPO_ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         check=False,
     )
     assert proc.returncode == 2, proc
