@@ -48,6 +48,10 @@ class ShapeSettings:
     slack: float = 0.010  # at least; or 25% of the best latency when that is more
     scale: float = 0.005
     steepness: float = 3.0
+    # A change of latency alone redraws an answer's pool at most this often; a change of
+    # health at once. Under load probe round trips jitter (they include our own event loop's
+    # lag), and redrawing on every jitter cost a loaded sidecar a quarter of its CPU.
+    latency_redraw: float = 2.0
 
 
 def weights(
@@ -116,6 +120,7 @@ class ShapedAnswer:
     action: str = "reordered"
     variants: list[Entry] = field(default_factory=list)
     generation: int = 0  # counts the draws of `variants`, so copies of them know they are old
+    drawn_at: float = -math.inf
     signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
 
@@ -123,7 +128,7 @@ class ShapedAnswer:
     def addresses(self) -> list[str]:
         return [str(rr.rdata) for rr in self.record.rr if rr.rtype in ADDRESS_TYPES]
 
-    def rebuild(self) -> None:
+    def rebuild(self, now: float = math.inf) -> None:
         """Draw the pool again if this answer's endpoints changed in a way that matters."""
         self.version = self.table.version
         rrs = self.record.rr
@@ -143,7 +148,15 @@ class ShapedAnswer:
         signature = (tuple(usable), tuple(dead), tuple(round(x, 1) for x in w))
         if signature == self.signature and self.variants:
             return  # another answer's endpoint changed, or this one's did not matter
+        if (
+            signature[:2] == self.signature[:2]
+            and self.variants
+            and now - self.drawn_at < s.latency_redraw
+        ):
+            self.version = -1  # latency alone, drawn lately: look again at the next refresh
+            return
         self.signature = signature
+        self.drawn_at = now
         self.action = (
             "failed_open" if dead else "filtered" if len(usable) < len(indexes) else "reordered"
         )
@@ -193,7 +206,7 @@ class ShapedAnswer:
             self.seen_at = now
             self.table.seen(self.zone, self.addresses, now)
         if self.version != self.table.version:
-            self.rebuild()
+            self.rebuild(now)
 
     def count(self, answers: int) -> None:
         """Count `answers` shaped replies served under the current action."""

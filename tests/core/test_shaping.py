@@ -173,6 +173,27 @@ def test_the_pool_is_drawn_again_only_when_this_answer_would_change() -> None:
     assert shaped.variants is not pool and shaped.action == "filtered"
 
 
+def test_a_latency_change_alone_redraws_the_pool_at_most_every_two_seconds() -> None:
+    table = EndpointTable(rng=random.Random(2))
+    shaped, q, query = shaped_answer(table)
+    set_health(table, {a: (True, 0.001) for a in ADDRESSES})
+    shaped.refresh(101.0)
+    pool = shaped.variants
+    slow = table.get("local", "10.0.0.3")
+    assert slow is not None
+    for _ in range(6):  # 10.0.0.3 turns 60 ms slower: a weight far below the others'
+        slow.probing = True
+        table.probed(slow, True, 0.060, 101.5)
+    shaped.refresh(102.0)  # drawn 1 s ago: not yet
+    assert shaped.variants is pool
+    shaped.refresh(103.0)  # 2 s: now, without any further change to the table
+    assert shaped.variants is not pool
+    firsts = Counter(
+        str(DNSRecord.parse(v.render(query, q, 103.0, 4096)).rr[0].rdata) for v in shaped.variants
+    )
+    assert firsts["10.0.0.3"] <= 2
+
+
 def pool_firsts(shaped: ShapedAnswer, q: wire.Query, query: bytes) -> Counter[str]:
     shaped.refresh(101.0)
     return Counter(
