@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
 from sidecar.core.endpoints import EndpointTable
-
-if TYPE_CHECKING:
-    from dnslib import DNSRecord  # imported when the first answer is shaped: idle RSS
 
 ADDRESS_TYPES = (1, 28)  # A, AAAA
 
@@ -104,12 +101,31 @@ def exact_shares(item_weights: Sequence[float], total: int, rng: random.Random) 
     return shares
 
 
+def address_text(msg: bytes, record: wire.Record) -> str | None:
+    """The address of an A or AAAA record as text (RFC 5952 for IPv6), else None."""
+    data = msg[record.rdata_offset : record.rdata_offset + record.rdlength]
+    if record.rtype == 1 and len(data) == 4:
+        return socket.inet_ntop(socket.AF_INET, data)
+    if record.rtype == 28 and len(data) == 16:
+        return socket.inet_ntop(socket.AF_INET6, data)
+    return None
+
+
 @dataclass
 class ShapedAnswer:
-    """Prepared shaped replies for one cached answer; rebuilt when the endpoint table changes."""
+    """Prepared shaped replies for one cached answer; rebuilt when the endpoint table changes.
+
+    A variant is the upstream reply with its answer records in another order (or fewer of
+    them), without authority and additional sections. It is made by splicing the records'
+    bytes when the address records come last and none of their names points into another
+    address record (what servers send), else by dnslib (decompress, re-pack)."""
 
     base: Entry
-    record: DNSRecord  # the upstream reply, parsed once
+    msg: bytes  # the upstream reply
+    question_end: int
+    answers: tuple[wire.Record, ...]  # its answer section
+    address_of: dict[int, str]  # index in `answers` -> the address of an A/AAAA record
+    spliceable: bool
     zone: str
     do: bool
     table: EndpointTable
@@ -126,16 +142,15 @@ class ShapedAnswer:
 
     @property
     def addresses(self) -> list[str]:
-        return [str(rr.rdata) for rr in self.record.rr if rr.rtype in ADDRESS_TYPES]
+        return list(self.address_of.values())
 
     def rebuild(self, now: float = math.inf) -> None:
         """Draw the pool again if this answer's endpoints changed in a way that matters."""
         self.version = self.table.version
-        rrs = self.record.rr
-        indexes = [i for i, rr in enumerate(rrs) if rr.rtype in ADDRESS_TYPES]
+        indexes = list(self.address_of)
         health = []
         for i in indexes:
-            endpoint = self.table.get(self.zone, str(rrs[i].rdata))
+            endpoint = self.table.get(self.zone, self.address_of[i])
             health.append((endpoint.healthy, endpoint.latency) if endpoint else (None, None))
         pairs = list(zip(indexes, health, strict=True))
         usable = [i for i, (healthy, _latency) in pairs if healthy is not False]
@@ -160,7 +175,7 @@ class ShapedAnswer:
         self.action = (
             "failed_open" if dead else "filtered" if len(usable) < len(indexes) else "reordered"
         )
-        others = [rr for rr in rrs if rr.rtype not in ADDRESS_TYPES]  # the CNAME chain
+        others = [i for i in range(len(self.answers)) if i not in self.address_of]  # CNAMEs
         built: dict[tuple[int, ...], Entry] = {}
         variants = []
         # First places are dealt in exact shares (a random draw of 64 gave equally healthy
@@ -180,19 +195,34 @@ class ShapedAnswer:
             key = tuple(order)
             entry = built.get(key)
             if entry is None:
-                entry = built[key] = self._message([*others, *(rrs[i] for i in order)])
+                entry = built[key] = self._message([*others, *order])
             variants.append(entry)
         self.variants = variants
         self.generation += 1
 
-    def _message(self, answers: list[object]) -> Entry:
-        from dnslib import DNSRecord
+    def _message(self, indexes: list[int]) -> Entry:
+        """The reply with these answer records, in this order."""
+        msg = self.msg
+        if self.spliceable:
+            records = [self.answers[i] for i in indexes]
+            variant = b"".join(
+                (
+                    msg[:4],
+                    wire.COUNTS.pack(1, len(records), 0, 0),
+                    msg[wire.HEADER_SIZE : self.question_end],
+                    *(msg[r.start : r.end] for r in records),
+                )
+            )
+        else:
+            from dnslib import DNSRecord
 
-        record = DNSRecord(header=self.record.header, questions=self.record.questions, rr=answers)
-        msg = bytes(record.pack())
+            record = DNSRecord.parse(msg)
+            record.rr = [record.rr[i] for i in indexes]
+            record.auth, record.ar = [], []
+            variant = bytes(record.pack())
         return Entry(
-            msg,
-            wire.parse_reply(msg),
+            variant,
+            wire.parse_reply(variant),
             ttl=self.base.ttl,
             expires=self.base.expires,
             negative=False,
@@ -235,17 +265,26 @@ def shape(
     """A ShapedAnswer for a positive A/AAAA answer with addresses in it, else None."""
     if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
         return None
-    from dnslib import DNSRecord
-
-    record = DNSRecord.parse(msg)
-    if record.q.qtype not in ADDRESS_TYPES:
+    reply = wire.parse_reply(msg)
+    qend = reply.question_end
+    if int.from_bytes(msg[qend - 4 : qend - 2], "big") not in ADDRESS_TYPES:  # the QTYPE
         return None
-    record.auth = []
-    record.ar = []
-    shaped = ShapedAnswer(entry, record, zone, do, table, settings, rng, counts)
+    answers = tuple(r for r in reply.records if r.section == 0)
+    address_of = {}
+    for i, record in enumerate(answers):
+        address = address_text(msg, record)
+        if address is not None:
+            address_of[i] = address
+    if not address_of:
+        return None
+    first = min(address_of)
+    spliceable = list(address_of) == list(range(first, len(answers))) and all(
+        wire.name_points_below(msg, answers[i].start, answers[first].start) for i in address_of
+    )
+    shaped = ShapedAnswer(
+        entry, msg, qend, answers, address_of, spliceable, zone, do, table, settings, rng, counts
+    )
     addresses = shaped.addresses
-    if not addresses:
-        return None
     shaped.seen_at = now
     table.seen(zone, addresses, now)
     return shaped

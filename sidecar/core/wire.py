@@ -115,6 +115,19 @@ def skip_name(msg: bytes, offset: int) -> int:
         offset += label + 1
 
 
+def name_points_below(msg: bytes, offset: int, limit: int) -> bool:
+    """Whether the name at `offset` (already read once, so well formed) refers to nothing at
+    or after `limit`: it ends in a root label, or its compression pointer targets an earlier
+    offset. Such a name stays valid when the bytes from `limit` on are rearranged."""
+    while True:
+        label = msg[offset]
+        if label == 0:
+            return True
+        if label & 0xC0 == 0xC0:
+            return (((label & 0x3F) << 8) | msg[offset + 1]) < limit
+        offset += label + 1
+
+
 def _check_pointed_name(msg: bytes, offset: int, limit: int, length: int) -> None:
     """Follow a compressed name to its end; every jump must go strictly backwards."""
     while True:

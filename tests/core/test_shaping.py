@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import struct
 from collections import Counter
 
+import dns.message
+import dns.name
 import pytest
 from dnslib import CNAME, QTYPE, RR, A, DNSRecord
 
@@ -218,3 +221,50 @@ def test_exact_shares_follow_the_weights_and_add_up() -> None:
     assert sum(exact_shares([0.3, 0.3, 0.3], 64, rng)) == 64
     assert exact_shares([0.0, 0.0], 10, rng) == [5, 5]
     assert exact_shares([], 64, rng) == []
+
+
+def _record(owner: bytes, address: str) -> bytes:
+    return owner + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(map(int, address.split(".")))
+
+
+def _handmade_reply(second_owner_points_at_first: bool) -> bytes:
+    """svc.local A 10.0.0.1, 10.0.0.2: the first owner written out in full; the second owner
+    a pointer to the question (what servers send) or to the first record's owner."""
+    name = b"\x03svc\x05local\x00"
+    question = name + struct.pack("!HH", 1, 1)
+    header = struct.pack("!HHHHHH", 7, 0x8580, 1, 2, 0, 0)
+    first_at = len(header) + len(question)
+    second_owner = struct.pack("!H", 0xC000 | (first_at if second_owner_points_at_first else 12))
+    return header + question + _record(name, "10.0.0.1") + _record(second_owner, "10.0.0.2")
+
+
+@pytest.mark.parametrize("points_at_first", [False, True])
+def test_variants_are_spliced_when_safe_and_re_packed_when_not(points_at_first: bool) -> None:
+    msg = _handmade_reply(points_at_first)
+    table = EndpointTable()
+    query = bytes(DNSRecord.question("svc.local").pack())
+    q = wire.parse_query(query)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    settings = ShapeSettings(max_answers=1)
+    shaped = shape(entry, msg, "local", False, table, settings, random.Random(3), {}, 100.0)
+    assert shaped is not None
+    assert shaped.spliceable is not points_at_first
+    assert shaped.addresses == ["10.0.0.1", "10.0.0.2"]
+    set_health(table, {"10.0.0.1": (True, 0.001), "10.0.0.2": (True, 0.001)})
+    shaped.refresh(101.0)
+    seen = set()
+    for variant in shaped.variants:  # read by dnspython, another parser than ours
+        answer = dns.message.from_wire(variant.render(query, q, 101.0, 4096))
+        (rrset,) = answer.answer
+        assert rrset.name == dns.name.from_text("svc.local.") and len(rrset) == 1
+        seen.add(str(next(iter(rrset))))
+    assert seen == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_a_name_points_below_a_limit_or_ends_in_the_root() -> None:
+    msg = _handmade_reply(second_owner_points_at_first=True)
+    first_at = 12 + 15
+    second_at = first_at + 11 + 14
+    assert wire.name_points_below(msg, first_at, first_at)  # written out, root-terminated
+    assert not wire.name_points_below(msg, second_at, first_at)  # points at the first record
+    assert wire.name_points_below(msg, second_at, first_at + 1)
