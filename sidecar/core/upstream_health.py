@@ -55,6 +55,7 @@ class UpstreamSet(Generic[Upstream]):
         self.max_fails = max_fails
         self.state = {upstream: UpstreamState() for upstream in self.upstreams}
         self._rng = rng or random.Random()
+        self._down = 0  # how many are down: while none, order() reads no state
 
     def __repr__(self) -> str:
         parts = []
@@ -65,9 +66,14 @@ class UpstreamSet(Generic[Upstream]):
 
     def order(self) -> list[Upstream]:
         """The upstreams to try for one query, best first; down ones only if all are down."""
-        candidates = [u for u in self.upstreams if not self.state[u].down]
-        if not candidates:
+        if not self._down:
+            if self.policy == "sequential" or len(self.upstreams) == 1:
+                return list(self.upstreams)
             candidates = list(self.upstreams)
+        else:
+            candidates = [u for u in self.upstreams if not self.state[u].down]
+            if not candidates:
+                candidates = list(self.upstreams)
         if self.policy == "random" and len(candidates) > 1:
             self._rng.shuffle(candidates)
         elif self.policy == "fastest":
@@ -82,6 +88,7 @@ class UpstreamSet(Generic[Upstream]):
         state.failures = 0
         if state.down:
             state.down = False
+            self._down -= 1
             return True
         return False
 
@@ -92,6 +99,7 @@ class UpstreamSet(Generic[Upstream]):
         state.failures += 1
         if not state.down and state.failures >= self.max_fails:
             state.down = True
+            self._down += 1
             return True
         return False
 

@@ -4,38 +4,44 @@ Every exchange treats the reply as hostile (RFC 5452): a random 16-bit ID from t
 a random source port, and a reply is taken only when ID, QR and question match. Anything else
 is counted and ignored; it never ends the wait early.
 
-The UDP socket pool (one `SocketPool` per upstream server):
-- Each socket is connected to its server, so the kernel picks a random source port and drops
-  datagrams from any other address or port (nothing forged from elsewhere wakes us up), and an
-  ICMP port unreachable from the server comes back as an error on the socket at once.
-- Several queries share one socket: they are told apart by ID (unique among the socket's
-  queries in flight and its recently finished ones) and question. A socket takes at most
-  `SOCKET_INFLIGHT` queries at a time (its receive buffer must hold their replies), and the
-  pool opens another when every socket is full, up to `MAX_SOCKETS`; queries take the sockets
-  in turn, and at least `POOL_SOCKETS` are kept so that the ports in use vary.
+The UDP sockets (one `SocketPool` per upstream server):
+- Each socket is connected to its server: the kernel picks a random source port, drops
+  datagrams from any other address or port (a forger elsewhere never even wakes us up), and
+  reports an ICMP port unreachable from the server as an error on the socket at once. That is
+  why the pool is per server rather than one set of unconnected sockets for all.
+- Queries share sockets and are told apart by ID (unique among a socket's queries in flight
+  and its recently finished ones) and question. A socket takes at most `SOCKET_INFLIGHT`
+  queries at a time (its receive buffer must hold their replies); the queries take the
+  sockets in turn, at least `POOL_SOCKETS` are kept open, and more are opened while all are
+  full (at most `MAX_SOCKETS`).
 - A socket is retired after `SOCKET_QUERIES` queries or `SOCKET_SECONDS`, so source ports keep
-  changing; also at once when it reports an error (ICMP unreachable, a failed send), which then
+  changing; and at once when it reports an error (ICMP unreachable, a failed send), which
   fails every query waiting on it (they all went to the same address and port). A retired
   socket takes no new query and is closed when its last one ends.
 - A reply to a query that has given up (timed out, cancelled) or was answered already is
-  dropped without a word, as it was when each query had its socket of its own (which was closed
-  by then); only what matches nothing is counted as a mismatch.
-- Deadlines are one timer per attempt (`loop.call_later`) that fails the attempt's future;
-  no task per attempt.
+  dropped without a word, as it was when each query had a socket of its own (closed by then);
+  only what matches nothing is counted as a mismatch.
+- Sockets are plain non-blocking sockets read from `loop.add_reader`: made and closed without
+  awaiting, and one wake-up reads every datagram waiting. Why not asyncio-dgram: its recv()
+  does not wake up when the kernel reports ICMP port unreachable, so a refused attempt would
+  cost the whole attempt timeout.
 
-Sockets are plain non-blocking sockets read from `loop.add_reader`: they are made and closed
-without awaiting (no per-socket transport to set up), and one wake-up reads every datagram
-waiting. Why not asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port
-unreachable, so a refused attempt would cost the whole attempt timeout.
+Deadlines: one timer for all the UDP queries of a forwarder (`Deadlines`), not a timer per
+query. A question's way through the upstreams (`_Forwarding`) runs on the callbacks of its
+attempts' futures: no task, no `wait_for`; only a truncated reply's TCP retry is a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import os
 import secrets
 import socket
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -65,22 +71,90 @@ _IDS = 256  # random IDs drawn from the OS CSPRNG at a time
 
 
 class _Query:
-    """One UDP query in flight: its ID, question, the future its reply goes to, its timer."""
+    """One UDP query: its ID, question, deadline, and the future its reply goes to (None
+    once finished)."""
 
-    __slots__ = ("future", "qid", "question", "timer")
+    __slots__ = ("deadline", "future", "qid", "question", "server", "timeout")
 
     def __init__(
-        self, qid: bytes, question: bytes, future: asyncio.Future[bytes], timer: asyncio.Handle
+        self,
+        qid: bytes,
+        question: bytes,
+        future: asyncio.Future[bytes],
+        server: HostPort,
+        timeout: float,
+        deadline: float,
     ) -> None:
         self.qid = qid
         self.question = question
-        self.future = future
-        self.timer = timer
+        self.future: asyncio.Future[bytes] | None = future
+        self.server = server
+        self.timeout = timeout
+        self.deadline = deadline
+
+    def expire(self) -> None:
+        future = self.future
+        if future is not None and not future.done():
+            message = f"{self.server}: no reply within {self.timeout:.2f}s"
+            future.set_exception(UpstreamTimeout(message))
 
 
-def _expired(future: asyncio.Future[bytes], server: HostPort, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(UpstreamTimeout(f"{server}: no reply within {timeout:.2f}s"))
+class Deadlines:
+    """When the UDP queries of one forwarder time out: one timer for all of them, instead of
+    a timer (a libuv handle, made and cancelled) per query.
+
+    Nearly every attempt gets the same timeout, so deadlines come in the order queries are
+    sent: a FIFO. An attempt cut short by its question's deadline goes to a heap instead. A
+    query that ends before its deadline stays queued (without its future) until then, and is
+    dropped when the timer gets to it: at most what is sent in one attempt timeout."""
+
+    # A timer may fire up to a clock tick early (uvloop counts in milliseconds).
+    EARLY = 0.001
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.fifo: deque[_Query] = deque()
+        self.heap: list[tuple[float, int, _Query]] = []
+        self.order = itertools.count()
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed = math.inf
+
+    def add(self, query: _Query) -> None:
+        when = query.deadline
+        fifo = self.fifo
+        if not fifo or fifo[-1].deadline <= when:
+            fifo.append(query)
+        else:
+            heapq.heappush(self.heap, (when, next(self.order), query))
+        if when < self.armed:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.armed = when
+        self.timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.armed = math.inf
+        due = self.loop.time() + self.EARLY
+        fifo, heap = self.fifo, self.heap
+        while fifo and (fifo[0].deadline <= due or fifo[0].future is None):
+            fifo.popleft().expire()
+        while heap and (heap[0][0] <= due or heap[0][2].future is None):
+            heapq.heappop(heap)[2].expire()
+        when = min(fifo[0].deadline if fifo else math.inf, heap[0][0] if heap else math.inf)
+        if when < math.inf:
+            self._arm(when)
+
+    def clear(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.armed = math.inf
+        self.fifo.clear()
+        self.heap.clear()
 
 
 class UpstreamSocket:
@@ -106,9 +180,11 @@ class UpstreamSocket:
         self.retire_at = loop.time() + SOCKET_SECONDS
         self.retired = False
 
-    def send(self, question: bytes, *, cd: bool, do: bool, timeout: float) -> _Query:
+    def send(
+        self, question: bytes, *, cd: bool, do: bool, timeout: float
+    ) -> tuple[_Query, asyncio.Future[bytes]]:
         """Send a query; its future gets the reply, or fails with UpstreamError (at once when
-        the send fails). Call `finish` with it once done waiting."""
+        the send fails, or after `timeout`). Call `finish` with it once done waiting."""
         loop = self.loop
         pending = self.pending
         recent = self.recent
@@ -117,8 +193,8 @@ class UpstreamSocket:
         while qid in pending or qid in recent:
             qid = pool.new_id()
         future: asyncio.Future[bytes] = loop.create_future()
-        timer = loop.call_later(timeout, _expired, future, pool.server, timeout)
-        query = _Query(qid, question, future, timer)
+        query = _Query(qid, question, future, pool.server, timeout, loop.time() + timeout)
+        pool.deadlines.add(query)
         pending[qid] = query
         self.sent += 1
         sock = self.sock
@@ -129,20 +205,22 @@ class UpstreamSocket:
             future.set_exception(UpstreamError(f"{pool.server}: {exc}"))
         except OSError as exc:  # an ICMP error reported on the send: the server's, for all
             self._error(exc)
-        return query
+        return query, future
 
     def finish(self, query: _Query) -> None:
         """The waiter is done with `query` (answered, failed, timed out or cancelled)."""
-        query.timer.cancel()
-        qid = query.qid
-        self.pending.pop(qid, None)
-        if self.sock is not None:
-            recent = self.recent
-            recent[qid] = query.question
-            if len(recent) > RECENT_IDS:
-                del recent[next(iter(recent))]
-            if self.retired and not self.pending:
-                self.close()
+        query.future = None
+        if self.pending.pop(query.qid, None) is not None:  # not answered: a reply may come
+            self._remember(query)
+        if self.retired and not self.pending:
+            self.close()
+
+    def _remember(self, query: _Query) -> None:
+        """The query is over: its ID is not reused for a while, and its replies are dropped."""
+        recent = self.recent
+        recent[query.qid] = query.question
+        if len(recent) > RECENT_IDS:
+            del recent[next(iter(recent))]
 
     def _readable(self) -> None:
         sock = self.sock
@@ -158,8 +236,10 @@ class UpstreamSocket:
             query = self.pending.get(qid)
             if query is not None and wire.reply_matches(data, qid, query.question):
                 del self.pending[qid]
-                if not query.future.done():
-                    query.future.set_result(data)
+                self._remember(query)
+                future = query.future
+                if future is not None and not future.done():
+                    future.set_result(data)
             else:
                 question = self.recent.get(qid)
                 if question is None or not wire.reply_matches(data, qid, question):
@@ -175,8 +255,9 @@ class UpstreamSocket:
     def fail(self, error: Callable[[], UpstreamError]) -> None:
         """Every query waiting on this socket fails with `error()`; the socket is retired."""
         for query in self.pending.values():
-            if not query.future.done():
-                query.future.set_exception(error())
+            future = query.future
+            if future is not None and not future.done():
+                future.set_exception(error())
         self.pending.clear()
         self.retire()
 
@@ -206,10 +287,11 @@ class UpstreamSocket:
 class SocketPool:
     """The UDP sockets to one upstream server: see the module's docstring."""
 
-    def __init__(self, server: HostPort, metrics: Metrics) -> None:
+    def __init__(self, server: HostPort, metrics: Metrics, deadlines: Deadlines) -> None:
         self.server = server
         self.name = str(server)
         self.metrics = metrics
+        self.deadlines = deadlines
         self.live: list[UpstreamSocket] = []
         self.retiring: set[UpstreamSocket] = set()  # retired, still open
         self.turn = 0
@@ -235,8 +317,10 @@ class SocketPool:
                 self.turn += 1
                 sock = live[self.turn % len(live)]
                 if sock.sent >= SOCKET_QUERIES or now >= sock.retire_at:
-                    sock.retire()  # leaves `live`; replaced below if need be
-                    break
+                    sock.retire()  # leaves `live`
+                    if len(live) < POOL_SOCKETS:
+                        break  # replaced below
+                    continue  # the pool shrinks back after a burst
                 if len(sock.pending) < SOCKET_INFLIGHT:
                     return sock
         if len(live) >= MAX_SOCKETS:
@@ -387,13 +471,13 @@ class _Forwarding:
                 self.pool = pool = forwarder.pool(server)
                 self.sock = sock = pool.socket(loop)
                 timeout = min(forwarder.attempt_timeout, self.deadline - loop.time())
-                self.query = query = sock.send(
+                self.query, future = sock.send(
                     self.question, cd=self.cd, do=self.do, timeout=timeout
                 )
             except UpstreamError as exc:
                 self.failed(server, exc)
                 continue
-            query.future.add_done_callback(self.udp_done)
+            future.add_done_callback(self.udp_done)
             return
         if self.fallback is not None:
             self.result.set_result(self.fallback)
@@ -468,8 +552,9 @@ class _Forwarding:
             self.next()
             return
         rtt = perf_counter() - self.sent
-        forwarder, upstreams = self.forwarder, self.upstreams
-        forwarder.metrics.upstream_reply(str(server), reply.rcode, rtt)
+        forwarder, upstreams, pool = self.forwarder, self.upstreams, self.pool
+        assert pool is not None
+        forwarder.metrics.upstream_reply(pool.name, reply.rcode, rtt)
         if reply.rcode == wire.REFUSED:
             forwarder._failed(upstreams, server, "refused")  # misconfigured for us
         elif upstreams.answered(server, rtt):
@@ -490,8 +575,9 @@ class _Forwarding:
 
     def abandon(self) -> None:
         """Nobody waits any more: end the attempt in flight."""
-        if self.query is not None:
-            self.query.future.cancel()  # udp_done releases it
+        future = self.query.future if self.query is not None else None
+        if future is not None:
+            future.cancel()  # udp_done releases the query
         if self.tcp is not None:
             self.tcp.cancel()
 
@@ -505,11 +591,14 @@ class Forwarder:
     pools: dict[HostPort, SocketPool] = field(default_factory=dict, init=False, repr=False)
     closed: bool = field(default=False, init=False)
     stopped: bool = field(default=False, init=False)  # closed at shutdown: no new attempts
+    deadlines: Deadlines | None = field(default=None, init=False, repr=False)
 
     def pool(self, server: HostPort) -> SocketPool:
         pool = self.pools.get(server)
         if pool is None:
-            pool = self.pools[server] = SocketPool(server, self.metrics)
+            if self.deadlines is None:
+                self.deadlines = Deadlines(asyncio.get_running_loop())
+            pool = self.pools[server] = SocketPool(server, self.metrics, self.deadlines)
             if self.closed:
                 pool.close()
         return pool
@@ -522,11 +611,11 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         pool = self.pool(server)
         sock = pool.socket(loop)
-        query = sock.send(
+        query, future = sock.send(
             question, cd=cd, do=do, timeout=min(self.attempt_timeout, deadline - loop.time())
         )
         try:
-            msg = await query.future
+            msg = await future
         finally:
             sock.finish(query)
         if msg[2] & wire.TC:
@@ -585,6 +674,8 @@ class Forwarder:
         self.stopped |= now
         for pool in self.pools.values():
             pool.close(now=now)
+        if now and self.deadlines is not None:
+            self.deadlines.clear()
 
     @staticmethod
     def _failed(upstreams: UpstreamSet[HostPort], server: HostPort, reason: str) -> None:

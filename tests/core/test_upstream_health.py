@@ -58,3 +58,25 @@ def test_bad_arguments() -> None:
         UpstreamSet(["a"], policy="roundrobin")
     with pytest.raises(ValueError):
         UpstreamSet([])
+
+
+@pytest.mark.parametrize("policy", ["sequential", "random", "fastest"])
+def test_order_follows_every_change_of_health(policy: str) -> None:
+    """order() skips reading the state while nothing is down: the same answers as reading it."""
+    rng = random.Random(5)
+    ups = UpstreamSet(["a", "b", "c"], policy=policy, max_fails=2, rng=random.Random(1))
+    for _ in range(2000):
+        upstream = rng.choice("abc")
+        if rng.random() < 0.5:
+            ups.failed(upstream)
+        else:
+            ups.answered(upstream, rng.random())
+        down = [u for u in "abc" if ups.state[u].down]
+        assert ups.down() == down
+        order = ups.order()
+        expected = [u for u in "abc" if u not in down] or list("abc")
+        assert sorted(order) == sorted(expected)
+        if policy == "sequential":
+            assert order == expected
+        elif policy == "fastest":
+            assert order == sorted(expected, key=lambda u: ups.state[u].srtt or 0.0)
