@@ -22,9 +22,9 @@ The UDP sockets (one `SocketPool` per upstream server):
   dropped without a word, as it was when each query had a socket of its own (closed by then);
   only what matches nothing is counted as a mismatch.
 - Sockets are plain non-blocking sockets read from `loop.add_reader`: made and closed without
-  awaiting, and one wake-up reads every datagram waiting. Why not asyncio-dgram: its recv()
-  does not wake up when the kernel reports ICMP port unreachable, so a refused attempt would
-  cost the whole attempt timeout.
+  awaiting, no transport per socket; one wake-up reads every datagram waiting. Why not
+  asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port unreachable,
+  so a refused attempt would cost the whole attempt timeout.
 
 Deadlines: one timer for all the UDP queries of a forwarder (`Deadlines`), not a timer per
 query. A question's way through the upstreams (`_Forwarding`) runs on the callbacks of its
@@ -224,7 +224,7 @@ class UpstreamSocket:
 
     def _readable(self) -> None:
         sock = self.sock
-        while sock is not None:
+        while sock is not None:  # every datagram waiting (this may close the socket)
             try:
                 data = sock.recv(MAX_REPLY)
             except BlockingIOError:
@@ -441,7 +441,7 @@ class _Forwarding:
         self.attempt = 0
         self.timed_out = False  # in this round
         self.fallback: tuple[bytes, wire.Reply] | None = None
-        self.last_error: UpstreamError = UpstreamTimeout("no time left for any attempt")
+        self.last_error: UpstreamError | None = None
         self.result: asyncio.Future[tuple[bytes, wire.Reply]] = loop.create_future()
         self.server: HostPort | None = None
         self.pool: SocketPool | None = None
@@ -482,7 +482,9 @@ class _Forwarding:
         if self.fallback is not None:
             self.result.set_result(self.fallback)
         else:
-            self.result.set_exception(self.last_error)
+            self.result.set_exception(
+                self.last_error or UpstreamTimeout("no time left for any attempt")
+            )
 
     def udp_done(self, future: asyncio.Future[bytes]) -> None:
         sock, query, pool, server = self.sock, self.query, self.pool, self.server
