@@ -92,18 +92,29 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 def test_repeated_queries_take_the_fast_path_with_their_own_id(listener: UdpListener) -> None:
     store(listener, "a.example", "192.0.2.1")
     first = ask(listener, "a.example", 1001)
-    assert len(listener.fast) == 1
+    assert len(listener.fast) == 0  # asked once: no row yet
     second = ask(listener, "a.example", 1002)
+    assert len(listener.fast) == 1  # twice within a second: a row
     third = ask(listener, "a.example", 1003)
-    assert (first.header.id, second.header.id, third.header.id) == (1001, 1002, 1003)
-    assert str(third.rr[0].rdata) == "192.0.2.1"
+    fourth = ask(listener, "a.example", 1004)
+    ids = [r.header.id for r in (first, second, third, fourth)]
+    assert ids == [1001, 1002, 1003, 1004]
+    assert str(fourth.rr[0].rdata) == "192.0.2.1"
     assert listener.fast.get(query("a.example", 1)[2:]).hits == 2  # type: ignore[union-attr]
     listener.fast.flush()  # what a scrape does first
     metrics = listener.metrics
-    assert metrics.cache_hits[0] == 3
-    assert metrics.responses["cache"][0] == 3
-    assert metrics.requests["udp"][QTYPE.A] == 3
-    assert sum(metrics.durations["cache"].counts) == 3
+    assert metrics.cache_hits[0] == 4
+    assert metrics.responses["cache"][0] == 4
+    assert metrics.requests["udp"][QTYPE.A] == 4
+    assert sum(metrics.durations["cache"].counts) == 4
+
+
+def test_a_name_asked_seldom_gets_no_row(listener: UdpListener, clock: list[float]) -> None:
+    store(listener, "a.example", "192.0.2.1", ttl=3600)
+    for second in range(5):
+        clock[0] = second * 1.5
+        ask(listener, "a.example", second)
+    assert len(listener.fast) == 0 and listener.metrics.cache_hits[0] == 5
 
 
 def test_a_replaced_entry_is_not_served_from_the_fast_path(listener: UdpListener) -> None:
@@ -117,6 +128,7 @@ def test_a_replaced_entry_is_not_served_from_the_fast_path(listener: UdpListener
 def test_ttl_counts_down_on_the_fast_path(listener: UdpListener, clock: list[float]) -> None:
     store(listener, "a.example", "192.0.2.1", ttl=60)
     assert ask(listener, "a.example", 1).rr[0].ttl == 60
+    assert ask(listener, "a.example", 1).rr[0].ttl == 60  # now with a row
     clock[0] = 10.2  # ten seconds later
     assert ask(listener, "a.example", 2).rr[0].ttl == 50
     assert len(listener.fast) == 1  # the same row, rendered again

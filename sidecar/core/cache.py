@@ -64,6 +64,7 @@ class Entry:
     """One reply ready to be served to any client that asks the same question."""
 
     __slots__ = (
+        "asked_at",
         "chunks",
         "copies",
         "cost",
@@ -139,6 +140,7 @@ class Entry:
         self.dead = False  # set when the cache drops or replaces it: copies of it are stale
         # Rendered copies of this entry kept elsewhere (the UDP fast path): retired with it.
         self.copies: list[Copy] | None = None
+        self.asked_at = -math.inf  # the last hit that found no row (fast_path.admit)
         # Discovery zones: prepared shaped replies (core/shaping.py), served instead of this.
         self.shaped: ShapedAnswer | None = None
 

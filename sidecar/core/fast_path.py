@@ -20,6 +20,7 @@ Theory of operation
   up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
 - The cache's LRU order sees a row's entry used at every refresh (about once a second while
   the row is asked), not at every hit.
+- Admission: a row is made on the second hit of an entry within a second (`admit`).
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -41,6 +42,7 @@ FAST_PATH_ROWS = 16384
 SHAPED_RECHECK = 0.25  # seconds between endpoint-health checks of a shaped row
 QUICK = LATENCY_BUCKETS[0]  # hits faster than this land in the histogram's first bucket
 SWEEP_EVERY = 1.0
+ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
 
 
 class FastHit:
@@ -98,6 +100,16 @@ class FastPath:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def admit(self, entry: Entry, now: float) -> bool:
+        """Whether a hit on `entry` at `now` should get a row: the second hit within
+        ADMIT_WITHIN seconds. Names asked less often than that would only churn the table
+        (100,000 names asked in turn filled and swept it every second, a row made per query
+        and never used)."""
+        if now - entry.asked_at < ADMIT_WITHIN:
+            return True
+        entry.asked_at = now
+        return False
 
     def remember(
         self, query: bytes, q: wire.Query, entry: Entry, now: float, reply: bytes = b""
