@@ -16,35 +16,36 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port)."""
-    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+def _bound(
+    host: str, port: int, kind: socket.SocketKind, options: list[tuple[int, int, int]]
+) -> socket.socket:
+    """A non-blocking socket with these options, bound to (host, port); closed on failure."""
+    sock = socket.socket(_family(host), kind)
     try:
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _reuse_port(reuse_port: bool) -> list[tuple[int, int, int]]:
+    return [(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)] if reuse_port else []
+
+
+def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to (host, port)."""
+    return _bound(host, port, socket.SOCK_DGRAM, _reuse_port(reuse_port))
 
 
 def tcp_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking TCP socket bound to (host, port), as asyncio's create_server makes them:
     SO_REUSEADDR (a restart need not wait for TIME_WAIT), IPv6 sockets IPv6 only. The loop
     calls listen() with the backlog it is given."""
-    family = _family(host)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1), *_reuse_port(reuse_port)]
+    if _family(host) == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1))
+    return _bound(host, port, socket.SOCK_STREAM, options)
