@@ -259,6 +259,7 @@ class Resolver:
             entry.shaped = shape(
                 entry,
                 msg,
+                reply,
                 zone_name,
                 q.do,
                 self.endpoints,

@@ -147,19 +147,13 @@ class ShapedAnswer:
     def rebuild(self, now: float = math.inf) -> None:
         """Draw the pool again if this answer's endpoints changed in a way that matters."""
         self.version = self.table.version
-        indexes = list(self.address_of)
-        health = []
-        for i in indexes:
-            endpoint = self.table.get(self.zone, self.address_of[i])
-            health.append((endpoint.healthy, endpoint.latency) if endpoint else (None, None))
-        pairs = list(zip(indexes, health, strict=True))
-        usable = [i for i, (healthy, _latency) in pairs if healthy is not False]
-        latency = {i: lat for i, (_healthy, lat) in pairs}
-        dead: list[int] = []
-        if not usable:
-            usable, dead = [], list(indexes)
+        endpoints = {i: self.table.get(self.zone, a) for i, a in self.address_of.items()}
+        # Unknown endpoints (never probed) are usable, with no latency yet.
+        usable = [i for i, e in endpoints.items() if e is None or e.healthy is not False]
+        dead = [] if usable else list(endpoints)
         s = self.settings
-        w = weights([latency[i] for i in usable], s.slack, s.scale, s.steepness)
+        latencies = [e.latency if (e := endpoints[i]) is not None else None for i in usable]
+        w = weights(latencies, s.slack, s.scale, s.steepness)
         signature = (tuple(usable), tuple(dead), tuple(round(x, 1) for x in w))
         if signature == self.signature and self.variants:
             return  # another answer's endpoint changed, or this one's did not matter
@@ -173,7 +167,7 @@ class ShapedAnswer:
         self.signature = signature
         self.drawn_at = now
         self.action = (
-            "failed_open" if dead else "filtered" if len(usable) < len(indexes) else "reordered"
+            "failed_open" if dead else "filtered" if len(usable) < len(endpoints) else "reordered"
         )
         others = [i for i in range(len(self.answers)) if i not in self.address_of]  # CNAMEs
         built: dict[tuple[int, ...], Entry] = {}
@@ -254,6 +248,7 @@ class ShapedAnswer:
 def shape(
     entry: Entry,
     msg: bytes,
+    reply: wire.Reply,
     zone: str,
     do: bool,
     table: EndpointTable,
@@ -262,10 +257,10 @@ def shape(
     counts: dict[tuple[str, str], int],
     now: float,
 ) -> ShapedAnswer | None:
-    """A ShapedAnswer for a positive A/AAAA answer with addresses in it, else None."""
+    """A ShapedAnswer for a positive A/AAAA answer with addresses in it, else None.
+    `reply`: `msg` as wire.parse_reply walked it (for the cache entry)."""
     if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
         return None
-    reply = wire.parse_reply(msg)
     qend = reply.question_end
     if int.from_bytes(msg[qend - 4 : qend - 2], "big") not in ADDRESS_TYPES:  # the QTYPE
         return None
@@ -284,7 +279,6 @@ def shape(
     shaped = ShapedAnswer(
         entry, msg, qend, answers, address_of, spliceable, zone, do, table, settings, rng, counts
     )
-    addresses = shaped.addresses
     shaped.seen_at = now
-    table.seen(zone, addresses, now)
+    table.seen(zone, shaped.addresses, now)
     return shaped

@@ -147,7 +147,9 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
     table = EndpointTable()
     counts: dict[tuple[str, str], int] = {}
     settings = ShapeSettings(max_answers=1)
-    entry.shaped = shape(entry, msg, "local", False, table, settings, random.Random(2), counts, 100)
+    walked = wire.parse_reply(msg)
+    rng = random.Random(2)
+    entry.shaped = shape(entry, msg, walked, "local", False, table, settings, rng, counts, 100)
     assert entry.shaped is not None
     data = query("svc.local")
     s.fast.remember(data, wire.parse_query(data), entry, 100.0)

@@ -46,8 +46,10 @@ def shaped_answer(
     msg = msg or reply()
     query = bytes(DNSRecord.question(NAME).pack())
     q = wire.parse_query(query)
-    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
-    shaped = shape(entry, msg, "local", False, table, settings, random.Random(3), {}, 100.0)
+    walked = wire.parse_reply(msg)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, walked, 100.0, False)
+    rng = random.Random(3)
+    shaped = shape(entry, msg, walked, "local", False, table, settings, rng, {}, 100.0)
     assert shaped is not None
     return shaped, q, query
 
@@ -146,10 +148,20 @@ def test_only_address_answers_are_shaped(qtype: str) -> None:
     )
     msg = bytes(record.pack())
     q = wire.parse_query(bytes(DNSRecord.question(NAME, qtype).pack()))
-    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    walked = wire.parse_reply(msg)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, walked, 100.0, False)
     assert (
         shape(
-            entry, msg, "local", False, EndpointTable(), ShapeSettings(), random.Random(), {}, 100.0
+            entry,
+            msg,
+            walked,
+            "local",
+            False,
+            EndpointTable(),
+            ShapeSettings(),
+            random.Random(),
+            {},
+            100.0,
         )
         is None
     )
@@ -244,9 +256,11 @@ def test_variants_are_spliced_when_safe_and_re_packed_when_not(points_at_first: 
     table = EndpointTable()
     query = bytes(DNSRecord.question("svc.local").pack())
     q = wire.parse_query(query)
-    entry = TtlCache(CacheSettings()).store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    walked = wire.parse_reply(msg)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, walked, 100.0, False)
     settings = ShapeSettings(max_answers=1)
-    shaped = shape(entry, msg, "local", False, table, settings, random.Random(3), {}, 100.0)
+    rng = random.Random(3)
+    shaped = shape(entry, msg, walked, "local", False, table, settings, rng, {}, 100.0)
     assert shaped is not None
     assert shaped.spliceable is not points_at_first
     assert shaped.addresses == ["10.0.0.1", "10.0.0.2"]
