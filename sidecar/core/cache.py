@@ -80,7 +80,6 @@ class Entry:
         "rcode",
         "shaped",
         "size",
-        "tc_counts",
         "ttl",
     )
 
@@ -120,7 +119,6 @@ class Entry:
         self.flags = _shared((bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3))))
         self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
         self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
-        self.tc_counts = TC_COUNTS
         self.opt = OPT_RECORDS[do]
         self.size = wire.HEADER_SIZE + sum(len(c) for c in self.chunks) + 4 * (len(self.chunks) - 1)
         # Estimated bytes of memory this entry holds while cached, key and table slot included
@@ -159,7 +157,7 @@ class Entry:
                 (
                     query[:2],
                     tc_flags,
-                    self.tc_counts[edns],
+                    TC_COUNTS[edns],
                     query[wire.HEADER_SIZE : qend],
                     self.opt if edns else b"",
                 )
