@@ -4,8 +4,9 @@ Theory of operation
 - Clients ask the same bytes again and again (the same resolver library, name, flags and EDNS
   options); only the ID changes. So a cache hit is remembered as a row keyed by the query's
   bytes after the ID, holding the reply's bytes after the ID. The listener answers the next
-  identical query with `query[:2] + row.next_tail()`: one dict lookup, one clock read, one
-  join, one send. No parsing, no TTL arithmetic, no labelled counters on that path.
+  identical query with `query[:2] + row.next_tail()`: one dict lookup, a clock read to check
+  the row and one to time the reply, one join, one send. No parsing, no TTL arithmetic, no
+  labelled counters on that path.
 - A row is valid until one moment, `valid_until`: the earliest of the entry's expiry, its
   prefetch time (unless a prefetch runs already), the moment the TTL it shows next drops by a
   second, and for shaped answers a recheck of endpoint health every `SHAPED_RECHECK` seconds.
@@ -70,8 +71,8 @@ class FastHit:
         self.shown_ttl = -1
         self.generation = -1
         self.valid_until = -math.inf
-        self.hits = 0  # served from this row since its last flush
-        self.seconds = 0.0  # the time of those that took less than QUICK
+        self.hits = 0  # served from this row in under QUICK seconds since its last flush
+        self.seconds = 0.0  # their time in all
 
     def retire(self) -> None:
         """Called by the cache when the entry goes."""
@@ -183,10 +184,18 @@ class FastPath:
         hit.valid_until = valid_until
         return True
 
+    def served(self, hit: FastHit, seconds: float) -> None:
+        """Count one reply from `hit` that took `seconds`. The UDP hot path inlines this."""
+        if seconds < QUICK:
+            hit.hits += 1
+            hit.seconds += seconds
+        else:
+            self.slow_hit(hit, seconds)
+
     def slow_hit(self, hit: FastHit, seconds: float) -> None:
-        """A hit from `hit` that took QUICK or longer: its own histogram observation."""
+        """A hit from `hit` that took QUICK or longer: counted at once, with its own histogram
+        observation (the row's own count is for quick hits, added to the first bucket)."""
         self.metrics.durations["cache"].observe(seconds)
-        hit.hits -= 1  # counted here in full instead of at the flush
         self._count(hit, 1)
 
     def flush_row(self, hit: FastHit) -> None:

@@ -27,7 +27,8 @@ log = logging.getLogger("dns_sidecar")
 
 
 def _no_row(_key: bytes) -> None:
-    """The fast-path lookup while draining or logging every query: never a row."""
+    """The hot path's lookup while every query must reach _received (draining, query
+    logging, a rate limit): never a row."""
     return None
 
 
@@ -53,9 +54,9 @@ def _hot_path(
             now = monotonic()
             if now < hit.valid_until:
                 sendto(data[:2] + hit.next_tail(), addr)
-                hit.hits += 1
                 elapsed = monotonic() - now
-                if elapsed < QUICK:
+                if elapsed < QUICK:  # FastPath.served, inlined
+                    hit.hits += 1
                     hit.seconds += elapsed
                 else:
                     slow_hit(hit, elapsed)
@@ -175,12 +176,7 @@ class UdpListener(asyncio.DatagramProtocol):
         now = monotonic()
         if hit is not None and (now < hit.valid_until or self.fast.refresh(hit, data, now)):
             self.sendto(data[:2] + hit.next_tail(), addr)
-            hit.hits += 1
-            elapsed = perf_counter() - start
-            if elapsed < QUICK:
-                hit.seconds += elapsed
-            else:
-                self.fast.slow_hit(hit, elapsed)
+            self.fast.served(hit, perf_counter() - start)
             return
         try:
             q = wire.parse_query(data)

@@ -51,7 +51,7 @@ class Setup:
         hit = self.fast.get(data[2:])
         if hit is None or not (now < hit.valid_until or self.fast.refresh(hit, data, now)):
             return None
-        hit.hits += 1
+        self.fast.served(hit, 0.00001)
         return DNSRecord.parse(data[:2] + hit.next_tail())
 
 
@@ -109,10 +109,8 @@ def test_hits_reach_the_metrics_exactly_when_flushed() -> None:
     hit = s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
     assert hit is not None
     for _ in range(5):
-        hit.hits += 1
-        hit.seconds += 0.00001
-    hit.hits += 1
-    s.fast.slow_hit(hit, 0.003)  # one that took 3 ms
+        s.fast.served(hit, 0.00001)
+    s.fast.served(hit, 0.003)  # one that took 3 ms
     assert s.metrics.cache_hits == [1, 0]  # the slow one only, so far
     s.fast.flush()
     histogram = s.metrics.durations["cache"]
