@@ -7,7 +7,6 @@ No memory thresholds here (they depend on the machine); the import sets are what
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import socket
 import subprocess
@@ -21,18 +20,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import supervisor
+from tests.integration.conftest import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("DNS_SIDECAR_") and k != "ECS_CONTAINER_METADATA_URI_V4"
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _modules(*python: str, code: str) -> set[str]:
@@ -40,7 +30,7 @@ def _modules(*python: str, code: str) -> set[str]:
         [*python, "-c", code + "\nprint(' '.join(sorted(sys.modules)))"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=clean_env(),
         cwd=ROOT,
         timeout=60,
         check=True,
@@ -132,7 +122,7 @@ def test_the_parent_of_workers_becomes_lean_and_still_stops_them(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
-            env=_env(),
+            env=clean_env(),
             cwd=ROOT,
         )  # fmt: skip
     cmdline = Path(f"/proc/{proc.pid}/cmdline")

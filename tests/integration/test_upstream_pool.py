@@ -190,7 +190,9 @@ def test_wrong_id_or_question_is_a_mismatch_and_the_wait_goes_on(
         other = wire.build_query(0, question("other.example"), cd=False, do=False)
         up.reply(0, answer(query[:2] + other[2:], "6.6.6.7"))
         up.reply(0, query[:2] + b"garbage")
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(2.0):  # until all three have been read and set aside
+            while sum(forwarder.metrics.upstream_errors.values()) < 3:
+                await asyncio.sleep(0.005)
         assert not task.done()
         up.reply(0, answer(query, "192.0.2.9"))
         msg, _reply = await task
