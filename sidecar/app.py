@@ -31,6 +31,7 @@ from sidecar.server.http import HttpListener
 from sidecar.server.probes import run_probes
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
+from sidecar.server.udp_thread import UdpReaderThread
 from sidecar.server.upstream import Forwarder, probe_down_upstreams
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"
@@ -129,7 +130,9 @@ class Server:
     config: Config
     resolver: Resolver
     metrics: Metrics
-    udp: list[tuple[asyncio.DatagramTransport, UdpListener]] = field(default_factory=list)
+    udp: list[tuple[asyncio.DatagramTransport | UdpReaderThread, UdpListener]] = field(
+        default_factory=list
+    )
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     tcp: TcpListener | None = None
     http_server: asyncio.Server | None = None
@@ -143,6 +146,7 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._refresh_rows_ahead()
         access = ClientFilter(self.config.allow)
         self.tcp = TcpListener(
             self.resolver,
@@ -155,17 +159,24 @@ class Server:
         )
         for address in self.config.listen:
             reuse_port = self.config.workers > 1  # the kernel spreads queries over workers
-            transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UdpListener(
-                    self.resolver,
-                    self.metrics,
-                    max_pending=self.config.max_pending,
-                    log_queries=self.config.log_queries,
-                    access=access,
-                    limiter=rate_limiter(self.config),
-                ),
-                sock=sockets.udp_socket(address.host, address.port, reuse_port=reuse_port),
+            protocol = UdpListener(
+                self.resolver,
+                self.metrics,
+                max_pending=self.config.max_pending,
+                log_queries=self.config.log_queries,
+                access=access,
+                limiter=rate_limiter(self.config),
             )
+            sock = sockets.udp_socket(address.host, address.port, reuse_port=reuse_port)
+            transport: asyncio.DatagramTransport | UdpReaderThread
+            if self.config.udp_reader_thread:
+                transport = UdpReaderThread(sock, f"udp {address}")
+                protocol.read_in_thread(transport, loop)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: protocol,  # noqa: B023  # called before this await returns
+                    sock=sock,
+                )
             self.udp.append((transport, protocol))
             listener = sockets.tcp_listener(address.host, address.port, reuse_port=reuse_port)
             self.tcp_servers.append(
@@ -179,6 +190,18 @@ class Server:
         where = self.config.metrics_listen
         self.http_server = await http.start(where.host, where.port + self.worker)
         self._start_background()
+
+    def _refresh_rows_ahead(self) -> None:
+        """Give the current resolver's fast path its timer (core/fast_path.py)."""
+        fast, loop = self.resolver.fast, asyncio.get_running_loop()
+
+        def refresh_due() -> None:
+            fast.refresh_due(time.monotonic())
+
+        def on_due(at: float) -> None:
+            loop.call_later(max(0.0, at - time.monotonic()), refresh_due)
+
+        fast.on_due = on_due
 
     def watch_loops(self, token: str) -> None:
         """Loop probes (with this token, shared by all workers) reaching the resolver at any
@@ -286,6 +309,7 @@ class Server:
         )
         self.watch_loops(old.loop_token)
         old.fast.clear()  # its rows may answer differently now; their counts are kept
+        self._refresh_rows_ahead()
         old.forwarder.close()  # its sockets close as the queries still on them end
         access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:

@@ -126,6 +126,7 @@ class Config:
     upstream_probe_interval: float = 1.0
     upstream_max_inflight: int = 1000
     max_pending: int = 4096
+    udp_reader_thread: bool = True  # a thread reads each UDP socket and answers hits itself
     drain_seconds: float = 2.0
     metrics_listen: HostPort = HostPort("127.0.0.1", 9153)
     log_queries: float = 0.0
@@ -759,6 +760,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most distinct upstream queries in flight; beyond, SERVFAIL at once"),
     Setting("max_pending", "--max-pending", IntRange(1, 1_000_000), 4096,
             "most client queries per listener waiting for an upstream; beyond, SERVFAIL"),
+    Setting("udp_reader_thread", "--udp-reader-thread", Bool(), True,
+            "a thread reads each UDP socket and answers cache hits itself; false: the event "
+            "loop reads them (one thread, ~15% fewer hits per second)"),
     Setting("drain_seconds", "--drain-seconds", FloatRange(0.0, 60), 2.0,
             "after SIGTERM, keep answering this long (not ready) before closing"),
     Setting("metrics_listen", "--metrics-listen", Address(9153), HostPort("127.0.0.1", 9153),

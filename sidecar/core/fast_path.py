@@ -4,7 +4,7 @@ Theory of operation
 - Clients ask the same bytes again and again (the same resolver library, name, flags and EDNS
   options); only the ID changes. So a cache hit is remembered as a row keyed by the query's
   bytes after the ID, holding the reply's bytes after the ID. The listener answers the next
-  identical query with `query[:2] + row.next_tail()`: one dict lookup, a clock read to check
+  identical query with `query[:2] + row.tail`: one dict lookup, a clock read to check
   the row and one to time the reply, one join, one send. No parsing, no TTL arithmetic, no
   labelled counters on that path.
 - A row is valid until one moment, `valid_until`: the earliest of the entry's expiry, its
@@ -21,6 +21,14 @@ Theory of operation
   up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
 - The cache's LRU order sees a row's entry used at every refresh (about once a second while
   the row is asked), not at every hit.
+- Refreshed ahead: a row asked since its last refresh is refreshed again shortly before its
+  moment (`REFRESH_LEAD`), as if it were that moment already, so the TTL it shows drops up to
+  that much early (never late) and the hot path keeps answering across the boundary. Rows come
+  due in buckets of `TICK` seconds; `on_due` (set by the glue) is told when a bucket is first
+  used and calls `refresh_due` then. A row refreshed on demand (a late timer, a row not asked
+  for a while) is scheduled the same way. Without this, the rows cached in one burst all
+  passed their moment together once a second, and for those milliseconds every query of them
+  took the slow path (the p99 at half load, and reader-thread hand-offs).
 - Admission: a row is made on the second hit of an entry within a second (`admit`).
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
@@ -43,6 +51,9 @@ FAST_PATH_ROWS = 16384
 SHAPED_RECHECK = 0.25  # seconds between endpoint-health checks of a shaped row
 QUICK = LATENCY_BUCKETS[0]  # hits faster than this land in the histogram's first bucket
 SWEEP_EVERY = 1.0
+REFRESH_LEAD = 0.05  # a row in use is refreshed this long before its moment, or up to TICK more
+TICK = 0.05  # rows come due in buckets this wide
+AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
 
 
@@ -50,6 +61,7 @@ class FastHit:
     """One remembered query shape and its reply (or pool of replies) after the ID."""
 
     __slots__ = (
+        "counted",
         "entry",
         "generation",
         "hits",
@@ -57,8 +69,10 @@ class FastHit:
         "next_tail",
         "q",
         "seconds",
+        "seen",
         "shown_ttl",
         "table",
+        "tail",
         "valid_until",
     )
 
@@ -68,11 +82,17 @@ class FastHit:
         self.entry = entry
         self.q = q
         self.next_tail: Callable[[], bytes] = repeat(b"").__next__
+        # A plain row's reply after the ID, also what next_tail gives; b"" for a shaped row,
+        # whose replies come from next_tail in turn. The hot path reads `tail or next_tail()`:
+        # a slot read is cheaper than calling the iterator.
+        self.tail = b""
         self.shown_ttl = -1
         self.generation = -1
         self.valid_until = -math.inf
         self.hits = 0  # served from this row in under QUICK seconds since its last flush
         self.seconds = 0.0  # their time in all
+        self.counted = 0  # hits flushed to the metrics so far
+        self.seen = 0  # counted + hits at the last refresh: more since means asked since
 
     def retire(self) -> None:
         """Called by the cache when the entry goes."""
@@ -98,6 +118,9 @@ class FastPath:
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self._swept_at = -math.inf
+        # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
+        self.due: dict[int, list[tuple[FastHit, float]]] = {}
+        self.on_due: Callable[[float], None] | None = None  # glue: call refresh_due then
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -131,7 +154,8 @@ class FastPath:
             self.drop(old)
         hit = FastHit(self, key, entry, q)
         if reply and entry.shaped is None:
-            hit.next_tail = repeat(reply[2:]).__next__
+            hit.tail = reply[2:]
+            hit.next_tail = repeat(hit.tail).__next__
             hit.shown_ttl = math.ceil(entry.expires - now)
         if not self.refresh(hit, query, now):
             return None
@@ -158,7 +182,8 @@ class FastPath:
         shaped = entry.shaped
         if shaped is None:
             if ttl != hit.shown_ttl:
-                hit.next_tail = repeat(entry.render_with_ttl(query, q, ttl, limit)[2:]).__next__
+                hit.tail = entry.render_with_ttl(query, q, ttl, limit)[2:]
+                hit.next_tail = repeat(hit.tail).__next__
                 hit.shown_ttl = ttl
             valid_until = entry.expires - (ttl - 1)
         else:
@@ -176,13 +201,36 @@ class FastPath:
                     tails.append(tail)
                 start = int(self.rng.random() * len(tails))
                 hit.next_tail = cycle(tails[start:] + tails[:start]).__next__
+                hit.tail = b""
                 hit.shown_ttl = shown
                 hit.generation = shaped.generation
             valid_until = min(entry.expires - (shown - 1), now + SHAPED_RECHECK)
         if not entry.prefetching:
             valid_until = min(valid_until, entry.prefetch_at)
         hit.valid_until = valid_until
+        hit.seen = hit.counted + hit.hits
+        if self.on_due is not None:
+            slot = int((valid_until - REFRESH_LEAD) / TICK)
+            rows = self.due.get(slot)
+            if rows is None:
+                self.due[slot] = [(hit, valid_until)]
+                self.on_due(slot * TICK)
+            else:
+                rows.append((hit, valid_until))
         return True
+
+    def refresh_due(self, now: float) -> None:
+        """Refresh ahead the rows whose bucket has come (see the module's notes): those still
+        in the table, not refreshed since they were scheduled, and asked since."""
+        last = int(now / TICK)
+        for slot in [slot for slot in self.due if slot <= last]:
+            for hit, moment in self.due.pop(slot):
+                if (
+                    hit.valid_until == moment
+                    and hit.counted + hit.hits != hit.seen
+                    and self.rows.get(hit.key) is hit
+                ):
+                    self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER))
 
     def served(self, hit: FastHit, seconds: float) -> None:
         """Count one reply from `hit` that took `seconds`. The UDP hot path inlines this."""
@@ -200,12 +248,13 @@ class FastPath:
 
     def flush_row(self, hit: FastHit) -> None:
         """Add a row's hits to the metrics."""
-        hits = hit.hits
-        if hits:
+        if hit.hits:
+            # One statement, so a reader thread's `+=` between the reads and the stores
+            # cannot happen (server/udp_thread.py) and no hit is counted twice or lost.
+            hits, seconds, hit.hits, hit.seconds = hit.hits, hit.seconds, 0, 0.0
+            hit.counted += hits
             self._count(hit, hits)
-            self.metrics.durations["cache"].add_quick(hits, hit.seconds)
-            hit.hits = 0
-            hit.seconds = 0.0
+            self.metrics.durations["cache"].add_quick(hits, seconds)
 
     def _count(self, hit: FastHit, hits: int) -> None:
         metrics = self.metrics
@@ -235,3 +284,4 @@ class FastPath:
         """Forget every row (a reload, or draining)."""
         for hit in list(self.rows.values()):
             self.drop(hit)
+        self.due.clear()

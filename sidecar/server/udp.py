@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from random import random
 from time import monotonic, perf_counter
-from typing import cast
+from typing import Any, cast
 
 from sidecar import logs
 from sidecar.core import wire
@@ -22,6 +23,7 @@ from sidecar.core.access import EVERYONE, ClientFilter, RateLimiter
 from sidecar.core.fast_path import QUICK, FastHit
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
+from sidecar.server.udp_thread import UdpReaderThread
 
 log = logging.getLogger("dns_sidecar")
 
@@ -53,7 +55,7 @@ def _hot_path(
         if hit is not None and (admitted_get is None or admitted_get(addr[0]) is True):
             now = monotonic()
             if now < hit.valid_until:
-                sendto(data[:2] + hit.next_tail(), addr)
+                sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
                 elapsed = monotonic() - now
                 if elapsed < QUICK:  # FastPath.served, inlined
                     hit.hits += 1
@@ -83,8 +85,11 @@ class UdpListener(asyncio.DatagramProtocol):
         self.cache_durations = metrics.durations["cache"]
         self.max_pending = max_pending
         self.log_queries = log_queries
-        self.transport: asyncio.DatagramTransport | None = None
-        self.sendto: Receiver = self._not_connected
+        self.transport: asyncio.DatagramTransport | UdpReaderThread | None = None
+        self.sendto: Receiver = self._not_connected  # the loop's sends
+        self.hot_sendto: Receiver = self._not_connected  # the hot path's (the reader thread's)
+        # With a reader thread: how the hot path hands work to the loop (call_soon_threadsafe).
+        self.handoff: Callable[..., Any] | None = None
         self.pending: set[asyncio.Task[None]] = set()
         self._draining = False
         self._resolver = resolver
@@ -127,19 +132,38 @@ class UdpListener(asyncio.DatagramProtocol):
         # Draining or logging every query: every query goes through _received. A rate limit
         # takes a token per query, so there too; an allow list alone costs one dict lookup.
         off = self._draining or self.log_queries > 0 or self.limiter is not None
+        received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None]
+        slow_hit: Callable[[FastHit, float], None]
+        if self.handoff is None:
+            received, slow_hit = self._received, self.fast.slow_hit
+        else:  # called in the reader thread: the rest happens on the loop
+            received = partial(self.handoff, self._received)
+            slow_hit = partial(self.handoff, self.fast.slow_hit)
         self.datagram_received = _hot_path(
             _no_row if off else self.fast.get,
             self.admitted.get if self.guarded else None,
-            self.sendto,
-            self.fast.slow_hit,
-            self._received,
+            self.hot_sendto,
+            slow_hit,
+            received,
         )
+        if isinstance(self.transport, UdpReaderThread):
+            self.transport.receive = self.datagram_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport does not derive from asyncio.DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
-        self.sendto = self.transport.sendto
+        self.sendto = self.hot_sendto = self.transport.sendto
         self._bind_fast_path()
+
+    def read_in_thread(self, reader: UdpReaderThread, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the socket of `reader` (server/udp_thread.py): its thread answers current
+        fast-path rows and hands everything else to `loop`."""
+        self.transport = reader
+        self.sendto = reader.sendto
+        self.hot_sendto = cast(Receiver, reader.sock.sendto)
+        self.handoff = loop.call_soon_threadsafe
+        self._bind_fast_path()
+        reader.start()
 
     def _admit(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """Admission: a client not judged yet, refused, or rate limited."""
@@ -175,7 +199,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 hit = self.fast.get(data[2:])
         now = monotonic()
         if hit is not None and (now < hit.valid_until or self.fast.refresh(hit, data, now)):
-            self.sendto(data[:2] + hit.next_tail(), addr)
+            self.sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
             self.fast.served(hit, perf_counter() - start)
             return
         try:

@@ -128,6 +128,7 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_DISCOVERY_MAX_ENDPOINTS",
         "DNS_SIDECAR_DISCOVERY_CLOUDMAP_INTERVAL",
         "DNS_SIDECAR_LOG_QUERIES",
+        "DNS_SIDECAR_UDP_READER_THREAD",
         "DNS_SIDECAR_MANAGE_RESOLV_CONF",
         "DNS_SIDECAR_RESOLV_CONF_PATH",
     }

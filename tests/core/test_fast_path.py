@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from dnslib import QTYPE, RR, A, DNSRecord
@@ -10,7 +11,7 @@ from sidecar.config import CacheSettings
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.endpoints import EndpointTable
-from sidecar.core.fast_path import SHAPED_RECHECK, FastPath
+from sidecar.core.fast_path import REFRESH_LEAD, SHAPED_RECHECK, TICK, FastHit, FastPath
 from sidecar.core.shaping import ShapeSettings, shape
 from sidecar.metrics import Metrics
 
@@ -190,3 +191,59 @@ def test_refreshing_a_row_keeps_its_entry_from_being_evicted_first() -> None:
     msg = reply(name="c.example")
     cache.store(q.key, msg, wire.parse_reply(msg), 101.6, False)  # full: one must go
     assert entries["b.example"].dead and not entries["a.example"].dead
+
+
+def timed_row() -> tuple[Setup, list[float], FastHit, bytes]:
+    """A table whose timer requests are recorded, and a row made at 100.3 for an entry of TTL
+    60 cached at 100.0 (its moment: 101.0)."""
+    s = Setup()
+    due: list[float] = []
+    s.fast.on_due = due.append
+    entry = s.store(reply(ttl=60), 100.0)
+    data = query()
+    hit = s.fast.remember(data, wire.parse_query(data), entry, 100.3)
+    assert hit is not None and hit.valid_until == 101.0
+    return s, due, hit, data
+
+
+def test_a_row_in_use_is_refreshed_ahead_of_its_moment_and_shows_the_lower_ttl_early() -> None:
+    s, due, hit, data = timed_row()
+    # Its bucket starts at most REFRESH_LEAD + TICK before the moment, never after it.
+    assert due and 101.0 - REFRESH_LEAD - TICK <= due[-1] <= 101.0 - REFRESH_LEAD
+    s.served(data, 100.5)  # asked since it was made
+    s.fast.refresh_due(due[-1])
+    assert hit.valid_until == 102.0  # refreshed before 101.0, as of just after it
+    answer = s.served(data, 100.96)
+    assert answer is not None and answer.rr[0].ttl == 59  # a second early at most, never late
+    assert len(due) == 2 and due[-1] < 102.0
+
+
+def test_a_row_not_asked_since_its_refresh_is_left_to_lapse() -> None:
+    s, due, hit, data = timed_row()
+    s.fast.flush()
+    s.fast.refresh_due(due[-1])
+    assert hit.valid_until == 101.0 and len(due) == 1 and not s.fast.due
+    answer = s.served(data, 101.2)  # asked again later: refreshed on demand, scheduled again
+    assert answer is not None and answer.rr[0].ttl == 59 and len(due) == 2
+
+
+def test_rows_refreshed_on_demand_or_gone_are_skipped_when_their_bucket_comes() -> None:
+    s = Setup()
+    due: list[float] = []
+    s.fast.on_due = due.append
+    rows = []
+    for name in ("a.example", "b.example"):
+        entry = s.store(reply(name=name), 100.0, name)
+        data = query(name)
+        hit = s.fast.remember(data, wire.parse_query(data), entry, 100.3)
+        assert hit is not None
+        rows.append((hit, data))
+        s.served(data, 100.4)
+    (a, a_data), (b, _b_data) = rows
+    s.served(a_data, 101.5)  # a: refreshed on demand past its moment (a late timer)
+    assert a.valid_until == 102.0
+    s.store(reply(("192.0.2.9",), name="b.example"), 100.5, "b.example")  # b's entry replaced
+    assert b.valid_until == -math.inf
+    s.fast.refresh_due(101.0)
+    assert a.valid_until == 102.0  # not refreshed twice for one moment
+    assert s.fast.get(b.key) is None

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import dns.flags
@@ -145,6 +146,17 @@ def test_listens_on_ipv6_loopback(fast_sidecar: StartSidecar, nsd_local: NsdServ
         "10.0.0.2",
         "10.0.0.3",
     ]
+
+
+def test_event_loop_reads_udp_when_the_reader_thread_is_off(
+    fast_sidecar: StartSidecar, nsd_local: NsdServer
+) -> None:
+    sc = fast_sidecar("--upstream", nsd_local.address, "--udp-reader-thread", "false")
+    for qid in range(1, 6):  # a miss, a hit, then hits from a fast-path row
+        reply = ask(sc, "resource-server.local.", qid=qid)
+        assert reply.id == qid and rdatas(reply) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    threads = sorted(p.name for p in Path(f"/proc/{sc.proc.pid}/task").iterdir())
+    assert len(threads) == 1, threads  # no reader thread: the loop's thread only
 
 
 # --- 2. positive caching ----------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""The UDP reader thread on a real loopback socket: rows answered in the thread, everything
+else on the event loop, exact counts, draining, and a prompt stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from sidecar.config import CacheSettings, HostPort
+from sidecar.core import wire
+from sidecar.core.cache import TtlCache
+from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.metrics import Metrics
+from sidecar.pipeline import Resolver
+from sidecar.server import sockets
+from sidecar.server.udp import UdpListener
+from sidecar.server.udp_thread import UdpReaderThread
+from sidecar.server.upstream import Forwarder
+
+
+def query(name: str, qid: int) -> bytes:
+    record = DNSRecord.question(name)
+    record.header.id = qid
+    return bytes(record.pack())
+
+
+class Served:
+    """A listener reading its socket in a thread, and a client socket connected to it."""
+
+    def __init__(self, listener: UdpListener, reader: UdpReaderThread) -> None:
+        self.listener = listener
+        self.reader = reader
+        self.loop_sends = 0  # replies sent by the event loop, not the reader thread
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.client.setblocking(False)
+        self.client.connect(reader.sock.getsockname())
+
+    def store(self, name: str, address: str) -> None:
+        reply = DNSRecord.question(name).reply()
+        reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=60))
+        msg = bytes(reply.pack())
+        q = wire.parse_query(query(name, 1))
+        self.listener.resolver.cache.store(
+            q.key, msg, wire.parse_reply(msg), time.monotonic(), False
+        )
+
+    async def ask(self, data: bytes, timeout: float = 2.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.client, data)
+        return await asyncio.wait_for(loop.sock_recv(self.client, 4096), timeout)
+
+
+@asynccontextmanager
+async def served() -> AsyncIterator[Served]:
+    metrics = Metrics()
+    resolver = Resolver(
+        TtlCache(CacheSettings(prefetch_percent=0)),
+        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 9)]), {}),
+        Forwarder(1.0, metrics),
+        metrics,
+        query_timeout=4.0,
+    )
+    listener = UdpListener(resolver, metrics)
+    reader = UdpReaderThread(sockets.udp_socket("127.0.0.1", 0), "udp test")
+    state = Served(listener, reader)
+    loop_send = reader.sendto
+
+    def counted(data: bytes, addr: Any) -> None:
+        assert threading.current_thread() is threading.main_thread()
+        state.loop_sends += 1
+        loop_send(data, addr)
+
+    reader.sendto = counted  # type: ignore[method-assign]
+    listener.read_in_thread(reader, asyncio.get_running_loop())
+    try:
+        yield state
+    finally:
+        reader.close()
+        state.client.close()
+
+
+def run(test: Callable[[], Any]) -> None:
+    asyncio.run(test())
+
+
+def test_rows_are_answered_in_the_thread_and_counted_exactly() -> None:
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            for qid in range(1, 101):
+                reply = DNSRecord.parse(await s.ask(query("a.example", qid)))
+                assert reply.header.id == qid and str(reply.rr[0].rdata) == "192.0.2.1"
+            # The first two were answered on the loop (a cache hit; the second made the row),
+            # the other 98 by the reader thread.
+            assert s.loop_sends == 2
+            metrics = s.listener.metrics
+            # A hit slower than the histogram's first bucket is counted on the loop, after its
+            # reply went out: wait for those hand-offs.
+            deadline = time.monotonic() + 2.0
+            while metrics.cache_hits[0] < 100 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                s.listener.fast.flush()
+            assert metrics.cache_hits[0] == 100
+            assert metrics.requests["udp"][QTYPE.A] == 100
+            assert sum(metrics.durations["cache"].counts) == 100
+
+    run(main)
+
+
+def test_bad_input_goes_to_the_loop_and_the_thread_carries_on() -> None:
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            await s.ask(query("a.example", 1))
+            await s.ask(query("a.example", 2))  # a row now
+            bad = query("a.example", 3)[:14]  # cut inside the question
+            formerr = await s.ask(bad)
+            assert formerr[:2] == bad[:2] and formerr[3] & 0x0F == wire.FORMERR
+            empty = b""  # an empty datagram: dropped
+            await asyncio.get_running_loop().sock_sendall(s.client, empty)
+            reply = DNSRecord.parse(await s.ask(query("a.example", 4)))
+            assert reply.header.id == 4
+            assert s.listener.metrics.dropped["malformed"] == 2
+            assert s.reader._thread is not None and s.reader._thread.is_alive()
+
+    run(main)
+
+
+def test_a_draining_listener_answers_nothing_new() -> None:
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            await s.ask(query("a.example", 1))
+            await s.ask(query("a.example", 2))
+            s.listener.draining = True
+            try:
+                await s.ask(query("a.example", 3), timeout=0.3)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("a draining listener answered")
+
+    run(main)
+
+
+def test_close_stops_the_thread_at_once_and_closes_the_socket() -> None:
+    async def main() -> None:
+        async with served() as s:
+            thread = s.reader._thread
+            assert thread is not None and thread.is_alive()
+            start = time.monotonic()
+            s.reader.close()
+            assert time.monotonic() - start < 0.5
+            assert not thread.is_alive() and s.reader.sock.fileno() == -1
+            assert s.reader.is_closing()
+            s.reader.sendto(b"late", ("127.0.0.1", 9))  # the loop's send after close: no raise
+            assert s.reader.send_errors == 1
+
+    run(main)
