@@ -1,15 +1,17 @@
 """What a Python cache-hit path can reach here: `python -m bench.ceiling`.
 
-Two toy responders answer the 1,000 cache-hit names of the benchmark from a dict of finished
+Toy responders answer the 1,000 cache-hit names of the benchmark from a dict of finished
 replies (the query's bytes after the ID -> the reply's bytes after the ID), with nothing else:
 no TTL, no metrics, no checks. They differ only in how datagrams come in and go out:
 
 - `protocol`: an asyncio.DatagramProtocol on uvloop: `datagram_received`, `transport.sendto`
-  (what the sidecar does);
+  (what the sidecar does with `udp_reader_thread = false`);
 - `reader`: uvloop's `add_reader` on a plain non-blocking socket; each wake-up drains up to 64
   datagrams with `sock.recvfrom` and answers each with `sock.sendto`;
 - `blocking`: no event loop at all: a plain blocking socket, `recvfrom` then `sendto`, in a loop
-  (the least a Python process can do per datagram).
+  (the least a Python process can do per datagram);
+- `thread`: the same loop in a thread of its own while the main thread sits in an idle uvloop
+  loop: the sidecar's model since the UDP reader thread (sidecar/server/udp_thread.py).
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
@@ -37,7 +39,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("protocol", "reader", "blocking")
+MODES = ("protocol", "reader", "blocking", "thread")
 
 
 def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
@@ -83,7 +85,7 @@ async def _serve(mode: str, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     if mode == "protocol":
         await loop.create_datagram_endpoint(lambda: _Protocol(table), local_addr=(host, port))
-    else:
+    elif mode == "reader":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((host, port))
         sock.setblocking(False)
@@ -118,6 +120,10 @@ def serve(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
     if args.mode == "blocking":
         _serve_blocking(host, int(port))
+    if args.mode == "thread":
+        import threading
+
+        threading.Thread(target=_serve_blocking, args=(host, int(port)), daemon=True).start()
     uvloop.run(_serve(args.mode, host, int(port)))
     return 0
 
@@ -184,7 +190,7 @@ def measure(argv: Sequence[str]) -> int:
         f"`python -m bench.ceiling`: {args.rounds} rounds, each server {2 * args.rounds} runs "
         f"of {args.seconds:g} s (dnsperf -c 10 -q 100, 1,000 cached names), servers pinned to "
         f"CPU 1, dnsperf to CPU 0. Machine busy before the run: {busy:.0%}. "
-        "See bench/ceiling.py for the two toy responders.",
+        "See bench/ceiling.py for the toy responders.",
         "",
         "| server | median QPS | / dnsmasq | server CPU busy | us of CPU per query | runs |",
         "|---|---:|---:|---:|---:|---|",

@@ -170,7 +170,7 @@ class Server:
             sock = sockets.udp_socket(address.host, address.port, reuse_port=reuse_port)
             transport: asyncio.DatagramTransport | UdpReaderThread
             if self.config.udp_reader_thread:
-                transport = UdpReaderThread(sock, f"udp {address}")
+                transport = UdpReaderThread(sock, f"udp {address}", self.metrics.dropped)
                 protocol.read_in_thread(transport, loop)
             else:
                 transport, _ = await loop.create_datagram_endpoint(

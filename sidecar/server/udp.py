@@ -15,7 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from random import random
 from time import monotonic, perf_counter
-from typing import Any, cast
+from typing import cast
 
 from sidecar import logs
 from sidecar.core import wire
@@ -87,9 +87,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.log_queries = log_queries
         self.transport: asyncio.DatagramTransport | UdpReaderThread | None = None
         self.sendto: Receiver = self._not_connected  # the loop's sends
-        self.hot_sendto: Receiver = self._not_connected  # the hot path's (the reader thread's)
-        # With a reader thread: how the hot path hands work to the loop (call_soon_threadsafe).
-        self.handoff: Callable[..., Any] | None = None
+        self.reader: UdpReaderThread | None = None  # the thread reading the socket, if any
         self.pending: set[asyncio.Task[None]] = set()
         self._draining = False
         self._resolver = resolver
@@ -132,38 +130,45 @@ class UdpListener(asyncio.DatagramProtocol):
         # Draining or logging every query: every query goes through _received. A rate limit
         # takes a token per query, so there too; an allow list alone costs one dict lookup.
         off = self._draining or self.log_queries > 0 or self.limiter is not None
-        received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None]
-        slow_hit: Callable[[FastHit, float], None]
-        if self.handoff is None:
-            received, slow_hit = self._received, self.fast.slow_hit
-        else:  # called in the reader thread: the rest happens on the loop
-            received = partial(self.handoff, self._received)
-            slow_hit = partial(self.handoff, self.fast.slow_hit)
+        fast_get = _no_row if off else self.fast.get
+        admitted_get = self.admitted.get if self.guarded else None
+        # The loop's own hot path: the uvloop transport's, or the lent socket's (below).
         self.datagram_received = _hot_path(
-            _no_row if off else self.fast.get,
-            self.admitted.get if self.guarded else None,
-            self.hot_sendto,
-            slow_hit,
-            received,
+            fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received
         )
-        if isinstance(self.transport, UdpReaderThread):
-            self.transport.receive = self.datagram_received
+        reader = self.reader
+        if reader is not None:
+            # In the reader thread: a blocking send; the slow path lends the socket to the loop.
+            reader.receive = _hot_path(
+                fast_get,
+                admitted_get,
+                cast(Receiver, reader.sock.sendto),
+                partial(reader.call, self.fast.slow_hit),
+                partial(reader.lend, self._received),
+            )
+            reader.loop_receive = _hot_path(
+                fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received_lent
+            )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport does not derive from asyncio.DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
-        self.sendto = self.hot_sendto = self.transport.sendto
+        self.sendto = self.transport.sendto
         self._bind_fast_path()
 
     def read_in_thread(self, reader: UdpReaderThread, loop: asyncio.AbstractEventLoop) -> None:
         """Serve the socket of `reader` (server/udp_thread.py): its thread answers current
-        fast-path rows and hands everything else to `loop`."""
-        self.transport = reader
+        fast-path rows and lends the socket to `loop` for everything else."""
+        self.transport = self.reader = reader
         self.sendto = reader.sendto
-        self.hot_sendto = cast(Receiver, reader.sock.sendto)
-        self.handoff = loop.call_soon_threadsafe
         self._bind_fast_path()
-        reader.start()
+        reader.start(loop)
+
+    def _received_lent(self, data: bytes, addr: tuple[str | int, ...], hit: FastHit | None) -> None:
+        """_received, counted for the reader's decision to take its socket back."""
+        assert self.reader is not None
+        self.reader.slow += 1
+        self._received(data, addr, hit)
 
     def _admit(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
         """Admission: a client not judged yet, refused, or rate limited."""
