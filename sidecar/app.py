@@ -196,7 +196,8 @@ class Server:
         fast, loop = self.resolver.fast, asyncio.get_running_loop()
 
         def refresh_due() -> None:
-            fast.refresh_due(time.monotonic())
+            if fast.refresh_due(time.monotonic()):
+                loop.call_soon(refresh_due)  # the rest after other callbacks (and the GIL)
 
         def on_due(at: float) -> None:
             loop.call_later(max(0.0, at - time.monotonic()), refresh_due)

@@ -247,3 +247,25 @@ def test_rows_refreshed_on_demand_or_gone_are_skipped_when_their_bucket_comes() 
     s.fast.refresh_due(101.0)
     assert a.valid_until == 102.0  # not refreshed twice for one moment
     assert s.fast.get(b.key) is None
+
+
+def test_rows_due_together_are_refreshed_a_batch_at_a_time() -> None:
+    s = Setup(capacity=200)
+    due: list[float] = []
+    s.fast.on_due = due.append
+    rows = []
+    for i in range(100):  # cached in one burst: one bucket
+        name = f"n{i}.example"
+        entry = s.store(reply(name=name), 100.0, name)
+        data = query(name)
+        hit = s.fast.remember(data, wire.parse_query(data), entry, 100.3)
+        assert hit is not None
+        s.served(data, 100.4)
+        rows.append(hit)
+    assert len(s.fast.due) == 1
+    calls = 1
+    while s.fast.refresh_due(due[0], most=32):
+        calls += 1
+    assert calls == 4  # 32 + 32 + 32 + 4
+    assert all(hit.valid_until == 102.0 for hit in rows)
+    assert not s.fast.refresh_due(due[0], most=32)  # nothing left in that bucket
