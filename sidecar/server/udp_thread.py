@@ -5,9 +5,9 @@ about 4 us of CPU per query on this machine, a quarter of a cache hit; a plain b
 `recvfrom`/`sendto` loop does not pay it (bench/results/ceiling.md).
 
 Theory of operation
-- The socket is blocking. The thread reads it and hands each datagram to the listener's hot
-  path (`receive`, a closure made by server/udp.py). A current fast-path row is answered there,
-  in the thread, with a blocking `sendto`.
+- The socket is blocking. The thread runs the listener's loop (`serving`, made by
+  server/udp.py): `recvfrom`, then the hot path. A current fast-path row is answered there, in
+  the thread, with a blocking `sendto`.
 - Anything else (no row, a row past its moment, admission work) must run on the event loop:
   the cache, the miss path and the metrics belong to it. The thread then *lends the socket* to
   the loop (`lend`) and parks until it is given back. The loop handles that datagram, then reads
@@ -52,7 +52,10 @@ JOIN_SECONDS = 2.0
 LOOP_BATCH = 64  # datagrams the loop reads before it lets its other callbacks run
 GIVE_BACK_AT = 8  # a lent socket goes back after a batch with at most this many slow ones
 
+Address = tuple[str | int, ...]
 Receive = Callable[[bytes, Any], None]
+# The thread's loop: serves from the datagram given, returns the one in hand when it stops.
+Serving = Callable[[bytes, Address], tuple[bytes, Address]]
 
 
 def _ignore(*_args: Any) -> None:
@@ -68,7 +71,9 @@ class UdpReaderThread:
         self.sock = sock
         self.name = name
         self.dropped = dropped  # Metrics.dropped: a reply not sent is counted as overload
-        self.receive: Receive = _ignore  # the thread's hot path
+        # The thread's loop (server/udp.py: _thread_loop), replaced by the listener whenever
+        # one of its parts changes; it returns when it is no longer this attribute's value.
+        self.serving: Serving | None = None
         self.loop_receive: Receive = _ignore  # the loop's, while the socket is lent to it
         self.slow = 0  # datagrams of the current loop batch that took the slow path
         self.lends = 0  # times the thread lent the socket to the loop
@@ -86,21 +91,26 @@ class UdpReaderThread:
         self._thread.start()
 
     def _run(self) -> None:
-        recvfrom = self.sock.recvfrom
+        in_hand: tuple[bytes, Address] | None = None
         while not self._closing:
             try:
-                data, addr = recvfrom(MAX_QUERY)
-                if self._closing:
+                if in_hand is None:
+                    in_hand = self.sock.recvfrom(MAX_QUERY)
+                    continue  # closed while waiting: not served
+                serving = self.serving
+                if serving is None:
                     break
-                self.receive(data, addr)
+                in_hand = serving(*in_hand)
             except OSError:
                 # A reply the kernel would not send (an unreachable client address): that
                 # datagram is lost, the thread goes on. After close() the socket is gone.
+                in_hand = None
                 if self._closing:
                     break
             except RuntimeError:
                 break  # the loop is closed: nothing can serve the rest
             except Exception:
+                in_hand = None
                 log.exception("UDP reader: datagram failed")
 
     def call(self, work: Callable[..., object], *args: Any) -> None:
@@ -167,6 +177,7 @@ class UdpReaderThread:
         if self._closing:
             return
         self._closing = True
+        self.serving = None
         self._given_back.set()
         with contextlib.suppress(OSError):  # ENOTCONN, yet the blocked read wakes
             self.sock.shutdown(socket.SHUT_RD)
