@@ -9,16 +9,11 @@ import time
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from sidecar.config import CacheSettings, HostPort
 from sidecar.core import wire
 from sidecar.core.access import ClientFilter, RateLimiter, parse_networks
-from sidecar.core.cache import TtlCache
-from sidecar.core.routing import ZoneRouter
-from sidecar.core.upstream_health import UpstreamSet
 from sidecar.metrics import Metrics
-from sidecar.pipeline import Resolver
 from sidecar.server.udp import UdpListener
-from sidecar.server.upstream import Forwarder
+from tests.listener_parts import cache_resolver
 
 ALLOWED = ("127.0.0.1", 40000)
 OUTSIDER = ("127.0.0.12", 40000)
@@ -37,13 +32,7 @@ class Recorder:
 
 def make_listener(limiter: RateLimiter | None = None) -> tuple[UdpListener, Recorder]:
     metrics = Metrics()
-    resolver = Resolver(
-        TtlCache(CacheSettings(prefetch_percent=0)),
-        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
-        Forwarder(1.0, metrics),
-        metrics,
-        query_timeout=4.0,
-    )
+    resolver = cache_resolver(metrics)
     access = ClientFilter(parse_networks(["127.0.0.1/32"]))
     udp = UdpListener(resolver, metrics, access=access, limiter=limiter)
     recorder = Recorder()

@@ -9,16 +9,11 @@ from collections.abc import Iterator
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from sidecar.config import CacheSettings, HostPort
 from sidecar.core import wire
-from sidecar.core.cache import TtlCache
-from sidecar.core.routing import ZoneRouter
-from sidecar.core.upstream_health import UpstreamSet
 from sidecar.metrics import Metrics
-from sidecar.pipeline import Resolver
 from sidecar.server import udp as udp_module
 from sidecar.server.udp import UdpListener
-from sidecar.server.upstream import Forwarder
+from tests.listener_parts import cache_resolver
 
 CLIENT = ("127.0.0.1", 40000)
 
@@ -41,13 +36,7 @@ def listener() -> Iterator[UdpListener]:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     metrics = Metrics()
-    resolver = Resolver(
-        TtlCache(CacheSettings(prefetch_percent=0)),
-        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
-        Forwarder(1.0, metrics),
-        metrics,
-        query_timeout=4.0,
-    )
+    resolver = cache_resolver(metrics)
     udp = UdpListener(resolver, metrics)
     udp.connection_made(Recorder())  # type: ignore[arg-type]
     yield udp

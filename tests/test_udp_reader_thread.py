@@ -13,17 +13,12 @@ from typing import Any
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from sidecar.config import CacheSettings, HostPort
 from sidecar.core import wire
-from sidecar.core.cache import TtlCache
-from sidecar.core.routing import ZoneRouter
-from sidecar.core.upstream_health import UpstreamSet
 from sidecar.metrics import Metrics
-from sidecar.pipeline import Resolver
 from sidecar.server import sockets
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread
-from sidecar.server.upstream import Forwarder
+from tests.listener_parts import cache_resolver
 
 
 def query(name: str, qid: int) -> bytes:
@@ -61,13 +56,7 @@ class Served:
 @asynccontextmanager
 async def served() -> AsyncIterator[Served]:
     metrics = Metrics()
-    resolver = Resolver(
-        TtlCache(CacheSettings(prefetch_percent=0)),
-        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 9)]), {}),
-        Forwarder(1.0, metrics),
-        metrics,
-        query_timeout=4.0,
-    )
+    resolver = cache_resolver(metrics, upstream_port=9)
     listener = UdpListener(resolver, metrics)
     reader = UdpReaderThread(sockets.udp_socket("127.0.0.1", 0), "udp test", metrics.dropped)
     state = Served(listener, reader)

@@ -1,0 +1,22 @@
+"""A resolver for listener tests that serve from the cache: its upstream is never reached."""
+
+from __future__ import annotations
+
+from sidecar.config import CacheSettings, HostPort
+from sidecar.core.cache import TtlCache
+from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.metrics import Metrics
+from sidecar.pipeline import Resolver
+from sidecar.server.upstream import Forwarder
+
+
+def cache_resolver(metrics: Metrics, upstream_port: int = 53) -> Resolver:
+    """A resolver with an empty cache (no prefetch) and one loopback upstream."""
+    return Resolver(
+        TtlCache(CacheSettings(prefetch_percent=0)),
+        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", upstream_port)]), {}),
+        Forwarder(1.0, metrics),
+        metrics,
+        query_timeout=4.0,
+    )
