@@ -23,7 +23,7 @@ from sidecar.core.access import EVERYONE, ClientFilter, RateLimiter
 from sidecar.core.fast_path import QUICK, FastHit
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
-from sidecar.server.udp_thread import MAX_QUERY, Address, Serving, UdpReaderThread
+from sidecar.server.udp_thread import Receiver, UdpReaderThread
 
 log = logging.getLogger("dns_sidecar")
 
@@ -32,9 +32,6 @@ def _no_row(_key: bytes) -> None:
     """The hot path's lookup while every query must reach _received (draining, query
     logging, a rate limit): never a row."""
     return None
-
-
-Receiver = Callable[[bytes, tuple[str | int, ...]], None]
 
 
 def _hot_path(
@@ -68,44 +65,6 @@ def _hot_path(
     return datagram_received
 
 
-def _thread_loop(
-    reader: UdpReaderThread,
-    fast_get: Callable[[bytes], FastHit | None],
-    admitted_get: Callable[[str | int], bool | None] | None,
-    slow_hit: Callable[[FastHit, float], None],
-    received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None],
-) -> Serving:
-    """The reader thread's loop: the body of `_hot_path` inlined (keep the two alike), then
-    `recvfrom` for the next datagram. Under load a Python call per datagram costs more than in
-    a micro-benchmark (the kernel's UDP work between two queries leaves the caches cold). It
-    returns the datagram in hand as soon as the listener has bound a new loop
-    (`reader.serving` replaced) or the reader closes, so a datagram that arrived while the
-    thread waited is served by the binding current when it arrived."""
-    recvfrom = reader.sock.recvfrom
-    sendto = reader.sock.sendto
-
-    def serve(data: bytes, addr: Address) -> tuple[bytes, Address]:
-        while reader.serving is serve:
-            hit = fast_get(data[2:])
-            if hit is not None and (admitted_get is None or admitted_get(addr[0]) is True):
-                now = monotonic()
-                if now < hit.valid_until:
-                    sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
-                    elapsed = monotonic() - now
-                    if elapsed < QUICK:
-                        hit.hits += 1
-                        hit.seconds += elapsed
-                    else:
-                        slow_hit(hit, elapsed)
-                    data, addr = recvfrom(MAX_QUERY)
-                    continue
-            received(data, addr, hit)
-            data, addr = recvfrom(MAX_QUERY)
-        return data, addr
-
-    return serve
-
-
 class UdpListener(asyncio.DatagramProtocol):
     datagram_received: Receiver  # type: ignore[assignment]  # a closure; see _hot_path
 
@@ -120,7 +79,6 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> None:
         self.metrics = metrics
         self.requests = metrics.requests["udp"]
-        self.cache_durations = metrics.durations["cache"]
         self.max_pending = max_pending
         self.log_queries = log_queries
         self.transport: asyncio.DatagramTransport | UdpReaderThread | None = None
@@ -177,10 +135,10 @@ class UdpListener(asyncio.DatagramProtocol):
         reader = self.reader
         if reader is not None:
             # In the reader thread: a blocking send; the slow path lends the socket to the loop.
-            reader.serving = _thread_loop(
-                reader,
+            reader.receive = _hot_path(
                 fast_get,
                 admitted_get,
+                cast(Receiver, reader.sock.sendto),
                 partial(reader.call, self.fast.slow_hit),
                 partial(reader.lend, self._received),
             )

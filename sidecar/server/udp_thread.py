@@ -5,9 +5,10 @@ about 4 us of CPU per query on this machine, a quarter of a cache hit; a plain b
 `recvfrom`/`sendto` loop does not pay it (bench/results/ceiling.md).
 
 Theory of operation
-- The socket is blocking. The thread runs the listener's loop (`serving`, made by
-  server/udp.py): `recvfrom`, then the hot path. A current fast-path row is answered there, in
-  the thread, with a blocking `sendto`.
+- The socket is blocking. The thread reads it and hands each datagram to the listener's hot
+  path (`receive`, a closure made by server/udp.py), looked up after the datagram arrived, so a
+  rebind (draining, reload) applies to the next datagram. A current fast-path row is answered
+  there, in the thread, with a blocking `sendto`.
 - Anything else (no row, a row past its moment, admission work) must run on the event loop:
   the cache, the miss path and the metrics belong to it. The thread then *lends the socket* to
   the loop (`lend`) and parks until it is given back. The loop handles that datagram, then reads
@@ -53,9 +54,7 @@ LOOP_BATCH = 64  # datagrams the loop reads before it lets its other callbacks r
 GIVE_BACK_AT = 8  # a lent socket goes back after a batch with at most this many slow ones
 
 Address = tuple[str | int, ...]
-Receive = Callable[[bytes, Any], None]
-# The thread's loop: serves from the datagram given, returns the one in hand when it stops.
-Serving = Callable[[bytes, Address], tuple[bytes, Address]]
+Receiver = Callable[[bytes, Address], None]
 
 
 def _ignore(*_args: Any) -> None:
@@ -63,20 +62,18 @@ def _ignore(*_args: Any) -> None:
 
 
 class UdpReaderThread:
-    """The listener's transport when a thread reads its socket: `sendto`, `is_closing`,
-    `close` and `get_extra_info`, as the loop side of the listener uses them."""
+    """The listener's transport when a thread reads its socket: `sendto`, `is_closing` and
+    `close`, as the loop side of the listener uses them."""
 
     def __init__(self, sock: socket.socket, name: str, dropped: dict[str, int]) -> None:
         sock.setblocking(True)
         self.sock = sock
         self.name = name
         self.dropped = dropped  # Metrics.dropped: a reply not sent is counted as overload
-        # The thread's loop (server/udp.py: _thread_loop), replaced by the listener whenever
-        # one of its parts changes; it returns when it is no longer this attribute's value.
-        self.serving: Serving | None = None
-        self.loop_receive: Receive = _ignore  # the loop's, while the socket is lent to it
+        # The hot paths, set again by the listener whenever one of their parts changes.
+        self.receive: Receiver = _ignore  # the thread's
+        self.loop_receive: Receiver = _ignore  # the loop's, while the socket is lent to it
         self.slow = 0  # datagrams of the current loop batch that took the slow path
-        self.lends = 0  # times the thread lent the socket to the loop
         self._closing = False
         self._thread: threading.Thread | None = None
         self._given_back = threading.Event()
@@ -91,26 +88,21 @@ class UdpReaderThread:
         self._thread.start()
 
     def _run(self) -> None:
-        in_hand: tuple[bytes, Address] | None = None
+        recvfrom = self.sock.recvfrom
         while not self._closing:
             try:
-                if in_hand is None:
-                    in_hand = self.sock.recvfrom(MAX_QUERY)
-                    continue  # closed while waiting: not served
-                serving = self.serving
-                if serving is None:
-                    break
-                in_hand = serving(*in_hand)
+                data, addr = recvfrom(MAX_QUERY)
+                if self._closing:
+                    break  # woken by close(): not served
+                self.receive(data, addr)
             except OSError:
                 # A reply the kernel would not send (an unreachable client address): that
                 # datagram is lost, the thread goes on. After close() the socket is gone.
-                in_hand = None
                 if self._closing:
                     break
             except RuntimeError:
                 break  # the loop is closed: nothing can serve the rest
             except Exception:
-                in_hand = None
                 log.exception("UDP reader: datagram failed")
 
     def call(self, work: Callable[..., object], *args: Any) -> None:
@@ -120,7 +112,6 @@ class UdpReaderThread:
     def lend(self, slow_path: Callable[..., None], *args: Any) -> None:
         """From the thread: have the loop call `slow_path(*args)` and then read the socket
         itself until it gives it back; the thread waits for that here."""
-        self.lends += 1
         self._wake(self._on_loop, slow_path, args)
         self._given_back.wait()
         self._given_back.clear()
@@ -164,20 +155,12 @@ class UdpReaderThread:
     def is_closing(self) -> bool:
         return self._closing
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "sockname":
-            return self.sock.getsockname()
-        if name == "socket":
-            return self.sock
-        return default
-
     def close(self) -> None:
         """Stop the thread and close the socket; returns once the thread is gone (it is
         between two datagrams at most)."""
         if self._closing:
             return
         self._closing = True
-        self.serving = None
         self._given_back.set()
         with contextlib.suppress(OSError):  # ENOTCONN, yet the blocked read wakes
             self.sock.shutdown(socket.SHUT_RD)
