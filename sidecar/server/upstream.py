@@ -495,11 +495,8 @@ class _Forwarding:
         if result.done():  # abandoned
             return
         try:
-            try:
-                msg = future.result()
-            except UpstreamError as exc:
-                self.failed(server, exc)
-                self.next()
+            msg = self.reply_of(server, future)
+            if msg is None:
                 return
             if msg[2] & wire.TC:
                 self.forwarder.metrics.upstream_error(pool.name, "truncated")
@@ -534,16 +531,22 @@ class _Forwarding:
             task.exception()
             return
         try:
-            try:
-                msg = task.result()
-            except UpstreamError as exc:
-                self.failed(server, exc)
-                self.next()
-                return
-            self.answered(server, msg)
+            msg = self.reply_of(server, task)
+            if msg is not None:
+                self.answered(server, msg)
         except Exception as exc:  # a bug: the waiters learn of it
             if not result.done():
                 result.set_exception(exc)
+
+    def reply_of(self, server: HostPort, exchange: asyncio.Future[bytes]) -> bytes | None:
+        """What a finished exchange with `server` brought: its reply, or None when it failed
+        (the failure counted and the next attempt begun)."""
+        try:
+            return exchange.result()
+        except UpstreamError as exc:
+            self.failed(server, exc)
+            self.next()
+            return None
 
     def answered(self, server: HostPort, msg: bytes) -> None:
         """A reply: used, or kept as the fallback while another upstream is still to ask."""
