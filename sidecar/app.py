@@ -25,7 +25,7 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, Metrics, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
-from sidecar.server import sockets
+from sidecar.server import datagram_batch, sockets
 from sidecar.server.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.server.http import HttpListener
 from sidecar.server.probes import run_probes
@@ -169,7 +169,7 @@ class Server:
             )
             sock = sockets.udp_socket(address.host, address.port, reuse_port=reuse_port)
             transport: asyncio.DatagramTransport | UdpReaderThread
-            if self.config.udp_reader_thread:
+            if self.config.udp_reader_thread and datagram_batch.available():
                 transport = UdpReaderThread(sock, f"udp {address}", self.metrics.dropped)
                 protocol.read_in_thread(transport, loop)
             else:

@@ -9,11 +9,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from ipaddress import ip_network
 from typing import Any
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
+from sidecar.core.access import ClientFilter
 from sidecar.metrics import Metrics
 from sidecar.server import sockets
 from sidecar.server.udp import UdpListener
@@ -100,6 +102,52 @@ def test_rows_are_answered_in_the_thread_and_counted_exactly() -> None:
             assert metrics.cache_hits[0] == 100
             assert metrics.requests["udp"][QTYPE.A] == 100
             assert sum(metrics.durations["cache"].counts) == 100
+
+    run(main)
+
+
+def test_a_slow_batch_lands_in_the_histogram_bucket_of_its_time() -> None:
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            await s.ask(query("a.example", 1))
+            await s.ask(query("a.example", 2))  # a row now
+            send = s.reader.batch.send
+
+            def slow_send(*args: Any) -> None:
+                time.sleep(0.003)  # a batch that took 3 ms or more
+                send(*args)
+
+            s.reader.batch.send = slow_send  # type: ignore[method-assign]
+            histogram = s.listener.metrics.durations["cache"]
+            s.listener.fast.flush()
+            before, total_before = list(histogram.counts), histogram.total
+            for qid in range(3, 8):
+                await s.ask(query("a.example", qid))
+            s.listener.fast.flush()
+            assert s.listener.metrics.cache_hits[0] == 7
+            added = [after - was for after, was in zip(histogram.counts, before, strict=True)]
+            assert sum(added) == 5 and added[0] == 0
+            assert sum(added[histogram.bounds.index(0.0025) :]) == 5
+            assert histogram.total - total_before >= 5 * 0.003
+
+    run(main)
+
+
+def test_a_client_no_longer_allowed_is_refused_by_the_thread_too() -> None:
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            listener = s.listener
+            listener.set_access(ClientFilter([ip_network("127.0.0.0/8")]), None)
+            for qid in range(1, 5):
+                reply = DNSRecord.parse(await s.ask(query("a.example", qid)))
+                assert reply.header.rcode == wire.NOERROR
+            assert s.loop_sends == 2  # the loop judged the client at the first; then the row
+            listener.set_access(ClientFilter([ip_network("10.0.0.0/8")]), None)
+            reply = DNSRecord.parse(await s.ask(query("a.example", 5)))
+            assert reply.header.rcode == wire.REFUSED
+            assert listener.metrics.dropped["refused"] == 1
 
     run(main)
 

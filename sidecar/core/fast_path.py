@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_left
 from collections.abc import Callable
 from itertools import cycle, repeat
 
@@ -123,6 +124,10 @@ class FastPath:
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
         self.on_due: Callable[[float], None] | None = None  # glue: call refresh_due then
+        # Hits already counted on rows as quick (histogram bucket 0) that belong in bucket k:
+        # a reader thread answers a batch at once and counts it late when it took QUICK or
+        # more (`served_late`). Moved at `flush`.
+        self.late = [0] * (len(LATENCY_BUCKETS) + 1)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -280,10 +285,25 @@ class FastPath:
         if entry.shaped is not None:
             entry.shaped.count(hits)
 
+    def served_late(self, hits: int, seconds: float) -> None:
+        """From a reader thread: `hits` replies, already added to their rows' `hits` and
+        `seconds`, each took `seconds` (a batch sent at once), QUICK or more."""
+        bucket = bisect_left(LATENCY_BUCKETS, seconds)
+        self.late[bucket] += hits  # one statement: the loop swaps the list in `flush`
+
     def flush(self) -> None:
         """Bring the metrics up to date (before a scrape)."""
+        # The late counts first: the hits they describe are on the rows by now, so bucket 0
+        # has them after the rows are flushed, before they move on.
+        late, self.late = self.late, [0] * len(self.late)
         for hit in list(self.rows.values()):
             self.flush_row(hit)
+        counts = self.metrics.durations["cache"].counts
+        for bucket, hits in enumerate(late):
+            if bucket and hits:
+                moved = min(hits, counts[0])  # hits on a row dropped in between are lost
+                counts[0] -= moved
+                counts[bucket] += moved
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""

@@ -23,7 +23,8 @@ from sidecar.core.access import EVERYONE, ClientFilter, RateLimiter
 from sidecar.core.fast_path import QUICK, FastHit
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
-from sidecar.server.udp_thread import Receiver, UdpReaderThread
+from sidecar.server.datagram_batch import DatagramBatch
+from sidecar.server.udp_thread import Address, BatchServer, Receiver, UdpReaderThread
 
 log = logging.getLogger("dns_sidecar")
 
@@ -63,6 +64,68 @@ def _hot_path(
         received(data, addr, hit)
 
     return datagram_received
+
+
+MAX_KNOWN_CLIENTS = 1024  # raw client addresses a batch hot path remembers as admitted
+
+SlowDatagrams = list[tuple[bytes, Address, FastHit | None]]
+
+
+def _batch_hot_path(
+    fast_get: Callable[[bytes], FastHit | None],
+    admitted_get: Callable[[str | int], bool | None] | None,
+    batch: DatagramBatch,
+    served_late: Callable[[int, float], None],
+    lend: Callable[[SlowDatagrams], None],
+) -> BatchServer:
+    """The reader thread's hot path (server/udp_thread.py): `_hot_path` for a batch of
+    datagrams. Queries with a current row are answered together (one sendmmsg) and counted on
+    their rows with the batch's time; the rest go to the loop (`lend`), with the socket. With
+    an allow list, a client's raw address is looked up in `known` (admitted clients of this
+    binding) before its address is decoded for `admitted_get`."""
+    known: dict[bytes, bool] = {}
+
+    def admitted(raw: bytes, i: int) -> bool:
+        assert admitted_get is not None
+        if admitted_get(batch.address(i)[0]) is not True:
+            return False  # not judged yet, or refused: the loop's _admit says which
+        if len(known) >= MAX_KNOWN_CLIENTS:
+            known.clear()
+        known[raw] = True
+        return True
+
+    def serve(count: int) -> None:
+        now = monotonic()
+        queries = batch.queries(count)
+        clients = None if admitted_get is None else batch.clients(count)
+        to: list[int] = []
+        replies: list[bytes] = []
+        served: list[FastHit] = []
+        slow: SlowDatagrams = []
+        for i, data in enumerate(queries):
+            hit = fast_get(data[2:])
+            if (
+                hit is not None
+                and now < hit.valid_until
+                and (clients is None or known.get(clients[i]) or admitted(clients[i], i))
+            ):
+                to.append(i)
+                replies.append(data[:2] + (hit.tail or hit.next_tail()))
+                served.append(hit)
+            else:
+                slow.append((data, batch.address(i), hit))
+        if served:
+            batch.send(to, replies)
+            elapsed = monotonic() - now
+            for hit in served:
+                hit.hits += 1
+                hit.seconds += elapsed
+            if elapsed >= QUICK:
+                served_late(len(served), elapsed)
+        if slow:
+            lend(slow)
+
+    return serve
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -134,13 +197,13 @@ class UdpListener(asyncio.DatagramProtocol):
         )
         reader = self.reader
         if reader is not None:
-            # In the reader thread: a blocking send; the slow path lends the socket to the loop.
-            reader.receive = _hot_path(
+            # In the reader thread: batches; the slow path lends the socket to the loop.
+            reader.serve = _batch_hot_path(
                 fast_get,
                 admitted_get,
-                cast(Receiver, reader.sock.sendto),
-                partial(reader.call, self.fast.slow_hit),
-                partial(reader.lend, self._received),
+                reader.batch,
+                self.fast.served_late,
+                partial(reader.lend, self._received_lent_batch),
             )
             reader.loop_receive = _hot_path(
                 fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received_lent
@@ -159,6 +222,14 @@ class UdpListener(asyncio.DatagramProtocol):
         self.sendto = reader.sendto
         self._bind_fast_path()
         reader.start(loop)
+
+    def _received_lent_batch(self, datagrams: SlowDatagrams) -> None:
+        """The slow part of a reader thread's batch, on the loop."""
+        for data, addr, hit in datagrams:
+            try:
+                self._received_lent(data, addr, hit)
+            except Exception:
+                log.exception("UDP query failed")
 
     def _received_lent(self, data: bytes, addr: tuple[str | int, ...], hit: FastHit | None) -> None:
         """_received, counted for the reader's decision to take its socket back."""

@@ -1,37 +1,37 @@
 """A thread that reads a UDP listening socket and answers current fast-path rows itself.
 
 Why: uvloop's datagram path (epoll wake-up, transport, protocol call, transport send) costs
-about 4 us of CPU per query on this machine, a quarter of a cache hit; a plain blocking
-`recvfrom`/`sendto` loop does not pay it (bench/results/ceiling.md).
+about 4 us of CPU per query on this machine, a quarter of a cache hit; a thread blocked in the
+socket does not pay it, and reading and answering many datagrams per system call saves ~2 us
+more (bench/results/ceiling.md).
 
 Theory of operation
-- The socket is blocking. The thread reads it and hands each datagram to the listener's hot
-  path (`receive`, a closure made by server/udp.py), looked up after the datagram arrived, so a
-  rebind (draining, reload) applies to the next datagram. A current fast-path row is answered
-  there, in the thread, with a blocking `sendto`.
-- Anything else (no row, a row past its moment, admission work) must run on the event loop:
-  the cache, the miss path and the metrics belong to it. The thread then *lends the socket* to
-  the loop (`lend`) and parks until it is given back. The loop handles that datagram, then reads
-  the socket itself, with MSG_DONTWAIT, in batches of LOOP_BATCH through its own copy of the
-  hot path (`loop_receive`). After a batch in which few datagrams needed the slow path (at most
-  GIVE_BACK_AT), or when the socket is empty, it gives the socket back. Between batches its
-  timers and other I/O run.
+- The socket is blocking. The thread reads it in batches (server/datagram_batch.py: one
+  recvmmsg takes every datagram waiting, up to 32, and returns as soon as there is one) and
+  hands each batch to the listener's hot path (`serve`, a closure made by server/udp.py),
+  looked up per batch, so a rebind (draining, reload) applies to the next batch. Queries with
+  a current fast-path row are answered there, in the thread, all in one sendmmsg.
+- Anything else (no row, a row past its moment, a client not judged yet) must run on the event
+  loop: the cache, the miss path and the metrics belong to it. The thread then *lends the
+  socket* to the loop (`lend`), with those datagrams, and parks until it is given back. The
+  loop handles them, then reads the socket itself, with MSG_DONTWAIT, in batches of
+  LOOP_BATCH through its own copy of the hot path (`loop_receive`). After a batch in which few
+  datagrams needed the slow path (at most GIVE_BACK_AT), or when the socket is empty, it gives
+  the socket back. Between batches its timers and other I/O run.
 - Why lend rather than queue: two threads taking turns on one GIL per datagram cost ~1.5
   context switches and a futex call per query. With 100,000 names asked in turn (no rows) that
   took 11 us per query on top of the work. Lent, the loop reads with no thread to wake, and
   traffic that needs the loop stays on it.
-- Slow-hit accounting (a hit that took longer than the histogram's first bucket) is passed to
-  the loop with `call_soon_threadsafe` (`call`), without lending.
 - The loop sends on the socket with MSG_DONTWAIT (`sendto`): a full socket buffer drops that
   reply (counted as dropped, overload) instead of stalling the loop.
 - What the thread writes: a row's `hits` and `seconds`, each with one `+=` (one bytecode
-  read-modify-write, which the GIL does not split). The loop takes both in one statement when
-  it flushes a row (FastPath.flush_row). Every other object the thread reads (the row table,
-  the allow-list verdicts, a row's tail) is changed by the loop with single dict or attribute
-  stores, so the thread sees either the old value or the new one.
+  read-modify-write, which the GIL does not split), and FastPath.late the same way. The loop
+  takes them in one statement when it flushes (FastPath.flush_row, FastPath.flush), so no
+  locks. Every other object the thread reads (the row table, the allow-list verdicts, a row's
+  tail) is changed by the loop with single dict or attribute stores, so the thread sees either
+  the old value or the new one.
 - Stopping: a flag, the parked thread woken, then shutdown(SHUT_RD) on the socket, which wakes
-  a blocked `recvfrom` with an empty read (Linux does this for unconnected UDP sockets too,
-  after saying ENOTCONN).
+  a blocked recvmmsg (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).
 """
 
 from __future__ import annotations
@@ -44,17 +44,20 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.server.datagram_batch import SLOT, DatagramBatch
+
 log = logging.getLogger("dns_sidecar")
 
 # A query is a header, one question and an OPT record: well under this. A longer datagram is
 # cut here and then fails to parse (counted as malformed), which is what it deserves.
-MAX_QUERY = 4096
+MAX_QUERY = SLOT  # as the thread's batches cut it
 JOIN_SECONDS = 2.0
 LOOP_BATCH = 64  # datagrams the loop reads before it lets its other callbacks run
 GIVE_BACK_AT = 8  # a lent socket goes back after a batch with at most this many slow ones
 
 Address = tuple[str | int, ...]
 Receiver = Callable[[bytes, Address], None]
+BatchServer = Callable[[int], None]  # serves datagrams 0..n-1 of the reader's batch
 
 
 def _ignore(*_args: Any) -> None:
@@ -68,10 +71,11 @@ class UdpReaderThread:
     def __init__(self, sock: socket.socket, name: str, dropped: dict[str, int]) -> None:
         sock.setblocking(True)
         self.sock = sock
+        self.batch = DatagramBatch(sock)
         self.name = name
         self.dropped = dropped  # Metrics.dropped: a reply not sent is counted as overload
         # The hot paths, set again by the listener whenever one of their parts changes.
-        self.receive: Receiver = _ignore  # the thread's
+        self.serve: BatchServer = _ignore  # the thread's
         self.loop_receive: Receiver = _ignore  # the loop's, while the socket is lent to it
         self.slow = 0  # datagrams of the current loop batch that took the slow path
         self._closing = False
@@ -81,33 +85,25 @@ class UdpReaderThread:
         self._soon: Callable[..., object] = _ignore
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read datagrams until close(); the hot paths are looked up per datagram, as the
+        """Read datagrams until close(); the hot paths are looked up per batch, as the
         listener sets them again whenever one of their parts changes."""
         self._wake, self._soon = loop.call_soon_threadsafe, loop.call_soon
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        recvfrom = self.sock.recvfrom
+        receive = self.batch.receive
         while not self._closing:
             try:
-                data, addr = recvfrom(MAX_QUERY)
+                count = receive()
                 if self._closing:
                     break  # woken by close(): not served
-                self.receive(data, addr)
-            except OSError:
-                # A reply the kernel would not send (an unreachable client address): that
-                # datagram is lost, the thread goes on. After close() the socket is gone.
-                if self._closing:
-                    break
+                if count:
+                    self.serve(count)
             except RuntimeError:
                 break  # the loop is closed: nothing can serve the rest
             except Exception:
-                log.exception("UDP reader: datagram failed")
-
-    def call(self, work: Callable[..., object], *args: Any) -> None:
-        """From the thread: have the loop call `work(*args)` soon."""
-        self._wake(work, *args)
+                log.exception("UDP reader: batch failed")
 
     def lend(self, slow_path: Callable[..., None], *args: Any) -> None:
         """From the thread: have the loop call `slow_path(*args)` and then read the socket

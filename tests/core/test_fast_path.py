@@ -124,6 +124,28 @@ def test_hits_reach_the_metrics_exactly_when_flushed() -> None:
     assert s.metrics.cache_hits == [6, 0]  # nothing counted twice
 
 
+def test_hits_counted_quick_on_rows_move_to_their_bucket_when_their_batch_was_late() -> None:
+    s = Setup()
+    entry = s.store(reply(), 100.0)
+    hit = s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
+    assert hit is not None
+    # A reader thread's batches: 3 hits sent after 20 us, then 4 after 3 ms. All go on the
+    # row as its own thread does it; the late batch is also reported.
+    for elapsed, hits in ((0.00002, 3), (0.003, 4)):
+        for _ in range(hits):
+            hit.hits += 1
+            hit.seconds += elapsed
+    s.fast.served_late(4, 0.003)
+    s.fast.flush()
+    histogram = s.metrics.durations["cache"]
+    assert s.metrics.cache_hits == [7, 0]
+    assert histogram.counts[0] == 3
+    assert histogram.counts[histogram.bounds.index(0.005)] == 4  # 2.5 ms < 3 ms <= 5 ms
+    assert sum(histogram.counts) == 7 and abs(histogram.total - 0.01206) < 1e-9
+    s.fast.flush()
+    assert sum(histogram.counts) == 7 and histogram.counts[0] == 3  # moved once
+
+
 def test_a_full_table_sweeps_rows_not_asked_lately_and_else_adds_none() -> None:
     s = Setup(capacity=2)
     rows = []
