@@ -11,7 +11,9 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
 - `blocking`: no event loop at all: a plain blocking socket, `recvfrom` then `sendto`, in a loop
   (the least a Python process can do per datagram);
 - `thread`: the same loop in a thread of its own while the main thread sits in an idle uvloop
-  loop: the sidecar's model since the UDP reader thread (sidecar/server/udp_thread.py).
+  loop: the sidecar's model from session 3 (sidecar/server/udp_thread.py);
+- `batch`: that thread reading and answering in batches with the sidecar's own recvmmsg /
+  sendmmsg wrapper (sidecar/server/datagram_batch.py): the sidecar's model since session 4.
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
@@ -39,7 +41,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("protocol", "reader", "blocking", "thread")
+MODES = ("protocol", "reader", "blocking", "thread", "batch")
 
 
 def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
@@ -78,6 +80,24 @@ def _serve_blocking(host: str, port: int) -> None:
         tail = get(data[2:])
         if tail is not None:
             sendto(data[:2] + tail, addr)
+
+
+def _serve_batches(host: str, port: int) -> None:
+    from sidecar.server.datagram_batch import DatagramBatch
+
+    table = reply_table(zones.hit_names(1000))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    batch = DatagramBatch(sock)
+    get = table.get
+    while True:
+        staged = 0
+        for i in range(batch.receive()):
+            data = batch.query(i)
+            tail = get(data[2:])
+            if tail is not None and batch.stage(staged, i, data[:2] + tail):
+                staged += 1
+        batch.send(staged)
 
 
 async def _serve(mode: str, host: str, port: int) -> None:
@@ -120,10 +140,11 @@ def serve(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
     if args.mode == "blocking":
         _serve_blocking(host, int(port))
-    if args.mode == "thread":
+    if args.mode in ("thread", "batch"):
         import threading
 
-        threading.Thread(target=_serve_blocking, args=(host, int(port)), daemon=True).start()
+        target = _serve_blocking if args.mode == "thread" else _serve_batches
+        threading.Thread(target=target, args=(host, int(port)), daemon=True).start()
     uvloop.run(_serve(args.mode, host, int(port)))
     return 0
 

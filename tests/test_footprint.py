@@ -52,6 +52,25 @@ def test_serving_from_flags_imports_no_config_file_or_error_helpers() -> None:
     assert not loaded & unwanted
 
 
+def test_serving_leaves_out_unused_standard_modules_and_hashes_still_work() -> None:
+    loaded = _modules(
+        sys.executable,
+        code="import sys\n"
+        "from sidecar import cli\n"
+        "cli._leave_out_unused_modules()\n"
+        "import sidecar.app\n"
+        "import hashlib, hmac, secrets\n"
+        "import botocore.auth  # Cloud Map's request signing, when configured\n"
+        "mac = hmac.new(b'key', b'message', hashlib.sha256).hexdigest()\n"
+        "assert mac.startswith('6e9ef29b75fffc5b'), mac\n"
+        "assert len(secrets.token_bytes(8)) == 8\n"
+        "for name in [k for k, v in sys.modules.items() if v is None]:\n"
+        "    del sys.modules[name]",
+    )
+    assert "sidecar.app" in loaded and "botocore.auth" in loaded
+    assert not loaded & {"bz2", "_bz2", "lzma", "_lzma", "_hashlib"}
+
+
 def test_the_lean_parent_imports_only_small_modules() -> None:
     loaded = _modules(
         sys.executable,

@@ -14,17 +14,20 @@ Theory of operation
 - `receive()` blocks in recvmmsg with MSG_WAITFORONE: it waits for one datagram, then takes
   whatever else is already queued, up to SIZE, without waiting more. So one query in flight
   costs no latency, and a busy socket is read SIZE at a time.
-- `queries(n)` copies datagram 0..n-1 out as bytes; `clients(n)` gives each sender's raw
-  address (bytes, no port) for a cheap admission lookup; `address(i)` decodes one sender as
-  the tuple Python's socket module would give (the slow path only).
-- `send(to, replies)` copies each reply into a reply slot whose header names the sockaddr of
-  datagram `to[j]`, and sends them all with sendmmsg. A reply longer than SLOT goes out with a
-  plain `sendto`. A reply the kernel refuses (an unreachable client) is skipped: it is lost,
-  as with `sendto`.
+- `query(i)` copies datagram i out as bytes; `client(i)` gives its sender's raw address
+  (bytes, no port) for a cheap admission lookup; `address(i)` decodes the sender as the tuple
+  Python's socket module would give (for the slow path).
+- `stage(j, i, reply)` copies a reply into reply slot j, whose header then names the sockaddr
+  of datagram i; `send(n)` sends slots 0..n-1 with sendmmsg. A reply longer than SLOT goes out
+  with a plain `sendto` (`send_one`). A reply the kernel refuses (an unreachable client) is
+  skipped: it is lost, as with `sendto`.
 - The caller runs `receive` in a thread of its own: ctypes releases the GIL for the call.
 - ctypes's structures are used to lay the buffers out (so the offsets are the platform's);
   the per-datagram fields are then read and written through memoryview casts, which cost a
-  fraction of a ctypes field access.
+  fraction of a ctypes field access. The reader thread's hot path inlines `query`, `client`
+  and `stage` over the public layout (`memory`, `lengths`, `incoming`, ...): when a query
+  comes alone, each Python call on the way costs a microsecond or more of cold caches, and
+  the per-datagram calls cost ~15 us at one query in flight (bench/NOTES.md, session 4).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import mmap
 import socket
 import sys
 import time
-from collections.abc import Sequence
 
 SIZE = 32  # datagrams per call
 SLOT = 4096  # bytes per query and per reply slot; a longer query is cut (and fails to parse)
@@ -112,12 +114,12 @@ class DatagramBatch:
         in_hdrs, out_hdrs = 0, SIZE * _HDR
         in_iovs, out_iovs = 2 * SIZE * _HDR, 2 * SIZE * _HDR + SIZE * _IOV
         names = 2 * SIZE * (_HDR + _IOV)
-        self._in_slots, self._out_slots = slots_at, slots_at + SIZE * SLOT
+        out_slots = slots_at + SIZE * SLOT
         name_len = 16 if self.family == socket.AF_INET else 28
         for i in range(SIZE):
             for hdrs, iovs, slots in (
-                (in_hdrs, in_iovs, self._in_slots),
-                (out_hdrs, out_iovs, self._out_slots),
+                (in_hdrs, in_iovs, slots_at),
+                (out_hdrs, out_iovs, out_slots),
             ):
                 iov = _IoVec.from_buffer(self._memory, iovs + i * _IOV)
                 iov.iov_base, iov.iov_len = base + slots + i * SLOT, SLOT
@@ -125,23 +127,37 @@ class DatagramBatch:
                 hdr.msg_name, hdr.msg_namelen = base + names + i * _NAME, name_len
                 hdr.msg_iov, hdr.msg_iovlen = base + iovs + i * _IOV, 1
         self._in_hdrs_at, self._out_hdrs_at = base + in_hdrs, base + out_hdrs
-        self._names_at = base + names
-        view = memoryview(self._memory)
-        self._bytes = view
-        # Per-datagram fields, as indexes into typed views of the same memory.
+        # The layout, as indexes into typed views of the same memory. The reader thread's hot
+        # path (server/udp.py) inlines `query`, `client` and `stage` with these.
+        memory = memoryview(self._memory)
+        self.memory = memory
+        self.lengths = memory.cast("I")
+        self.sizes = memory.cast("Q") if _SIZE_T == 8 else memory.cast("I")
+        self.pointers = memory.cast("P")
         length_at = (in_hdrs + _MMsgHdr.msg_len.offset) // 4
-        self._lengths = view.cast("I")
-        self._length_index = [length_at + i * _HDR // 4 for i in range(SIZE)]
-        out_len_at = (out_iovs + _IoVec.iov_len.offset) // _SIZE_T
-        self._sizes = view.cast("Q") if _SIZE_T == 8 else view.cast("I")
-        self._size_index = [out_len_at + j * _IOV // _SIZE_T for j in range(SIZE)]
-        out_name_at = (out_hdrs + _MsgHdr.msg_name.offset) // _POINTER
-        self._pointers = view.cast("P")
-        self._name_index = [out_name_at + j * _HDR // _POINTER for j in range(SIZE)]
-        self._name_at = [base + names + i * _NAME for i in range(SIZE)]
-        self._name_offset = [names + i * _NAME for i in range(SIZE)]
-        # Where the address sits inside a sockaddr_in (4 bytes) or sockaddr_in6 (16 bytes).
-        self._host_span = (4, 8) if self.family == socket.AF_INET else (8, 24)
+        host_start, host_end = (4, 8) if self.family == socket.AF_INET else (8, 24)
+        # Per datagram i: where it starts, the index of its length in `lengths`, and where
+        # its sender's address (without the port) starts and ends.
+        self.incoming = [
+            (
+                slots_at + i * SLOT,
+                length_at + i * _HDR // 4,
+                names + i * _NAME + host_start,
+                names + i * _NAME + host_end,
+            )
+            for i in range(SIZE)
+        ]
+        # Per reply slot j: where it starts, and the indexes of its length in `sizes` and of
+        # its destination in `pointers`.
+        size_at = (out_iovs + _IoVec.iov_len.offset) // _SIZE_T
+        name_at = (out_hdrs + _MsgHdr.msg_name.offset) // _POINTER
+        self.outgoing = [
+            (out_slots + j * SLOT, size_at + j * _IOV // _SIZE_T, name_at + j * _HDR // _POINTER)
+            for j in range(SIZE)
+        ]
+        # Per datagram i: the address of the sockaddr the kernel wrote for its sender.
+        self.senders = [base + names + i * _NAME for i in range(SIZE)]
+        self._names = names
 
     def receive(self) -> int:
         """Block until at least one datagram is waiting; take up to SIZE. 0 after
@@ -154,23 +170,20 @@ class DatagramBatch:
                 time.sleep(ERROR_PAUSE)
                 return 0
 
-    def queries(self, count: int) -> list[bytes]:
-        """The first `count` datagrams of the last receive()."""
-        view, lengths, at = self._bytes, self._lengths, self._in_slots
-        return [
-            bytes(view[at + i * SLOT : at + i * SLOT + lengths[self._length_index[i]]])
-            for i in range(count)
-        ]
+    def query(self, i: int) -> bytes:
+        """Datagram `i` of the last receive()."""
+        start, length, _, _ = self.incoming[i]
+        return bytes(self.memory[start : start + self.lengths[length]])
 
-    def clients(self, count: int) -> list[bytes]:
-        """The sender of each of the first `count` datagrams: its raw address, no port."""
-        view, (start, end) = self._bytes, self._host_span
-        return [bytes(view[o + start : o + end]) for o in self._name_offset[:count]]
+    def client(self, i: int) -> bytes:
+        """The sender of datagram `i`: its raw address, without the port."""
+        _, _, start, end = self.incoming[i]
+        return bytes(self.memory[start:end])
 
     def address(self, i: int) -> tuple[str | int, ...]:
         """The sender of datagram `i`, as `socket.recvfrom` gives it."""
-        o = self._name_offset[i]
-        name = bytes(self._bytes[o : o + _NAME])
+        o = self._names + i * _NAME
+        name = bytes(self.memory[o : o + _NAME])
         port = int.from_bytes(name[2:4], "big")
         if self.family == socket.AF_INET:
             return socket.inet_ntoa(name[4:8]), port
@@ -178,22 +191,20 @@ class DatagramBatch:
         scope = int.from_bytes(name[24:28], sys.byteorder)
         return socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flow, scope
 
-    def send(self, to: Sequence[int], replies: Sequence[bytes]) -> None:
-        """Send replies[j] to the sender of datagram to[j], for every j."""
-        view, sizes, pointers = self._bytes, self._sizes, self._pointers
-        size_index, name_index, name_at = self._size_index, self._name_index, self._name_at
-        at = self._out_slots
-        count = 0
-        for i, reply in zip(to, replies, strict=True):
-            size = len(reply)
-            if size > SLOT:
-                self._send_one(reply, i)
-                continue
-            start = at + count * SLOT
-            view[start : start + size] = reply
-            sizes[size_index[count]] = size
-            pointers[name_index[count]] = name_at[i]
-            count += 1
+    def stage(self, j: int, i: int, reply: bytes) -> bool:
+        """Put `reply` in reply slot `j`, addressed to the sender of datagram `i`; False if it
+        is longer than a slot (send it with `send_one`)."""
+        size = len(reply)
+        if size > SLOT:
+            return False
+        start, size_at, name_at = self.outgoing[j]
+        self.memory[start : start + size] = reply
+        self.sizes[size_at] = size
+        self.pointers[name_at] = self.senders[i]
+        return True
+
+    def send(self, count: int) -> None:
+        """Send reply slots 0..count-1."""
         sent = 0
         while sent < count:
             done: int = self._sendmmsg(self.fd, self._out_hdrs_at + sent * _HDR, count - sent, 0)
@@ -202,6 +213,7 @@ class DatagramBatch:
             elif ctypes.get_errno() != errno.EINTR:
                 sent += 1  # the kernel refused this one (an unreachable client): lost
 
-    def _send_one(self, reply: bytes, i: int) -> None:
+    def send_one(self, reply: bytes, i: int) -> None:
+        """Send `reply` to the sender of datagram `i` at once, with a plain sendto."""
         with contextlib.suppress(OSError):  # as a refused reply in a batch
             self.sock.sendto(reply, self.address(i))
