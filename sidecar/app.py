@@ -415,6 +415,8 @@ async def serve(
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
     log.info("started", extra={"fields": {**config.describe(), "worker": worker}})
+    if config.udp_reader_thread and not datagram_batch.available():
+        log.warning("udp_reader_thread: no recvmmsg here (not Linux); the event loop reads UDP")
     await server.find_loops(send=worker == 0)
     if not server.loop_found.is_set():
         server.ready, server.not_ready_reason = True, ""

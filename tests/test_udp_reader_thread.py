@@ -12,15 +12,18 @@ from contextlib import asynccontextmanager
 from ipaddress import ip_network
 from typing import Any
 
+import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.access import ClientFilter
 from sidecar.metrics import Metrics
-from sidecar.server import sockets
+from sidecar.server import datagram_batch, sockets
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread
 from tests.listener_parts import cache_resolver
+
+pytestmark = pytest.mark.skipif(not datagram_batch.available(), reason="Linux only")
 
 
 def query(name: str, qid: int) -> bytes:
