@@ -22,6 +22,9 @@ Theory of operation
   with a plain `sendto` (`send_one`). A reply the kernel refuses (an unreachable client) is
   skipped: it is lost, as with `sendto`.
 - The caller runs `receive` in a thread of its own: ctypes releases the GIL for the call.
+- On x86_64 and aarch64 the two calls are made with libc's `syscall()`, the buffers being laid
+  out as the kernel reads them: musl, the image's libc, implements sendmmsg on 64-bit machines
+  as one sendmsg per message. Elsewhere on Linux, libc's own recvmmsg/sendmmsg.
 - ctypes's structures are used to lay the buffers out (so the offsets are the platform's);
   the per-datagram fields are then read and written through memoryview casts, which cost a
   fraction of a ctypes field access. The reader thread's hot path inlines `query`, `client`
@@ -36,9 +39,12 @@ import contextlib
 import ctypes
 import errno
 import mmap
+import os
 import socket
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 SIZE = 32  # datagrams per call
 SLOT = 4096  # bytes per query and per reply slot; a longer query is cut (and fails to parse)
@@ -73,19 +79,32 @@ _POINTER = ctypes.sizeof(ctypes.c_void_p)
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 
 
-def _libc_calls() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:  # type: ignore[name-defined]
+# The system call numbers of recvmmsg and sendmmsg, on the machines ECS runs tasks on. There
+# the calls go straight to the kernel through libc's syscall(): musl (the image's libc) turns
+# sendmmsg into one sendmsg per message on 64-bit machines, because its struct msghdr has
+# int-sized fields where the kernel's are size_t; these buffers are laid out as the kernel's.
+_SYSCALL_NUMBERS = {"x86_64": (299, 307), "aarch64": (243, 269)}
+
+
+def _libc_calls() -> tuple[Callable[..., int], Callable[..., int]] | None:
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
+    fd, pointer, uint, flags = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+    numbers = _SYSCALL_NUMBERS.get(os.uname().machine)
+    if numbers is not None:
+        recv_call, send_call = libc["syscall"], libc["syscall"]  # two objects: own argtypes
+        recv_call.argtypes = [ctypes.c_long, fd, pointer, uint, flags, pointer]
+        send_call.argtypes = [ctypes.c_long, fd, pointer, uint, flags]
+        recv_call.restype = send_call.restype = ctypes.c_int
+        return partial(recv_call, numbers[0]), partial(send_call, numbers[1])
     try:
         recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
     except AttributeError:
         return None
-    fd, pointer, uint, flags = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
     recvmmsg.argtypes = [fd, pointer, uint, flags, pointer]
-    recvmmsg.restype = ctypes.c_int
     sendmmsg.argtypes = [fd, pointer, uint, flags]
-    sendmmsg.restype = ctypes.c_int
+    recvmmsg.restype = sendmmsg.restype = ctypes.c_int
     return recvmmsg, sendmmsg
 
 
