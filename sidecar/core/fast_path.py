@@ -298,12 +298,8 @@ class FastPath:
         late, self.late = self.late, [0] * len(self.late)
         for hit in list(self.rows.values()):
             self.flush_row(hit)
-        counts = self.metrics.durations["cache"].counts
-        for bucket, hits in enumerate(late):
-            if bucket and hits:
-                moved = min(hits, counts[0])  # hits on a row dropped in between are lost
-                counts[0] -= moved
-                counts[bucket] += moved
+        # Capped at the first bucket: hits on a row dropped in between were never flushed.
+        self.metrics.durations["cache"].move_from_first(late)
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""

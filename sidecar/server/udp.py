@@ -90,13 +90,14 @@ def _batch_hot_path(
     memory, lengths, sizes, pointers = batch.memory, batch.lengths, batch.sizes, batch.pointers
     incoming, outgoing, senders = batch.incoming, batch.outgoing, batch.senders
 
-    def admitted(raw: bytes, i: int) -> bool:
+    def admitted(i: int) -> bool:
+        """A client not in `known` yet: its verdict, remembered if it is True."""
         assert admitted_get is not None
         if admitted_get(batch.address(i)[0]) is not True:
             return False  # not judged yet, or refused: the loop's _admit says which
         if len(known) >= MAX_KNOWN_CLIENTS:
             known.clear()
-        known[raw] = True
+        known[batch.client(i)] = True
         return True
 
     def serve(count: int) -> None:
@@ -108,24 +109,27 @@ def _batch_hot_path(
             start, length, client_start, client_end = incoming[i]
             data = bytes(memory[start : start + lengths[length]])
             hit = fast_get(data[2:])
-            if hit is not None and now < hit.valid_until:
-                if admitted_get is not None:
-                    raw = bytes(memory[client_start:client_end])
-                    if not (known_get(raw) or admitted(raw, i)):
-                        hit = None
-                if hit is not None:
-                    reply = data[:2] + (hit.tail or hit.next_tail())
-                    size = len(reply)
-                    if size <= SLOT:  # DatagramBatch.stage, inlined
-                        at, size_at, name_at = outgoing[staged]
-                        memory[at : at + size] = reply
-                        sizes[size_at] = size
-                        pointers[name_at] = senders[i]
-                        staged += 1
-                    else:
-                        batch.send_one(reply, i)
-                    served.append(hit)
-                    continue
+            if (
+                hit is not None
+                and now < hit.valid_until
+                and (
+                    admitted_get is None
+                    or known_get(bytes(memory[client_start:client_end]))
+                    or admitted(i)
+                )
+            ):
+                reply = data[:2] + (hit.tail or hit.next_tail())
+                size = len(reply)
+                if size <= SLOT:  # DatagramBatch.stage, inlined
+                    at, size_at, name_at = outgoing[staged]
+                    memory[at : at + size] = reply
+                    sizes[size_at] = size
+                    pointers[name_at] = senders[i]
+                    staged += 1
+                else:
+                    batch.send_one(reply, i)
+                served.append(hit)
+                continue
             if slow is None:
                 slow = []
             slow.append((data, batch.address(i), hit))
@@ -218,7 +222,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 admitted_get,
                 reader.batch,
                 self.fast.served_late,
-                partial(reader.lend, self._received_lent_batch),
+                partial(reader.lend, self._received_batch),
             )
             reader.loop_receive = _hot_path(
                 fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received_lent
@@ -238,11 +242,12 @@ class UdpListener(asyncio.DatagramProtocol):
         self._bind_fast_path()
         reader.start(loop)
 
-    def _received_lent_batch(self, datagrams: SlowDatagrams) -> None:
-        """The slow part of a reader thread's batch, on the loop."""
+    def _received_batch(self, datagrams: SlowDatagrams) -> None:
+        """The slow part of a reader thread's batch, on the loop (before it reads the lent
+        socket itself)."""
         for data, addr, hit in datagrams:
             try:
-                self._received_lent(data, addr, hit)
+                self._received(data, addr, hit)
             except Exception:
                 log.exception("UDP query failed")
 

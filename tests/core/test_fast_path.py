@@ -13,7 +13,7 @@ from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.endpoints import EndpointTable
 from sidecar.core.fast_path import REFRESH_LEAD, SHAPED_RECHECK, TICK, FastHit, FastPath
 from sidecar.core.shaping import ShapeSettings, shape
-from sidecar.metrics import Metrics
+from sidecar.metrics import Histogram, Metrics
 
 NAME = "a.example"
 
@@ -144,6 +144,17 @@ def test_hits_counted_quick_on_rows_move_to_their_bucket_when_their_batch_was_la
     assert sum(histogram.counts) == 7 and abs(histogram.total - 0.01206) < 1e-9
     s.fast.flush()
     assert sum(histogram.counts) == 7 and histogram.counts[0] == 3  # moved once
+
+
+def test_late_hits_never_take_the_first_bucket_below_zero() -> None:
+    # Late counts for hits that never reached bucket 0 (their row was dropped unflushed)
+    # move only what bucket 0 holds: no bucket, a Prometheus counter, goes down.
+    histogram = Histogram()
+    histogram.add_quick(2, 0.00004)
+    late = [0] * len(histogram.counts)
+    late[3] = 5
+    histogram.move_from_first(late)
+    assert histogram.counts[0] == 0 and histogram.counts[3] == 2 and sum(histogram.counts) == 2
 
 
 def test_a_full_table_sweeps_rows_not_asked_lately_and_else_adds_none() -> None:
