@@ -15,20 +15,21 @@ from dataclasses import dataclass, field
 import uvloop
 
 from sidecar import logs, resolv_conf, supervisor
-from sidecar.config import Config, HostPort
+from sidecar.addresses import HostPort
+from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
-from sidecar.core.endpoints import EndpointTable, ProbeSettings
 from sidecar.core.routing import ZoneRouter, name_to_wire
-from sidecar.core.shaping import ShapeSettings
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
+from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
+from sidecar.discovery.probes import run_probes
+from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, Metrics, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server import datagram_batch, sockets
-from sidecar.server.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.server.http import HttpListener
-from sidecar.server.probes import run_probes
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread

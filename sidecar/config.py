@@ -26,7 +26,9 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from sidecar import __version__
+from sidecar.addresses import HostPort
 from sidecar.core.access import DEFAULT_ALLOW, IpNetwork, parse_networks
+from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
 from sidecar.resolv_conf import original_text, our_nameserver
 
@@ -44,19 +46,6 @@ DEFAULT_ALLOW_NETWORKS = parse_networks(DEFAULT_ALLOW)
 
 # --------------------------------------------------------------------------------------------
 # The model
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """An IP literal and a port; ``host`` is normalized by :mod:`ipaddress`, without brackets."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,20 +82,6 @@ class Zone:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheSettings:
-    max_entries: int = 100_000
-    min_ttl: int = 0
-    max_ttl: int = 86_400
-    max_negative_ttl: int = 60
-    servfail_ttl: int = 5
-    prefetch_percent: int = 10  # refresh when less than this share of the TTL is left; 0: off
-    max_stale: int = 86_400  # serve expired answers this long past expiry (RFC 8767); 0: off
-    stale_answer_after: float = 1.8  # seconds a client waits before it gets a stale answer
-    stale_ttl: int = 30  # the TTL of a stale answer
-    max_bytes: int = 64 * 1024 * 1024  # estimated memory of all entries (Entry.cost)
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[HostPort, ...]
     upstreams: tuple[HostPort, ...]
@@ -128,7 +103,7 @@ class Config:
     max_pending: int = 4096
     udp_reader_thread: bool = True  # a thread reads each UDP socket and answers hits itself
     drain_seconds: float = 2.0
-    metrics_listen: HostPort = HostPort("127.0.0.1", 9153)
+    metrics_listen: HostPort = HostPort("127.0.0.1", 9153)  # noqa: RUF009  # frozen
     log_queries: float = 0.0
     discovery_probe_interval: float = 1.0
     discovery_probe_timeout: float = 0.5

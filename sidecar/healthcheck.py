@@ -21,10 +21,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from sidecar.addresses import HostPort
 from sidecar.config import (
     ENV_CONFIG,
     SETTINGS_BY_KEY,
-    HostPort,
     env_layer,
     file_layer,
     parse_hostport,

@@ -33,14 +33,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.config import HostPort
+from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
-from sidecar.core.endpoints import EndpointTable
 from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
-from sidecar.core.shaping import ShapeSettings, shape
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.shaping import ShapeSettings, shape
 from sidecar.errors import UpstreamError
 from sidecar.local_answers import is_local, local_reply
 from sidecar.metrics import Metrics

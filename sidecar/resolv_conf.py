@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
-    from sidecar.config import HostPort
+    from sidecar.addresses import HostPort
 
 MARKER = "#dns-sidecar-original:"
 HEADER = (

@@ -14,7 +14,8 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.config import HostPort, parse_hostport, value_from_sources
+from sidecar.addresses import HostPort
+from sidecar.config import parse_hostport, value_from_sources
 
 COLUMNS = ("zone", "address", "health", "health_source", "latency_ms", "last_probe_ago_s")
 

@@ -26,7 +26,7 @@ def main() -> int:
         importlib.import_module(name)
     if importlib.util.find_spec("boto3") is not None:  # Cloud Map, when installed
         importlib.import_module("boto3")
-        importlib.import_module("sidecar.server.cloudmap")
+        importlib.import_module("sidecar.discovery.cloudmap")
     return 0
 
 

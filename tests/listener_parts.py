@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sidecar.config import CacheSettings, HostPort
-from sidecar.core.cache import TtlCache
+from sidecar.addresses import HostPort
+from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.metrics import Metrics

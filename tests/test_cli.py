@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import __version__
+from sidecar.addresses import HostPort
 from sidecar.cli import main
-from sidecar.config import Config, HostPort
+from sidecar.config import Config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "sidecar.example.toml"
 

@@ -24,13 +24,27 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
-from sidecar.config import CacheSettings
 from sidecar.core import bailiwick, wire
 
 if TYPE_CHECKING:
-    from sidecar.core.shaping import ShapedAnswer
+    from sidecar.discovery.shaping import ShapedAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_entries: int = 100_000
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+    max_negative_ttl: int = 60
+    servfail_ttl: int = 5
+    prefetch_percent: int = 10  # refresh when less than this share of the TTL is left; 0: off
+    max_stale: int = 86_400  # serve expired answers this long past expiry (RFC 8767); 0: off
+    stale_answer_after: float = 1.8  # seconds a client waits before it gets a stale answer
+    stale_ttl: int = 30  # the TTL of a stale answer
+    max_bytes: int = 64 * 1024 * 1024  # estimated memory of all entries (Entry.cost)
 
 
 T = TypeVar("T")
@@ -139,7 +153,7 @@ class Entry:
         # Rendered copies of this entry kept elsewhere (the UDP fast path): retired with it.
         self.copies: list[Copy] | None = None
         self.asked_at = -math.inf  # the last hit that found no row (fast_path.admit)
-        # Discovery zones: prepared shaped replies (core/shaping.py), served instead of this.
+        # Discovery zones: prepared shaped replies (discovery/shaping.py), served instead of this.
         self.shaped: ShapedAnswer | None = None
 
     def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:

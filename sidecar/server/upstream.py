@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 
-from sidecar.config import HostPort
+from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import (

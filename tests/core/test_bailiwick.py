@@ -8,9 +8,8 @@ import tracemalloc
 import pytest
 from dnslib import CNAME, DNAME, NS, QTYPE, RR, SOA, A, DNSRecord
 
-from sidecar.config import CacheSettings
 from sidecar.core import bailiwick, wire
-from sidecar.core.cache import TtlCache
+from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.routing import name_to_wire
 
 SOA_LOCAL = RR("local", QTYPE.SOA, rdata=SOA("ns.local", "hm.local", (1, 60, 60, 60, 30)), ttl=30)

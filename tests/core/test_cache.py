@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
-from sidecar.config import CacheSettings
 from sidecar.core import wire
-from sidecar.core.cache import TtlCache
+from sidecar.core.cache import CacheSettings, TtlCache
 
 NAME = "resource-server.local"
 SOA_RR = RR(

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
-from sidecar.config import CacheSettings, Config, HostPort, Zone, load, load_file, parse_hostport
+from sidecar.addresses import HostPort
+from sidecar.config import Config, Zone, load, load_file, parse_hostport
+from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
 
 RESOLV = "nameserver 10.9.9.9\n"

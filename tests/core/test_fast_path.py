@@ -7,12 +7,11 @@ import random
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from sidecar.config import CacheSettings
 from sidecar.core import wire
-from sidecar.core.cache import Entry, TtlCache
-from sidecar.core.endpoints import EndpointTable
+from sidecar.core.cache import CacheSettings, Entry, TtlCache
 from sidecar.core.fast_path import REFRESH_LEAD, SHAPED_RECHECK, TICK, FastHit, FastPath
-from sidecar.core.shaping import ShapeSettings, shape
+from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.shaping import ShapeSettings, shape
 from sidecar.metrics import Histogram, Metrics
 
 NAME = "a.example"

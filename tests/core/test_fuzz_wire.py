@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import CacheSettings, HostPort
+from sidecar.addresses import HostPort
 from sidecar.core import bailiwick, wire
-from sidecar.core.cache import TtlCache
+from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import BadUpstreamReply, FormError, UpstreamError, UpstreamTimeout

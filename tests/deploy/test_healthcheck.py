@@ -23,7 +23,7 @@ import pytest
 from dnslib import CLASS, QTYPE, DNSRecord
 
 from sidecar import healthcheck
-from sidecar.config import HostPort
+from sidecar.addresses import HostPort
 from sidecar.errors import ConfigError
 from tests.deploy.helpers import (
     SIDECAR,

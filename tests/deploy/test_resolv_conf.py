@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar import resolv_conf
-from sidecar.config import ECS_METADATA_ENV, HostPort, load
+from sidecar.addresses import HostPort
+from sidecar.config import ECS_METADATA_ENV, load
 from sidecar.errors import ConfigError
 from tests.deploy.helpers import REPO_ROOT, VENV_BIN, is_root
 

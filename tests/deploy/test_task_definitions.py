@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ECS_METADATA_ENV, ECS_RESOLVER, HostPort, load
+from sidecar.addresses import HostPort
+from sidecar.config import ECS_METADATA_ENV, ECS_RESOLVER, load
 from tests.deploy.helpers import (
     IAM_POLICY,
     REPO_ROOT,

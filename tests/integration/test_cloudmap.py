@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.endpoints import EndpointTable
-from sidecar.server.cloudmap import CloudMapSource, resolve_region, run_cloudmap
+from sidecar.discovery.cloudmap import CloudMapSource, resolve_region, run_cloudmap
+from sidecar.discovery.endpoints import EndpointTable
 from tests.fakes.nsd import free_port
 
 pytestmark = pytest.mark.integration
@@ -464,7 +464,7 @@ def test_region_from_the_ecs_task_metadata_endpoint() -> None:
 
 def test_importing_the_sidecar_does_not_import_boto3() -> None:
     code = (
-        "import sys, sidecar.app, sidecar.pipeline, sidecar.cli, sidecar.server.cloudmap; "
+        "import sys, sidecar.app, sidecar.pipeline, sidecar.cli, sidecar.discovery.cloudmap; "
         "loaded = [m for m in ('boto3', 'botocore') if m in sys.modules]; "
         "assert not loaded, loaded"
     )

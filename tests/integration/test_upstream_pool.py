@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from sidecar.config import HostPort
+from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet

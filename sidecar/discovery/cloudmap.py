@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from sidecar import logs
-from sidecar.core.endpoints import HEALTHY, UNHEALTHY, EndpointTable
+from sidecar.discovery.endpoints import HEALTHY, UNHEALTHY, EndpointTable
 
 log = logging.getLogger("dns_sidecar")
 

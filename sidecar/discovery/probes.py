@@ -1,6 +1,6 @@
 """Probing discovery endpoints: TCP connect or HTTP GET, a bounded number at a time.
 
-The schedule lives in core/endpoints.py (who is due, rise/fall, latency); this module only
+The schedule lives in discovery/endpoints.py (who is due, rise/fall, latency); this module only
 does the I/O and reports back. A probe's round trip is measured with perf_counter: uvloop's
 loop.time() has millisecond grain, too coarse for loopback and same-AZ latencies.
 """
@@ -13,7 +13,7 @@ from time import monotonic, perf_counter
 
 from sidecar import logs
 from sidecar.config import HealthCheck
-from sidecar.core.endpoints import Endpoint, EndpointTable
+from sidecar.discovery.endpoints import Endpoint, EndpointTable
 
 TICK = 0.05  # how often due probes are looked for; well under any probe interval
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
-from sidecar.core.endpoints import EndpointTable
+from sidecar.discovery.endpoints import EndpointTable
 
 ADDRESS_TYPES = (1, 28)  # A, AAAA
 

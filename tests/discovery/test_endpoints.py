@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sidecar.core.endpoints import EndpointTable, ProbeSettings
+from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 
 
 def table(**kw: float) -> EndpointTable:

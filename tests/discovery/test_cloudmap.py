@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.server.cloudmap import (
+from sidecar.discovery.cloudmap import (
     NOT_FOUND_HOLD,
     CloudMapSource,
     error_code,

@@ -11,11 +11,10 @@ import dns.name
 import pytest
 from dnslib import CNAME, QTYPE, RR, A, DNSRecord
 
-from sidecar.config import CacheSettings
 from sidecar.core import wire
-from sidecar.core.cache import TtlCache
-from sidecar.core.endpoints import EndpointTable
-from sidecar.core.shaping import (
+from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.shaping import (
     ShapedAnswer,
     ShapeSettings,
     exact_shares,
