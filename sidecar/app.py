@@ -19,6 +19,7 @@ from sidecar.addresses import HostPort
 from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
+from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
@@ -26,7 +27,7 @@ from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
-from sidecar.metrics import Gauges, Metrics, registry
+from sidecar.metrics import Gauges, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.http import HttpListener
@@ -68,7 +69,7 @@ def probe_settings(config: Config) -> ProbeSettings:
 
 def build_resolver(
     config: Config,
-    metrics: Metrics,
+    metrics: Counters,
     cache: TtlCache | None = None,
     endpoints: EndpointTable | None = None,
     cloudmap: Mapping[str, CloudMapSource] | None = None,
@@ -130,7 +131,7 @@ class Server:
 
     config: Config
     resolver: Resolver
-    metrics: Metrics
+    metrics: Counters
     udp: list[tuple[asyncio.DatagramTransport | UdpReaderThread, UdpListener]] = field(
         default_factory=list
     )
@@ -385,7 +386,7 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; the exit code. `worker`/`loop_token`: see run()."""
     log = logs.get()
-    counters = Metrics()
+    counters = Counters()
     cloudmap = cloudmap_sources(config)
     server = Server(config, build_resolver(config, counters, cloudmap=cloudmap), counters)
     server.cloudmap = cloudmap

@@ -55,8 +55,8 @@ def query_line(
     client: object, question: bytes, qtype: int, reply: bytes, source: str, seconds: float
 ) -> None:
     """One line of the optional query log (--log-queries): never on by default."""
+    from sidecar.core.counters import QTYPE_NAMES, RCODE_NAMES
     from sidecar.core.routing import wire_to_name
-    from sidecar.metrics import QTYPE_NAMES, RCODE_NAMES
 
     get().info(
         "query",

@@ -1,7 +1,8 @@
 """Every metric of the sidecar, declared once.
 
-The query path counts in plain integers and lists (`Metrics`), a few nanoseconds each; the
-Prometheus families are built from them only when /metrics is scraped (`SidecarCollector`).
+The query path counts in plain integers and lists (`core.counters.Counters`), a few
+nanoseconds each; the Prometheus families are built from them only when /metrics is scraped
+(`SidecarCollector`).
 That keeps the cost of metrics on a cache hit to a couple of increments and one bisect.
 Label values are bounded: query types are a fixed list plus "other", rcodes are names,
 upstreams and zones come from the configuration, endpoint addresses from discovery answers
@@ -11,10 +12,9 @@ upstreams and zones come from the configuration, endpoint addresses from discove
 from __future__ import annotations
 
 import platform
-from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -26,103 +26,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.core.counters import (
+    DROP_REASONS,
+    QTYPE_NAMES,
+    RCODE_NAMES,
+    SOURCES,
+    Counters,
+)
 
 NAMESPACE = "dns_sidecar"
-SOURCES = ("cache", "upstream", "stale", "local")
-DROP_REASONS = ("malformed", "refused", "overload")
-UPSTREAM_ERRORS = ("timeout", "refused", "mismatch", "truncated", "network")
-# Cache hits take microseconds, misses milliseconds to seconds: one set of buckets for both.
-LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-)  # fmt: skip
-QTYPE_NAMES = {
-    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
-    33: "SRV", 35: "NAPTR", 43: "DS", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 255: "ANY",
-    257: "CAA",
-}  # fmt: skip
-RCODE_NAMES = (
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
-    "NXRRSET", "NOTAUTH", "NOTZONE", "DSOTYPENI", "RCODE12", "RCODE13", "RCODE14", "RCODE15",
-)  # fmt: skip
-
-
-class Histogram:
-    """A histogram of plain numbers: observe() is one bisect and two additions."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def add_quick(self, count: int, seconds: float) -> None:
-        """`count` observations, `seconds` in all, each below the first bound."""
-        self.counts[0] += count
-        self.total += seconds
-
-    def move_from_first(self, counts: list[int]) -> None:
-        """Observations added with add_quick that belong in later buckets: counts[k] of them in
-        bucket k (their seconds are in the total already). Never more than the first bucket
-        holds, so no bucket goes down."""
-        for bucket, count in enumerate(counts):
-            if bucket and count:
-                moved = min(count, self.counts[0])
-                self.counts[0] -= moved
-                self.counts[bucket] += moved
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative (le, count) pairs ending with +Inf, as the exposition wants them."""
-        out = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
-        return out
-
-
-@dataclass
-class Metrics:
-    """The counters the query path writes to; one instance per process, kept across reloads."""
-
-    requests: dict[str, defaultdict[int, int]] = field(
-        default_factory=lambda: {"udp": defaultdict(int), "tcp": defaultdict(int)}
-    )
-    responses: dict[str, list[int]] = field(
-        default_factory=lambda: {source: [0] * 16 for source in SOURCES}
-    )
-    durations: dict[str, Histogram] = field(
-        default_factory=lambda: {source: Histogram() for source in SOURCES}
-    )
-    cache_hits: list[int] = field(default_factory=lambda: [0, 0])  # [success, denial]
-    cache_misses: int = 0
-    prefetches: int = 0
-    served_stale: int = 0
-    coalesced: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    upstream_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)
-    upstream_errors: defaultdict[tuple[str, str], int] = field(
-        default_factory=lambda: defaultdict(int)
-    )
-
-    def answered(self, source: str, reply: bytes, seconds: float) -> None:
-        self.responses[source][reply[3] & 0x0F] += 1
-        self.durations[source].observe(seconds)
-
-    def upstream_reply(self, upstream: str, rcode: int, seconds: float) -> None:
-        key = (upstream, RCODE_NAMES[rcode & 0x0F])
-        histogram = self.upstream_durations.get(key)
-        if histogram is None:
-            histogram = self.upstream_durations[key] = Histogram()
-        histogram.observe(seconds)
-
-    def upstream_error(self, upstream: str, reason: str) -> None:
-        self.upstream_errors[(upstream, reason)] += 1
 
 
 @dataclass
@@ -145,7 +57,7 @@ def _name(short: str) -> str:
 
 
 class SidecarCollector(Collector):
-    def __init__(self, metrics: Metrics, gauges: Gauges) -> None:
+    def __init__(self, metrics: Counters, gauges: Gauges) -> None:
         self.metrics = metrics
         self.gauges = gauges
 
@@ -291,7 +203,7 @@ class SidecarCollector(Collector):
         yield info
 
 
-def registry(metrics: Metrics, gauges: Gauges) -> CollectorRegistry:
+def registry(metrics: Counters, gauges: Gauges) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=reg)
     reg.register(SidecarCollector(metrics, gauges))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
+from sidecar.core.counters import Counters
 from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
@@ -43,7 +44,6 @@ from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import ShapeSettings, shape
 from sidecar.errors import UpstreamError
 from sidecar.local_answers import is_local, local_reply
-from sidecar.metrics import Metrics
 from sidecar.server.upstream import Forwarder
 
 
@@ -69,7 +69,7 @@ class Resolver:
         cache: TtlCache,
         router: ZoneRouter[UpstreamSet[HostPort]],
         forwarder: Forwarder,
-        metrics: Metrics,
+        metrics: Counters,
         *,
         query_timeout: float,
         max_inflight: int = 1000,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from sidecar.addresses import HostPort
 from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
 from sidecar.server.upstream import Forwarder
 
 
-def cache_resolver(metrics: Metrics, upstream_port: int = 53) -> Resolver:
+def cache_resolver(metrics: Counters, upstream_port: int = 53) -> Resolver:
     """A resolver with an empty cache (no prefetch) and one loopback upstream."""
     return Resolver(
         TtlCache(CacheSettings(prefetch_percent=0)),

@@ -11,7 +11,7 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.access import ClientFilter, RateLimiter, parse_networks
-from sidecar.metrics import Metrics
+from sidecar.core.counters import Counters
 from sidecar.server.udp import UdpListener
 from tests.listener_parts import cache_resolver
 
@@ -31,7 +31,7 @@ class Recorder:
 
 
 def make_listener(limiter: RateLimiter | None = None) -> tuple[UdpListener, Recorder]:
-    metrics = Metrics()
+    metrics = Counters()
     resolver = cache_resolver(metrics)
     access = ClientFilter(parse_networks(["127.0.0.1/32"]))
     udp = UdpListener(resolver, metrics, access=access, limiter=limiter)

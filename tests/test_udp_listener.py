@@ -10,7 +10,7 @@ import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
-from sidecar.metrics import Metrics
+from sidecar.core.counters import Counters
 from sidecar.server import udp as udp_module
 from sidecar.server.udp import UdpListener
 from tests.listener_parts import cache_resolver
@@ -35,7 +35,7 @@ def listener() -> Iterator[UdpListener]:
     # none set, and then ensure_future cannot make one).
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    metrics = Metrics()
+    metrics = Counters()
     resolver = cache_resolver(metrics)
     udp = UdpListener(resolver, metrics)
     udp.connection_made(Recorder())  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.access import ClientFilter
-from sidecar.metrics import Metrics
+from sidecar.core.counters import Counters
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread
@@ -66,7 +66,7 @@ class Served:
 
 @asynccontextmanager
 async def served() -> AsyncIterator[Served]:
-    metrics = Metrics()
+    metrics = Counters()
     resolver = cache_resolver(metrics, upstream_port=9)
     listener = UdpListener(resolver, metrics)
     reader = UdpReaderThread(sockets.udp_socket("127.0.0.1", 0), "udp test", metrics.dropped)

@@ -47,7 +47,7 @@ from itertools import cycle, repeat
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
-from sidecar.metrics import LATENCY_BUCKETS, Metrics
+from sidecar.core.counters import LATENCY_BUCKETS, Counters
 
 FAST_PATH_ROWS = 16384
 SHAPED_RECHECK = 0.25  # seconds between endpoint-health checks of a shaped row
@@ -107,7 +107,7 @@ class FastPath:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Counters,
         prefetch: Callable[[wire.Query, Entry], None],
         capacity: int = FAST_PATH_ROWS,
         rng: random.Random | None = None,

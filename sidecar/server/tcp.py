@@ -24,7 +24,7 @@ from time import perf_counter
 from sidecar import logs
 from sidecar.core import wire
 from sidecar.core.access import ClientFilter
-from sidecar.metrics import Metrics
+from sidecar.core.counters import Counters
 from sidecar.pipeline import Resolver
 
 log = logging.getLogger("dns_sidecar")
@@ -50,7 +50,7 @@ class TcpListener:
     def __init__(
         self,
         resolver: Resolver,
-        metrics: Metrics,
+        metrics: Counters,
         *,
         idle_timeout: float,
         max_connections: int,

@@ -20,8 +20,8 @@ from typing import cast
 from sidecar import logs
 from sidecar.core import wire
 from sidecar.core.access import EVERYONE, ClientFilter, RateLimiter
+from sidecar.core.counters import Counters
 from sidecar.core.fast_path import QUICK, FastHit
-from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
 from sidecar.server.datagram_batch import SLOT, DatagramBatch
 from sidecar.server.udp_thread import Address, BatchServer, Receiver, UdpReaderThread
@@ -153,7 +153,7 @@ class UdpListener(asyncio.DatagramProtocol):
     def __init__(
         self,
         resolver: Resolver,
-        metrics: Metrics,
+        metrics: Counters,
         max_pending: int = 4096,
         log_queries: float = 0.0,
         access: ClientFilter | None = None,

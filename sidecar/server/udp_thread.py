@@ -73,7 +73,7 @@ class UdpReaderThread:
         self.sock = sock
         self.batch = DatagramBatch(sock)
         self.name = name
-        self.dropped = dropped  # Metrics.dropped: a reply not sent is counted as overload
+        self.dropped = dropped  # Counters.dropped: a reply not sent is counted as overload
         # The hot paths, set again by the listener whenever one of their parts changes.
         self.serve: BatchServer = _ignore  # the thread's
         self.loop_receive: Receiver = _ignore  # the loop's, while the socket is lent to it

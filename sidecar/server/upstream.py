@@ -48,6 +48,7 @@ from time import perf_counter
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
+from sidecar.core.counters import Counters
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import (
     BadUpstreamReply,
@@ -56,7 +57,6 @@ from sidecar.errors import (
     UpstreamRefused,
     UpstreamTimeout,
 )
-from sidecar.metrics import Metrics
 
 log = logging.getLogger("dns_sidecar")
 
@@ -287,7 +287,7 @@ class UpstreamSocket:
 class SocketPool:
     """The UDP sockets to one upstream server: see the module's docstring."""
 
-    def __init__(self, server: HostPort, metrics: Metrics, deadlines: Deadlines) -> None:
+    def __init__(self, server: HostPort, metrics: Counters, deadlines: Deadlines) -> None:
         self.server = server
         self.name = str(server)
         self.metrics = metrics
@@ -592,7 +592,7 @@ class Forwarder:
     """Sends a question to a zone's upstreams until one answers or the deadline passes."""
 
     attempt_timeout: float
-    metrics: Metrics
+    metrics: Counters
     pools: dict[HostPort, SocketPool] = field(default_factory=dict, init=False, repr=False)
     closed: bool = field(default=False, init=False)
     stopped: bool = field(default=False, init=False)  # closed at shutdown: no new attempts

@@ -9,10 +9,10 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.cache import CacheSettings, Entry, TtlCache
+from sidecar.core.counters import Counters, Histogram
 from sidecar.core.fast_path import REFRESH_LEAD, SHAPED_RECHECK, TICK, FastHit, FastPath
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import ShapeSettings, shape
-from sidecar.metrics import Histogram, Metrics
 
 NAME = "a.example"
 
@@ -32,7 +32,7 @@ def reply(addresses: tuple[str, ...] = ("192.0.2.1",), ttl: int = 60, name: str 
 
 class Setup:
     def __init__(self, prefetch_percent: int = 0, capacity: int = 100) -> None:
-        self.metrics = Metrics()
+        self.metrics = Counters()
         self.cache = TtlCache(CacheSettings(prefetch_percent=prefetch_percent))
         self.prefetched: list[bytes] = []
         self.fast = FastPath(
@@ -208,7 +208,7 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
 
 
 def test_refreshing_a_row_keeps_its_entry_from_being_evicted_first() -> None:
-    metrics = Metrics()
+    metrics = Counters()
     cache = TtlCache(CacheSettings(max_entries=2, prefetch_percent=0))
     fast = FastPath(metrics, lambda q, entry: None, touch=cache.touch)
     entries = {}

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from sidecar.addresses import HostPort
 from sidecar.core import bailiwick, wire
 from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import BadUpstreamReply, FormError, UpstreamError, UpstreamTimeout
-from sidecar.metrics import Metrics
 from sidecar.pipeline import Resolver
 from tests.fakes.hostile_traffic import CASES, header, name_of, opt, query, question
 
@@ -213,7 +213,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def resolver() -> tuple[Resolver, FakeForwarder]:
     forwarder = FakeForwarder()
-    metrics = Metrics()
+    metrics = Counters()
     router = ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {})
     cache = TtlCache(CacheSettings(max_entries=50, max_bytes=1 << 20))
     fake: Any = forwarder  # duck-typed: only start() is called

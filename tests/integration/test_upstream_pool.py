@@ -16,10 +16,10 @@ import uvloop
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
+from sidecar.core.counters import Counters
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
-from sidecar.metrics import Metrics
 from sidecar.server import upstream
 from sidecar.server.upstream import Forwarder
 
@@ -74,9 +74,9 @@ class Upstream(asyncio.DatagramProtocol):
 Test = Callable[[Forwarder, Upstream, HostPort], Coroutine[Any, Any, None]]
 
 
-def run(test: Test, host: str, *, attempt_timeout: float = 2.0) -> Metrics:
+def run(test: Test, host: str, *, attempt_timeout: float = 2.0) -> Counters:
     """Run `test` on uvloop with a fresh forwarder and upstream; close both; the metrics."""
-    metrics = Metrics()
+    metrics = Counters()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +202,7 @@ def test_wrong_id_or_question_is_a_mismatch_and_the_wait_goes_on(
     assert dict(metrics.upstream_errors) == {(f"{loopback_of(metrics)}", "mismatch"): 3}
 
 
-def loopback_of(metrics: Metrics) -> str:
+def loopback_of(metrics: Counters) -> str:
     (server,) = {server for server, _reason in metrics.upstream_errors}
     return server
 
@@ -273,7 +273,7 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
 ) -> None:
     host = loopback()
     dead = HostPort(host, free_port(host))
-    metrics = Metrics()
+    metrics = Counters()
 
     async def main() -> None:
         forwarder = Forwarder(2.0, metrics)
