@@ -25,7 +25,7 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.probes import run_probes
-from sidecar.discovery.shaping import ShapeSettings
+from sidecar.discovery.shaping import Shaper, ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.metrics import Gauges, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
@@ -73,8 +73,10 @@ def build_resolver(
     cache: TtlCache | None = None,
     endpoints: EndpointTable | None = None,
     cloudmap: Mapping[str, CloudMapSource] | None = None,
+    shaper: Shaper | None = None,
 ) -> Resolver:
-    """The query path for `config`; a reload passes the cache and endpoints to keep."""
+    """The query path for `config`; a reload passes the cache (with its shaped pools) and the
+    endpoints to keep."""
     cloudmap = cloudmap or {}
 
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
@@ -122,6 +124,7 @@ def build_resolver(
         stale_ttl=config.cache.stale_ttl,
         discovery=discovery,
         endpoints=endpoints,
+        shaper=shaper,
     )
 
 
@@ -233,10 +236,6 @@ class Server:
                 (zone, result, count)
                 for (zone, result), count in sorted(self.resolver.endpoints.probes.items())
             ],
-            answers_shaped=lambda: [
-                (zone, action, count)
-                for (zone, action), count in sorted(self.resolver.shaped_counts.items())
-            ],
             before_scrape=lambda: self.resolver.fast.flush(),
         )
 
@@ -309,6 +308,7 @@ class Server:
             self.resolver.cache if keep else None,
             self.resolver.endpoints,  # endpoint health survives any reload
             self.cloudmap,
+            self.resolver.shaper if keep else None,
         )
         self.watch_loops(old.loop_token)
         old.fast.clear()  # its rows may answer differently now; their counts are kept

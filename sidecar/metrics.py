@@ -47,7 +47,6 @@ class Gauges:
     # (zone, address, healthy or None while unknown, latency seconds or None)
     endpoints: Callable[[], Iterable[tuple[str, str, bool | None, float | None]]]
     endpoint_probes: Callable[[], Iterable[tuple[str, str, int]]]  # (zone, result, count)
-    answers_shaped: Callable[[], Iterable[tuple[str, str, int]]]  # (zone, action, count)
     # Counts kept elsewhere (the UDP fast path's rows) are added to the metrics first.
     before_scrape: Callable[[], None] = lambda: None
 
@@ -186,7 +185,7 @@ class SidecarCollector(Collector):
             "Discovery answers shaped, by what was done to them.",
             labels=["zone", "action"],
         )
-        for zone, action, count in g.answers_shaped():
+        for (zone, action), count in sorted(m.answers_shaped.items()):
             shaped.add_metric([zone, action], count)
         yield shaped
 

@@ -41,7 +41,7 @@ from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
-from sidecar.discovery.shaping import ShapeSettings, shape
+from sidecar.discovery.shaping import ShapedAnswer, Shaper, ShapeSettings
 from sidecar.errors import UpstreamError
 from sidecar.local_answers import is_local, local_reply
 from sidecar.server.upstream import Forwarder
@@ -77,6 +77,7 @@ class Resolver:
         stale_ttl: int = 30,
         discovery: ZoneRouter[DiscoveryZone | None] | None = None,
         endpoints: EndpointTable | None = None,
+        shaper: Shaper | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -91,16 +92,14 @@ class Resolver:
         self.discovery: ZoneRouter[DiscoveryZone | None] = discovery or ZoneRouter(None, {})
         self.endpoints = endpoints or EndpointTable()
         self.rng = rng or random.Random()
-        self.shaped_counts: dict[tuple[str, str], int] = {}
+        # Discovery answers' shaped pools, by cache key; kept across a reload with the cache.
+        self.shaper = shaper or Shaper(self.endpoints, self.rng, metrics.answers_shaped)
         self.metrics = metrics
         # Cache hits remembered as finished replies, for the UDP listeners (core/fast_path.py).
-        self.fast = FastPath(
-            metrics,
-            self.prefetch,
-            min(cache.limits.max_entries, FAST_PATH_ROWS),
-            self.rng,
-            cache.touch,
-        )
+        self.fast = FastPath(metrics, self, min(cache.limits.max_entries, FAST_PATH_ROWS), self.rng)
+        # Keys whose current entry's background refresh has been started (once per entry).
+        self._prefetched: set[bytes] = set()
+        cache.on_retire = self._retired
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
         # Forwarding-loop probes (see new_loop_probe): their names start with one label that
@@ -109,6 +108,21 @@ class Resolver:
         self.loops_seen: list[str] = []
         self.on_loop: Callable[[str], None] | None = None  # told of every loop probe seen
         self.set_loop_token(os.urandom(6).hex())
+
+    def _retired(self, key: bytes) -> None:
+        """The cache let the entry under `key` go: so does everything kept about it."""
+        self.fast.retire(key)
+        self.shaper.retire(key)
+        self._prefetched.discard(key)
+
+    def prefetching(self, key: bytes) -> bool:
+        return key in self._prefetched
+
+    def shaped(self, key: bytes) -> ShapedAnswer | None:
+        return self.shaper.get(key)
+
+    def touch(self, key: bytes) -> None:
+        self.cache.touch(key)
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
@@ -124,12 +138,13 @@ class Resolver:
         if entry is None:
             return None
         self.metrics.cache_hits[entry.negative] += 1
-        if now >= entry.prefetch_at and not entry.prefetching:
+        if now >= entry.prefetch_at and q.key not in self._prefetched:
             self.prefetch(q, entry)
         return entry
 
     def prefetch(self, q: wire.Query, entry: Entry) -> None:
-        entry.prefetching = True  # once per entry: the refresh replaces it with a new one
+        """Refresh `entry` in the background; once per entry (the refresh replaces it)."""
+        self._prefetched.add(q.key)
         if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
             return
         self.metrics.prefetches += 1
@@ -197,15 +212,17 @@ class Resolver:
     ) -> tuple[bytes, str]:
         if stale is not None:
             self.metrics.served_stale += 1
-            if stale.shaped is not None:
-                return stale.shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
+            shaped = self.shaper.get(q.key)
+            if shaped is not None:
+                return shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
             return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
         return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
 
-    @staticmethod
-    def render(entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
-        if entry.shaped is not None:
-            return entry.shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
+    def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
+        """`entry` (cached under q.key) as a reply to `query`: shaped in a discovery zone."""
+        shaped = self.shaper.get(q.key)
+        if shaped is not None:
+            return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
 
     def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
@@ -256,18 +273,7 @@ class Resolver:
         if zone is not None and zone.asked is not None:
             zone.asked(service_label(question[:-4], zone_name))
         if zone is not None and entry.ttl > 0:
-            entry.shaped = shape(
-                entry,
-                msg,
-                reply,
-                zone_name,
-                q.do,
-                self.endpoints,
-                zone.shaping,
-                self.rng,
-                self.shaped_counts,
-                now,
-            )
+            self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
         return entry
 
     def set_loop_token(self, token: str) -> None:

@@ -15,6 +15,10 @@ Theory of operation
 - Expired entries stay (serve-stale, RFC 8767) until `max_stale` past expiry, until replaced,
   or until evicted; an NXDOMAIN from upstream removes the entry even when it cannot be cached.
 - An entry knows when it is due for prefetch (`prefetch_at`), so the hot path checks one float.
+- An entry is immutable once made: what other stages keep about it (fast-path rows, the
+  prefetch started for it, a discovery answer's shaped pool) they keep themselves, by cache
+  key, and drop when the cache calls its one retirement hook (`on_retire(key)`): the entry
+  for that key was replaced, evicted or removed.
 - Bounded by entry count and by estimated memory (`max_bytes`, `Entry.cost`), least recently
   used evicted first. Time is passed in as `now` (monotonic seconds).
 - Only replies whose records all belong to the question are cached (bailiwick.py).
@@ -24,13 +28,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 from sidecar.core import bailiwick, wire
-
-if TYPE_CHECKING:
-    from sidecar.discovery.shaping import ShapedAnswer
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,31 +70,20 @@ def _shared(value: T) -> T:
     return value
 
 
-class Copy(Protocol):
-    """Something made from an entry that must go when the entry goes."""
-
-    def retire(self) -> None: ...
-
-
 class Entry:
     """One reply ready to be served to any client that asks the same question."""
 
     __slots__ = (
-        "asked_at",
         "chunks",
-        "copies",
         "cost",
         "counts",
         "counts_edns",
-        "dead",
         "expires",
         "flags",
         "negative",
         "opt",
         "prefetch_at",
-        "prefetching",
         "rcode",
-        "shaped",
         "size",
         "ttl",
     )
@@ -148,13 +139,6 @@ class Entry:
         self.prefetch_at = (
             expires - ttl * prefetch_percent / 100 if prefetch_percent and ttl else math.inf
         )
-        self.prefetching = False
-        self.dead = False  # set when the cache drops or replaces it: copies of it are stale
-        # Rendered copies of this entry kept elsewhere (the UDP fast path): retired with it.
-        self.copies: list[Copy] | None = None
-        self.asked_at = -math.inf  # the last hit that found no row (fast_path.admit)
-        # Discovery zones: prepared shaped replies (discovery/shaping.py), served instead of this.
-        self.shaped: ShapedAnswer | None = None
 
     def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""
@@ -184,14 +168,6 @@ class Entry:
             )
         return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
 
-    def retire(self) -> None:
-        """The cache no longer holds this entry: it and every copy of it must not be served."""
-        self.dead = True
-        copies, self.copies = self.copies, None
-        if copies:
-            for copy in copies:
-                copy.retire()
-
 
 def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
     return reply.opt is None or reply.opt.end == len(msg)
@@ -215,8 +191,13 @@ def lifetime(msg: bytes, reply: wire.Reply, limits: CacheSettings) -> tuple[int,
 class TtlCache:
     """Fresh answers by key, LRU-bounded, and a small table of recent upstream failures."""
 
-    def __init__(self, limits: CacheSettings) -> None:
+    def __init__(
+        self, limits: CacheSettings, on_retire: Callable[[bytes], None] | None = None
+    ) -> None:
         self.limits = limits
+        # Told the key of every entry that leaves (replaced, evicted, removed), so what other
+        # stages keep about it by key goes with it. The pipeline sets it.
+        self.on_retire = on_retire
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
         self.evictions = 0
@@ -295,7 +276,8 @@ class TtlCache:
         limits = self.limits
         while len(self._entries) > limits.max_entries or self.bytes > limits.max_bytes:
             old_key, evicted = self._entries.popitem(last=False)
-            evicted.retire()
+            if self.on_retire is not None:
+                self.on_retire(old_key)
             self.negative_entries -= evicted.negative
             self.bytes -= evicted.cost + len(old_key)
             self.evictions += 1
@@ -304,7 +286,8 @@ class TtlCache:
     def _remove(self, key: bytes) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            old.retire()
+            if self.on_retire is not None:
+                self.on_retire(key)
             self.negative_entries -= old.negative
             self.bytes -= old.cost + len(key)
 

@@ -93,6 +93,7 @@ class Counters:
     upstream_errors: defaultdict[tuple[str, str], int] = field(
         default_factory=lambda: defaultdict(int)
     )
+    answers_shaped: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, action)
 
     def answered(self, source: str, reply: bytes, seconds: float) -> None:
         self.responses[source][reply[3] & 0x0F] += 1

@@ -12,8 +12,9 @@ Theory of operation
   second, and for shaped answers a recheck of endpoint health every `SHAPED_RECHECK` seconds.
   Past that moment the row is refreshed (re-rendered, prefetch started, pool redrawn) or
   dropped, off the hot path. Between refreshes nothing about the entry is read per query.
-- A row dies with its cache entry: the entry lists its rows (`Entry.copies`) and retires them
-  when the cache drops or replaces it, so the table never serves what the cache let go.
+- A row dies with its cache entry: the table keeps its rows by cache key (`by_key`) and the
+  pipeline passes on the cache's retirement hook (`retire(key)`), so the table never serves
+  what the cache let go. The entry itself is never written to.
 - Shaped (discovery) answers: the row holds the pool of prepared variants, rendered for this
   query shape, and hands them out in turn (`itertools.cycle`), starting at a random place.
 - Counting: a row counts its own hits and their time; the labelled families (requests by type,
@@ -30,7 +31,8 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
-- Admission: a row is made on the second hit of an entry within a second (`admit`).
+- Admission: a row is made on the second hit of a key within a second (`admit`); the table
+  remembers the last such hit per key in a bounded dict (`asked`).
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -42,8 +44,9 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import cycle, repeat
+from typing import Protocol
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
@@ -58,6 +61,39 @@ TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
 ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
+# Keys whose last hit found no row, remembered for admission; cleared when full. A name asked
+# twice within a second with this many other names asked in between gets no row: at that
+# variety a row would rarely be used before its moment passed anyway.
+ADMIT_MEMORY = 8192
+
+
+class ShapedReplies(Protocol):
+    """A discovery answer's pool of prepared replies (discovery/shaping.py)."""
+
+    @property
+    def variants(self) -> Sequence[Entry]: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def answer_ttl(self) -> int: ...
+    def refresh(self, now: float) -> None: ...
+    def count(self, answers: int) -> None: ...
+
+
+class RowSource(Protocol):
+    """What the table asks of the pipeline, which owns the cache and what hangs off it."""
+
+    def prefetch(self, q: wire.Query, entry: Entry) -> None:
+        """Start the background refresh of `entry` (once per entry)."""
+
+    def prefetching(self, key: bytes) -> bool:
+        """Whether the refresh of the entry now cached under `key` has been started."""
+
+    def shaped(self, key: bytes) -> ShapedReplies | None:
+        """The shaped pool served instead of the entry under `key`, if any."""
+
+    def touch(self, key: bytes) -> None:
+        """Mark the entry under `key` as recently used."""
 
 
 class FastHit:
@@ -73,17 +109,19 @@ class FastHit:
         "q",
         "seconds",
         "seen",
+        "shaped",
         "shown_ttl",
-        "table",
         "tail",
         "valid_until",
     )
 
-    def __init__(self, table: FastPath, key: bytes, entry: Entry, q: wire.Query) -> None:
-        self.table = table
+    def __init__(
+        self, key: bytes, entry: Entry, q: wire.Query, shaped: ShapedReplies | None
+    ) -> None:
         self.key = key
         self.entry = entry
         self.q = q
+        self.shaped = shaped
         self.next_tail: Callable[[], bytes] = repeat(b"").__next__
         # A plain row's reply after the ID, also what next_tail gives; b"" for a shaped row,
         # whose replies come from next_tail in turn. The hot path reads `tail or next_tail()`:
@@ -97,10 +135,6 @@ class FastHit:
         self.counted = 0  # hits flushed to the metrics so far
         self.seen = 0  # counted + hits at the last refresh: more since means asked since
 
-    def retire(self) -> None:
-        """Called by the cache when the entry goes."""
-        self.table.drop(self)
-
 
 class FastPath:
     """The rows, their refresh, and their counts; one per resolver, shared by its listeners."""
@@ -108,18 +142,18 @@ class FastPath:
     def __init__(
         self,
         metrics: Counters,
-        prefetch: Callable[[wire.Query, Entry], None],
+        source: RowSource,
         capacity: int = FAST_PATH_ROWS,
         rng: random.Random | None = None,
-        touch: Callable[[bytes], None] | None = None,
     ) -> None:
         self.metrics = metrics
-        self.prefetch = prefetch
-        self.touch = touch or (lambda _key: None)  # marks a cache key as recently used
+        self.source = source
         self.capacity = capacity
         self.rng = rng or random.Random()
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
+        self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
+        self.asked: dict[bytes, float] = {}  # cache key -> its last hit that found no row
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
@@ -132,14 +166,17 @@ class FastPath:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, entry: Entry, now: float) -> bool:
-        """Whether a hit on `entry` at `now` should get a row: the second hit within
+    def admit(self, key: bytes, now: float) -> bool:
+        """Whether a hit on cache key `key` at `now` should get a row: the second hit within
         ADMIT_WITHIN seconds. Names asked less often than that would only churn the table
         (100,000 names asked in turn filled and swept it every second, a row made per query
         and never used)."""
-        if now - entry.asked_at < ADMIT_WITHIN:
+        asked = self.asked
+        if now - asked.get(key, -math.inf) < ADMIT_WITHIN:
             return True
-        entry.asked_at = now
+        if len(asked) >= ADMIT_MEMORY:
+            asked.clear()
+        asked[key] = now
         return False
 
     def remember(
@@ -159,34 +196,38 @@ class FastPath:
         old = self.rows.get(key)
         if old is not None:
             self.drop(old)
-        hit = FastHit(self, key, entry, q)
-        if reply and entry.shaped is None:
+        hit = FastHit(key, entry, q, self.source.shaped(q.key))
+        if reply and hit.shaped is None:
             hit.tail = reply[2:]
             hit.next_tail = repeat(hit.tail).__next__
             hit.shown_ttl = math.ceil(entry.expires - now)
         if not self.refresh(hit, query, now):
             return None
         self.rows[key] = hit
-        if entry.copies is None:
-            entry.copies = [hit]
+        rows = self.by_key.get(q.key)
+        if rows is None:
+            self.by_key[q.key] = [hit]
         else:
-            entry.copies.append(hit)
+            rows.append(hit)
         return hit
 
     def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
         or went, and the row is dropped."""
         entry = hit.entry
-        if entry.dead or entry.expires <= now:
+        if entry.expires <= now:
             self.drop(hit)
             return False
         q = hit.q
-        self.touch(q.key)  # hits on rows keep their entry from looking least recently used
-        if now >= entry.prefetch_at and not entry.prefetching:
-            self.prefetch(q, entry)
+        source = self.source
+        source.touch(q.key)  # hits on rows keep their entry from looking least recently used
+        prefetching = source.prefetching(q.key)
+        if now >= entry.prefetch_at and not prefetching:
+            source.prefetch(q, entry)
+            prefetching = source.prefetching(q.key)
         ttl = math.ceil(entry.expires - now)
         limit = wire.udp_limit(q.edns_size)
-        shaped = entry.shaped
+        shaped = hit.shaped
         if shaped is None:
             if ttl != hit.shown_ttl:
                 hit.tail = entry.render_with_ttl(query, q, ttl, limit)[2:]
@@ -196,7 +237,7 @@ class FastPath:
         else:
             self.flush_row(hit)  # counted under the action the pool had while it served them
             shaped.refresh(now)
-            shown = min(shaped.settings.answer_ttl, ttl)
+            shown = min(shaped.answer_ttl, ttl)
             if shown != hit.shown_ttl or shaped.generation != hit.generation:
                 rendered: dict[int, bytes] = {}
                 tails = []
@@ -212,7 +253,7 @@ class FastPath:
                 hit.shown_ttl = shown
                 hit.generation = shaped.generation
             valid_until = min(entry.expires - (shown - 1), now + SHAPED_RECHECK)
-        if not entry.prefetching:
+        if not prefetching:
             valid_until = min(valid_until, entry.prefetch_at)
         hit.valid_until = valid_until
         hit.seen = hit.counted + hit.hits
@@ -282,8 +323,8 @@ class FastPath:
         metrics.requests["udp"][hit.q.qtype] += hits
         metrics.cache_hits[entry.negative] += hits
         metrics.responses["cache"][entry.rcode] += hits
-        if entry.shaped is not None:
-            entry.shaped.count(hits)
+        if hit.shaped is not None:
+            hit.shaped.count(hits)
 
     def served_late(self, hits: int, seconds: float) -> None:
         """From a reader thread: `hits` replies, already added to their rows' `hits` and
@@ -307,9 +348,19 @@ class FastPath:
         hit.valid_until = -math.inf
         if self.rows.get(hit.key) is hit:
             del self.rows[hit.key]
-        copies = hit.entry.copies
-        if copies is not None and hit in copies:
-            copies.remove(hit)
+        cache_key = hit.q.key
+        rows = self.by_key.get(cache_key)
+        if rows is not None and hit in rows:
+            rows.remove(hit)
+            if not rows:
+                del self.by_key[cache_key]
+
+    def retire(self, cache_key: bytes) -> None:
+        """The cache let the entry under `cache_key` go: its rows go too."""
+        rows = self.by_key.pop(cache_key, None)
+        if rows is not None:
+            for hit in rows:
+                self.drop(hit)
 
     def clear(self) -> None:
         """Forget every row (a reload, or draining)."""

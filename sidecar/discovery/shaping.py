@@ -20,13 +20,16 @@ Theory of operation
 - Cost: orderings are drawn and rendered when the endpoint table's `version` changes, into a
   pool of `pool_size` prepared messages; a query picks one of them at random. So the hot path
   pays a version compare, one random index and the usual TTL join.
+- Ownership: the pools belong to a `Shaper`, by cache key; the cache entry they are drawn from
+  is never written to, and a pool goes when the cache retires its key (`Shaper.retire`).
+No I/O here: time comes in as `now`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -104,10 +107,8 @@ def exact_shares(item_weights: Sequence[float], total: int, rng: random.Random) 
 def address_text(msg: bytes, record: wire.Record) -> str | None:
     """The address of an A or AAAA record as text (RFC 5952 for IPv6), else None."""
     data = msg[record.rdata_offset : record.rdata_offset + record.rdlength]
-    if record.rtype == 1 and len(data) == 4:
-        return socket.inet_ntop(socket.AF_INET, data)
-    if record.rtype == 28 and len(data) == 16:
-        return socket.inet_ntop(socket.AF_INET6, data)
+    if (record.rtype == 1 and len(data) == 4) or (record.rtype == 28 and len(data) == 16):
+        return str(ipaddress.ip_address(data))
     return None
 
 
@@ -143,6 +144,10 @@ class ShapedAnswer:
     @property
     def addresses(self) -> list[str]:
         return list(self.address_of.values())
+
+    @property
+    def answer_ttl(self) -> int:
+        return self.settings.answer_ttl
 
     def rebuild(self, now: float = math.inf) -> None:
         """Draw the pool again if this answer's endpoints changed in a way that matters."""
@@ -282,3 +287,40 @@ def shape(
     shaped.seen_at = now
     table.seen(zone, shaped.addresses, now)
     return shaped
+
+
+class Shaper:
+    """The shaped pools of discovery answers, by cache key: their one owner."""
+
+    def __init__(
+        self, table: EndpointTable, rng: random.Random, counts: dict[tuple[str, str], int]
+    ) -> None:
+        self.table = table
+        self.rng = rng
+        self.pools: dict[bytes, ShapedAnswer] = {}
+        self.get = self.pools.get
+        self.counts = counts  # (zone, action) -> shaped answers served (Counters)
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    def shape(
+        self,
+        key: bytes,
+        entry: Entry,
+        msg: bytes,
+        reply: wire.Reply,
+        zone: str,
+        do: bool,
+        settings: ShapeSettings,
+        now: float,
+    ) -> ShapedAnswer | None:
+        """Prepare the pool of the entry just cached under `key`, if it is an address answer."""
+        pool = shape(entry, msg, reply, zone, do, self.table, settings, self.rng, self.counts, now)
+        if pool is not None:
+            self.pools[key] = pool
+        return pool
+
+    def retire(self, key: bytes) -> None:
+        """The cache let the entry under `key` go."""
+        self.pools.pop(key, None)

@@ -307,7 +307,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if cached is not None:
             reply = self._resolver.render(cached, data, q, now, limit)
             self.sendto(reply, addr)
-            if not self.log_queries and self.fast.admit(cached, now):
+            if not self.log_queries and self.fast.admit(q.key, now):
                 self.fast.remember(data, q, cached, now, reply)
             self.metrics.answered("cache", reply, perf_counter() - start)
             if self.log_queries:

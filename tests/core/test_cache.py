@@ -224,7 +224,6 @@ class TestStaleAndPrefetch:
         entry = cache.get(key, 100.0)
         assert entry is not None
         assert entry.prefetch_at == pytest.approx(due)
-        assert not entry.prefetching
 
 
 def test_negative_entries_are_counted_as_entries_come_and_go() -> None:

@@ -10,9 +10,16 @@ from dnslib import QTYPE, RR, A, DNSRecord
 from sidecar.core import wire
 from sidecar.core.cache import CacheSettings, Entry, TtlCache
 from sidecar.core.counters import Counters, Histogram
-from sidecar.core.fast_path import REFRESH_LEAD, SHAPED_RECHECK, TICK, FastHit, FastPath
+from sidecar.core.fast_path import (
+    REFRESH_LEAD,
+    SHAPED_RECHECK,
+    TICK,
+    FastHit,
+    FastPath,
+    ShapedReplies,
+)
 from sidecar.discovery.endpoints import EndpointTable
-from sidecar.discovery.shaping import ShapeSettings, shape
+from sidecar.discovery.shaping import Shaper, ShapeSettings
 
 NAME = "a.example"
 
@@ -30,17 +37,46 @@ def reply(addresses: tuple[str, ...] = ("192.0.2.1",), ttl: int = 60, name: str 
     return bytes(record.pack())
 
 
+class Source:
+    """What the pipeline gives the table (core/fast_path.RowSource): prefetches recorded, the
+    cache's retirement hook passed on to the table and the shaper, as Resolver does."""
+
+    def __init__(self, cache: TtlCache, metrics: Counters) -> None:
+        self.cache = cache
+        self.prefetched: list[bytes] = []
+        self.started: set[bytes] = set()
+        self.shaper = Shaper(EndpointTable(), random.Random(2), metrics.answers_shaped)
+        self.fast: FastPath | None = None
+        cache.on_retire = self.retired
+
+    def retired(self, key: bytes) -> None:
+        if self.fast is not None:
+            self.fast.retire(key)
+        self.shaper.retire(key)
+        self.started.discard(key)
+
+    def prefetch(self, q: wire.Query, entry: Entry) -> None:
+        self.prefetched.append(q.key)
+        self.started.add(q.key)
+
+    def prefetching(self, key: bytes) -> bool:
+        return key in self.started
+
+    def shaped(self, key: bytes) -> ShapedReplies | None:
+        return self.shaper.get(key)
+
+    def touch(self, key: bytes) -> None:
+        self.cache.touch(key)
+
+
 class Setup:
     def __init__(self, prefetch_percent: int = 0, capacity: int = 100) -> None:
         self.metrics = Counters()
         self.cache = TtlCache(CacheSettings(prefetch_percent=prefetch_percent))
-        self.prefetched: list[bytes] = []
-        self.fast = FastPath(
-            self.metrics,
-            lambda q, entry: self.prefetched.append(q.key),
-            capacity,
-            random.Random(1),
-        )
+        self.source = Source(self.cache, self.metrics)
+        self.prefetched = self.source.prefetched
+        self.fast = FastPath(self.metrics, self.source, capacity, random.Random(1))
+        self.source.fast = self.fast
 
     def store(self, msg: bytes, now: float, name: str = NAME) -> Entry:
         q = wire.parse_query(query(name))
@@ -73,7 +109,7 @@ def test_an_expired_entry_drops_its_row() -> None:
     entry = s.store(reply(ttl=60), 100.0)
     s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
     assert s.served(query(), 160.0) is None
-    assert len(s.fast) == 0 and entry.copies == []
+    assert len(s.fast) == 0 and s.fast.by_key == {}
 
 
 def test_a_replaced_or_evicted_entry_takes_its_rows_with_it() -> None:
@@ -83,9 +119,10 @@ def test_a_replaced_or_evicted_entry_takes_its_rows_with_it() -> None:
         data = query(spelling)
         s.fast.remember(data, wire.parse_query(data), entry, 100.0)
     s.served(query(NAME), 100.5)
-    assert len(s.fast) == 2 and entry.copies is not None and len(entry.copies) == 2
+    key = wire.parse_query(query()).key
+    assert len(s.fast) == 2 and len(s.fast.by_key[key]) == 2
     s.store(reply(("192.0.2.2",)), 100.6)  # a refresh replaces the entry
-    assert len(s.fast) == 0 and entry.dead
+    assert len(s.fast) == 0 and s.fast.by_key == {}
     assert s.metrics.cache_hits[0] == 1  # the row's hit was counted on the way out
 
 
@@ -98,7 +135,6 @@ def test_prefetch_starts_once_when_a_row_reaches_the_prefetch_time() -> None:
     assert hit is not None and hit.valid_until == 154.0  # not 154.5, when the TTL drops
     assert s.served(query(), 154.0) is not None
     assert s.prefetched == [wire.parse_query(query()).key]
-    entry.prefetching = True  # what Resolver.prefetch does
     assert s.served(query(), 154.5) is not None
     assert len(s.prefetched) == 1 and hit.valid_until == 155.0
 
@@ -175,14 +211,15 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
     addresses = ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4")
     msg = reply(addresses, name="svc.local")
     entry = s.store(msg, 100.0, "svc.local")
-    table = EndpointTable()
-    counts: dict[tuple[str, str], int] = {}
     settings = ShapeSettings(max_answers=1)
     walked = wire.parse_reply(msg)
-    rng = random.Random(2)
-    entry.shaped = shape(entry, msg, walked, "local", False, table, settings, rng, counts, 100)
-    assert entry.shaped is not None
     data = query("svc.local")
+    shaper = s.source.shaper
+    table, counts = shaper.table, shaper.counts
+    pool = shaper.shape(
+        wire.parse_query(data).key, entry, msg, walked, "local", False, settings, 100
+    )
+    assert pool is not None
     s.fast.remember(data, wire.parse_query(data), entry, 100.0)
     firsts = []
     for i in range(64):
@@ -192,7 +229,7 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
     assert sorted(set(firsts)) == list(addresses)
     drawn = sorted(
         str(DNSRecord.parse(v.render(data, wire.parse_query(data), 100.0, 512)).rr[0].rdata)
-        for v in entry.shaped.variants
+        for v in pool.variants
     )
     assert sorted(firsts) == drawn  # one turn through the pool: each variant once
     for endpoint in table.due(100.0):  # the first probe settles an unknown endpoint
@@ -208,9 +245,10 @@ def test_a_shaped_row_hands_out_the_pool_in_turn_and_follows_health() -> None:
 
 
 def test_refreshing_a_row_keeps_its_entry_from_being_evicted_first() -> None:
-    metrics = Counters()
-    cache = TtlCache(CacheSettings(max_entries=2, prefetch_percent=0))
-    fast = FastPath(metrics, lambda q, entry: None, touch=cache.touch)
+    s = Setup()
+    cache = s.cache = TtlCache(CacheSettings(max_entries=2, prefetch_percent=0))
+    s.source = Source(cache, s.metrics)
+    fast = s.source.fast = FastPath(s.metrics, s.source)
     entries = {}
     for name in ("a.example", "b.example"):
         q = wire.parse_query(query(name))
@@ -222,7 +260,8 @@ def test_refreshing_a_row_keeps_its_entry_from_being_evicted_first() -> None:
     q = wire.parse_query(query("c.example"))
     msg = reply(name="c.example")
     cache.store(q.key, msg, wire.parse_reply(msg), 101.6, False)  # full: one must go
-    assert entries["b.example"].dead and not entries["a.example"].dead
+    assert cache.get(wire.parse_query(query("b.example")).key, 101.7) is None
+    assert cache.get(wire.parse_query(query("a.example")).key, 101.7) is entries["a.example"]
 
 
 def timed_row() -> tuple[Setup, list[float], FastHit, bytes]:
@@ -301,3 +340,24 @@ def test_rows_due_together_are_refreshed_a_batch_at_a_time() -> None:
     assert calls == 4  # 32 + 32 + 32 + 4
     assert all(hit.valid_until == 102.0 for hit in rows)
     assert not s.fast.refresh_due(due[0], most=32)  # nothing left in that bucket
+
+
+def test_nothing_writes_to_a_cached_entry_after_it_is_made() -> None:
+    s = Setup(prefetch_percent=10)
+    msg = reply(("10.0.0.1", "10.0.0.2"), ttl=60, name="svc.local")
+    entry = s.store(msg, 100.0, "svc.local")
+    before = {name: getattr(entry, name) for name in Entry.__slots__}
+    data = query("svc.local")
+    key = wire.parse_query(data).key
+    s.source.shaper.shape(
+        key, entry, msg, wire.parse_reply(msg), "local", False, ShapeSettings(), 100
+    )
+    hit = s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    assert hit is not None
+    for moment in (100.5, 101.5, 154.5, 158.0):  # refreshes, the prefetch, a redraw
+        s.served(data, moment)
+    s.fast.flush()
+    assert s.prefetched == [key]
+    s.store(reply(("10.0.0.3",), name="svc.local"), 159.0, "svc.local")  # replaced: retired
+    assert {name: getattr(entry, name) for name in Entry.__slots__} == before
+    assert s.fast.by_key == {} and len(s.source.shaper) == 0 and key not in s.source.started
