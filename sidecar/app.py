@@ -27,6 +27,7 @@ from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import Shaper, ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
+from sidecar.forwarder import Forwarder, probe_down_upstreams
 from sidecar.metrics import Gauges, registry
 from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server import datagram_batch, sockets
@@ -34,9 +35,12 @@ from sidecar.server.http import HttpListener
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread
-from sidecar.server.upstream import Forwarder, probe_down_upstreams
+from sidecar.server.upstream import SocketExchanges
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"
+# The one clock of the query path (monotonic seconds): the resolver, its fast path and the
+# forwarder all read it; the event loop's own timers keep their own.
+CLOCK = time.monotonic
 
 
 def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
@@ -116,7 +120,12 @@ def build_resolver(
     return Resolver(
         cache,
         router,
-        Forwarder(attempt_timeout=config.attempt_timeout, metrics=metrics),
+        Forwarder(
+            SocketExchanges(metrics),
+            metrics,
+            attempt_timeout=config.attempt_timeout,
+            clock=CLOCK,
+        ),
         metrics,
         query_timeout=config.query_timeout,
         max_inflight=config.upstream_max_inflight,
@@ -125,6 +134,7 @@ def build_resolver(
         discovery=discovery,
         endpoints=endpoints,
         shaper=shaper,
+        clock=CLOCK,
     )
 
 
@@ -198,14 +208,14 @@ class Server:
 
     def _refresh_rows_ahead(self) -> None:
         """Give the current resolver's fast path its timer (core/fast_path.py)."""
-        fast, loop = self.resolver.fast, asyncio.get_running_loop()
+        fast, loop, clock = self.resolver.fast, asyncio.get_running_loop(), self.resolver.clock
 
         def refresh_due() -> None:
-            if fast.refresh_due(time.monotonic()):
+            if fast.refresh_due(clock()):
                 loop.call_soon(refresh_due)  # the rest after other callbacks (and the GIL)
 
         def on_due(at: float) -> None:
-            loop.call_later(max(0.0, at - time.monotonic()), refresh_due)
+            loop.call_later(max(0.0, at - clock()), refresh_due)
 
         fast.on_due = on_due
 
@@ -245,7 +255,7 @@ class Server:
         checks = {z.name: str(z.health_check) for z in self.config.zones if z.health_check}
         return {
             "discovery_zones": checks,
-            "endpoints": table.describe(time.monotonic()),
+            "endpoints": table.describe(self.resolver.clock()),
         }
 
     def _start_background(self) -> None:

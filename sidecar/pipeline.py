@@ -43,8 +43,8 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import ShapedAnswer, Shaper, ShapeSettings
 from sidecar.errors import UpstreamError
+from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
-from sidecar.server.upstream import Forwarder
 
 
 @dataclass(frozen=True)
@@ -228,13 +228,12 @@ class Resolver:
     def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
         """Forward `q` to its zone's upstreams; the future of the entry then stored. No task:
         the forwarder's future calls `_fetched` when it is done."""
-        loop = asyncio.get_running_loop()
         question = q.key[:-1]  # lowercased name + qtype + qclass
         route, upstreams = self.router.route(question[:-4])
-        fetch: asyncio.Future[Entry] = loop.create_future()
+        fetch: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._inflight[q.key] = fetch
         forwarded = self.forwarder.start(
-            question, upstreams, cd=q.cd, do=q.do, deadline=loop.time() + self.query_timeout
+            question, upstreams, cd=q.cd, do=q.do, deadline=self.clock() + self.query_timeout
         )
         forwarded.add_done_callback(functools.partial(self._fetched, q, route, fetch))
         return fetch

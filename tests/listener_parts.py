@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from sidecar.addresses import HostPort
 from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.forwarder import Forwarder
 from sidecar.pipeline import Resolver
-from sidecar.server.upstream import Forwarder
+from sidecar.server.upstream import SocketExchanges
 
 
 def cache_resolver(metrics: Counters, upstream_port: int = 53) -> Resolver:
@@ -16,7 +19,7 @@ def cache_resolver(metrics: Counters, upstream_port: int = 53) -> Resolver:
     return Resolver(
         TtlCache(CacheSettings(prefetch_percent=0)),
         ZoneRouter(UpstreamSet([HostPort("127.0.0.1", upstream_port)]), {}),
-        Forwarder(1.0, metrics),
+        Forwarder(SocketExchanges(metrics), metrics, attempt_timeout=1.0, clock=time.monotonic),
         metrics,
         query_timeout=4.0,
     )

@@ -1,4 +1,7 @@
-"""Talking to upstream servers: UDP through a pool of long-lived sockets, TCP, the retry loop.
+"""The forwarder's transport on sockets (sidecar/forwarder.py's `Exchanges`): one UDP query
+through a pool of long-lived sockets per server, or one TCP exchange. The decisions (which
+server, how long, when to retry over TCP) are core/forwarding.py's; this module only sends,
+matches and times out.
 
 Every exchange treats the reply as hostile (RFC 5452): a random 16-bit ID from the OS CSPRNG,
 a random source port, and a reply is taken only when ID, QR and question match. Anything else
@@ -26,39 +29,28 @@ The UDP sockets (one `SocketPool` per upstream server):
   asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port unreachable,
   so a refused attempt would cost the whole attempt timeout.
 
-Deadlines: one timer for all the UDP queries of a forwarder (`Deadlines`), not a timer per
-query. A question's way through the upstreams (`_Forwarding`) runs on the callbacks of its
-attempts' futures: no task, no `wait_for`; only a truncated reply's TCP retry is a task.
+Deadlines: one timer for all the UDP queries of a transport (`Deadlines`), not a timer per
+query. A query's future is its whole handle: done, it releases the query; cancelled, too.
+Only a TCP exchange is a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
-import logging
 import math
 import os
 import secrets
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from time import perf_counter
+from collections.abc import Callable
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
-from sidecar.core.upstream_health import UpstreamSet
-from sidecar.errors import (
-    BadUpstreamReply,
-    FormError,
-    UpstreamError,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
-
-log = logging.getLogger("dns_sidecar")
+from sidecar.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 
 POOL_SOCKETS = 4  # sockets per upstream server kept open (more while many queries are in flight)
 SOCKET_INFLIGHT = 64  # queries waiting on one socket at most: their replies fit its buffer
@@ -180,11 +172,9 @@ class UpstreamSocket:
         self.retire_at = loop.time() + SOCKET_SECONDS
         self.retired = False
 
-    def send(
-        self, question: bytes, *, cd: bool, do: bool, timeout: float
-    ) -> tuple[_Query, asyncio.Future[bytes]]:
+    def send(self, question: bytes, *, cd: bool, do: bool, timeout: float) -> asyncio.Future[bytes]:
         """Send a query; its future gets the reply, or fails with UpstreamError (at once when
-        the send fails, or after `timeout`). Call `finish` with it once done waiting."""
+        the send fails, or after `timeout`). Done or cancelled, it releases the query."""
         loop = self.loop
         pending = self.pending
         recent = self.recent
@@ -194,6 +184,7 @@ class UpstreamSocket:
             qid = pool.new_id()
         future: asyncio.Future[bytes] = loop.create_future()
         query = _Query(qid, question, future, pool.server, timeout, loop.time() + timeout)
+        future.add_done_callback(functools.partial(self.finish, query))
         pool.deadlines.add(query)
         pending[qid] = query
         self.sent += 1
@@ -205,10 +196,10 @@ class UpstreamSocket:
             future.set_exception(UpstreamError(f"{pool.server}: {exc}"))
         except OSError as exc:  # an ICMP error reported on the send: the server's, for all
             self._error(exc)
-        return query, future
+        return future
 
-    def finish(self, query: _Query) -> None:
-        """The waiter is done with `query` (answered, failed, timed out or cancelled)."""
+    def finish(self, query: _Query, _future: object = None) -> None:
+        """`query` is over (answered, failed, timed out or cancelled): its future is done."""
         query.future = None
         if self.pending.pop(query.qid, None) is not None:  # not answered: a reply may come
             self._remember(query)
@@ -278,19 +269,14 @@ class UpstreamSocket:
             self.loop.remove_reader(sock.fileno())
         sock.close()
 
-    @property
-    def port(self) -> int:
-        """The local (source) port, for tests; 0 once closed."""
-        return self.sock.getsockname()[1] if self.sock is not None else 0
-
 
 class SocketPool:
     """The UDP sockets to one upstream server: see the module's docstring."""
 
-    def __init__(self, server: HostPort, metrics: Counters, deadlines: Deadlines) -> None:
+    def __init__(self, server: HostPort, counters: Counters, deadlines: Deadlines) -> None:
         self.server = server
         self.name = str(server)
-        self.metrics = metrics
+        self.counters = counters
         self.deadlines = deadlines
         self.live: list[UpstreamSocket] = []
         self.retiring: set[UpstreamSocket] = set()  # retired, still open
@@ -346,7 +332,7 @@ class SocketPool:
         self.retiring.discard(sock)
 
     def mismatch(self) -> None:
-        self.metrics.upstream_error(self.name, "mismatch")
+        self.counters.upstream_error(self.name, "mismatch")
 
     def close(self, *, now: bool = False) -> None:
         """Retire every socket (each closes when its last query ends); later queries get a
@@ -395,328 +381,44 @@ async def tcp_exchange(
             writer.close()
 
 
-class _Forwarding:
-    """One question's way through a zone's upstreams (see `Forwarder.forward`), driven by the
-    callbacks of its attempts: no task and no coroutine per question or attempt."""
+class SocketExchanges:
+    """The exchanges of a forwarder on sockets: a pool of UDP sockets per server, a TCP
+    connection per TCP exchange."""
 
-    __slots__ = (
-        "attempt",
-        "cd",
-        "deadline",
-        "do",
-        "fallback",
-        "forwarder",
-        "last_error",
-        "loop",
-        "order",
-        "pool",
-        "query",
-        "question",
-        "result",
-        "sent",
-        "server",
-        "sock",
-        "tcp",
-        "timed_out",
-        "upstreams",
-    )
-
-    def __init__(
-        self,
-        forwarder: Forwarder,
-        question: bytes,
-        upstreams: UpstreamSet[HostPort],
-        cd: bool,
-        do: bool,
-        deadline: float,
-    ) -> None:
-        self.forwarder = forwarder
-        self.loop = loop = asyncio.get_running_loop()
-        self.question = question
-        self.upstreams = upstreams
-        self.cd = cd
-        self.do = do
-        self.deadline = deadline
-        self.order = upstreams.order()
-        self.attempt = 0
-        self.timed_out = False  # in this round
-        self.fallback: tuple[bytes, wire.Reply] | None = None
-        self.last_error: UpstreamError | None = None
-        self.result: asyncio.Future[tuple[bytes, wire.Reply]] = loop.create_future()
-        self.server: HostPort | None = None
-        self.pool: SocketPool | None = None
-        self.sock: UpstreamSocket | None = None
-        self.query: _Query | None = None
-        self.tcp: asyncio.Task[bytes] | None = None
-        self.sent = 0.0
-        self.next()
-
-    def next(self) -> None:
-        """Start the next attempt; or end, when the deadline has passed or a round went by in
-        which no attempt timed out."""
-        loop = self.loop
-        order = self.order
-        forwarder = self.forwarder
-        while self.deadline - loop.time() > 0.001 and not forwarder.stopped:
-            attempt = self.attempt
-            if attempt and attempt % len(order) == 0:
-                if not self.timed_out:
-                    break
-                self.timed_out = False
-            server = order[attempt % len(order)]
-            self.attempt = attempt + 1
-            self.server = server
-            self.sent = perf_counter()  # loop.time() is millisecond-grained under uvloop
-            try:
-                self.pool = pool = forwarder.pool(server)
-                self.sock = sock = pool.socket(loop)
-                timeout = min(forwarder.attempt_timeout, self.deadline - loop.time())
-                self.query, future = sock.send(
-                    self.question, cd=self.cd, do=self.do, timeout=timeout
-                )
-            except UpstreamError as exc:
-                self.failed(server, exc)
-                continue
-            future.add_done_callback(self.udp_done)
-            return
-        if self.fallback is not None:
-            self.result.set_result(self.fallback)
-        else:
-            self.result.set_exception(
-                self.last_error or UpstreamTimeout("no time left for any attempt")
-            )
-
-    def udp_done(self, future: asyncio.Future[bytes]) -> None:
-        sock, query, pool, server = self.sock, self.query, self.pool, self.server
-        assert sock is not None and query is not None and pool is not None and server is not None
-        sock.finish(query)
-        self.query = None
-        result = self.result
-        if result.done():  # abandoned
-            return
-        try:
-            msg = self.reply_of(server, future)
-            if msg is None:
-                return
-            if msg[2] & wire.TC:
-                self.forwarder.metrics.upstream_error(pool.name, "truncated")
-                self.tcp = self.loop.create_task(
-                    tcp_exchange(
-                        server,
-                        self.question,
-                        cd=self.cd,
-                        do=self.do,
-                        timeout=max(self.deadline - self.loop.time(), 0.001),
-                        mismatch=pool.mismatch,
-                    )
-                )
-                self.tcp.add_done_callback(self.tcp_done)
-                return
-            self.answered(server, msg)
-        except asyncio.CancelledError:
-            result.cancel()
-        except Exception as exc:  # a bug: the waiters learn of it
-            if not result.done():
-                result.set_exception(exc)
-
-    def tcp_done(self, task: asyncio.Task[bytes]) -> None:
-        self.tcp = None
-        server = self.server
-        assert server is not None
-        result = self.result
-        if task.cancelled():
-            result.cancel()
-            return
-        if result.done():  # abandoned
-            task.exception()
-            return
-        try:
-            msg = self.reply_of(server, task)
-            if msg is not None:
-                self.answered(server, msg)
-        except Exception as exc:  # a bug: the waiters learn of it
-            if not result.done():
-                result.set_exception(exc)
-
-    def reply_of(self, server: HostPort, exchange: asyncio.Future[bytes]) -> bytes | None:
-        """What a finished exchange with `server` brought: its reply, or None when it failed
-        (the failure counted and the next attempt begun)."""
-        try:
-            return exchange.result()
-        except UpstreamError as exc:
-            self.failed(server, exc)
-            self.next()
-            return None
-
-    def answered(self, server: HostPort, msg: bytes) -> None:
-        """A reply: used, or kept as the fallback while another upstream is still to ask."""
-        try:
-            reply = wire.parse_reply(msg)
-        except FormError as exc:
-            self.failed(server, BadUpstreamReply(f"{server}: unreadable reply: {exc}"))
-            self.next()
-            return
-        rtt = perf_counter() - self.sent
-        forwarder, upstreams, pool = self.forwarder, self.upstreams, self.pool
-        assert pool is not None
-        forwarder.metrics.upstream_reply(pool.name, reply.rcode, rtt)
-        if reply.rcode == wire.REFUSED:
-            forwarder._failed(upstreams, server, "refused")  # misconfigured for us
-        elif upstreams.answered(server, rtt):
-            log.info("upstream up", extra={"fields": {"upstream": str(server)}})
-        if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and self.attempt < len(self.order):
-            self.fallback = (msg, reply)
-            self.next()
-            return
-        self.result.set_result((msg, reply))
-
-    def failed(self, server: HostPort, exc: UpstreamError) -> None:
-        self.last_error = exc
-        if self.forwarder.stopped:  # shutting down: no fault of the upstream's
-            return
-        self.forwarder.metrics.upstream_error(str(server), exc.reason)
-        self.forwarder._failed(self.upstreams, server, exc.reason)
-        self.timed_out |= isinstance(exc, UpstreamTimeout)
-
-    def abandon(self) -> None:
-        """Nobody waits any more: end the attempt in flight."""
-        future = self.query.future if self.query is not None else None
-        if future is not None:
-            future.cancel()  # udp_done releases the query
-        if self.tcp is not None:
-            self.tcp.cancel()
-
-
-@dataclass
-class Forwarder:
-    """Sends a question to a zone's upstreams until one answers or the deadline passes."""
-
-    attempt_timeout: float
-    metrics: Counters
-    pools: dict[HostPort, SocketPool] = field(default_factory=dict, init=False, repr=False)
-    closed: bool = field(default=False, init=False)
-    stopped: bool = field(default=False, init=False)  # closed at shutdown: no new attempts
-    deadlines: Deadlines | None = field(default=None, init=False, repr=False)
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.pools: dict[HostPort, SocketPool] = {}
+        self.closed = False
+        self.deadlines: Deadlines | None = None
 
     def pool(self, server: HostPort) -> SocketPool:
         pool = self.pools.get(server)
         if pool is None:
             if self.deadlines is None:
                 self.deadlines = Deadlines(asyncio.get_running_loop())
-            pool = self.pools[server] = SocketPool(server, self.metrics, self.deadlines)
+            pool = self.pools[server] = SocketPool(server, self.counters, self.deadlines)
             if self.closed:
                 pool.close()
         return pool
 
-    async def exchange(
-        self, server: HostPort, question: bytes, *, cd: bool, do: bool, deadline: float
-    ) -> tuple[bytes, wire.Reply]:
-        """One attempt at one server: UDP, then TCP with what remains if the reply was
-        truncated; the reply walked. Raises UpstreamError."""
+    def exchange(
+        self, server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, tcp: bool
+    ) -> asyncio.Future[bytes]:
+        """One query to `server`: its reply (ID, QR and question matched), or UpstreamError."""
         loop = asyncio.get_running_loop()
         pool = self.pool(server)
-        sock = pool.socket(loop)
-        query, future = sock.send(
-            question, cd=cd, do=do, timeout=min(self.attempt_timeout, deadline - loop.time())
-        )
-        try:
-            msg = await future
-        finally:
-            sock.finish(query)
-        if msg[2] & wire.TC:
-            self.metrics.upstream_error(pool.name, "truncated")
-            msg = await tcp_exchange(
-                server,
-                question,
-                cd=cd,
-                do=do,
-                timeout=max(deadline - loop.time(), 0.001),
-                mismatch=pool.mismatch,
+        if tcp:
+            exchange = tcp_exchange(
+                server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch
             )
-        try:
-            return msg, wire.parse_reply(msg)
-        except FormError as exc:
-            raise BadUpstreamReply(f"{server}: unreadable reply: {exc}") from None
-
-    def start(
-        self,
-        question: bytes,
-        upstreams: UpstreamSet[HostPort],
-        *,
-        cd: bool,
-        do: bool,
-        deadline: float,
-    ) -> asyncio.Future[tuple[bytes, wire.Reply]]:
-        """`forward` without a coroutine: the future of its outcome."""
-        return _Forwarding(self, question, upstreams, cd, do, deadline).result
-
-    async def forward(
-        self,
-        question: bytes,
-        upstreams: UpstreamSet[HostPort],
-        *,
-        cd: bool,
-        do: bool,
-        deadline: float,
-    ) -> tuple[bytes, wire.Reply]:
-        """The first usable reply. Each attempt gets min(attempt_timeout, what remains) and
-        failures move on to the next upstream in the set's order, round and round until the
-        deadline; SERVFAIL or REFUSED from one upstream moves on while one is not yet asked.
-        A round in which no attempt timed out (every upstream refused or sent garbage) ends
-        the query: asking again at once would only hammer a server that is restarting."""
-        forwarding = _Forwarding(self, question, upstreams, cd, do, deadline)
-        try:
-            return await forwarding.result
-        except asyncio.CancelledError:
-            forwarding.abandon()
-            raise
+            return loop.create_task(exchange)
+        return pool.socket(loop).send(question, cd=cd, do=do, timeout=timeout)
 
     def close(self, *, now: bool = False) -> None:
         """Close the UDP sockets, each as soon as no query waits on it any more; queries still
-        to come (in flight at a reload) get sockets of their own. `now` (at shutdown): at
-        once, failing the queries in flight, and no further attempts."""
+        to come get sockets of their own. `now`: at once, failing the queries in flight."""
         self.closed = True
-        self.stopped |= now
         for pool in self.pools.values():
             pool.close(now=now)
         if now and self.deadlines is not None:
             self.deadlines.clear()
-
-    @staticmethod
-    def _failed(upstreams: UpstreamSet[HostPort], server: HostPort, reason: str) -> None:
-        if upstreams.failed(server):
-            log.warning(
-                "upstream down", extra={"fields": {"upstream": str(server), "reason": reason}}
-            )
-
-    async def probe(self, server: HostPort, question: bytes) -> float:
-        """One probe query; its round-trip time, or UpstreamError. Any reply counts."""
-        loop = asyncio.get_running_loop()
-        sent = perf_counter()
-        await self.exchange(
-            server, question, cd=False, do=False, deadline=loop.time() + self.attempt_timeout
-        )
-        return perf_counter() - sent
-
-
-async def probe_down_upstreams(
-    forwarder: Forwarder,
-    sets: Sequence[UpstreamSet[HostPort]],
-    question: bytes,
-    interval: float,
-) -> None:
-    """Forever: every `interval`, ask each down upstream `question`; an answer marks it up."""
-
-    async def probe_one(upstreams: UpstreamSet[HostPort], server: HostPort) -> None:
-        try:
-            rtt = await forwarder.probe(server, question)
-        except UpstreamError:
-            return
-        if upstreams.answered(server, rtt):
-            log.info("upstream up", extra={"fields": {"upstream": str(server), "by": "probe"}})
-
-    while True:
-        await asyncio.sleep(interval)
-        probes = [probe_one(ups, server) for ups in sets for server in ups.down()]
-        if probes:
-            await asyncio.gather(*probes)

@@ -20,8 +20,9 @@ from sidecar.core.counters import Counters
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from sidecar.forwarder import Forwarder
 from sidecar.server import upstream
-from sidecar.server.upstream import Forwarder
+from sidecar.server.upstream import SocketExchanges
 
 pytestmark = pytest.mark.integration
 
@@ -71,18 +72,18 @@ class Upstream(asyncio.DatagramProtocol):
         return {addr[1] for _data, addr in self.queries}
 
 
-Test = Callable[[Forwarder, Upstream, HostPort], Coroutine[Any, Any, None]]
+Test = Callable[[SocketExchanges, Upstream, HostPort], Coroutine[Any, Any, None]]
 
 
-def run(test: Test, host: str, *, attempt_timeout: float = 2.0) -> Counters:
-    """Run `test` on uvloop with a fresh forwarder and upstream; close both; the metrics."""
+def run(test: Test, host: str) -> Counters:
+    """Run `test` on uvloop with a fresh transport and upstream; close both; the metrics."""
     metrics = Counters()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         transport, server = await loop.create_datagram_endpoint(Upstream, local_addr=(host, 0))
         address = HostPort(host, transport.get_extra_info("sockname")[1])
-        forwarder = Forwarder(attempt_timeout, metrics)
+        forwarder = SocketExchanges(metrics)
         try:
             await test(forwarder, server, address)
         finally:
@@ -97,18 +98,17 @@ def run(test: Test, host: str, *, attempt_timeout: float = 2.0) -> Counters:
 
 
 def exchange(
-    forwarder: Forwarder, server: HostPort, name: str, timeout: float = 2.0
-) -> asyncio.Task[tuple[bytes, wire.Reply]]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    return asyncio.ensure_future(
-        forwarder.exchange(server, question(name), cd=False, do=False, deadline=deadline)
+    forwarder: SocketExchanges, server: HostPort, name: str, timeout: float = 2.0
+) -> asyncio.Future[bytes]:
+    return forwarder.exchange(
+        server, question(name), cd=False, do=False, timeout=timeout, tcp=False
     )
 
 
 def test_concurrent_queries_share_a_few_sockets_and_each_gets_its_own_reply(
     loopback: Callable[[], str],
 ) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         names = [f"q{i}.example" for i in range(150)]
         tasks = [exchange(forwarder, server, name) for name in names]
         await up.wait(len(names))
@@ -116,8 +116,8 @@ def test_concurrent_queries_share_a_few_sockets_and_each_gets_its_own_reply(
             data = up.queries[index][0]
             up.reply(index, answer(data, f"10.0.{index // 250}.{index % 250}"))
         replies = await asyncio.gather(*tasks)
-        for index, (msg, reply) in enumerate(replies):
-            assert reply.rcode == wire.NOERROR
+        for index, msg in enumerate(replies):
+            assert wire.parse_reply(msg).rcode == wire.NOERROR
             assert msg.endswith(socket.inet_aton(f"10.0.{index // 250}.{index % 250}"))
         # 150 in flight: the POOL_SOCKETS sockets hold 4 x 64 of them, no more are needed.
         assert len(up.ports()) == upstream.POOL_SOCKETS
@@ -138,7 +138,7 @@ def test_all_sockets_full_opens_more_and_the_pool_shrinks_back(
     monkeypatch.setattr(upstream, "SOCKET_INFLIGHT", 4)
     monkeypatch.setattr(upstream, "SOCKET_SECONDS", 0.2)
 
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         tasks = [exchange(forwarder, server, f"q{i}.example") for i in range(40)]
         await up.wait(40)
         assert len(up.ports()) == 10  # 40 in flight, 4 per socket
@@ -164,7 +164,7 @@ def test_sockets_are_retired_after_their_queries_so_source_ports_change(
 ) -> None:
     monkeypatch.setattr(upstream, "SOCKET_QUERIES", 3)
 
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         for i in range(60):
             task = exchange(forwarder, server, f"q{i}.example")
             await up.wait(i + 1)
@@ -181,7 +181,7 @@ def test_sockets_are_retired_after_their_queries_so_source_ports_change(
 def test_wrong_id_or_question_is_a_mismatch_and_the_wait_goes_on(
     loopback: Callable[[], str],
 ) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         task = exchange(forwarder, server, "right.example")
         await up.wait(1)
         query = up.queries[0][0]
@@ -191,11 +191,11 @@ def test_wrong_id_or_question_is_a_mismatch_and_the_wait_goes_on(
         up.reply(0, answer(query[:2] + other[2:], "6.6.6.7"))
         up.reply(0, query[:2] + b"garbage")
         async with asyncio.timeout(2.0):  # until all three have been read and set aside
-            while sum(forwarder.metrics.upstream_errors.values()) < 3:
+            while sum(forwarder.counters.upstream_errors.values()) < 3:
                 await asyncio.sleep(0.005)
         assert not task.done()
         up.reply(0, answer(query, "192.0.2.9"))
-        msg, _reply = await task
+        msg = await task
         assert msg.endswith(socket.inet_aton("192.0.2.9"))
 
     metrics = run(test, loopback())
@@ -208,7 +208,7 @@ def loopback_of(metrics: Counters) -> str:
 
 
 def test_late_and_repeated_replies_are_dropped_quietly(loopback: Callable[[], str]) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         task = exchange(forwarder, server, "slow.example", timeout=0.1)
         await up.wait(1)
         with pytest.raises(UpstreamTimeout):
@@ -228,7 +228,7 @@ def test_late_and_repeated_replies_are_dropped_quietly(loopback: Callable[[], st
 def test_deadlines_end_attempts_in_time_the_shorter_ones_first(
     loopback: Callable[[], str],
 ) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeouts = [0.3, 0.3, 0.1, 0.3, 0.2]  # the forwarder's own is 0.3: the rest are cut
@@ -244,7 +244,7 @@ def test_deadlines_end_attempts_in_time_the_shorter_ones_first(
         for timeout, took in ended:
             assert timeout - 0.01 <= took < timeout + 0.1, (timeout, took)
 
-    run(test, loopback(), attempt_timeout=0.3)
+    run(test, loopback())
 
 
 def test_nothing_listening_fails_every_query_on_the_socket_at_once(
@@ -253,7 +253,7 @@ def test_nothing_listening_fails_every_query_on_the_socket_at_once(
     host = loopback()
     dead = HostPort(host, free_port(host))
 
-    async def test(forwarder: Forwarder, _up: Upstream, _server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, _up: Upstream, _server: HostPort) -> None:
         started = time.monotonic()
         results = await asyncio.gather(
             *(exchange(forwarder, dead, f"q{i}.example") for i in range(20)),
@@ -276,18 +276,19 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
     metrics = Counters()
 
     async def main() -> None:
-        forwarder = Forwarder(2.0, metrics)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        forwarder = Forwarder(
+            SocketExchanges(metrics), metrics, attempt_timeout=2.0, clock=time.monotonic
+        )
+        started = time.monotonic()
         with pytest.raises(UpstreamRefused):
-            await forwarder.forward(
+            await forwarder.start(
                 question("nowhere.example"),
                 UpstreamSet([dead]),
                 cd=False,
                 do=False,
                 deadline=started + 4.0,
             )
-        assert loop.time() - started < 0.5
+        assert time.monotonic() - started < 0.5
         forwarder.close()
 
     uvloop.run(main())
@@ -297,7 +298,7 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
 def test_close_waits_for_the_query_in_flight_and_close_now_ends_it(
     loopback: Callable[[], str],
 ) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
         first = exchange(forwarder, server, "first.example")
         idle = exchange(forwarder, server, "idle.example")
         await up.wait(2)
@@ -321,18 +322,9 @@ def test_close_waits_for_the_query_in_flight_and_close_now_ends_it(
     run(test, loopback())
 
 
-def test_a_cancelled_forward_releases_its_query(loopback: Callable[[], str]) -> None:
-    async def test(forwarder: Forwarder, up: Upstream, server: HostPort) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(
-            forwarder.forward(
-                question("gone.example"),
-                UpstreamSet([server]),
-                cd=False,
-                do=False,
-                deadline=loop.time() + 4.0,
-            )
-        )
+def test_a_cancelled_exchange_releases_its_query(loopback: Callable[[], str]) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
+        task = exchange(forwarder, server, "gone.example", 4.0)
         await up.wait(1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -1,0 +1,207 @@
+"""Carrying out forwarding decisions (core/forwarding.py) over a transport of exchanges.
+
+The pipeline asks `Forwarder.start` for a question's outcome; the decisions are the core's, the
+exchanges (one UDP query to one server, or one TCP exchange) the transport's
+(server/upstream.py on sockets, a scripted one in tests). Driven by the exchanges' futures'
+callbacks: no task and no coroutine per question or attempt.
+
+A transport's contract (`Exchanges`): `exchange()` sends at once and returns the future of the
+reply, whose ID, QR and question already matched the query (RFC 5452); it fails with an
+UpstreamError (at once, or when `timeout` seconds pass), or raises one when it cannot even send.
+Cancelling the future abandons the exchange and frees what it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from sidecar.addresses import HostPort
+from sidecar.core import wire
+from sidecar.core.counters import Counters
+from sidecar.core.forwarding import Attempt, Forwarding
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.errors import UpstreamError
+
+log = logging.getLogger("dns_sidecar")
+
+Outcome = tuple[bytes, wire.Reply]
+
+
+class Exchanges(Protocol):
+    """One exchange with one upstream server (see the module's docstring)."""
+
+    def exchange(
+        self, server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, tcp: bool
+    ) -> asyncio.Future[bytes]: ...
+
+    def close(self, *, now: bool = False) -> None: ...
+
+
+def log_health(server: HostPort, up: bool, reason: str) -> None:
+    if up:
+        log.info("upstream up", extra={"fields": {"upstream": str(server)}})
+    else:
+        log.warning("upstream down", extra={"fields": {"upstream": str(server), "reason": reason}})
+
+
+class _Question:
+    """One question in flight: its decisions, the exchange under way, the future of it all."""
+
+    __slots__ = ("cd", "do", "exchange", "forwarder", "forwarding", "question", "result")
+
+    def __init__(
+        self, forwarder: Forwarder, forwarding: Forwarding, question: bytes, cd: bool, do: bool
+    ) -> None:
+        self.forwarder = forwarder
+        self.forwarding = forwarding
+        self.question = question
+        self.cd = cd
+        self.do = do
+        self.exchange: asyncio.Future[bytes] | None = None
+        self.result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+    def run(self, attempt: Attempt | None) -> None:
+        """Start `attempt`, or the ones after it when it cannot start; settle when done."""
+        forwarder, forwarding = self.forwarder, self.forwarding
+        while attempt is not None:
+            try:
+                exchange = forwarder.exchanges.exchange(
+                    attempt.server,
+                    self.question,
+                    cd=self.cd,
+                    do=self.do,
+                    timeout=attempt.timeout,
+                    tcp=attempt.tcp,
+                )
+            except UpstreamError as exc:
+                attempt = forwarding.failed(exc, forwarder.clock())
+                continue
+            self.exchange = exchange
+            exchange.add_done_callback(self.exchanged)
+            return
+        if forwarding.outcome is not None:
+            self.result.set_result(forwarding.outcome)
+        else:
+            assert forwarding.error is not None
+            self.result.set_exception(forwarding.error)
+
+    def exchanged(self, exchange: asyncio.Future[bytes]) -> None:
+        self.exchange = None
+        result, forwarding = self.result, self.forwarding
+        if exchange.cancelled():
+            if not result.done():
+                result.cancel()
+            return
+        error = exchange.exception()
+        if result.done():
+            return
+        if self.forwarder.stopped:
+            forwarding.stop()
+        now = self.forwarder.clock()
+        try:
+            if error is None:
+                attempt = forwarding.replied(exchange.result(), now)
+            elif isinstance(error, UpstreamError):
+                attempt = forwarding.failed(error, now)
+            else:
+                raise error
+            self.run(attempt)
+        except Exception as exc:  # a bug: the waiters learn of it
+            if not result.done():
+                result.set_exception(exc)
+
+
+class Forwarder:
+    """Sends a question to a zone's upstreams until one answers or the deadline passes."""
+
+    def __init__(
+        self,
+        exchanges: Exchanges,
+        counters: Counters,
+        *,
+        attempt_timeout: float,
+        clock: Callable[[], float],
+        on_health: Callable[[HostPort, bool, str], None] = log_health,
+    ) -> None:
+        self.exchanges = exchanges
+        self.counters = counters
+        self.attempt_timeout = attempt_timeout
+        self.clock = clock
+        self.on_health = on_health
+        self.stopped = False  # closed at shutdown: no new attempts
+
+    def start(
+        self,
+        question: bytes,
+        upstreams: UpstreamSet[HostPort],
+        *,
+        cd: bool,
+        do: bool,
+        deadline: float,
+        order: Sequence[HostPort] | None = None,
+        judge: bool = True,
+    ) -> asyncio.Future[Outcome]:
+        """The future of the question's outcome: the reply taken and its walk, or the
+        UpstreamError that ended it. `deadline` is on the forwarder's clock."""
+        forwarding = Forwarding(
+            upstreams,
+            self.counters,
+            attempt_timeout=self.attempt_timeout,
+            deadline=deadline,
+            order=order,
+            judge=judge,
+            on_health=self.on_health,
+        )
+        if self.stopped:
+            forwarding.stop()
+        asked = _Question(self, forwarding, question, cd, do)
+        asked.run(forwarding.first(self.clock()))
+        return asked.result
+
+    async def probe(self, server: HostPort, question: bytes) -> float:
+        """Ask `server` `question` once; the round-trip time of any readable reply, or
+        UpstreamError. Nothing is counted or judged: the caller decides what it means."""
+        sent = self.clock()
+        await self.start(
+            question,
+            UpstreamSet((server,)),
+            cd=False,
+            do=False,
+            deadline=sent + self.attempt_timeout,
+            order=(server,),
+            judge=False,
+        )
+        return self.clock() - sent
+
+    def close(self, *, now: bool = False) -> None:
+        """Close the transport, each socket as soon as no query waits on it any more (queries
+        still to come get sockets of their own). `now` (at shutdown): at once, failing what is
+        in flight, and no further attempts."""
+        self.stopped |= now
+        self.exchanges.close(now=now)
+
+
+async def probe_down_upstreams(
+    forwarder: Forwarder,
+    sets: Sequence[UpstreamSet[HostPort]],
+    question: bytes,
+    interval: float,
+) -> None:
+    """Forever: every `interval`, ask each down upstream `question`; an answer marks it up."""
+
+    async def probe_one(upstreams: UpstreamSet[HostPort], server: HostPort) -> None:
+        try:
+            rtt = await forwarder.probe(server, question)
+        except UpstreamError:
+            return
+        if upstreams.answered(server, rtt):
+            log.info("upstream up", extra={"fields": {"upstream": str(server), "by": "probe"}})
+
+    while True:
+        await asyncio.sleep(interval)
+        probes = [probe_one(ups, server) for ups in sets for server in ups.down()]
+        if probes:
+            await asyncio.gather(*probes)
