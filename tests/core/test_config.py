@@ -139,7 +139,7 @@ def test_env_names_are_the_documented_ones() -> None:
 
 def test_every_setting_is_documented_and_in_the_example() -> None:
     root = Path(__file__).resolve().parents[2]
-    docs = (root / "README.md").read_text()
+    docs = (root / "docs" / "configuration.md").read_text()
     example = (root / "config" / "sidecar.example.toml").read_text()
     for s in cfg.SETTINGS:
         assert s.env in docs and s.flag in docs and f"`{s.key}`" in docs, s.key

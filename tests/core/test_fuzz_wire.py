@@ -17,7 +17,6 @@ import os
 import random
 import struct
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,9 +28,11 @@ from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.errors import BadUpstreamReply, FormError, UpstreamError, UpstreamTimeout
+from sidecar.errors import FormError, UpstreamError, UpstreamTimeout
+from sidecar.forwarder import Forwarder
 from sidecar.pipeline import Resolver
 from tests.fakes.hostile_traffic import CASES, header, name_of, opt, query, question
+from tests.fakes.scripted_exchanges import FakeClock, ScriptedExchanges, Step
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),
@@ -174,34 +175,18 @@ def test_parse_reply_on_mutated_replies(data: bytes) -> None:
 # --- the whole query path, in-process ---------------------------------------------------------
 
 
-class FakeForwarder:
-    """Answers every question with the next scripted upstream message (bytes, or an error),
-    read the way the real forwarder reads it."""
-
-    def __init__(self) -> None:
-        self.script: list[bytes | UpstreamError] = []
-
-    async def forward(
-        self, question: bytes, upstreams: object, *, cd: bool, do: bool, deadline: float
-    ) -> tuple[bytes, wire.Reply]:
-        await asyncio.sleep(0)
-        item = self.script.pop(0) if self.script else UpstreamTimeout("nothing scripted")
+def scripted(items: list[bytes | UpstreamError]) -> list[Step]:
+    """One exchange's outcome per item, as the socket transport would deliver it: a datagram
+    that is not a reply is never taken (the exchange times out)."""
+    steps = []
+    for item in items:
         if isinstance(item, UpstreamError):
-            raise item
-        if len(item) < 3 or not item[2] & wire.QR:  # as wire.reply_matches would
-            raise UpstreamTimeout("no reply taken")
-        try:
-            return item, wire.parse_reply(item)
-        except FormError as exc:
-            raise BadUpstreamReply(str(exc)) from None
-
-    def start(
-        self, question: bytes, upstreams: object, *, cd: bool, do: bool, deadline: float
-    ) -> asyncio.Future[tuple[bytes, wire.Reply]]:
-        """What the resolver calls: forward() without awaiting it."""
-        return asyncio.ensure_future(
-            self.forward(question, upstreams, cd=cd, do=do, deadline=deadline)
-        )
+            steps.append(Step(error=item))
+        elif len(item) < 3 or not item[2] & wire.QR:  # as wire.reply_matches would
+            steps.append(Step())
+        else:
+            steps.append(Step(reply=item))
+    return steps
 
 
 @pytest.fixture(scope="module")
@@ -211,22 +196,29 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def resolver() -> tuple[Resolver, FakeForwarder]:
-    forwarder = FakeForwarder()
+UPSTREAM = HostPort("127.0.0.1", 53)
+
+
+def resolver() -> tuple[Resolver, ScriptedExchanges]:
+    """The real query path (forwarding decisions included) over a scripted transport."""
+    clock = FakeClock()
+    transport = ScriptedExchanges(clock)
     metrics = Counters()
-    router = ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {})
+    forwarder = Forwarder(transport, metrics, attempt_timeout=1.0, clock=clock)
+    router = ZoneRouter(UpstreamSet([UPSTREAM]), {})
     cache = TtlCache(CacheSettings(max_entries=50, max_bytes=1 << 20))
-    fake: Any = forwarder  # duck-typed: only start() is called
-    res = Resolver(cache, router, fake, metrics, query_timeout=1.0, rng=random.Random(1))
-    return res, forwarder
+    res = Resolver(
+        cache, router, forwarder, metrics, query_timeout=1.0, clock=clock, rng=random.Random(1)
+    )
+    return res, transport
 
 
 def answer_with_upstream(
     loop: asyncio.AbstractEventLoop, client: bytes, upstream: list[bytes | UpstreamError]
 ) -> bytes | None:
     """What the sidecar answers `client`; None for silence. Fails on any exception."""
-    res, forwarder = resolver()
-    forwarder.script = list(upstream)
+    res, transport = resolver()
+    transport.add(UPSTREAM, *scripted(upstream))
     try:
         q = wire.parse_query(client)
     except wire.ClientError as exc:
@@ -268,16 +260,16 @@ def test_query_path_never_raises(
 def test_upstream_reply_for_another_question_is_served_but_never_cached(
     loop: asyncio.AbstractEventLoop, client: bytes, upstream: list[bytes | UpstreamError]
 ) -> None:
-    """The fake forwarder does not check the question (the real one does); the cache must
-    still never keep records that are not about the question asked."""
-    res, forwarder = resolver()
-    forwarder.script = list(upstream)
+    """The scripted transport does not check the question (the socket one does); the cache
+    must still never keep records that are not about the question asked."""
+    res, transport = resolver()
+    transport.add(UPSTREAM, *scripted(upstream))
     q = wire.parse_query(client)
     if q.qtype in wire.ZONE_TRANSFERS or q.qtype == wire.TYPE_ANY:
         return
     loop.run_until_complete(res.resolve(client, q, 65535))
     entry = res.cache.get(q.key, res.clock())
     if entry is not None:
-        msg = upstream[0]
-        assert isinstance(msg, bytes)
+        msg = scripted(upstream)[len(transport.asked) - 1].reply  # the last exchange's reply
+        assert msg is not None
         assert bailiwick.in_bailiwick(msg, wire.parse_reply(msg), q.key[:-5])

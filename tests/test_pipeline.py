@@ -1,0 +1,288 @@
+"""The query path in-process: the resolver, the real forwarding decisions and their driver,
+over a scripted in-memory transport (tests/fakes/scripted_exchanges.py) and one fake clock.
+Failover, the round rule, SERVFAIL fallback, TCP after truncation, deadlines, stale answers,
+coalescing, the bound on fetches, failure memory and loop probes, without a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from dnslib import RCODE, DNSRecord
+
+from sidecar.addresses import HostPort
+from sidecar.core import wire
+from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.core.counters import Counters
+from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.errors import BadUpstreamReply, UpstreamRefused
+from sidecar.forwarder import Forwarder
+from sidecar.pipeline import Resolver
+from tests.fakes.scripted_exchanges import (
+    FakeClock,
+    ScriptedExchanges,
+    Step,
+    name_of,
+    rcode_of,
+    reply_to,
+)
+
+FIRST = HostPort("127.0.0.1", 5301)
+SECOND = HostPort("127.0.0.2", 5301)
+T = TypeVar("T")
+
+
+class Path:
+    """A resolver over two upstreams (in this order), a scripted transport and a fake clock."""
+
+    def __init__(
+        self,
+        *,
+        attempt_timeout: float = 1.0,
+        query_timeout: float = 4.0,
+        max_inflight: int = 1000,
+        stale_answer_after: float = 1.8,
+        cache: CacheSettings | None = None,
+    ) -> None:
+        self.clock = FakeClock()
+        self.counters = Counters()
+        self.transport = ScriptedExchanges(self.clock)
+        self.health: list[tuple[HostPort, bool, str]] = []
+        self.forwarder = Forwarder(
+            self.transport,
+            self.counters,
+            attempt_timeout=attempt_timeout,
+            clock=self.clock,
+            on_health=lambda server, up, reason: self.health.append((server, up, reason)),
+        )
+        self.upstreams = UpstreamSet([FIRST, SECOND], max_fails=1)
+        self.resolver = Resolver(
+            TtlCache(cache or CacheSettings(prefetch_percent=0)),
+            ZoneRouter(self.upstreams, {}),
+            self.forwarder,
+            self.counters,
+            query_timeout=query_timeout,
+            max_inflight=max_inflight,
+            stale_answer_after=stale_answer_after,
+            stale_ttl=30,
+            clock=self.clock,
+            rng=random.Random(1),
+        )
+
+    async def ask(self, name: str, qid: int = 1) -> tuple[DNSRecord, str]:
+        """What a client asking `name` (A) gets, and where it came from."""
+        query = DNSRecord.question(name)
+        query.header.id = qid
+        data = bytes(query.pack())
+        q = wire.parse_query(data)
+        reply = self.resolver.answer(data, q, 512)
+        if reply is not None:
+            return DNSRecord.parse(reply), "cache"
+        reply, source = await self.resolver.resolve(data, q, 512)
+        assert reply[:2] == data[:2]
+        return DNSRecord.parse(reply), source
+
+    def asked(self) -> list[tuple[HostPort, str, bool]]:
+        return [(a.server, name_of(a.question), a.tcp) for a in self.transport.asked]
+
+
+def run(test: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(test())  # type: ignore[arg-type]
+
+
+def test_a_silent_upstream_costs_one_attempt_timeout_then_the_next_one_answers() -> None:
+    async def test() -> None:
+        p = Path()
+        p.transport.add(SECOND, Step(reply_to("a.example", addresses=("192.0.2.2",))))
+        started = p.clock()
+        answer, source = await p.ask("a.example")
+        assert (source, str(answer.rr[0].rdata)) == ("upstream", "192.0.2.2")
+        assert p.asked() == [(FIRST, "a.example.", False), (SECOND, "a.example.", False)]
+        assert p.clock() - started == pytest.approx(1.001)  # one attempt timeout, one reply
+        assert p.counters.upstream_errors == {(str(FIRST), "timeout"): 1}
+        assert p.health == [(FIRST, False, "timeout")]  # max_fails=1: down at once
+        p.transport.asked.clear()
+        p.transport.add(SECOND, Step(reply_to("b.example")))
+        await p.ask("b.example")
+        assert p.asked() == [(SECOND, "b.example.", False)]  # the down one is skipped
+
+    run(test)
+
+
+def test_a_round_without_a_timeout_ends_the_question_one_with_a_timeout_goes_round_again() -> None:
+    async def test() -> None:
+        p = Path()
+        for server in (FIRST, SECOND):
+            p.transport.add(server, Step(error=UpstreamRefused(f"{server}: refused")))
+        answer, source = await p.ask("refused.example")
+        assert answer.header.rcode == RCODE.SERVFAIL and source == "upstream"
+        assert len(p.transport.asked) == 2  # one round, no second one
+
+        p = Path(attempt_timeout=1.0, query_timeout=3.5)
+        answer, _ = await p.ask("silent.example")  # nothing scripted: both are silent
+        assert answer.header.rcode == RCODE.SERVFAIL
+        timeouts = [a.timeout for a in p.transport.asked]
+        assert timeouts == pytest.approx([1.0, 1.0, 1.0, 0.5])  # the last cut to the deadline
+        assert [a.server for a in p.transport.asked] == [FIRST, SECOND, FIRST, SECOND]
+
+    run(test)
+
+
+def test_servfail_moves_on_while_an_upstream_is_unasked_and_is_served_when_all_fail() -> None:
+    async def test() -> None:
+        p = Path()
+        p.transport.add(FIRST, Step(reply_to("x.example", rcode=RCODE.SERVFAIL)))
+        p.transport.add(SECOND, Step(reply_to("x.example", addresses=("192.0.2.9",))))
+        answer, _ = await p.ask("x.example")
+        assert str(answer.rr[0].rdata) == "192.0.2.9"
+
+        p = Path()
+        for server in (FIRST, SECOND):
+            p.transport.add(server, Step(reply_to("y.example", rcode=RCODE.SERVFAIL)))
+        answer, _ = await p.ask("y.example")
+        assert answer.header.rcode == RCODE.SERVFAIL
+        assert len(p.transport.asked) == 2
+
+    run(test)
+
+
+def test_a_truncated_reply_is_asked_again_over_tcp_of_the_same_server_with_what_remains() -> None:
+    async def test() -> None:
+        p = Path(attempt_timeout=1.0, query_timeout=4.0)
+        p.transport.add(
+            FIRST,
+            Step(reply_to("big.example", truncated=True), after=0.25),
+            Step(reply_to("big.example", addresses=("192.0.2.3", "192.0.2.4"))),
+        )
+        answer, _ = await p.ask("big.example")
+        assert len(answer.rr) == 2
+        assert p.asked() == [(FIRST, "big.example.", False), (FIRST, "big.example.", True)]
+        assert p.transport.asked[1].timeout == pytest.approx(3.75)
+        assert p.counters.upstream_errors == {(str(FIRST), "truncated"): 1}
+
+    run(test)
+
+
+def test_an_unreadable_reply_is_a_failure_of_that_upstream() -> None:
+    async def test() -> None:
+        p = Path()
+        garbage = reply_to("bad.example")[:20]
+        p.transport.add(FIRST, Step(garbage))
+        p.transport.add(SECOND, Step(reply_to("bad.example")))
+        answer, _ = await p.ask("bad.example")
+        assert answer.header.rcode == RCODE.NOERROR
+        assert p.counters.upstream_errors == {(str(FIRST), BadUpstreamReply.reason): 1}
+
+    run(test)
+
+
+def test_an_expired_entry_is_served_stale_when_the_upstream_is_slower_than_stale_answer_after() -> (
+    None
+):
+    async def test() -> None:
+        p = Path(stale_answer_after=0.05, cache=CacheSettings(prefetch_percent=0, max_stale=600))
+        p.transport.add(FIRST, Step(reply_to("s.example", ttl=10)))
+        await p.ask("s.example")
+        p.clock.advance(20)  # expired 10 s ago
+        p.transport.add(FIRST, Step(reply_to("s.example"), hold=True))
+        answer, source = await p.ask("s.example")
+        assert source == "stale" and answer.rr[0].ttl == 30
+        assert p.counters.served_stale == 1
+        p.transport.release()  # the refresh lands in the cache for the next client
+        for _ in range(3):  # the reply's callbacks: the forwarder's, then the resolver's
+            await asyncio.sleep(0)
+        answer, source = await p.ask("s.example")
+        assert source == "cache" and answer.rr[0].ttl == 60
+
+    run(test)
+
+
+def test_identical_misses_share_one_fetch_and_distinct_ones_beyond_the_bound_get_servfail() -> None:
+    async def test() -> None:
+        p = Path(max_inflight=2)
+        for name in ("c.example", "d.example"):
+            p.transport.add(FIRST, Step(reply_to(name), hold=True))
+        waiting = [asyncio.ensure_future(p.ask("c.example", qid)) for qid in (1, 2, 3)]
+        waiting.append(asyncio.ensure_future(p.ask("d.example")))
+        await asyncio.sleep(0)
+        answer, source = await p.ask("e.example")  # a third distinct fetch: over the bound
+        assert answer.header.rcode == RCODE.SERVFAIL and source == "local"
+        assert p.counters.dropped["overload"] == 1
+        p.transport.release()
+        results = await asyncio.gather(*waiting)
+        assert [r.header.id for r, _ in results] == [1, 2, 3, 1]
+        assert all(r.header.rcode == RCODE.NOERROR for r, _ in results)
+        assert p.asked() == [(FIRST, "c.example.", False), (FIRST, "d.example.", False)]
+        assert p.counters.coalesced == 2
+
+    run(test)
+
+
+def test_a_failed_resolution_is_not_asked_again_for_servfail_ttl_seconds() -> None:
+    async def test() -> None:
+        p = Path(cache=CacheSettings(prefetch_percent=0, servfail_ttl=5))
+        for server in (FIRST, SECOND):
+            p.transport.add(server, Step(reply_to("f.example", rcode=RCODE.SERVFAIL)))
+        await p.ask("f.example")
+        assert len(p.transport.asked) == 2
+        p.clock.advance(4.9)
+        answer, source = await p.ask("f.example")
+        assert answer.header.rcode == RCODE.SERVFAIL and source == "cache"
+        assert len(p.transport.asked) == 2  # remembered: not asked again
+        p.clock.advance(0.2)
+        p.transport.add(FIRST, Step(reply_to("f.example")))
+        answer, _ = await p.ask("f.example")
+        assert answer.header.rcode == RCODE.NOERROR and len(p.transport.asked) == 3
+
+    run(test)
+
+
+def test_a_loop_probe_that_comes_back_is_refused_and_names_its_path() -> None:
+    async def test() -> None:
+        p = Path()
+        seen: list[str] = []
+        p.resolver.on_loop = seen.append
+        probes = p.resolver.loop_probes()
+        assert [server for server, _ in probes] == [FIRST, SECOND]
+        _server, question = probes[1]
+        answer, source = await p.ask(name_of(question))
+        assert answer.header.rcode == RCODE.REFUSED and source == "local"
+        assert seen == [f"zone . via upstream {SECOND}"]
+        assert not p.transport.asked  # never forwarded
+
+    run(test)
+
+
+def test_a_probe_takes_any_readable_reply_and_judges_nothing() -> None:
+    async def test() -> None:
+        p = Path()
+        p.transport.add(FIRST, Step(reply_to(".", rcode=RCODE.REFUSED), after=0.02))
+        rtt = await p.forwarder.probe(FIRST, reply_to(".")[12:])
+        assert rtt == pytest.approx(0.02)
+        assert not p.counters.upstream_errors and not p.counters.upstream_durations
+        assert not p.health
+
+    run(test)
+
+
+def test_at_shutdown_what_is_in_flight_fails_without_blaming_the_upstream() -> None:
+    async def test() -> None:
+        p = Path()
+        p.transport.add(FIRST, Step(reply_to("late.example"), hold=True))
+        waiting = asyncio.ensure_future(p.ask("late.example"))
+        await asyncio.sleep(0)
+        p.forwarder.close(now=True)
+        answer, _ = await waiting
+        assert answer.header.rcode == RCODE.SERVFAIL
+        assert len(p.transport.asked) == 1  # no further attempt
+        assert not p.counters.upstream_errors and not p.health
+
+    run(test)
+
+
+def test_rcode_helper_reads_the_header() -> None:
+    assert rcode_of(reply_to("z.example", rcode=RCODE.NXDOMAIN)) == RCODE.NXDOMAIN
