@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from sidecar import __version__
-from sidecar.addresses import HostPort
+from sidecar.addresses import DNS_PORT, HostPort, covers, is_wildcard, parse_hostport
 from sidecar.core.access import DEFAULT_ALLOW, IpNetwork, parse_networks
 from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
@@ -36,7 +36,6 @@ ENV_PREFIX = "DNS_SIDECAR_"
 ENV_CONFIG = "DNS_SIDECAR_CONFIG"
 ECS_METADATA_ENV = "ECS_CONTAINER_METADATA_URI_V4"
 ECS_RESOLVER = "169.254.169.253"
-DNS_PORT = 53
 TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 
@@ -143,49 +142,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Addresses and names
 
-_HOSTPORT_ALLOWED = (
-    "an IP address with an optional port: 1.2.3.4, 1.2.3.4:53, ::1, [::1] or [::1]:53 "
-    "(no hostnames; port 1..65535)"
-)
-
-
-def _parse_port(text: str, whole: str, key: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise ConfigError(key, whole, _HOSTPORT_ALLOWED)
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ConfigError(key, whole, "port must be 1..65535")
-    return port
-
-
-def parse_hostport(text: str, default_port: int, key: str) -> HostPort:
-    """Parse ``1.2.3.4``, ``1.2.3.4:53``, ``::1``, ``[::1]`` or ``[::1]:53``."""
-    s = text.strip()
-    port = default_port
-    want_v6 = False
-    if s.startswith("["):
-        close = s.find("]")
-        if close < 0:
-            raise ConfigError(key, text, _HOSTPORT_ALLOWED)
-        host, rest = s[1:close], s[close + 1 :]
-        want_v6 = True
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigError(key, text, _HOSTPORT_ALLOWED)
-            port = _parse_port(rest[1:], text, key)
-    elif s.count(":") == 1:
-        host, port_text = s.split(":")
-        port = _parse_port(port_text, text, key)
-    else:
-        host = s  # an IPv4 address without port, or a bare IPv6 address
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(key, text, _HOSTPORT_ALLOWED) from None
-    if want_v6 and ip.version != 6:
-        raise ConfigError(key, text, "brackets are only for IPv6 addresses")
-    return HostPort(str(ip), port)
-
 
 def normalize_zone_name(text: str, key: str) -> str:
     """Lowercase, drop one trailing dot, and check it is a DNS name other than the root."""
@@ -204,18 +160,6 @@ def normalize_zone_name(text: str, key: str) -> str:
         if not all(c.isascii() and (c.isalnum() or c in "-_") for c in label):
             raise ConfigError(key, text, allowed)
     return name
-
-
-def _covers(listen: HostPort, addr: HostPort, *, wildcard_covers_all: bool) -> bool:
-    """Whether a datagram sent to ``addr`` could arrive at our ``listen`` socket."""
-    if listen.port != addr.port:
-        return False
-    if listen.host == addr.host:
-        return True
-    if not ipaddress.ip_address(listen.host).is_unspecified:
-        return False
-    ip = ipaddress.ip_address(addr.host)
-    return wildcard_covers_all or ip.is_loopback or ip.is_unspecified
 
 
 def nameservers(resolv_conf_text: str) -> list[HostPort]:
@@ -362,7 +306,7 @@ class AddressList(Kind):
         result: list[HostPort] = []
         for item in items:
             hp = parse_hostport(item, self.default_port, key)
-            if self.upstream and ipaddress.ip_address(hp.host).is_unspecified:
+            if self.upstream and is_wildcard(hp.host):
                 raise ConfigError(key, item, "an upstream cannot be an unspecified address")
             if hp in result:
                 raise ConfigError(key, item, f"{hp} is listed twice")
@@ -932,7 +876,7 @@ def _default_upstreams(
     usable: list[HostPort] = []
     for ns in nameservers(text):
         if ns not in usable and not any(
-            _covers(ours, ns, wildcard_covers_all=True) for ours in listen
+            covers(ours, ns, wildcard_covers_all=True) for ours in listen
         ):
             usable.append(ns)
     if usable:
@@ -952,7 +896,7 @@ def _check_no_loop(
 ) -> None:
     for hp in upstreams:
         for ours in listen:
-            if _covers(ours, hp, wildcard_covers_all=False):
+            if covers(ours, hp, wildcard_covers_all=False):
                 raise ConfigError(
                     key,
                     str(hp),

@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from sidecar.addresses import DNS_PORT, HostPort, reachable_at
 from sidecar.errors import ConfigError
-
-if TYPE_CHECKING:
-    from sidecar.addresses import HostPort
 
 MARKER = "#dns-sidecar-original:"
 HEADER = (
@@ -68,17 +64,14 @@ def our_nameserver(listen: Sequence[HostPort], key: str = SETTING) -> str:
     resolv.conf has no way to give a port, so that address must listen on port 53.
     """
     first = listen[0]
-    if first.port != 53:
+    if first.port != DNS_PORT:
         raise ConfigError(
             key,
             True,
             f"resolv.conf cannot name a port: the first listen address ({first}) must use "
             "port 53 to manage resolv.conf",
         )
-    ip = ipaddress.ip_address(first.host)
-    if ip.is_unspecified:
-        return "::1" if ip.version == 6 else "127.0.0.1"
-    return str(ip)
+    return reachable_at(first).host
 
 
 def render(original: str, nameserver: str) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
-from sidecar.addresses import HostPort
-from sidecar.config import Config, Zone, load, load_file, parse_hostport
+from sidecar.addresses import HostPort, parse_hostport
+from sidecar.config import Config, Zone, load, load_file
 from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
 
