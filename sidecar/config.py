@@ -9,7 +9,7 @@ Everything is checked at start and any problem raises ``ConfigError(key, value, 
 where ``key`` is spelled the way the operator wrote it: the dotted file key (``cache.max_ttl``),
 the environment variable (``DNS_SIDECAR_CACHE_MAX_TTL``) or the flag (``--max-ttl``).
 
-Sans-IO apart from reading the TOML file and resolv.conf.
+Sans-IO apart from reading the TOML file (and resolv.conf, through ``sidecar.resolv_conf``).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from sidecar.addresses import DNS_PORT, HostPort, covers, is_wildcard, parse_hos
 from sidecar.core.access import DEFAULT_ALLOW, IpNetwork, parse_networks
 from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
-from sidecar.resolv_conf import original_text, our_nameserver
+from sidecar.resolv_conf import DEFAULT_PATH as DEFAULT_RESOLV_CONF
+from sidecar.resolv_conf import original_nameservers, our_nameserver
 
 ENV_PREFIX = "DNS_SIDECAR_"
 ENV_CONFIG = "DNS_SIDECAR_CONFIG"
 ECS_METADATA_ENV = "ECS_CONTAINER_METADATA_URI_V4"
 ECS_RESOLVER = "169.254.169.253"
 TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
-DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 DEFAULT_ALLOW_NETWORKS = parse_networks(DEFAULT_ALLOW)
@@ -160,21 +160,6 @@ def normalize_zone_name(text: str, key: str) -> str:
         if not all(c.isascii() and (c.isalnum() or c in "-_") for c in label):
             raise ConfigError(key, text, allowed)
     return name
-
-
-def nameservers(resolv_conf_text: str) -> list[HostPort]:
-    """The ``nameserver`` addresses of a resolv.conf, in order; unparsable lines are skipped."""
-    found: list[HostPort] = []
-    for line in resolv_conf_text.splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0] != "nameserver":
-            continue  # blank, comment (# or ;) or another option
-        try:
-            ip = ipaddress.ip_address(words[1])
-        except ValueError:
-            continue
-        found.append(HostPort(str(ip), DNS_PORT))
-    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,13 +853,8 @@ def _default_upstreams(
     on_ecs = bool(env.get(ECS_METADATA_ENV))
     if on_ecs and not managed:
         return (HostPort(ECS_RESOLVER, DNS_PORT),), "ecs"
-    try:
-        with open(resolv_conf, encoding="utf-8", errors="replace") as f:
-            text = original_text(f.read())
-    except OSError:
-        text = ""
     usable: list[HostPort] = []
-    for ns in nameservers(text):
+    for ns in original_nameservers(resolv_conf):
         if ns not in usable and not any(
             covers(ours, ns, wildcard_covers_all=True) for ours in listen
         ):
