@@ -20,10 +20,10 @@ import dataclasses
 import importlib.util
 import ipaddress
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from sidecar import __version__
 from sidecar.addresses import DNS_PORT, HostPort, covers, is_wildcard, parse_hostport
@@ -38,6 +38,8 @@ ENV_CONFIG = "DNS_SIDECAR_CONFIG"
 ECS_METADATA_ENV = "ECS_CONTAINER_METADATA_URI_V4"
 ECS_RESOLVER = "169.254.169.253"
 TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
+
+T = TypeVar("T")
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 DEFAULT_ALLOW_NETWORKS = parse_networks(DEFAULT_ALLOW)
@@ -276,86 +278,96 @@ class DomainName(Kind):
         return str(value)
 
 
-class AddressList(Kind):
-    """A non-empty list of distinct addresses; TOML: a list of strings; text: comma-separated."""
+class ItemList(Kind, Generic[T]):
+    """A non-empty list of distinct items, each read by ``parse_item(text, key)``.
+
+    TOML: a list of strings; text (env var, flag): comma-separated, blank items skipped (so a
+    trailing comma is harmless). One kind for every list setting, so they all agree on the
+    form, on duplicates and on the messages naming the key the operator wrote.
+    """
+
+    def __init__(
+        self, parse_item: Callable[[str, str], T], *, metavar: str, allowed: str, empty: str
+    ) -> None:
+        self.parse_item = parse_item
+        self.metavar = metavar
+        self.allowed = allowed
+        self.empty = empty  # the message for a list with no items
+
+    def parse_items(self, items: Sequence[str], shown: object, key: str) -> tuple[T, ...]:
+        result: list[T] = []
+        for item in items:
+            value = self.parse_item(item, key)
+            if value in result:
+                raise ConfigError(key, item, f"{value} is listed twice")
+            result.append(value)
+        if not result:
+            raise ConfigError(key, shown, self.empty)
+        return tuple(result)
+
+    def from_toml(self, value: object, key: str) -> tuple[T, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, value, self.allowed)
+        return self.parse_items(value, value, key)
+
+    def from_text(self, text: str, key: str) -> tuple[T, ...]:
+        items = [item for item in text.split(",") if item.strip()]
+        return self.parse_items(items, text, key)
+
+    def show(self, value: Any) -> str:
+        return ",".join(str(item) for item in value)
+
+
+class AddressList(ItemList[HostPort]):
+    """Addresses with optional ports (listen, upstreams); an upstream cannot be a wildcard."""
 
     def __init__(self, default_port: int, *, upstream: bool) -> None:
         self.default_port = default_port
         self.upstream = upstream
-        self.metavar = "HOST[:PORT]" if upstream else "HOST:PORT"
-        self.allowed = "a list of IP addresses with optional ports, e.g. " + (
-            '["10.0.0.2", "[fd00::2]:53"]' if upstream else '["127.0.0.1:53", "[::1]:53"]'
+        example = '["10.0.0.2", "[fd00::2]:53"]' if upstream else '["127.0.0.1:53", "[::1]:53"]'
+        super().__init__(
+            self.parse_address,
+            metavar="HOST[:PORT]" if upstream else "HOST:PORT",
+            allowed="a list of IP addresses with optional ports, e.g. " + example,
+            empty="at least one address is needed",
         )
 
-    def parse_items(self, items: Sequence[str], shown: object, key: str) -> tuple[HostPort, ...]:
-        result: list[HostPort] = []
-        for item in items:
-            hp = parse_hostport(item, self.default_port, key)
-            if self.upstream and is_wildcard(hp.host):
-                raise ConfigError(key, item, "an upstream cannot be an unspecified address")
-            if hp in result:
-                raise ConfigError(key, item, f"{hp} is listed twice")
-            result.append(hp)
-        if not result:
-            raise ConfigError(key, shown, "at least one address is needed")
-        return tuple(result)
-
-    def from_toml(self, value: object, key: str) -> tuple[HostPort, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, value, self.allowed)
-        return self.parse_items(value, value, key)
-
-    def from_text(self, text: str, key: str) -> tuple[HostPort, ...]:
-        items = [item for item in text.split(",") if item.strip()]
-        return self.parse_items(items, text, key)
-
-    def show(self, value: Any) -> str:
-        return ",".join(str(hp) for hp in value)
+    def parse_address(self, text: str, key: str) -> HostPort:
+        hp = parse_hostport(text, self.default_port, key)
+        if self.upstream and is_wildcard(hp.host):
+            raise ConfigError(key, text, "an upstream cannot be an unspecified address")
+        return hp
 
 
-class NetworkList(Kind):
-    """Client networks in CIDR form (a bare address is one host); TOML: a list of strings;
-    text: comma-separated."""
+NETWORKS_ALLOWED = (
+    'a list of networks such as ["10.0.0.0/8", "fd00::/8", "127.0.0.1"]; '
+    '["0.0.0.0/0", "::/0"] allows everyone'
+)
 
-    metavar = "CIDR"
-    allowed = (
-        'a list of networks such as ["10.0.0.0/8", "fd00::/8", "127.0.0.1"]; '
-        '["0.0.0.0/0", "::/0"] allows everyone'
-    )
 
-    def parse_items(self, items: Sequence[str], shown: object, key: str) -> tuple[IpNetwork, ...]:
-        result: list[IpNetwork] = []
-        for item in items:
-            text = item.strip()
-            try:
-                net = ipaddress.ip_network(text)
-            except ValueError:
-                loose = None
-                with contextlib.suppress(ValueError):
-                    loose = ipaddress.ip_network(text, strict=False)
-                if loose is not None:
-                    raise ConfigError(
-                        key, item, f"host bits are set (did you mean {loose}?)"
-                    ) from None
-                raise ConfigError(key, item, self.allowed) from None
-            if net in result:
-                raise ConfigError(key, item, f"{net} is listed twice")
-            result.append(net)
-        if not result:
-            raise ConfigError(key, shown, "at least one network is needed; " + self.allowed)
-        return tuple(result)
+def parse_network(item: str, key: str) -> IpNetwork:
+    """A network in CIDR form, a bare address being one host. Host bits set are an error that
+    names the network probably meant: 10.0.0.1/8 is more likely a typo than 10.0.0.0/8."""
+    text = item.strip()
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_network(text)
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(key, item, NETWORKS_ALLOWED) from None
+    raise ConfigError(key, item, f"host bits are set (did you mean {loose}?)")
 
-    def from_toml(self, value: object, key: str) -> tuple[IpNetwork, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, value, self.allowed)
-        return self.parse_items(value, value, key)
 
-    def from_text(self, text: str, key: str) -> tuple[IpNetwork, ...]:
-        items = [item for item in text.split(",") if item.strip()]
-        return self.parse_items(items, text, key)
+class NetworkList(ItemList[IpNetwork]):
+    """Client networks (allow)."""
 
-    def show(self, value: Any) -> str:
-        return ",".join(str(net) for net in value)
+    def __init__(self) -> None:
+        super().__init__(
+            parse_network,
+            metavar="CIDR",
+            allowed=NETWORKS_ALLOWED,
+            empty="at least one network is needed; " + NETWORKS_ALLOWED,
+        )
 
 
 class Address(Kind):
