@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.addresses import DNS_PORT, HostPort, covers
-from sidecar.config.model import Config, Zone
+from sidecar.config.model import GROUPS, Config, Zone
 from sidecar.config.names import ENV_PREFIX
 from sidecar.config.settings import (
     ECS_METADATA_ENV,
@@ -35,7 +35,6 @@ from sidecar.config.sources import (
     read_toml,
 )
 from sidecar.config.zone_kinds import ZoneMap
-from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
 from sidecar.resolv_conf import DEFAULT_PATH as DEFAULT_RESOLV_CONF
 from sidecar.resolv_conf import original_nameservers, our_nameserver
@@ -131,14 +130,11 @@ def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> 
         value, source[s.key] = merged.get(s.key, (s.default, s.key))
         values[s.key] = s.kind.finish(value)
 
-    cache = CacheSettings(
-        **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("cache.")}
-    )
-    if cache.max_ttl < cache.min_ttl:
+    if values["cache.max_ttl"] < values["cache.min_ttl"]:
         raise ConfigError(
             source["cache.max_ttl"],
-            cache.max_ttl,
-            f"must be >= min_ttl ({cache.min_ttl}, from {source['cache.min_ttl']})",
+            values["cache.max_ttl"],
+            f"must be >= min_ttl ({values['cache.min_ttl']}, from {source['cache.min_ttl']})",
         )
     if values["query_timeout"] < values["attempt_timeout"]:
         raise ConfigError(
@@ -164,24 +160,27 @@ def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> 
     for zone, zone_key in zone_map.values():
         _check_no_loop(zone.upstreams, listen, zone_key, source["listen"])
 
-    others = {
-        k.replace(".", "_"): v
-        for k, v in values.items()
-        if not k.startswith("cache.") and k not in ("listen", "upstreams")
-    }
-    others["resolv_conf_path"] = resolv_conf
-    others["zones"] = _with_zone_options(
+    zones = _with_zone_options(
         values["zones"],
         {
-            "health_check": (values.pop("health_checks"), source["health_checks"]),
-            "max_answers": (values.pop("max_answers"), source["max_answers"]),
-            "cloudmap_namespace": (values.pop("cloudmap"), source["cloudmap"]),
+            "health_check": (values["health_checks"], source["health_checks"]),
+            "max_answers": (values["max_answers"], source["max_answers"]),
+            "cloudmap_namespace": (values["cloudmap"], source["cloudmap"]),
         },
     )
-    for name in ZONE_OPTION_SETTINGS:
-        del others[name]
+    fields: dict[str, Any] = {
+        key: value
+        for key, value in values.items()
+        if "." not in key and key not in ("listen", "upstreams", "zones", *ZONE_OPTION_SETTINGS)
+    }
+    fields["resolv_conf_path"] = resolv_conf
+    for group, settings_type in GROUPS.items():
+        prefix = group + "."
+        fields[group] = settings_type(
+            **{key[len(prefix) :]: v for key, v in values.items() if key.startswith(prefix)}
+        )
     return Config(
-        listen=listen, upstreams=upstreams, upstream_source=upstream_source, cache=cache, **others
+        listen=listen, upstreams=upstreams, upstream_source=upstream_source, zones=zones, **fields
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.addresses import HostPort
 from sidecar.core.access import DEFAULT_ALLOW, IpNetwork, parse_networks
@@ -53,38 +54,72 @@ class Zone:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """Client TCP connections (``[tcp]``): how long they may idle, how many, how slow."""
+
+    idle_timeout: float = 10.0
+    max_connections: int = 256
+    message_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """How upstreams are chosen and watched (``[upstream]``)."""
+
+    policy: str = "sequential"  # zones without a policy of their own use this one
+    max_fails: int = 2
+    probe_name: str = "."
+    probe_interval: float = 1.0
+    max_inflight: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """How the endpoints of discovery zones are probed and their answers shaped
+    (``[discovery]``)."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    rise: int = 2
+    fall: int = 2
+    forget_after: float = 300.0
+    answer_ttl: int = 5
+    max_probes: int = 64
+    max_endpoints: int = 4096
+    cloudmap_interval: float = 10.0
+
+
+# The settings groups: a dotted key "group.name" is field "name" of Config.group, whose type
+# is this. Loading builds each group from its keys; a test holds the table and these together.
+GROUPS: dict[str, type[Any]] = {
+    "cache": CacheSettings,
+    "tcp": TcpSettings,
+    "upstream": UpstreamSettings,
+    "discovery": DiscoverySettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
+    """A whole configuration: the settings without a group, then one field per group."""
+
     listen: tuple[HostPort, ...]
     upstreams: tuple[HostPort, ...]
     upstream_source: str  # "configured" | "ecs" | "resolv.conf"
     zones: tuple[Zone, ...]
     cache: CacheSettings = field(default_factory=CacheSettings)
+    tcp: TcpSettings = field(default_factory=TcpSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     attempt_timeout: float = 1.0
     query_timeout: float = 4.0
-    tcp_idle_timeout: float = 10.0
-    tcp_max_connections: int = 256
-    tcp_message_timeout: float = 2.0
     log_format: str = "json"
     log_level: str = "info"
-    upstream_policy: str = "sequential"
-    upstream_max_fails: int = 2
-    upstream_probe_name: str = "."
-    upstream_probe_interval: float = 1.0
-    upstream_max_inflight: int = 1000
     max_pending: int = 4096
     udp_reader_thread: bool = True  # a thread reads each UDP socket and answers hits itself
     drain_seconds: float = 2.0
     metrics_listen: HostPort = HostPort("127.0.0.1", 9153)  # noqa: RUF009  # frozen
     log_queries: float = 0.0
-    discovery_probe_interval: float = 1.0
-    discovery_probe_timeout: float = 0.5
-    discovery_rise: int = 2
-    discovery_fall: int = 2
-    discovery_forget_after: float = 300.0
-    discovery_answer_ttl: int = 5
-    discovery_max_probes: int = 64
-    discovery_max_endpoints: int = 4096
-    discovery_cloudmap_interval: float = 10.0
     workers: int = 1
     allow: tuple[IpNetwork, ...] = DEFAULT_ALLOW_NETWORKS
     rate_limit: int = 0  # queries per second per client over UDP; 0: off
@@ -92,20 +127,23 @@ class Config:
     resolv_conf_path: str = DEFAULT_RESOLV_CONF
 
     def describe(self) -> dict[str, object]:
-        """A JSON-able summary for the start-up log line."""
+        """A JSON-able summary for the start-up log line; each group is a nested object."""
         summary: dict[str, object] = {
             "listen": [str(hp) for hp in self.listen],
             "upstreams": [str(hp) for hp in self.upstreams],
             "upstream_source": self.upstream_source,
             "zones": {z.name: z.describe() for z in self.zones},
-            "cache": dataclasses.asdict(self.cache),
             "allow": [str(net) for net in self.allow],
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            summary.setdefault(f.name, str(value) if isinstance(value, HostPort) else value)
+            if f.name in GROUPS:
+                value = dataclasses.asdict(value)
+            elif isinstance(value, HostPort):
+                value = str(value)
+            summary.setdefault(f.name, value)
         return summary
 
     def routing(self) -> tuple[object, ...]:
         """What decides where a question goes; a reload that keeps it keeps the cache."""
-        return (self.upstreams, self.zones, self.upstream_policy)
+        return (self.upstreams, self.zones, self.upstream.policy)

@@ -45,7 +45,7 @@ ZONE_OPTION_SETTINGS = ("health_checks", "max_answers", "cloudmap")
 class Setting:
     """One setting: its file key, CLI flag, kind, default and help; the env var is derived."""
 
-    key: str  # dotted TOML key; "cache.x" -> Config.cache.x, "tcp.x" -> Config.tcp_x
+    key: str  # dotted TOML key; "group.x" -> Config.group.x (model.GROUPS), "x" -> Config.x
     flag: str
     kind: Kind
     default: Any
@@ -171,4 +171,4 @@ SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 SETTINGS_BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
 KNOWN_ENV: frozenset[str] = frozenset({ENV_CONFIG, *SETTINGS_BY_ENV})
 # Dotted prefixes that are TOML tables holding settings ("cache", "tcp").
-GROUPS: frozenset[str] = frozenset(s.key.rsplit(".", 1)[0] for s in SETTINGS if "." in s.key)
+TABLES: frozenset[str] = frozenset(s.key.rsplit(".", 1)[0] for s in SETTINGS if "." in s.key)

@@ -16,11 +16,11 @@ from sidecar import __version__
 from sidecar.config.names import ENV_PREFIX, unknown_key
 from sidecar.config.settings import (
     ENV_CONFIG,
-    GROUPS,
     KNOWN_ENV,
     SETTINGS,
     SETTINGS_BY_ENV,
     SETTINGS_BY_KEY,
+    TABLES,
 )
 from sidecar.errors import ConfigError
 
@@ -50,7 +50,7 @@ def file_layer(doc: Mapping[str, Any], prefix: str = "") -> Layer:
         setting = SETTINGS_BY_KEY.get(key)
         if setting is not None:
             layer[key] = (setting.kind.from_toml(value, key), key)
-        elif key in GROUPS:
+        elif key in TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(key, value, f"a table: [{key}]")
             layer.update(file_layer(value, key + "."))
