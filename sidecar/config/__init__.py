@@ -18,7 +18,15 @@ layers into a Config). Other modules import from here, not from those.
 """
 
 from sidecar.config.loading import build, load, load_file, value_from_sources
-from sidecar.config.model import Config, HealthCheck, Zone
+from sidecar.config.model import (
+    GROUPS,
+    Config,
+    DiscoverySettings,
+    HealthCheck,
+    TcpSettings,
+    UpstreamSettings,
+    Zone,
+)
 from sidecar.config.settings import (
     ECS_METADATA_ENV,
     ECS_RESOLVER,
@@ -42,14 +50,18 @@ __all__ = [
     "ECS_METADATA_ENV",
     "ECS_RESOLVER",
     "ENV_CONFIG",
+    "GROUPS",
     "KNOWN_ENV",
     "SETTINGS",
     "SETTINGS_BY_KEY",
     "ZONE_OPTION_SETTINGS",
     "Config",
+    "DiscoverySettings",
     "HealthCheck",
     "Layer",
     "Setting",
+    "TcpSettings",
+    "UpstreamSettings",
     "Zone",
     "build",
     "build_arg_parser",

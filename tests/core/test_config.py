@@ -12,8 +12,7 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.addresses import HostPort, parse_hostport
-from sidecar.config import Config, Zone, load, load_file
-from sidecar.config.model import GROUPS
+from sidecar.config import GROUPS, Config, Zone, load, load_file
 from sidecar.config.settings import TABLES
 from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
