@@ -92,14 +92,15 @@ class PerZone(Kind):
         return "none"
 
 
+# One instance of each, shared by the [zones.NAME] keys below and the settings table (the
+# per-zone flags, upstream.policy), so a value reads and fails alike wherever it is written.
 HEALTH_CHECK = HealthCheckSpec()
 MAX_ANSWERS = IntRange(1, 64)
 CLOUDMAP = CloudMapNamespace()
-
-
-# The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
 POLICY = Choice("sequential", "random", "fastest")
+
+# The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 ZONE_KEYS: dict[str, Kind] = {
     "upstreams": ZONE_UPSTREAMS,
     "policy": POLICY,
