@@ -62,12 +62,12 @@ def rate_limiter(config: Config) -> RateLimiter | None:
 
 def probe_settings(config: Config) -> ProbeSettings:
     return ProbeSettings(
-        interval=config.discovery_probe_interval,
-        timeout=config.discovery_probe_timeout,
-        rise=config.discovery_rise,
-        fall=config.discovery_fall,
-        forget_after=config.discovery_forget_after,
-        max_endpoints=config.discovery_max_endpoints,
+        interval=config.discovery.probe_interval,
+        timeout=config.discovery.probe_timeout,
+        rise=config.discovery.rise,
+        fall=config.discovery.fall,
+        forget_after=config.discovery.forget_after,
+        max_endpoints=config.discovery.max_endpoints,
     )
 
 
@@ -86,8 +86,8 @@ def build_resolver(
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
         return UpstreamSet(
             upstreams,
-            policy=policy or config.upstream_policy,
-            max_fails=config.upstream_max_fails,
+            policy=policy or config.upstream.policy,
+            max_fails=config.upstream.max_fails,
         )
 
     router = ZoneRouter(
@@ -102,7 +102,7 @@ def build_resolver(
         None,
         {
             zone.name: DiscoveryZone(
-                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery_answer_ttl),
+                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery.answer_ttl),
                 cloudmap[zone.name].add_service if zone.name in cloudmap else None,
             )
             for zone in config.zones
@@ -128,7 +128,7 @@ def build_resolver(
         ),
         metrics,
         query_timeout=config.query_timeout,
-        max_inflight=config.upstream_max_inflight,
+        max_inflight=config.upstream.max_inflight,
         stale_answer_after=config.cache.stale_answer_after,
         stale_ttl=config.cache.stale_ttl,
         discovery=discovery,
@@ -166,9 +166,9 @@ class Server:
         self.tcp = TcpListener(
             self.resolver,
             self.metrics,
-            idle_timeout=self.config.tcp_idle_timeout,
-            max_connections=self.config.tcp_max_connections,
-            message_timeout=self.config.tcp_message_timeout,
+            idle_timeout=self.config.tcp.idle_timeout,
+            max_connections=self.config.tcp.max_connections,
+            message_timeout=self.config.tcp.message_timeout,
             access=access,
             log_queries=self.config.log_queries,
         )
@@ -267,8 +267,8 @@ class Server:
             probe_down_upstreams(
                 resolver.forwarder,
                 [ups for _zone, ups in resolver.router.targets()],
-                name_to_wire(config.upstream_probe_name) + TYPE_NS_IN,
-                config.upstream_probe_interval,
+                name_to_wire(config.upstream.probe_name) + TYPE_NS_IN,
+                config.upstream.probe_interval,
             )
         ]
         checks = {z.name: z.health_check for z in config.zones if z.health_check is not None}
@@ -277,14 +277,14 @@ class Server:
                 run_probes(
                     resolver.endpoints,
                     checks,
-                    timeout=config.discovery_probe_timeout,
-                    max_concurrent=config.discovery_max_probes,
+                    timeout=config.discovery.probe_timeout,
+                    max_concurrent=config.discovery.max_probes,
                 )
             )
         for source in self.cloudmap.values():
             work.append(
                 run_cloudmap(
-                    source, resolver.endpoints, interval=config.discovery_cloudmap_interval
+                    source, resolver.endpoints, interval=config.discovery.cloudmap_interval
                 )
             )
         self.background = [asyncio.ensure_future(coro) for coro in work]
@@ -331,9 +331,9 @@ class Server:
             protocol.set_access(access, rate_limiter(config))
         if self.tcp is not None:
             self.tcp.resolver = self.resolver
-            self.tcp.idle_timeout = config.tcp_idle_timeout
-            self.tcp.max_connections = config.tcp_max_connections
-            self.tcp.message_timeout = config.tcp_message_timeout
+            self.tcp.idle_timeout = config.tcp.idle_timeout
+            self.tcp.max_connections = config.tcp.max_connections
+            self.tcp.message_timeout = config.tcp.message_timeout
             self.tcp.access = access
         self.config = config
         self._start_background()

@@ -21,15 +21,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from sidecar.addresses import HostPort
-from sidecar.config import (
-    ENV_CONFIG,
-    SETTINGS_BY_KEY,
-    env_layer,
-    file_layer,
-    parse_hostport,
-    read_toml,
-)
+from sidecar.addresses import HostPort, parse_hostport, reachable_at
+from sidecar.config import ENV_CONFIG, value_from_sources
 from sidecar.errors import ConfigError
 
 UNHEALTHY = 1
@@ -55,19 +48,8 @@ def listen_address(env: Mapping[str, str], config_path: str | None = None) -> Ho
     environment (as the task definitions do) or pass ``--address``. A wildcard listen address
     (0.0.0.0, ::) is checked on loopback.
     """
-    listen: Sequence[HostPort] = SETTINGS_BY_KEY["listen"].default
-    path = config_path or env.get(ENV_CONFIG, "").strip()
-    layers = [file_layer(read_toml(path))] if path else []
-    layers.append(env_layer(env))
-    for layer in layers:
-        if "listen" in layer:
-            listen = layer["listen"][0]
-    first = listen[0]
-    if first.host == "0.0.0.0":
-        return HostPort("127.0.0.1", first.port)
-    if first.host == "::":
-        return HostPort("::1", first.port)
-    return first
+    listen: Sequence[HostPort] = value_from_sources("listen", env, config_path)
+    return reachable_at(listen[0])
 
 
 def _txt(reply: bytes) -> str:

@@ -15,9 +15,10 @@ that is a bind mount (Docker's resolv.conf) cannot be renamed over (EBUSY), and 
 only change our own mount namespace anyway; such a file is rewritten in place, keeping its inode,
 which is what makes the change visible to the other containers that mount the same file.
 
-Config loading uses :func:`original_text` (upstreams from the original nameservers);
-``sidecar.app`` calls :func:`take_over` once the listeners are up and :func:`restore` when it
-stops. This module does not import ``sidecar.config`` (which imports it).
+Reading the file belongs here too: config loading asks :func:`original_nameservers` for the
+default upstreams (the original's, when the file is our rewrite); ``sidecar.app`` calls
+:func:`take_over` once the listeners are up and :func:`restore` when it stops. This module does
+not import ``sidecar.config`` (which imports it), so it can be used and tested on its own.
 """
 
 from __future__ import annotations
@@ -28,12 +29,9 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from sidecar.addresses import DNS_PORT, HostPort, reachable_at
 from sidecar.errors import ConfigError
-
-if TYPE_CHECKING:
-    from sidecar.addresses import HostPort
 
 MARKER = "#dns-sidecar-original:"
 HEADER = (
@@ -41,6 +39,7 @@ HEADER = (
     "# The original, below after '#dns-sidecar-original:', is put back when it stops.\n"
 )
 SETTING = "manage_resolv_conf"
+DEFAULT_PATH = "/etc/resolv.conf"
 
 # errno values after which an atomic rename is not possible here, but writing in place may be.
 _NO_RENAME = {errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -62,23 +61,47 @@ def original_text(text: str) -> str:
     return "\n".join(embedded) if embedded else text
 
 
+def nameservers(text: str) -> list[HostPort]:
+    """The ``nameserver`` addresses of resolv.conf text, in order; unparsable lines are skipped
+    (the C resolver ignores them too, and a default must not fail on what it would accept)."""
+    found: list[HostPort] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue  # blank, comment (# or ;) or another option
+        try:
+            ip = ipaddress.ip_address(words[1])
+        except ValueError:
+            continue
+        found.append(HostPort(str(ip), DNS_PORT))
+    return found
+
+
+def original_nameservers(path: str) -> list[HostPort]:
+    """The nameservers of the file at ``path`` as it was before we rewrote it (if we did), so
+    a restarted or reloaded sidecar never takes itself for an upstream; none when unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = original_text(f.read())
+    except OSError:
+        return []
+    return nameservers(text)
+
+
 def our_nameserver(listen: Sequence[HostPort], key: str = SETTING) -> str:
     """The address resolv.conf must name: our first listen host (a wildcard -> loopback).
 
     resolv.conf has no way to give a port, so that address must listen on port 53.
     """
     first = listen[0]
-    if first.port != 53:
+    if first.port != DNS_PORT:
         raise ConfigError(
             key,
             True,
             f"resolv.conf cannot name a port: the first listen address ({first}) must use "
             "port 53 to manage resolv.conf",
         )
-    ip = ipaddress.ip_address(first.host)
-    if ip.is_unspecified:
-        return "::1" if ip.version == 6 else "127.0.0.1"
-    return str(ip)
+    return reachable_at(first).host
 
 
 def render(original: str, nameserver: str) -> str:

@@ -14,8 +14,8 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.addresses import HostPort
-from sidecar.config import parse_hostport, value_from_sources
+from sidecar.addresses import HostPort, parse_hostport, reachable_at
+from sidecar.config import value_from_sources
 
 COLUMNS = ("zone", "address", "health", "health_source", "latency_ms", "last_probe_ago_s")
 
@@ -55,8 +55,7 @@ def main(args: Sequence[str]) -> int:
         address = parse_hostport(opts.address, 9153, "--address")
     else:
         address = value_from_sources("metrics_listen", os.environ)
-    if address.host in ("0.0.0.0", "::"):
-        address = HostPort("127.0.0.1" if address.host == "0.0.0.0" else "::1", address.port)
+    address = reachable_at(address)  # a wildcard metrics_listen is asked on loopback
     try:
         data = fetch(address)
     except OSError as exc:

@@ -124,7 +124,7 @@ class RateLimiter:
 
 
 def parse_networks(texts: Sequence[str]) -> tuple[IpNetwork, ...]:
-    """Networks from CIDR strings (the defaults, tests; config.py validates user input)."""
+    """Networks from CIDR strings (the defaults, tests; sidecar.config validates user input)."""
     return tuple(ipaddress.ip_network(text) for text in texts)
 
 

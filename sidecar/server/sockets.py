@@ -3,7 +3,7 @@
 Given a host name or address, uvloop resolves it with getaddrinfo on libuv's thread pool, which
 starts four threads (and with them glibc malloc arenas) that stay for the life of the process:
 about 0.5 MiB of idle memory and some start-up time for addresses that are already numeric.
-Our addresses always are (config.py validates them), so the sockets are made and bound here
+Our addresses always are (sidecar.config validates them), so the sockets are made and bound here
 and handed to the loop ready to use.
 """
 

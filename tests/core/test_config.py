@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as cfg
-from sidecar.addresses import HostPort
-from sidecar.config import Config, Zone, load, load_file, parse_hostport
+from sidecar.addresses import HostPort, parse_hostport
+from sidecar.config import GROUPS, Config, Zone, load, load_file
+from sidecar.config.settings import TABLES
 from sidecar.core.cache import CacheSettings
 from sidecar.errors import ConfigError
 
@@ -57,7 +58,7 @@ def test_defaults(tmp_path: Path) -> None:
     )
     assert config.cache == CacheSettings(100_000, 0, 86_400, 60, 5)
     assert (config.attempt_timeout, config.query_timeout) == (1.0, 4.0)
-    assert (config.tcp_idle_timeout, config.tcp_max_connections) == (10.0, 256)
+    assert (config.tcp.idle_timeout, config.tcp.max_connections) == (10.0, 256)
     assert (config.log_format, config.log_level) == ("json", "info")
 
 
@@ -66,21 +67,23 @@ def test_table_defaults_agree_with_the_dataclasses() -> None:
         group, _, name = s.key.rpartition(".")
         if s.key in cfg.ZONE_OPTION_SETTINGS:
             continue  # folded into Config.zones
-        if group == "cache":
-            owner: type[object] = CacheSettings
-        else:
-            owner, name = Config, s.key.replace(".", "_")
-        (found,) = [f for f in dataclasses.fields(owner) if f.name == name]  # type: ignore[arg-type]
+        owner = GROUPS[group] if group else Config
+        (found,) = [f for f in dataclasses.fields(owner) if f.name == name]
         if found.default is not dataclasses.MISSING:
             assert s.default == found.default, s.key
     covered = {
-        s.key.replace(".", "_")
-        for s in cfg.SETTINGS
-        if not s.key.startswith("cache.") and s.key not in cfg.ZONE_OPTION_SETTINGS
+        s.key for s in cfg.SETTINGS if "." not in s.key and s.key not in cfg.ZONE_OPTION_SETTINGS
     }
-    assert {f.name for f in dataclasses.fields(Config)} == covered | {"cache", "upstream_source"}
-    cache_keys = {s.key[6:] for s in cfg.SETTINGS if s.key.startswith("cache.")}
-    assert {f.name for f in dataclasses.fields(CacheSettings)} == cache_keys
+    assert {f.name for f in dataclasses.fields(Config)} == covered | set(GROUPS) | {
+        "upstream_source"
+    }
+    assert GROUPS["cache"] is CacheSettings
+    assert set(GROUPS) == TABLES  # every [table] of the file is a group of the model
+    for group, settings_type in GROUPS.items():
+        keys = {s.key[len(group) + 1 :] for s in cfg.SETTINGS if s.key.startswith(group + ".")}
+        assert {f.name for f in dataclasses.fields(settings_type)} == keys, group
+        (on_config,) = [f for f in dataclasses.fields(Config) if f.name == group]
+        assert on_config.default_factory is settings_type, group  # type: ignore[comparison-overlap]
 
 
 def test_env_names_are_the_documented_ones() -> None:
@@ -159,6 +162,12 @@ def test_describe_is_json() -> None:
     assert summary["upstreams"] == ["10.0.0.2:53"]
     assert summary["upstream_source"] == "configured"
     assert summary["zones"] == {"local": {"upstreams": ["10.0.0.3:53"]}}
+    assert summary["tcp"] == {"idle_timeout": 10.0, "max_connections": 256, "message_timeout": 2.0}
+    assert summary["upstream"]["policy"] == "sequential"
+    assert summary["discovery"]["answer_ttl"] == 5
+    assert summary["cache"]["max_ttl"] == 86_400
+    assert summary["metrics_listen"] == "127.0.0.1:9153"
+    assert summary["workers"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +255,8 @@ def test_file_values(tmp_path: Path) -> None:
         Zone("svc.example.com", (HostPort("fd00::5", 53),)),
     )
     assert config.cache == CacheSettings(max_ttl=300)
-    assert config.tcp_idle_timeout == 3.0 and isinstance(config.tcp_idle_timeout, float)
-    assert config.tcp_max_connections == 10
+    assert config.tcp.idle_timeout == 3.0 and isinstance(config.tcp.idle_timeout, float)
+    assert config.tcp.max_connections == 10
 
 
 def test_env_values(tmp_path: Path) -> None:
@@ -277,7 +286,7 @@ def test_env_values(tmp_path: Path) -> None:
     )
     assert config.cache == CacheSettings(50, 5, 600, 10, 0)
     assert (config.attempt_timeout, config.query_timeout) == (0.5, 2.0)
-    assert (config.tcp_idle_timeout, config.tcp_max_connections) == (1.5, 8)
+    assert (config.tcp.idle_timeout, config.tcp.max_connections) == (1.5, 8)
     assert (config.log_format, config.log_level) == ("text", "debug")
 
 
@@ -301,7 +310,7 @@ def test_cli_values(tmp_path: Path) -> None:
     )
     assert config.cache == CacheSettings(50, 5, 600, 10, 300)
     assert (config.attempt_timeout, config.query_timeout) == (0.5, 2.0)
-    assert (config.tcp_idle_timeout, config.tcp_max_connections) == (1.5, 8)
+    assert (config.tcp.idle_timeout, config.tcp.max_connections) == (1.5, 8)
     assert (config.log_format, config.log_level) == ("text", "error")
 
 
@@ -630,7 +639,7 @@ def test_discovery_settings_from_env() -> None:
     assert str(zones["local"].health_check) == "tcp:80"
     assert str(zones["svc.test"].health_check) == "http:8080/ready"
     assert zones["local"].max_answers == 1
-    assert config.discovery_answer_ttl == 3
+    assert config.discovery.answer_ttl == 3
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,34 @@ def test_resolv_conf_cannot_name_a_port() -> None:
         resolv_conf.our_nameserver([HostPort("127.0.0.1", 5353)])
 
 
+def test_nameservers_in_order_skipping_what_is_not_one() -> None:
+    text = "# nameserver 10.0.0.1\n; x\nnameserver fd00::2\nnameserver bad\nnameserver\n" + ORIGINAL
+    assert resolv_conf.nameservers(text) == [
+        HostPort("fd00::2", 53),
+        HostPort("10.0.0.2", 53),
+        HostPort("10.0.0.3", 53),
+    ]
+
+
+def test_original_nameservers_of_our_rewrite_and_of_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text(resolv_conf.render(ORIGINAL, "127.0.0.1"))
+    assert resolv_conf.original_nameservers(str(path)) == [
+        HostPort("10.0.0.2", 53),
+        HostPort("10.0.0.3", 53),
+    ]
+    assert resolv_conf.original_nameservers(str(tmp_path / "missing")) == []
+
+
+def test_resolv_conf_does_not_import_the_configuration() -> None:
+    """config imports resolv_conf; the other way round would be a circle."""
+    code = "import sys, sidecar.resolv_conf; print('sidecar.config' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
 # --- configuration: upstreams from resolv.conf, never ourselves --------------------------------
 
 
