@@ -19,7 +19,7 @@ from sidecar.addresses import HostPort
 from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
-from sidecar.core.counters import Counters
+from sidecar.core.counters import Counters, Snapshot
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
@@ -28,7 +28,7 @@ from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import Shaper, ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.forwarder import Forwarder, probe_down_upstreams
-from sidecar.metrics import Gauges, registry
+from sidecar.metrics import registry
 from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.http import HttpListener
@@ -110,7 +110,7 @@ def build_resolver(
         },
     )
     if cache is None:
-        cache = TtlCache(config.cache)
+        cache = TtlCache(config.cache, metrics)
     else:
         cache.limits = config.cache
     if endpoints is None:
@@ -198,7 +198,7 @@ class Server:
                 await asyncio.start_server(self.tcp.handle, sock=listener, backlog=512)
             )
         http = HttpListener(
-            registry(self.metrics, self.gauges()),
+            registry(self.metrics, self.snapshot),
             lambda: (self.ready, self.not_ready_reason),
             self.endpoint_table,
         )
@@ -225,29 +225,9 @@ class Server:
         self.resolver.set_loop_token(token)
         self.resolver.on_loop = lambda _path: self.loop_found.set()
 
-    def gauges(self) -> Gauges:
-        """Scrape-time views of whatever resolver is current (a reload replaces it)."""
-        return Gauges(
-            cache_entries=lambda: (
-                len(self.resolver.cache) - self.resolver.cache.negative_entries,
-                self.resolver.cache.negative_entries,
-            ),
-            cache_evictions=lambda: self.resolver.cache.evictions,
-            upstream_health=lambda: [
-                (str(server), ups.healthy(server))
-                for _zone, ups in self.resolver.router.targets()
-                for server in ups.upstreams
-            ],
-            endpoints=lambda: [
-                (e.zone, e.address, e.healthy, e.latency)
-                for e in list(self.resolver.endpoints.endpoints.values())
-            ],
-            endpoint_probes=lambda: [
-                (zone, result, count)
-                for (zone, result), count in sorted(self.resolver.endpoints.probes.items())
-            ],
-            before_scrape=lambda: self.resolver.fast.flush(),
-        )
+    def snapshot(self) -> Snapshot:
+        """At scrape time: the current resolver's state (a reload replaces it)."""
+        return self.resolver.snapshot()
 
     def endpoint_table(self) -> object:
         """/debug/endpoints and `dns-sidecar status`: the endpoint table as JSON."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import platform
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -32,23 +31,10 @@ from sidecar.core.counters import (
     RCODE_NAMES,
     SOURCES,
     Counters,
+    Snapshot,
 )
 
 NAMESPACE = "dns_sidecar"
-
-
-@dataclass
-class Gauges:
-    """What is read from the running server at scrape time (it changes on reload)."""
-
-    cache_entries: Callable[[], tuple[int, int]]  # (positive, negative)
-    cache_evictions: Callable[[], int]
-    upstream_health: Callable[[], Iterable[tuple[str, bool]]]
-    # (zone, address, healthy or None while unknown, latency seconds or None)
-    endpoints: Callable[[], Iterable[tuple[str, str, bool | None, float | None]]]
-    endpoint_probes: Callable[[], Iterable[tuple[str, str, int]]]  # (zone, result, count)
-    # Counts kept elsewhere (the UDP fast path's rows) are added to the metrics first.
-    before_scrape: Callable[[], None] = lambda: None
 
 
 def _name(short: str) -> str:
@@ -56,14 +42,13 @@ def _name(short: str) -> str:
 
 
 class SidecarCollector(Collector):
-    def __init__(self, metrics: Counters, gauges: Gauges) -> None:
+    def __init__(self, metrics: Counters, snapshot: Callable[[], Snapshot]) -> None:
         self.metrics = metrics
-        self.gauges = gauges
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        g = self.gauges
-        g.before_scrape()
+        g = self.snapshot()  # first: it brings the counters up to date too
 
         requests = CounterMetricFamily(
             _name("requests"), "DNS queries received.", labels=["proto", "type"]
@@ -102,7 +87,7 @@ class SidecarCollector(Collector):
         yield CounterMetricFamily(
             _name("cache_misses"), "Queries the cache could not answer.", value=m.cache_misses
         )
-        positive, negative = g.cache_entries()
+        positive, negative = g.cache_entries
         entries = GaugeMetricFamily(
             _name("cache_entries"), "Entries in the cache.", labels=["type"]
         )
@@ -112,7 +97,7 @@ class SidecarCollector(Collector):
         yield CounterMetricFamily(
             _name("cache_evictions"),
             "Entries evicted because the cache was full.",
-            value=g.cache_evictions(),
+            value=m.cache_evictions,
         )
         yield CounterMetricFamily(
             _name("cache_prefetch"), "Background refreshes of popular entries.", value=m.prefetches
@@ -151,7 +136,7 @@ class SidecarCollector(Collector):
             "1 while an upstream is up, 0 while down.",
             labels=["upstream"],
         )
-        for server, is_up in g.upstream_health():
+        for server, is_up in g.upstream_health:
             healthy.add_metric([server], 1.0 if is_up else 0.0)
         yield healthy
 
@@ -165,7 +150,7 @@ class SidecarCollector(Collector):
             "Smoothed probe round-trip time of a discovery endpoint.",
             labels=["zone", "address"],
         )
-        for zone, address, up, latency in g.endpoints():
+        for zone, address, up, latency in g.endpoints:
             if up is not None:
                 endpoint_healthy.add_metric([zone, address], 1.0 if up else 0.0)
             if latency is not None:
@@ -177,7 +162,7 @@ class SidecarCollector(Collector):
             "Health probes of discovery endpoints.",
             labels=["zone", "result"],
         )
-        for zone, result, count in g.endpoint_probes():
+        for zone, result, count in g.endpoint_probes:
             probes.add_metric([zone, result], count)
         yield probes
         shaped = CounterMetricFamily(
@@ -202,8 +187,8 @@ class SidecarCollector(Collector):
         yield info
 
 
-def registry(metrics: Counters, gauges: Gauges) -> CollectorRegistry:
+def registry(metrics: Counters, snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=reg)
-    reg.register(SidecarCollector(metrics, gauges))
+    reg.register(SidecarCollector(metrics, snapshot))
     return reg

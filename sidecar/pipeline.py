@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
-from sidecar.core.counters import Counters
+from sidecar.core.counters import Counters, Snapshot
 from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
@@ -114,6 +114,27 @@ class Resolver:
         self.fast.retire(key)
         self.shaper.retire(key)
         self._prefetched.discard(key)
+
+    def snapshot(self) -> Snapshot:
+        """The gauges, read from their owners; the fast path's counts flushed first."""
+        self.fast.flush()
+        cache = self.cache
+        return Snapshot(
+            cache_entries=(len(cache) - cache.negative_entries, cache.negative_entries),
+            upstream_health=[
+                (str(server), upstreams.healthy(server))
+                for _zone, upstreams in self.router.targets()
+                for server in upstreams.upstreams
+            ],
+            endpoints=[
+                (e.zone, e.address, e.healthy, e.latency)
+                for e in list(self.endpoints.endpoints.values())
+            ],
+            endpoint_probes=[
+                (zone, result, count)
+                for (zone, result), count in sorted(self.endpoints.probes.items())
+            ],
+        )
 
     def prefetching(self, key: bytes) -> bool:
         return key in self._prefetched

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from sidecar.core import bailiwick, wire
+from sidecar.core.counters import Counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +193,18 @@ class TtlCache:
     """Fresh answers by key, LRU-bounded, and a small table of recent upstream failures."""
 
     def __init__(
-        self, limits: CacheSettings, on_retire: Callable[[bytes], None] | None = None
+        self,
+        limits: CacheSettings,
+        counters: Counters | None = None,
+        on_retire: Callable[[bytes], None] | None = None,
     ) -> None:
         self.limits = limits
+        self.counters = counters or Counters()  # evictions are counted there
         # Told the key of every entry that leaves (replaced, evicted, removed), so what other
         # stages keep about it by key goes with it. The pipeline sets it.
         self.on_retire = on_retire
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
-        self.evictions = 0
         self.negative_entries = 0  # kept as entries come and go, for the metrics
         self.bytes = 0  # the estimated memory of all entries (Entry.cost + key), for max_bytes
 
@@ -280,7 +284,7 @@ class TtlCache:
                 self.on_retire(old_key)
             self.negative_entries -= evicted.negative
             self.bytes -= evicted.cost + len(old_key)
-            self.evictions += 1
+            self.counters.cache_evictions += 1
         return entry
 
     def _remove(self, key: bytes) -> None:

@@ -85,6 +85,7 @@ class Counters:
     )
     cache_hits: list[int] = field(default_factory=lambda: [0, 0])  # [success, denial]
     cache_misses: int = 0
+    cache_evictions: int = 0
     prefetches: int = 0
     served_stale: int = 0
     coalesced: int = 0
@@ -108,3 +109,15 @@ class Counters:
 
     def upstream_error(self, upstream: str, reason: str) -> None:
         self.upstream_errors[(upstream, reason)] += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The gauges: what the running state holds at scrape time, read from its owners (the
+    counters above are what happened; these are what is)."""
+
+    cache_entries: tuple[int, int]  # (positive, negative)
+    upstream_health: list[tuple[str, bool]]  # (upstream, up)
+    # (zone, address, healthy or None while unknown, latency seconds or None)
+    endpoints: list[tuple[str, str, bool | None, float | None]]
+    endpoint_probes: list[tuple[str, str, int]]  # (zone, result, count)

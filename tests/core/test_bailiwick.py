@@ -241,7 +241,7 @@ class TestMaxBytes:
             cache.store(query_key(name), msg, wire.parse_reply(msg), 100.0, False)
             stored += 1
             assert cache.bytes <= limit
-        assert cache.evictions > 0 and len(cache) < stored
+        assert cache.counters.cache_evictions > 0 and len(cache) < stored
         last = query_key("big399.example.test")
         assert cache.get(last, 100.0) is not None  # the newest stays
         assert cache.get(query_key("big000.example.test"), 100.0) is None  # the oldest went

@@ -178,7 +178,7 @@ class TestEviction:
             stored(cache, upstream_reply(60, name=name), query=client_query(name))
         assert serve(cache, 101.0, client_query(names[0])) is not None  # a is now recent
         stored(cache, upstream_reply(60, name=names[2]), query=client_query(names[2]))
-        assert len(cache) == 2 and cache.evictions == 1
+        assert len(cache) == 2 and cache.counters.cache_evictions == 1
         assert serve(cache, 101.0, client_query(names[1])) is None
         assert serve(cache, 101.0, client_query(names[0])) is not None
         assert serve(cache, 101.0, client_query(names[2])) is not None
