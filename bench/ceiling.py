@@ -11,9 +11,9 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
 - `blocking`: no event loop at all: a plain blocking socket, `recvfrom` then `sendto`, in a loop
   (the least a Python process can do per datagram);
 - `thread`: the same loop in a thread of its own while the main thread sits in an idle uvloop
-  loop: the sidecar's model from session 3 (sidecar/server/udp_thread.py);
+  loop: the reader thread without batches (sidecar/server/udp_thread.py before recvmmsg);
 - `batch`: that thread reading and answering in batches with the sidecar's own recvmmsg /
-  sendmmsg wrapper (sidecar/server/datagram_batch.py): the sidecar's model since session 4.
+  sendmmsg wrapper (sidecar/server/datagram_batch.py): the sidecar's model.
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,

@@ -128,7 +128,7 @@ def start_sidecar(
         "--listen",
         f"{host}:{port}",
         "--upstream",
-        upstream,  # never this machine's resolver
+        upstream,  # never the host's resolver
         "--metrics-listen",
         f"{host}:{metrics_port}",
         "--log-format",

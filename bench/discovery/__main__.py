@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     if load_before > 1.0:
         print(
-            f"note: load average {load_before:.1f} before the run; other work on this machine "
+            f"note: load average {load_before:.1f} before the run; other work on the host "
             "shows up as timeouts in every setup (the report flags them)",
             file=sys.stderr,
         )

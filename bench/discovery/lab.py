@@ -52,7 +52,7 @@ def clean_env() -> dict[str, str]:
 
 
 def netns_problem() -> str | None:
-    """None when this machine can run the benchmark, else why not."""
+    """None when the host can run the benchmark, else why not."""
     if os.geteuid() != 0:
         return "needs root (ip netns, /etc/netns)"
     if platform.libc_ver()[0] != "glibc":

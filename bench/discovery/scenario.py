@@ -9,7 +9,7 @@ Theory of operation
   after it. `Timeline.scaled` shortens the whole timeline (and the record TTL with it) when a
   quicker run is wanted; the defaults are the issue's.
 - glibc sorts same-subnet IPv4 answers by the longest prefix shared with the client's address
-  (RFC 6724 rule 9; see shared/FACTS.md). `rule9_order` computes that order; the backend that
+  (RFC 6724 rule 9). `rule9_order` computes that order; the backend that
   dies is the one the client's glibc puts first and the one that slows down is its second
   choice, so the setups without health checks show what the issue is about.
 """

@@ -5,7 +5,7 @@ Theory of operation
   upstream's OPT record is cut off (we add our own per client), and the rest after the question is
   split at every record's TTL field. Serving a hit is then: the client's ID, flags, counts, the
   client's own question bytes (its letter case, 0x20 clients check it) and `ttl.join(chunks)`.
-  No parsing, no dnslib, one `join` (see ../shared/FACTS.md: re-packing runs at 7k qps).
+  No parsing, no dnslib, one `join` (re-packing with dnslib runs at ~7k qps on 2 vCPUs).
 - Every record carries the entry's remaining TTL (as CoreDNS does), rounded up, so a fresh
   entry never says 0 and the TTL counts down from the first answer to the last.
 - Lifetimes: positive = smallest TTL of all records, clamped to [min_ttl, max_ttl]; negative

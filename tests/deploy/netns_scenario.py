@@ -3,7 +3,7 @@
     unshare --net [--mount --propagation private] -- python -m tests.deploy.netns_scenario MODE ...
 
 The network namespace has only its own loopback, so the sidecar can listen on 127.0.0.1:53 (as
-in a task) without touching this machine's port 53, and nothing sent in it can leave. In mode
+in a task) without touching the host's port 53, and nothing sent in it can leave. In mode
 `mount` a scratch file is bind-mounted over /etc/resolv.conf in a private mount namespace, as
 Docker bind-mounts the task's resolv.conf into each container; the real /etc/resolv.conf of this
 machine is never written.

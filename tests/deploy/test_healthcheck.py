@@ -187,7 +187,7 @@ def task_environment(listen: str, metrics: str, upstream: str) -> dict[str, str]
     """The sidecar container's environment from ecs-task-def.json, with its addresses moved.
 
     Overridden, and only these: the listen address (a loopback test address and port instead of
-    127.0.0.1:53, which this machine may be using and which needs privileges), the metrics
+    127.0.0.1:53, which the host may be using and which needs privileges), the metrics
     address (0.0.0.0:9153 would listen on every interface and collide with other runs), and
     every upstream, global and per zone (169.254.169.253 is the VPC resolver: tests never send
     to anything off loopback; an unreachable loopback address plays the VPC resolver being down).

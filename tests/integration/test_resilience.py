@@ -138,7 +138,7 @@ def raw_sidecar(tmp_path: Path, free_port: FreePort) -> Iterator[RawSidecar]:
     (SIGTERM, then SIGKILL) at teardown if still running.
 
     The caller must make sure the arguments name every upstream (`--upstream`, or a `--config`
-    file that sets `upstreams`): the sidecar must never fall back to this machine's resolver.
+    file that sets `upstreams`): the sidecar must never fall back to the host's resolver.
     """
     started: list[Sidecar] = []
 
