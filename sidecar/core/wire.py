@@ -27,7 +27,6 @@ from sidecar.errors import FormError
 
 HEADER_SIZE = 12
 MAX_NAME = 255
-MAX_LABEL = 63
 
 # Header flag bits, byte 2 and byte 3 of the message.
 QR = 0x80
@@ -36,7 +35,6 @@ AA = 0x04
 TC = 0x02
 RD = 0x01
 RA = 0x80
-AD = 0x20
 CD = 0x10
 RCODE_MASK = 0x0F
 
@@ -52,7 +50,6 @@ TYPE_HINFO = 13
 TYPE_OPT = 41
 TYPE_ANY = 255
 ZONE_TRANSFERS = frozenset((251, 252))  # IXFR, AXFR
-CLASS_IN = 1
 # RFC 8482 section 4.2: the synthesised HINFO's CPU field says "RFC8482", its OS field is empty.
 ANY_HINFO_RDATA = b"\x07RFC8482\x00"
 ANY_TTL = 3600
