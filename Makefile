@@ -30,6 +30,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -m integration -q
 
 test: $(STAMP) lint typecheck
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
 clean:

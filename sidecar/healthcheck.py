@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 from sidecar.addresses import HostPort, parse_hostport, reachable_at
 from sidecar.config import ENV_CONFIG, value_from_sources
-from sidecar.errors import ConfigError
+from sidecar.core.wire import walk_name
+from sidecar.errors import ConfigError, FormError
 
 UNHEALTHY = 1
 DEFAULT_TIMEOUT = 2.0
@@ -55,16 +56,10 @@ def listen_address(env: Mapping[str, str], config_path: str | None = None) -> Ho
 def _txt(reply: bytes) -> str:
     """The first TXT string of the answer, or "" when the reply is not laid out as expected."""
     try:
-        at = 12 + len(QNAME) + 4  # header, our question
-        if reply[at] & 0xC0 == 0xC0:
-            at += 2
-        else:
-            while reply[at]:
-                at += reply[at] + 1
-            at += 1
+        at = walk_name(reply, 12 + len(QNAME) + 4)  # past header, our question, the owner
         at += 10  # type, class, ttl, rdlength
         return reply[at + 1 : at + 1 + reply[at]].decode("ascii", errors="replace")
-    except IndexError:
+    except (IndexError, FormError):
         return ""
 
 

@@ -30,36 +30,10 @@ ROOT = b"\x00"
 
 
 def read_name(msg: bytes, offset: int) -> bytes:
-    """The name at `offset`, decompressed and lowercased; FormError when it cannot be read.
-
-    Every compression pointer must point before the label it replaces, so this ends."""
-    labels: list[bytes] = []
-    length = 0
-    end = len(msg)
-    limit = end
-    while True:
-        if offset >= limit:
-            raise FormError("name runs past the end")
-        size = msg[offset]
-        if size == 0:
-            labels.append(ROOT)
-            return b"".join(labels).lower()
-        if size & 0xC0 == 0xC0:
-            if offset + 2 > end:
-                raise FormError("compression pointer runs past the end")
-            target = ((size & 0x3F) << 8) | msg[offset + 1]
-            if target >= offset:
-                raise FormError("compression pointer does not point backwards")
-            limit = offset
-            offset = target
-            continue
-        if size & 0xC0:
-            raise FormError("reserved label type")
-        length += size + 1
-        if length >= wire.MAX_NAME or offset + 1 + size > end:
-            raise FormError("name too long or cut short")
-        labels.append(msg[offset : offset + 1 + size])
-        offset += 1 + size
+    """The name at `offset`, decompressed and lowercased; FormError when it cannot be read."""
+    runs: list[tuple[int, int]] = []
+    wire.walk_name(msg, offset, runs)
+    return b"".join([msg[start:stop] for start, stop in runs]).lower()
 
 
 def at_or_below(name: bytes, zone: bytes) -> bool:

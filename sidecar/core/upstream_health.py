@@ -31,8 +31,6 @@ class UpstreamState:
     failures: int = 0
     srtt: float | None = None
     down: bool = False
-    answered: int = 0
-    failed: int = 0
 
 
 class UpstreamSet(Generic[Upstream]):
@@ -83,7 +81,6 @@ class UpstreamSet(Generic[Upstream]):
     def answered(self, upstream: Upstream, rtt: float) -> bool:
         """Record an answer; True when this brought a down upstream back up."""
         state = self.state[upstream]
-        state.answered += 1
         state.srtt = rtt if state.srtt is None else state.srtt + SRTT_WEIGHT * (rtt - state.srtt)
         state.failures = 0
         if state.down:
@@ -95,7 +92,6 @@ class UpstreamSet(Generic[Upstream]):
     def failed(self, upstream: Upstream) -> bool:
         """Record a failure; True when this marked the upstream down."""
         state = self.state[upstream]
-        state.failed += 1
         state.failures += 1
         if not state.down and state.failures >= self.max_fails:
             state.down = True

@@ -35,7 +35,6 @@ AWS side
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import ipaddress
 import logging
 import os
@@ -69,12 +68,6 @@ class DiscoveryClient(Protocol):
     """The part of a boto3 servicediscovery client used here (tests inject fakes)."""
 
     def discover_instances(self, **kwargs: Any) -> Mapping[str, Any]: ...
-
-
-def boto3_available() -> bool:
-    """Whether boto3 can be imported (without importing it): check it when Cloud Map is
-    configured, to fail at start rather than log the ImportError every minute."""
-    return importlib.util.find_spec("boto3") is not None
 
 
 def error_code(exc: BaseException) -> str | None:
