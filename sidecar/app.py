@@ -114,7 +114,7 @@ def build_resolver(
     else:
         cache.limits = config.cache
     if endpoints is None:
-        endpoints = EndpointTable(probe_settings(config))
+        endpoints = EndpointTable(probe_settings(config), probes=metrics.endpoint_probes)
     else:
         endpoints.settings = probe_settings(config)
     return Resolver(

@@ -162,7 +162,7 @@ class SidecarCollector(Collector):
             "Health probes of discovery endpoints.",
             labels=["zone", "result"],
         )
-        for zone, result, count in g.endpoint_probes:
+        for (zone, result), count in sorted(m.endpoint_probes.items()):
             probes.add_metric([zone, result], count)
         yield probes
         shaped = CounterMetricFamily(

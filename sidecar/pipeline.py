@@ -130,10 +130,6 @@ class Resolver:
                 (e.zone, e.address, e.healthy, e.latency)
                 for e in list(self.endpoints.endpoints.values())
             ],
-            endpoint_probes=[
-                (zone, result, count)
-                for (zone, result), count in sorted(self.endpoints.probes.items())
-            ],
         )
 
     def prefetching(self, key: bytes) -> bool:

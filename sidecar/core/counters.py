@@ -95,6 +95,7 @@ class Counters:
         default_factory=lambda: defaultdict(int)
     )
     answers_shaped: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, action)
+    endpoint_probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result)
 
     def answered(self, source: str, reply: bytes, seconds: float) -> None:
         self.responses[source][reply[3] & 0x0F] += 1
@@ -120,4 +121,3 @@ class Snapshot:
     upstream_health: list[tuple[str, bool]]  # (upstream, up)
     # (zone, address, healthy or None while unknown, latency seconds or None)
     endpoints: list[tuple[str, str, bool | None, float | None]]
-    endpoint_probes: list[tuple[str, str, int]]  # (zone, result, count)

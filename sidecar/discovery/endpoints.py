@@ -109,7 +109,8 @@ class EndpointTable:
     rng: random.Random = field(default_factory=random.Random)
     endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
     version: int = 0
-    probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result) -> count
+    # (zone, result) -> count; the process's Counters.endpoint_probes when served
+    probes: dict[tuple[str, str], int] = field(default_factory=dict)
     # zone -> address -> HEALTHY/UNHEALTHY, as of the last Cloud Map refresh of that zone
     cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
 
