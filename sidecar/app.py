@@ -320,11 +320,13 @@ class Server:
             protocol.max_pending = config.max_pending
             protocol.set_access(access, rate_limiter(config))
         if self.tcp is not None:
-            self.tcp.resolver = self.resolver
-            self.tcp.idle_timeout = config.tcp_idle_timeout
-            self.tcp.max_connections = config.tcp_max_connections
-            self.tcp.message_timeout = config.tcp_message_timeout
-            self.tcp.access = access
+            self.tcp.configure(
+                self.resolver,
+                access=access,
+                idle_timeout=config.tcp_idle_timeout,
+                max_connections=config.tcp_max_connections,
+                message_timeout=config.tcp_message_timeout,
+            )
         self.config = config
         self._start_background()
 
@@ -355,17 +357,14 @@ class Server:
         for _transport, protocol in self.udp:
             protocol.draining = True
         if tcp is not None:
-            tcp.draining = True
+            tcp.drain()
         pending = {task for _t, protocol in self.udp for task in protocol.pending}
         if tcp is not None:
             pending |= tcp.pending
         if pending:
             await asyncio.wait(pending, timeout=grace)
         if tcp is not None:
-            for connection in list(tcp.connections):
-                connection.cancel()
-            if tcp.connections:
-                await asyncio.wait(tcp.connections, timeout=1.0)
+            await tcp.close_connections(timeout=1.0)
         for transport, _protocol in self.udp:
             transport.close()
         self.resolver.forwarder.close(now=True)  # what is still in flight ends here
