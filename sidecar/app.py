@@ -316,9 +316,12 @@ class Server:
         old.forwarder.close()  # its sockets close as the queries still on them end
         access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:
-            protocol.resolver = self.resolver
-            protocol.max_pending = config.max_pending
-            protocol.set_access(access, rate_limiter(config))
+            protocol.configure(
+                self.resolver,
+                access=access,
+                limiter=rate_limiter(config),
+                max_pending=config.max_pending,
+            )
         if self.tcp is not None:
             self.tcp.configure(
                 self.resolver,
@@ -355,7 +358,7 @@ class Server:
             server.close()
         tcp = self.tcp
         for _transport, protocol in self.udp:
-            protocol.draining = True
+            protocol.drain()
         if tcp is not None:
             tcp.drain()
         pending = {task for _t, protocol in self.udp for task in protocol.pending}
