@@ -306,15 +306,20 @@ class Server:
         old.forwarder.close()  # its sockets close as the queries still on them end
         access = ClientFilter(config.allow)
         for _transport, protocol in self.udp:
-            protocol.resolver = self.resolver
-            protocol.max_pending = config.max_pending
-            protocol.set_access(access, rate_limiter(config))
+            protocol.configure(
+                self.resolver,
+                access=access,
+                limiter=rate_limiter(config),
+                max_pending=config.max_pending,
+            )
         if self.tcp is not None:
-            self.tcp.resolver = self.resolver
-            self.tcp.idle_timeout = config.tcp.idle_timeout
-            self.tcp.max_connections = config.tcp.max_connections
-            self.tcp.message_timeout = config.tcp.message_timeout
-            self.tcp.access = access
+            self.tcp.configure(
+                self.resolver,
+                access=access,
+                idle_timeout=config.tcp.idle_timeout,
+                max_connections=config.tcp.max_connections,
+                message_timeout=config.tcp.message_timeout,
+            )
         self.config = config
         self._start_background()
 
@@ -343,19 +348,16 @@ class Server:
             server.close()
         tcp = self.tcp
         for _transport, protocol in self.udp:
-            protocol.draining = True
+            protocol.drain()
         if tcp is not None:
-            tcp.draining = True
+            tcp.drain()
         pending = {task for _t, protocol in self.udp for task in protocol.pending}
         if tcp is not None:
             pending |= tcp.pending
         if pending:
             await asyncio.wait(pending, timeout=grace)
         if tcp is not None:
-            for connection in list(tcp.connections):
-                connection.cancel()
-            if tcp.connections:
-                await asyncio.wait(tcp.connections, timeout=1.0)
+            await tcp.close_connections(timeout=1.0)
         for transport, _protocol in self.udp:
             transport.close()
         self.resolver.forwarder.close(now=True)  # what is still in flight ends here

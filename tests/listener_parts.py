@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from sidecar.addresses import HostPort
 from sidecar.core.cache import CacheSettings, TtlCache
@@ -14,12 +15,16 @@ from sidecar.pipeline import Resolver
 from sidecar.server.upstream import SocketExchanges
 
 
-def cache_resolver(metrics: Counters, upstream_port: int = 53) -> Resolver:
-    """A resolver with an empty cache (no prefetch) and one loopback upstream."""
+def cache_resolver(
+    metrics: Counters, upstream_port: int = 53, clock: Callable[[], float] = time.monotonic
+) -> Resolver:
+    """A resolver with an empty cache (no prefetch) and one loopback upstream; its clock (the
+    listeners' too) is `clock`."""
     return Resolver(
         TtlCache(CacheSettings(prefetch_percent=0)),
         ZoneRouter(UpstreamSet([HostPort("127.0.0.1", upstream_port)]), {}),
-        Forwarder(SocketExchanges(metrics), metrics, attempt_timeout=1.0, clock=time.monotonic),
+        Forwarder(SocketExchanges(metrics), metrics, attempt_timeout=1.0, clock=clock),
         metrics,
         query_timeout=4.0,
+        clock=clock,
     )

@@ -117,6 +117,7 @@ def test_rate_limit_drops_silently_beyond_the_burst() -> None:
 def test_reload_changes_who_is_allowed() -> None:
     udp, sent = make_listener()
     udp.datagram_received(query(1), OUTSIDER)
-    udp.set_access(ClientFilter(parse_networks(["127.0.0.0/8"])), None)
+    access = ClientFilter(parse_networks(["127.0.0.0/8"]))
+    udp.configure(udp.resolver, access=access, limiter=None, max_pending=4096)
     udp.datagram_received(query(2), OUTSIDER)
     assert DNSRecord.parse(sent.sent[-1][0]).header.rcode == wire.NOERROR

@@ -1,22 +1,67 @@
-"""recvmmsg/sendmmsg batches on real loopback sockets, IPv4 and IPv6."""
+"""recvmmsg/sendmmsg batches on real loopback sockets, IPv4 and IPv6, served through the
+closure the reader thread runs (DatagramBatch.server)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import cycle
 
 import pytest
 
 from sidecar.server import datagram_batch
-from sidecar.server.datagram_batch import SIZE, SLOT, DatagramBatch
+from sidecar.server.datagram_batch import SIZE, SLOT, Address, BatchServer, DatagramBatch
 
 pytestmark = pytest.mark.skipif(not datagram_batch.available(), reason="Linux only")
 
 LOOPBACKS = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+NOW = 100.0  # the batch's clock, fixed
+
+
+@dataclass
+class Row:
+    """A fast-path row as the batch server reads it."""
+
+    tail: bytes
+    valid_until: float = math.inf
+    next_tail: Callable[[], bytes] = field(default=lambda: b"")
+
+
+@dataclass
+class Served:
+    """A batch's server over `rows`, and what it handed off and lent."""
+
+    batch: DatagramBatch
+    rows: dict[bytes, Row]
+    verdicts: dict[str | int, bool] | None = None  # None: everyone is admitted
+    handed: list[tuple[list[Row], float]] = field(default_factory=list)
+    lent: list[list[tuple[bytes, Address]]] = field(default_factory=list)
+    asked: list[str | int] = field(default_factory=list)  # hosts whose verdict was looked up
+
+    def server(self) -> BatchServer:
+        admitted_get = None
+        if self.verdicts is not None:
+            verdicts = self.verdicts
+
+            def admitted_get(host: str | int) -> bool | None:
+                self.asked.append(host)
+                return verdicts.get(host)
+
+        return self.batch.server(
+            self.rows.get, admitted_get, self.handed.append, self.lent.append, lambda: NOW
+        )
+
+    def round(self) -> int:
+        """One receive() and its batch served; the number of datagrams."""
+        count = self.batch.receive()
+        self.server()(count)
+        return count
 
 
 @contextmanager
@@ -36,64 +81,104 @@ def pair(family: int, host: str) -> Iterator[tuple[DatagramBatch, list[socket.so
             client.close()
 
 
+def silent(client: socket.socket) -> bool:
+    client.settimeout(0.05)
+    with contextlib.suppress(TimeoutError):
+        client.recv(100)
+        return False
+    return True
+
+
 @pytest.mark.parametrize(("family", "host"), LOOPBACKS)
-def test_datagrams_senders_and_replies_go_to_their_own_senders(family: int, host: str) -> None:
+def test_rows_are_answered_to_their_own_senders_and_the_rest_lent(family: int, host: str) -> None:
     with pair(family, host) as (batch, clients):
         where = batch.sock.getsockname()
+        rows = {b"query 0": Row(b" reply 0"), b"query 2": Row(b" reply 2")}
         for n, client in enumerate(clients):
-            client.sendto(b"query %d" % n, where)
+            client.sendto(b"%02dquery %d" % (n, n), where)
         time.sleep(0.05)  # all three queued before the one call
-        count = batch.receive()
-        assert count == 3
-        assert [batch.query(i) for i in range(count)] == [b"query 0", b"query 1", b"query 2"]
-        for i, client in enumerate(clients):
-            sender = batch.address(i)
-            assert sender[:2] == client.getsockname()[:2]
-            assert batch.client(i) == socket.inet_pton(family, host)
-        # Replies in another order than the queries, to only two of the three.
-        assert batch.stage(0, 2, b"reply to 2")
-        assert batch.stage(1, 0, b"reply to 0")
-        batch.send(2)
-        assert clients[2].recvfrom(100) == (b"reply to 2", where)
-        assert clients[0].recvfrom(100) == (b"reply to 0", where)
-        clients[1].settimeout(0.05)
-        with pytest.raises(TimeoutError):
-            clients[1].recv(100)
+        s = Served(batch, rows)
+        assert s.round() == 3
+        assert clients[0].recvfrom(100) == (b"00 reply 0", where)
+        assert clients[2].recvfrom(100) == (b"02 reply 2", where)
+        assert silent(clients[1])
+        # The served rows go over in one hand-off with the batch's time; the other datagram
+        # is lent with its sender, as socket.recvfrom gives it.
+        assert s.handed == [([rows[b"query 0"], rows[b"query 2"]], 0.0)]
+        [[(data, sender)]] = s.lent
+        assert data == b"01query 1" and sender[:2] == clients[1].getsockname()[:2]
+
+
+def test_a_row_past_its_moment_is_lent_and_a_shaped_row_gives_its_replies_in_turn() -> None:
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        shaped = Row(b"", next_tail=cycle([b" first", b" second"]).__next__)
+        rows = {b"old": Row(b" stale", valid_until=NOW), b"pool": shaped}
+        for n, key in enumerate((b"old", b"pool", b"pool")):
+            clients[n].sendto(b"%02d" % n + key, where)
+        time.sleep(0.05)
+        s = Served(batch, rows)
+        assert s.round() == 3
+        assert silent(clients[0])
+        assert [c.recv(100) for c in clients[1:]] == [b"01 first", b"02 second"]
+        assert [data for data, _sender in s.lent[0]] == [b"00old"]
+        assert s.handed == [([shaped, shaped], 0.0)]
+
+
+def test_only_admitted_clients_are_answered_and_each_is_looked_up_once() -> None:
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        rows = {b"query": Row(b" reply")}
+        # The same host for every client: admission is by host, so one verdict covers them.
+        s = Served(batch, rows, verdicts={})
+        clients[0].sendto(b"01query", where)
+        time.sleep(0.05)
+        serve = s.server()
+        serve(batch.receive())
+        assert silent(clients[0]) and len(s.lent) == 1  # not judged yet: the loop judges
+        s.verdicts = {"127.0.0.1": True}  # what the loop's admission leaves behind
+        serve = s.server()
+        for qid in (2, 3):
+            clients[qid - 2].sendto(b"%02dquery" % qid, where)
+            time.sleep(0.05)
+            serve(batch.receive())
+        assert clients[0].recv(100) == b"02 reply" and clients[1].recv(100) == b"03 reply"
+        assert s.asked == ["127.0.0.1", "127.0.0.1"]  # then remembered by raw address
 
 
 def test_a_busy_socket_is_read_size_at_a_time_and_one_datagram_does_not_wait() -> None:
     with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
         where = batch.sock.getsockname()
+        s = Served(batch, {b"hit": Row(b" reply")})
         for n in range(SIZE + 5):
-            clients[0].sendto(b"%d" % n, where)
+            clients[0].sendto(b"%02dhit" % n, where)
         time.sleep(0.05)
-        assert batch.receive() == SIZE
-        assert [batch.query(0), batch.query(1)] == [b"0", b"1"]
-        assert batch.receive() == 5
-        assert batch.query(4) == b"%d" % (SIZE + 4)
+        assert s.round() == SIZE
+        assert s.round() == 5
+        replies = [clients[0].recv(100) for _ in range(SIZE + 5)]
+        assert replies == [b"%02d reply" % n for n in range(SIZE + 5)]
+        assert [len(rows) for rows, _seconds in s.handed] == [SIZE, 5]
         clients[1].sendto(b"alone", where)
         started = time.monotonic()
-        assert batch.receive() == 1
+        assert s.round() == 1
         assert time.monotonic() - started < 0.5
-        assert batch.query(0) == b"alone"
+        assert s.lent[0][0][0] == b"alone"
 
 
 def test_long_datagrams_are_cut_and_long_replies_still_sent() -> None:
     with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
         where = batch.sock.getsockname()
+        big = b"y" * SLOT  # with its ID over a slot: sent with a plain sendto
+        s = Served(batch, {b"big": Row(big), b"small": Row(b" reply")})
         clients[0].sendto(b"x" * (SLOT + 100), where)
         clients[1].sendto(b"", where)
+        clients[2].sendto(b"01big", where)
+        clients[2].sendto(b"02small", where)
         time.sleep(0.05)
-        count = batch.receive()
-        assert count == 2
-        assert [batch.query(0), batch.query(1)] == [b"x" * SLOT, b""]
-        big = b"y" * (SLOT + 1)  # over a slot: sent with a plain sendto
-        assert not batch.stage(0, 0, big)
-        batch.send_one(big, 0)
-        assert batch.stage(0, 1, b"small")
-        batch.send(1)
-        assert clients[0].recv(2 * SLOT) == big
-        assert clients[1].recv(100) == b"small"
+        assert s.round() == 4
+        assert [data for data, _sender in s.lent[0]] == [b"x" * SLOT, b""]
+        assert clients[2].recv(2 * SLOT) == b"01" + big
+        assert clients[2].recv(100) == b"02 reply"
 
 
 def test_shutdown_wakes_a_blocked_receive() -> None:

@@ -11,7 +11,6 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.counters import Counters
-from sidecar.server import udp as udp_module
 from sidecar.server.udp import UdpListener
 from tests.listener_parts import cache_resolver
 
@@ -29,22 +28,39 @@ class Recorder:
         return False
 
 
+def make_listener(shift: list[float], log_queries: float = 0.0) -> UdpListener:
+    """A listener on a recording transport, its resolver's clock `shift[0]` s ahead."""
+    metrics = Counters()
+    resolver = cache_resolver(metrics, clock=lambda: time.monotonic() + shift[0])
+    udp = UdpListener(resolver, metrics, log_queries=log_queries)
+    udp.connection_made(Recorder())  # type: ignore[arg-type]
+    return udp
+
+
 @pytest.fixture
-def listener() -> Iterator[UdpListener]:
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
     # A miss starts a task: give it a loop of its own (an earlier test's asyncio.run() leaves
     # none set, and then ensure_future cannot make one).
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    metrics = Counters()
-    resolver = cache_resolver(metrics)
-    udp = UdpListener(resolver, metrics)
-    udp.connection_made(Recorder())  # type: ignore[arg-type]
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    """The resolver's clock, moved by hand: [seconds added to the real monotonic clock]."""
+    return [0.0]
+
+
+@pytest.fixture
+def listener(loop: asyncio.AbstractEventLoop, clock: list[float]) -> Iterator[UdpListener]:
+    udp = make_listener(clock)
     yield udp
     for task in udp.pending:
         task.cancel()
     loop.run_until_complete(asyncio.gather(*udp.pending, return_exceptions=True))
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def query(name: str, qid: int) -> bytes:
@@ -68,14 +84,6 @@ def ask(udp: UdpListener, name: str, qid: int) -> DNSRecord:
     udp.datagram_received(query(name, qid), CLIENT)
     assert len(transport.sent) == before + 1, "no reply (a miss would start a task)"
     return DNSRecord.parse(transport.sent[-1])
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The listener's clock, moved by hand: [seconds added to the real monotonic clock]."""
-    shift = [0.0]
-    monkeypatch.setattr(udp_module, "monotonic", lambda: time.monotonic() + shift[0])
-    return shift
 
 
 def test_repeated_queries_take_the_fast_path_with_their_own_id(listener: UdpListener) -> None:
@@ -147,16 +155,15 @@ def test_letter_case_is_kept_per_query(listener: UdpListener) -> None:
 def test_draining_stops_the_fast_path(listener: UdpListener) -> None:
     store(listener, "a.example", "192.0.2.1")
     ask(listener, "a.example", 1)
-    listener.draining = True
+    listener.drain()
     transport = listener.transport
     assert isinstance(transport, Recorder)
     listener.datagram_received(query("a.example", 2), CLIENT)
     assert len(transport.sent) == 1
 
 
-def test_logging_every_query_bypasses_the_fast_path(listener: UdpListener) -> None:
-    listener.log_queries = 1e-9  # sampled so rarely that nothing is written
-    listener.resolver = listener.resolver
+def test_logging_every_query_bypasses_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
+    listener = make_listener([0.0], log_queries=1e-9)  # sampled so rarely nothing is written
     store(listener, "a.example", "192.0.2.1")
     ask(listener, "a.example", 1)
     ask(listener, "a.example", 2)

@@ -58,6 +58,16 @@ class Served:
         await self.ask(query(name, 1))
         await self.ask(query(name, 2))
 
+    async def counted(self, hits: int) -> None:
+        """Wait until `hits` cache hits are counted: the thread hands a batch's rows to the
+        loop after its send, so the last reply may arrive before its batch is handed over."""
+        metrics = self.listener.metrics
+        deadline = time.monotonic() + 2.0
+        self.listener.fast.flush()  # what a scrape does first
+        while metrics.cache_hits[0] < hits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            self.listener.fast.flush()
+
     async def ask(self, data: bytes, timeout: float = 2.0) -> bytes:
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(self.client, data)
@@ -65,9 +75,9 @@ class Served:
 
 
 @asynccontextmanager
-async def served() -> AsyncIterator[Served]:
+async def served(clock: Callable[[], float] = time.monotonic) -> AsyncIterator[Served]:
     metrics = Counters()
-    resolver = cache_resolver(metrics, upstream_port=9)
+    resolver = cache_resolver(metrics, upstream_port=9, clock=clock)
     listener = UdpListener(resolver, metrics)
     reader = UdpReaderThread(sockets.udp_socket("127.0.0.1", 0), "udp test", metrics.dropped)
     state = Served(listener, reader)
@@ -87,6 +97,12 @@ async def served() -> AsyncIterator[Served]:
         state.client.close()
 
 
+def allow(listener: UdpListener, network: str) -> None:
+    """What a reload that changes `allow` does."""
+    access = ClientFilter([ip_network(network)])
+    listener.configure(listener.resolver, access=access, limiter=None, max_pending=4096)
+
+
 def run(test: Callable[[], Any]) -> None:
     asyncio.run(test())
 
@@ -102,12 +118,7 @@ def test_rows_are_answered_in_the_thread_and_counted_exactly() -> None:
             # the other 98 by the reader thread.
             assert s.loop_sends == 2
             metrics = s.listener.metrics
-            # The thread counts a batch's hits on their rows after its send, so the last one
-            # may not be counted yet when its reply arrives: wait for it.
-            deadline = time.monotonic() + 2.0
-            while metrics.cache_hits[0] < 100 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-                s.listener.fast.flush()
+            await s.counted(100)
             assert metrics.cache_hits[0] == 100
             assert metrics.requests["udp"][QTYPE.A] == 100
             assert sum(metrics.durations["cache"].counts) == 100
@@ -116,22 +127,23 @@ def test_rows_are_answered_in_the_thread_and_counted_exactly() -> None:
 
 
 def test_a_slow_batch_lands_in_the_histogram_bucket_of_its_time() -> None:
+    slow = threading.Event()
+
+    def clock() -> float:
+        if slow.is_set() and threading.current_thread() is not threading.main_thread():
+            time.sleep(0.003)  # each of the thread's batches takes 3 ms or more
+        return time.monotonic()
+
     async def main() -> None:
-        async with served() as s:
+        async with served(clock) as s:
             await s.with_row("a.example", "192.0.2.1")
-            send = s.reader.batch.send
-
-            def slow_send(*args: Any) -> None:
-                time.sleep(0.003)  # a batch that took 3 ms or more
-                send(*args)
-
-            s.reader.batch.send = slow_send  # type: ignore[method-assign]
             histogram = s.listener.metrics.durations["cache"]
             s.listener.fast.flush()
             before, total_before = list(histogram.counts), histogram.total
+            slow.set()
             for qid in range(3, 8):
                 await s.ask(query("a.example", qid))
-            s.listener.fast.flush()
+            await s.counted(7)
             assert s.listener.metrics.cache_hits[0] == 7
             added = [after - was for after, was in zip(histogram.counts, before, strict=True)]
             assert sum(added) == 5 and added[0] == 0
@@ -146,12 +158,12 @@ def test_a_client_no_longer_allowed_is_refused_by_the_thread_too() -> None:
         async with served() as s:
             s.store("a.example", "192.0.2.1")
             listener = s.listener
-            listener.set_access(ClientFilter([ip_network("127.0.0.0/8")]), None)
+            allow(listener, "127.0.0.0/8")
             for qid in range(1, 5):
                 reply = DNSRecord.parse(await s.ask(query("a.example", qid)))
                 assert reply.header.rcode == wire.NOERROR
             assert s.loop_sends == 2  # the loop judged the client at the first; then the row
-            listener.set_access(ClientFilter([ip_network("10.0.0.0/8")]), None)
+            allow(listener, "10.0.0.0/8")
             reply = DNSRecord.parse(await s.ask(query("a.example", 5)))
             assert reply.header.rcode == wire.REFUSED
             assert listener.metrics.dropped["refused"] == 1
@@ -180,7 +192,7 @@ def test_a_draining_listener_answers_nothing_new() -> None:
     async def main() -> None:
         async with served() as s:
             await s.with_row("a.example", "192.0.2.1")
-            s.listener.draining = True
+            s.listener.drain()
             try:
                 await s.ask(query("a.example", 3), timeout=0.3)
             except TimeoutError:

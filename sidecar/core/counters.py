@@ -50,16 +50,6 @@ class Histogram:
         self.counts[0] += count
         self.total += seconds
 
-    def move_from_first(self, counts: list[int]) -> None:
-        """Observations added with add_quick that belong in later buckets: counts[k] of them in
-        bucket k (their seconds are in the total already). Never more than the first bucket
-        holds, so no bucket goes down."""
-        for bucket, count in enumerate(counts):
-            if bucket and count:
-                moved = min(count, self.counts[0])
-                self.counts[0] -= moved
-                self.counts[bucket] += moved
-
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative (le, count) pairs ending with +Inf, as the exposition wants them."""
         out = []

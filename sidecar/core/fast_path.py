@@ -20,6 +20,13 @@ Theory of operation
 - Counting: a row counts its own hits and their time; the labelled families (requests by type,
   cache hits, responses by rcode, the latency histogram, shaped answers by action) are added
   up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
+  Only the event loop writes counts (`served`). A UDP reader thread (server/udp_thread.py)
+  hands each batch's served rows and its time over with one `hand_off` (a deque's append,
+  atomic in CPython and thread-safe in free-threaded builds); the loop folds them in (`drain`)
+  before anything reads the counts: at `flush`, at a row's refresh and drop, and before
+  `refresh_due` asks which rows were asked since their refresh. So the hand-off holds at most
+  about a second of batches: every row in it is refreshed (or dropped) about once a second
+  while it is asked, and each refresh drains it all.
 - The cache's LRU order sees a row's entry used at every refresh (about once a second while
   the row is asked), not at every hit.
 - Refreshed ahead: a row asked since its last refresh is refreshed again shortly before its
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import cycle, repeat
 from typing import Protocol
@@ -130,6 +137,7 @@ class FastHit:
         self.shown_ttl = -1
         self.generation = -1
         self.valid_until = -math.inf
+        # Written by the event loop only (FastPath.served), read after FastPath.drain.
         self.hits = 0  # served from this row in under QUICK seconds since its last flush
         self.seconds = 0.0  # their time in all
         self.counted = 0  # hits flushed to the metrics so far
@@ -158,10 +166,10 @@ class FastPath:
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
         self.on_due: Callable[[float], None] | None = None  # glue: call refresh_due then
-        # Hits already counted on rows as quick (histogram bucket 0) that belong in bucket k:
-        # a reader thread answers a batch at once and counts it late when it took QUICK or
-        # more (`served_late`). Moved at `flush`.
-        self.late = [0] * (len(LATENCY_BUCKETS) + 1)
+        # Batches a UDP reader thread served, (their rows, their time), not counted yet. The
+        # thread's only write here is `hand_off` (see the module's notes); the loop `drain`s.
+        self._handed: deque[tuple[list[FastHit], float]] = deque()
+        self.hand_off = self._handed.append
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -214,6 +222,8 @@ class FastPath:
     def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
         or went, and the row is dropped."""
+        if self._handed:
+            self.drain()  # the hits it served before this refresh are counted as of before
         entry = hit.entry
         if entry.expires <= now:
             self.drop(hit)
@@ -273,6 +283,8 @@ class FastPath:
         `most` of them: True if more are due (call again soon). Rows cached in one burst share
         a bucket, and a thousand refreshes (~4 us each) in one go held the GIL for milliseconds
         while the UDP reader thread waited."""
+        if self._handed:
+            self.drain()  # "asked since" reads the counts
         last = int(now / TICK)
         done = 0
         for slot in sorted(slot for slot in self.due if slot <= last):
@@ -294,28 +306,32 @@ class FastPath:
         return False
 
     def served(self, hit: FastHit, seconds: float) -> None:
-        """Count one reply from `hit` that took `seconds`. The UDP hot path inlines this."""
+        """Count one reply from `hit` that took `seconds`; on the event loop only."""
         if seconds < QUICK:
             hit.hits += 1
             hit.seconds += seconds
         else:
-            self.slow_hit(hit, seconds)
+            # Counted at once, with its own histogram observation (the row's own count is
+            # for quick hits, added to the first bucket when the row is flushed).
+            self.metrics.durations["cache"].observe(seconds)
+            self._count(hit, 1)
 
-    def slow_hit(self, hit: FastHit, seconds: float) -> None:
-        """A hit from `hit` that took QUICK or longer: counted at once, with its own histogram
-        observation (the row's own count is for quick hits, added to the first bucket)."""
-        self.metrics.durations["cache"].observe(seconds)
-        self._count(hit, 1)
+    def drain(self) -> None:
+        """Count the batches handed off by reader threads: each of their rows served one
+        reply in the batch's time. On the event loop, before any count is read."""
+        handed, served = self._handed, self.served
+        while handed:
+            rows, seconds = handed.popleft()
+            for hit in rows:
+                served(hit, seconds)
 
     def flush_row(self, hit: FastHit) -> None:
-        """Add a row's hits to the metrics."""
+        """Add a row's hits to the metrics (its hand-off drained first by the caller)."""
         if hit.hits:
-            # One statement, so a reader thread's `+=` between the reads and the stores
-            # cannot happen (server/udp_thread.py) and no hit is counted twice or lost.
-            hits, seconds, hit.hits, hit.seconds = hit.hits, hit.seconds, 0, 0.0
-            hit.counted += hits
-            self._count(hit, hits)
-            self.metrics.durations["cache"].add_quick(hits, seconds)
+            hit.counted += hit.hits
+            self._count(hit, hit.hits)
+            self.metrics.durations["cache"].add_quick(hit.hits, hit.seconds)
+            hit.hits, hit.seconds = 0, 0.0
 
     def _count(self, hit: FastHit, hits: int) -> None:
         metrics = self.metrics
@@ -326,24 +342,16 @@ class FastPath:
         if hit.shaped is not None:
             hit.shaped.count(hits)
 
-    def served_late(self, hits: int, seconds: float) -> None:
-        """From a reader thread: `hits` replies, already added to their rows' `hits` and
-        `seconds`, each took `seconds` (a batch sent at once), QUICK or more."""
-        bucket = bisect_left(LATENCY_BUCKETS, seconds)
-        self.late[bucket] += hits  # one statement: the loop swaps the list in `flush`
-
     def flush(self) -> None:
         """Bring the metrics up to date (before a scrape)."""
-        # The late counts first: the hits they describe are on the rows by now, so bucket 0
-        # has them after the rows are flushed, before they move on.
-        late, self.late = self.late, [0] * len(self.late)
+        self.drain()
         for hit in list(self.rows.values()):
             self.flush_row(hit)
-        # Capped at the first bucket: hits on a row dropped in between were never flushed.
-        self.metrics.durations["cache"].move_from_first(late)
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""
+        if self._handed:
+            self.drain()
         self.flush_row(hit)
         hit.valid_until = -math.inf
         if self.rows.get(hit.key) is hit:

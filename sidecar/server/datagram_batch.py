@@ -1,11 +1,12 @@
-"""Many datagrams per system call: Linux `recvmmsg` and `sendmmsg`, through ctypes.
+"""Many datagrams per system call (Linux `recvmmsg` and `sendmmsg`, through ctypes), and the
+one code that answers fast-path rows from such a batch.
 
-Why: on this machine a Python `recvfrom` plus `sendto` pair costs about 2 us of a cache hit's
-~11 us beyond the kernel's own work: two system calls, an address tuple made for every
-datagram (a str for the host) and parsed again for the reply (`sendto` encodes the host and
-converts it back). Reading up to SIZE waiting datagrams in one call and sending their replies
-in one more, with each reply going back to the sockaddr the kernel wrote for its query, does
-neither per datagram (bench/NOTES.md, session 4: ~1.2x the plain loop).
+Why: a Python `recvfrom` plus `sendto` pair costs about 2 us of a cache hit's ~11 us beyond
+the kernel's own work (bench/results/ceiling.md): two system calls, an address tuple made for
+every datagram (a str for the host) and parsed again for the reply (`sendto` encodes the host
+and converts it back). Reading up to SIZE waiting datagrams in one call and sending their
+replies in one more, with each reply going back to the sockaddr the kernel wrote for its
+query, does neither per datagram (bench/NOTES.md: ~1.2x the plain loop).
 
 Theory of operation
 - All buffers live in one anonymous mmap, so the pages are only touched (and resident) once
@@ -14,23 +15,33 @@ Theory of operation
 - `receive()` blocks in recvmmsg with MSG_WAITFORONE: it waits for one datagram, then takes
   whatever else is already queued, up to SIZE, without waiting more. So one query in flight
   costs no latency, and a busy socket is read SIZE at a time.
-- `query(i)` copies datagram i out as bytes; `client(i)` gives its sender's raw address
-  (bytes, no port) for a cheap admission lookup; `address(i)` decodes the sender as the tuple
-  Python's socket module would give (for the slow path).
-- `stage(j, i, reply)` copies a reply into reply slot j, whose header then names the sockaddr
-  of datagram i; `send(n)` sends slots 0..n-1 with sendmmsg. A reply longer than SLOT goes out
-  with a plain `sendto` (`send_one`). A reply the kernel refuses (an unreachable client) is
-  skipped: it is lost, as with `sendto`.
-- The caller runs `receive` in a thread of its own: ctypes releases the GIL for the call.
+- `server(...)` makes the closure that serves the datagrams of the last receive(): each one
+  whose row is current (and whose client is admitted) gets `ID + the row's tail`, copied into
+  the next reply slot, whose header then names the sockaddr of that datagram; the slots go
+  out in one sendmmsg, and the batch's served rows and its time go to `hand_off` in one call.
+  A reply longer than SLOT goes out with a plain `sendto`. A reply the kernel refuses (an
+  unreachable client) is skipped: it is lost, as with `sendto`. Everything else goes to
+  `lend` as (datagram, address as `socket.recvfrom` gives it).
+- The caller runs `receive` and the closure in a thread of its own: ctypes releases the GIL
+  for the calls.
 - On x86_64 and aarch64 the two calls are made with libc's `syscall()`, the buffers being laid
   out as the kernel reads them: musl, the image's libc, implements sendmmsg on 64-bit machines
   as one sendmsg per message. Elsewhere on Linux, libc's own recvmmsg/sendmmsg.
-- ctypes's structures are used to lay the buffers out (so the offsets are the platform's);
-  the per-datagram fields are then read and written through memoryview casts, which cost a
-  fraction of a ctypes field access. The reader thread's hot path inlines `query`, `client`
-  and `stage` over the public layout (`memory`, `lengths`, `incoming`, ...): when a query
-  comes alone, each Python call on the way costs a microsecond or more of cold caches, and
-  the per-datagram calls cost ~15 us at one query in flight (bench/NOTES.md, session 4).
+
+Invariants of the closure (what keeps a lone query's path short)
+- One Python function per batch, nothing called per datagram but builtins and the row's
+  `next_tail` for shaped rows: when a query comes alone, each Python call on the way costs a
+  microsecond or more of cold caches, and per-datagram helper calls cost ~15 us at one query
+  in flight (bench/NOTES.md). So the layout is read inline, through memoryview casts (a
+  fraction of a ctypes field access), with per-slot offsets computed once here.
+- Reply slot j is filled in order, j = the number of replies staged so far in this batch;
+  only slots 0..staged-1 are sent, and a slot's size and destination are written before the
+  send that reads them. Query slot i and sockaddr i belong to datagram i of this receive()
+  until the next receive().
+- The layout (offsets, casts, slots) is private to this module: nothing outside indexes it.
+- The closure writes only this batch's buffers and its own admission memory; it reads the rows
+  (`rows_get`, a row's `valid_until`, `tail`, `next_tail`) and the admission verdicts
+  (`admitted_get`) that the event loop owns. Counting is the loop's: see `hand_off`.
 """
 
 from __future__ import annotations
@@ -45,11 +56,35 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol, TypeVar
 
 SIZE = 32  # datagrams per call
 SLOT = 4096  # bytes per query and per reply slot; a longer query is cut (and fails to parse)
 MSG_WAITFORONE = 0x10000  # linux/socket.h
 ERROR_PAUSE = 0.001  # after an unexpected receive error, so a persistent one cannot spin
+MAX_KNOWN_CLIENTS = 1024  # raw client addresses a batch server remembers as admitted
+
+Address = tuple[str | int, ...]
+BatchServer = Callable[[int], None]  # serves datagrams 0..n-1 of the last receive()
+
+
+class Row(Protocol):
+    """What the batch server reads of a fast-path row (core/fast_path.py's FastHit)."""
+
+    @property
+    def valid_until(self) -> float:
+        """Monotonic seconds: the row is current before this moment."""
+
+    @property
+    def tail(self) -> bytes:
+        """The reply after its ID; b"" when the replies come from `next_tail`."""
+
+    @property
+    def next_tail(self) -> Callable[[], bytes]:
+        """Gives the reply after its ID (a shaped row's variants in turn)."""
+
+
+R = TypeVar("R", bound=Row)
 
 
 class _IoVec(ctypes.Structure):
@@ -146,18 +181,17 @@ class DatagramBatch:
                 hdr.msg_name, hdr.msg_namelen = base + names + i * _NAME, name_len
                 hdr.msg_iov, hdr.msg_iovlen = base + iovs + i * _IOV, 1
         self._in_hdrs_at, self._out_hdrs_at = base + in_hdrs, base + out_hdrs
-        # The layout, as indexes into typed views of the same memory. The reader thread's hot
-        # path (server/udp.py) inlines `query`, `client` and `stage` with these.
+        # The layout, as indexes into typed views of the same memory (see the module's notes).
         memory = memoryview(self._memory)
-        self.memory = memory
-        self.lengths = memory.cast("I")
-        self.sizes = memory.cast("Q") if _SIZE_T == 8 else memory.cast("I")
-        self.pointers = memory.cast("P")
+        self._view = memory
+        self._lengths = memory.cast("I")
+        self._sizes = memory.cast("Q") if _SIZE_T == 8 else memory.cast("I")
+        self._pointers = memory.cast("P")
         length_at = (in_hdrs + _MMsgHdr.msg_len.offset) // 4
         host_start, host_end = (4, 8) if self.family == socket.AF_INET else (8, 24)
-        # Per datagram i: where it starts, the index of its length in `lengths`, and where
+        # Per datagram i: where it starts, the index of its length in `_lengths`, and where
         # its sender's address (without the port) starts and ends.
-        self.incoming = [
+        self._incoming = [
             (
                 slots_at + i * SLOT,
                 length_at + i * _HDR // 4,
@@ -166,16 +200,16 @@ class DatagramBatch:
             )
             for i in range(SIZE)
         ]
-        # Per reply slot j: where it starts, and the indexes of its length in `sizes` and of
-        # its destination in `pointers`.
+        # Per reply slot j: where it starts, and the indexes of its length in `_sizes` and of
+        # its destination in `_pointers`.
         size_at = (out_iovs + _IoVec.iov_len.offset) // _SIZE_T
         name_at = (out_hdrs + _MsgHdr.msg_name.offset) // _POINTER
-        self.outgoing = [
+        self._outgoing = [
             (out_slots + j * SLOT, size_at + j * _IOV // _SIZE_T, name_at + j * _HDR // _POINTER)
             for j in range(SIZE)
         ]
         # Per datagram i: the address of the sockaddr the kernel wrote for its sender.
-        self.senders = [base + names + i * _NAME for i in range(SIZE)]
+        self._senders = [base + names + i * _NAME for i in range(SIZE)]
         self._names = names
 
     def receive(self) -> int:
@@ -189,20 +223,10 @@ class DatagramBatch:
                 time.sleep(ERROR_PAUSE)
                 return 0
 
-    def query(self, i: int) -> bytes:
-        """Datagram `i` of the last receive()."""
-        start, length, _, _ = self.incoming[i]
-        return bytes(self.memory[start : start + self.lengths[length]])
-
-    def client(self, i: int) -> bytes:
-        """The sender of datagram `i`: its raw address, without the port."""
-        _, _, start, end = self.incoming[i]
-        return bytes(self.memory[start:end])
-
-    def address(self, i: int) -> tuple[str | int, ...]:
+    def _address(self, i: int) -> Address:
         """The sender of datagram `i`, as `socket.recvfrom` gives it."""
         o = self._names + i * _NAME
-        name = bytes(self.memory[o : o + _NAME])
+        name = bytes(self._view[o : o + _NAME])
         port = int.from_bytes(name[2:4], "big")
         if self.family == socket.AF_INET:
             return socket.inet_ntoa(name[4:8]), port
@@ -210,19 +234,7 @@ class DatagramBatch:
         scope = int.from_bytes(name[24:28], sys.byteorder)
         return socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flow, scope
 
-    def stage(self, j: int, i: int, reply: bytes) -> bool:
-        """Put `reply` in reply slot `j`, addressed to the sender of datagram `i`; False if it
-        is longer than a slot (send it with `send_one`)."""
-        size = len(reply)
-        if size > SLOT:
-            return False
-        start, size_at, name_at = self.outgoing[j]
-        self.memory[start : start + size] = reply
-        self.sizes[size_at] = size
-        self.pointers[name_at] = self.senders[i]
-        return True
-
-    def send(self, count: int) -> None:
+    def _send(self, count: int) -> None:
         """Send reply slots 0..count-1."""
         sent = 0
         while sent < count:
@@ -232,7 +244,80 @@ class DatagramBatch:
             elif ctypes.get_errno() != errno.EINTR:
                 sent += 1  # the kernel refused this one (an unreachable client): lost
 
-    def send_one(self, reply: bytes, i: int) -> None:
+    def _send_one(self, reply: bytes, i: int) -> None:
         """Send `reply` to the sender of datagram `i` at once, with a plain sendto."""
         with contextlib.suppress(OSError):  # as a refused reply in a batch
-            self.sock.sendto(reply, self.address(i))
+            self.sock.sendto(reply, self._address(i))
+
+    def server(
+        self,
+        rows_get: Callable[[bytes], R | None],
+        admitted_get: Callable[[str | int], bool | None] | None,
+        hand_off: Callable[[tuple[list[R], float]], None],
+        lend: Callable[[list[tuple[bytes, Address]]], None],
+        clock: Callable[[], float],
+    ) -> BatchServer:
+        """The closure that serves datagrams 0..count-1 of the last receive(): a datagram
+        whose row (`rows_get` of its bytes after the ID) is current at the batch's `clock()`
+        and whose client is admitted is answered from the row; the replies go out together,
+        then `hand_off((rows served, seconds the batch took))`; the rest go to `lend`, once
+        per batch. `admitted_get` (None: everyone is) gives True for a client host judged
+        allowed; a client's raw address found so is remembered, so the next datagram from it
+        is one dict lookup before its address is decoded."""
+        known: dict[bytes, bool] = {}
+        known_get = known.get
+        memory, lengths, sizes, pointers = self._view, self._lengths, self._sizes, self._pointers
+        incoming, outgoing, senders = self._incoming, self._outgoing, self._senders
+        address, send, send_one = self._address, self._send, self._send_one
+
+        def admitted(i: int) -> bool:
+            """A client not in `known` yet: its verdict, remembered if it is True."""
+            assert admitted_get is not None
+            if admitted_get(address(i)[0]) is not True:
+                return False  # not judged yet, or refused: the loop's admission says which
+            if len(known) >= MAX_KNOWN_CLIENTS:
+                known.clear()
+            _, _, client_start, client_end = incoming[i]
+            known[bytes(memory[client_start:client_end])] = True
+            return True
+
+        def serve(count: int) -> None:
+            now = clock()
+            served: list[R] = []
+            slow: list[tuple[bytes, Address]] | None = None
+            staged = 0
+            for i in range(count):
+                start, length, client_start, client_end = incoming[i]
+                data = bytes(memory[start : start + lengths[length]])
+                row = rows_get(data[2:])
+                if (
+                    row is not None
+                    and now < row.valid_until
+                    and (
+                        admitted_get is None
+                        or known_get(bytes(memory[client_start:client_end]))
+                        or admitted(i)
+                    )
+                ):
+                    reply = data[:2] + (row.tail or row.next_tail())
+                    size = len(reply)
+                    if size <= SLOT:
+                        at, size_at, name_at = outgoing[staged]
+                        memory[at : at + size] = reply
+                        sizes[size_at] = size
+                        pointers[name_at] = senders[i]
+                        staged += 1
+                    else:
+                        send_one(reply, i)
+                    served.append(row)
+                    continue
+                if slow is None:
+                    slow = []
+                slow.append((data, address(i)))
+            if served:
+                send(staged)
+                hand_off((served, clock() - now))
+            if slow is not None:
+                lend(slow)
+
+        return serve

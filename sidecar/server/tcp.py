@@ -19,7 +19,6 @@ import asyncio
 import logging
 from collections import OrderedDict
 from random import random
-from time import perf_counter
 
 from sidecar import logs
 from sidecar.core import wire
@@ -47,6 +46,10 @@ class Connection:
 
 
 class TcpListener:
+    """The TCP queries of every listening socket. The app sets it up through `configure` (at
+    start and at every reload), stops it with `drain` and `close_connections`; `pending` are
+    the misses in flight."""
+
     def __init__(
         self,
         resolver: Resolver,
@@ -58,21 +61,58 @@ class TcpListener:
         access: ClientFilter | None = None,
         log_queries: float = 0.0,
     ) -> None:
-        self.resolver = resolver
         self.metrics = metrics
         self.requests = metrics.requests["tcp"]
         self.log_queries = log_queries
-        self.idle_timeout = idle_timeout
-        self.message_timeout = message_timeout
-        self.max_connections = max_connections
-        self.access = access
         # Open connections, the one quiet longest first (moved to the end on every message).
-        self.connections: OrderedDict[asyncio.Task[None], Connection] = OrderedDict()
-        self.pending: set[asyncio.Task[None]] = set()
-        self.draining = False
+        self._connections: OrderedDict[asyncio.Task[None], Connection] = OrderedDict()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self.configure(
+            resolver,
+            access=access,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            message_timeout=message_timeout,
+        )
+
+    def configure(
+        self,
+        resolver: Resolver,
+        *,
+        access: ClientFilter | None,
+        idle_timeout: float,
+        max_connections: int,
+        message_timeout: float,
+    ) -> None:
+        """Serve from `resolver` (and time with its clock) the clients `access` allows (None:
+        everyone), with these limits (see the module's notes). Open connections see the new
+        values at their next message."""
+        self.resolver = resolver
+        self._clock = resolver.clock
+        self.access = access
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.message_timeout = message_timeout
+
+    def drain(self) -> None:
+        """Take no new connection and no new message; what is in flight is still answered."""
+        self._draining = True
+
+    @property
+    def pending(self) -> frozenset[asyncio.Task[None]]:
+        """The misses in flight."""
+        return frozenset(self._pending)
+
+    async def close_connections(self, timeout: float) -> None:
+        """Close every open connection (after `drain`), waiting up to `timeout` s for them."""
+        for connection in list(self._connections):
+            connection.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=timeout)
 
     def __repr__(self) -> str:
-        return f"<TcpListener connections={len(self.connections)} pending={len(self.pending)}>"
+        return f"<TcpListener connections={len(self._connections)} pending={len(self._pending)}>"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.access is not None:
@@ -81,8 +121,8 @@ class TcpListener:
                 self.metrics.dropped["refused"] += 1
                 writer.transport.abort()
                 return
-        if self.draining or (
-            len(self.connections) >= self.max_connections and not self._close_quietest()
+        if self._draining or (
+            len(self._connections) >= self.max_connections and not self._close_quietest()
         ):
             self.metrics.dropped["overload"] += 1
             writer.transport.abort()
@@ -90,7 +130,7 @@ class TcpListener:
         task = asyncio.current_task()
         assert task is not None
         connection = Connection(writer)
-        self.connections[task] = connection
+        self._connections[task] = connection
         clean = False
         try:
             await self._serve(reader, writer, task, connection.mine)
@@ -100,7 +140,7 @@ class TcpListener:
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self.connections.pop(task, None)
+            self._connections.pop(task, None)
             if clean:
                 writer.close()  # flush what is still buffered
             else:
@@ -108,7 +148,7 @@ class TcpListener:
 
     def _close_quietest(self) -> bool:
         """Close the connection quiet longest that has no query in flight; False if none."""
-        for connection in self.connections.values():
+        for connection in self._connections.values():
             if not connection.mine and not connection.writer.is_closing():
                 connection.writer.transport.abort()
                 return True
@@ -121,7 +161,7 @@ class TcpListener:
         task: asyncio.Task[None],
         mine: set[asyncio.Task[None]],
     ) -> None:
-        while not self.draining:
+        while not self._draining:
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     await writer.drain()  # a client that does not read its answers is let go
@@ -133,8 +173,8 @@ class TcpListener:
             size = int.from_bytes(prefix, "big")
             async with asyncio.timeout(self.message_timeout):
                 data = await reader.readexactly(size)
-            self.connections.move_to_end(task)
-            start = perf_counter()
+            self._connections.move_to_end(task)
+            start = self._clock()
             try:
                 q = wire.parse_query(data)
             except wire.ClientError as exc:
@@ -147,14 +187,14 @@ class TcpListener:
             reply = self.resolver.answer(data, q, TCP_LIMIT)
             if reply is not None:
                 writer.write(wire.frame(reply))
-                self.metrics.answered("cache", reply, perf_counter() - start)
+                self.metrics.answered("cache", reply, self._clock() - start)
                 if self.log_queries:
                     self._log(writer, q, reply, "cache", start)
                 continue
             while len(mine) >= MAX_PIPELINED:
                 await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
             miss = asyncio.ensure_future(self._miss(data, q, writer, start))
-            for group in (mine, self.pending):
+            for group in (mine, self._pending):
                 group.add(miss)
                 miss.add_done_callback(group.discard)
 
@@ -171,7 +211,7 @@ class TcpListener:
             )
         if not writer.is_closing():
             writer.write(wire.frame(reply))
-            self.metrics.answered(source, reply, perf_counter() - start)
+            self.metrics.answered(source, reply, self._clock() - start)
             if self.log_queries:
                 self._log(writer, q, reply, source, start)
 
@@ -180,4 +220,4 @@ class TcpListener:
     ) -> None:
         if random() < self.log_queries:
             peer = writer.get_extra_info("peername") or ("?",)
-            logs.query_line(peer[0], q.key[:-1], q.qtype, reply, source, perf_counter() - start)
+            logs.query_line(peer[0], q.key[:-1], q.qtype, reply, source, self._clock() - start)

@@ -4,7 +4,14 @@ A hit never leaves `datagram_received`: no task, no await, one send. A query ask
 answered from the resolver's fast-path table (core/fast_path.py): the bytes after the ID are
 the key, the reply's bytes after the ID the value, valid until one moment. That path is the
 whole of `datagram_received`; everything else (admission when an allow list or rate limit is
-configured, parsing, the cache, refreshing a row, the miss path) is `_received`.
+configured, parsing, the cache, refreshing a row, the miss path) is `_received`, which gives
+back a row made current for `datagram_received` to answer. With a reader thread
+(server/udp_thread.py) the thread answers rows in batches (server/datagram_batch.py) and the
+loop runs `datagram_received` while the socket is lent to it.
+
+Time is the resolver's clock (monotonic seconds), read once per datagram at its arrival and
+once after its reply; durations come from the same clock (time.monotonic has nanosecond
+resolution on Linux, as perf_counter).
 """
 
 from __future__ import annotations
@@ -14,19 +21,22 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from random import random
-from time import monotonic, perf_counter
 from typing import cast
 
 from sidecar import logs
 from sidecar.core import wire
 from sidecar.core.access import EVERYONE, ClientFilter, RateLimiter
 from sidecar.core.counters import Counters
-from sidecar.core.fast_path import QUICK, FastHit
+from sidecar.core.fast_path import FastHit
 from sidecar.pipeline import Resolver
-from sidecar.server.datagram_batch import SLOT, DatagramBatch
-from sidecar.server.udp_thread import Address, BatchServer, Receiver, UdpReaderThread
+from sidecar.server.datagram_batch import Address
+from sidecar.server.udp_thread import Receiver, UdpReaderThread
 
 log = logging.getLogger("dns_sidecar")
+
+# Everything but a current row: gives back the row to answer, made current (refreshed,
+# or looked up once the client was admitted), or None when it dealt with the datagram.
+SlowPath = Callable[[bytes, Address, FastHit | None, float], FastHit | None]
 
 
 def _no_row(_key: bytes) -> None:
@@ -36,118 +46,41 @@ def _no_row(_key: bytes) -> None:
 
 
 def _hot_path(
+    clock: Callable[[], float],
     fast_get: Callable[[bytes], FastHit | None],
     admitted_get: Callable[[str | int], bool | None] | None,
     sendto: Receiver,
-    slow_hit: Callable[[FastHit, float], None],
-    received: Callable[[bytes, tuple[str | int, ...], FastHit | None], None],
+    served: Callable[[FastHit, float], None],
+    received: SlowPath,
 ) -> Receiver:
-    """The listener's `datagram_received`: a closure over what it uses, so a hit reads no
-    attribute of the listener (uvloop looks the method up per datagram; an instance attribute
-    holding this function saves making a bound method too). With an allow list, a client
-    judged allowed before passes with one dict lookup (`admitted_get`). Bound again whenever
-    one of its parts changes (transport, resolver, draining, access, query logging)."""
+    """The loop's `datagram_received` (uvloop's transport, or a reader thread's lent socket):
+    a closure over what it uses, so a hit reads no attribute of the listener (uvloop looks
+    the method up per datagram; an instance attribute holding this function saves making a
+    bound method too). With an allow list, a client judged allowed before passes with one
+    dict lookup (`admitted_get`). Bound again whenever one of its parts changes (transport,
+    resolver, draining, access). The one place on the loop that answers from a row."""
 
-    def datagram_received(data: bytes, addr: tuple[str | int, ...]) -> None:
+    def datagram_received(data: bytes, addr: Address) -> None:
+        now = clock()
         hit = fast_get(data[2:])
-        if hit is not None and (admitted_get is None or admitted_get(addr[0]) is True):
-            now = monotonic()
-            if now < hit.valid_until:
-                sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
-                elapsed = monotonic() - now
-                if elapsed < QUICK:  # FastPath.served, inlined
-                    hit.hits += 1
-                    hit.seconds += elapsed
-                else:
-                    slow_hit(hit, elapsed)
+        if (
+            hit is None
+            or now >= hit.valid_until
+            or (admitted_get is not None and admitted_get(addr[0]) is not True)
+        ):
+            hit = received(data, addr, hit, now)
+            if hit is None:
                 return
-        received(data, addr, hit)
+        sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
+        served(hit, clock() - now)
 
     return datagram_received
 
 
-MAX_KNOWN_CLIENTS = 1024  # raw client addresses a batch hot path remembers as admitted
-
-SlowDatagrams = list[tuple[bytes, Address, FastHit | None]]
-
-
-def _batch_hot_path(
-    fast_get: Callable[[bytes], FastHit | None],
-    admitted_get: Callable[[str | int], bool | None] | None,
-    batch: DatagramBatch,
-    served_late: Callable[[int, float], None],
-    lend: Callable[[SlowDatagrams], None],
-) -> BatchServer:
-    """The reader thread's hot path (server/udp_thread.py): `_hot_path` for a batch of
-    datagrams. Queries with a current row are answered together (one sendmmsg) and counted on
-    their rows with the batch's time; the rest go to the loop (`lend`), with the socket. With
-    an allow list, a client's raw address is looked up in `known` (admitted clients of this
-    binding) before its address is decoded for `admitted_get`. DatagramBatch's `query`,
-    `client` and `stage` are inlined: one function per batch keeps a lone query's path short
-    (see server/datagram_batch.py)."""
-    known: dict[bytes, bool] = {}
-    known_get = known.get
-    memory, lengths, sizes, pointers = batch.memory, batch.lengths, batch.sizes, batch.pointers
-    incoming, outgoing, senders = batch.incoming, batch.outgoing, batch.senders
-
-    def admitted(i: int) -> bool:
-        """A client not in `known` yet: its verdict, remembered if it is True."""
-        assert admitted_get is not None
-        if admitted_get(batch.address(i)[0]) is not True:
-            return False  # not judged yet, or refused: the loop's _admit says which
-        if len(known) >= MAX_KNOWN_CLIENTS:
-            known.clear()
-        known[batch.client(i)] = True
-        return True
-
-    def serve(count: int) -> None:
-        now = monotonic()
-        served: list[FastHit] = []
-        slow: SlowDatagrams | None = None
-        staged = 0
-        for i in range(count):
-            start, length, client_start, client_end = incoming[i]
-            data = bytes(memory[start : start + lengths[length]])
-            hit = fast_get(data[2:])
-            if (
-                hit is not None
-                and now < hit.valid_until
-                and (
-                    admitted_get is None
-                    or known_get(bytes(memory[client_start:client_end]))
-                    or admitted(i)
-                )
-            ):
-                reply = data[:2] + (hit.tail or hit.next_tail())
-                size = len(reply)
-                if size <= SLOT:  # DatagramBatch.stage, inlined
-                    at, size_at, name_at = outgoing[staged]
-                    memory[at : at + size] = reply
-                    sizes[size_at] = size
-                    pointers[name_at] = senders[i]
-                    staged += 1
-                else:
-                    batch.send_one(reply, i)
-                served.append(hit)
-                continue
-            if slow is None:
-                slow = []
-            slow.append((data, batch.address(i), hit))
-        if served:
-            batch.send(staged)
-            elapsed = monotonic() - now
-            for hit in served:
-                hit.hits += 1
-                hit.seconds += elapsed
-            if elapsed >= QUICK:
-                served_late(len(served), elapsed)
-        if slow is not None:
-            lend(slow)
-
-    return serve
-
-
 class UdpListener(asyncio.DatagramProtocol):
+    """One UDP socket's queries. The app sets it up through `configure` (at start and at
+    every reload) and `drain`; `pending` are the misses in flight."""
+
     datagram_received: Receiver  # type: ignore[assignment]  # a closure; see _hot_path
 
     def __init__(
@@ -161,71 +94,83 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> None:
         self.metrics = metrics
         self.requests = metrics.requests["udp"]
-        self.max_pending = max_pending
         self.log_queries = log_queries
         self.transport: asyncio.DatagramTransport | UdpReaderThread | None = None
         self.sendto: Receiver = self._not_connected  # the loop's sends
         self.reader: UdpReaderThread | None = None  # the thread reading the socket, if any
-        self.pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
         self._draining = False
-        self._resolver = resolver
-        self.set_access(access or ClientFilter(EVERYONE), limiter)  # binds the fast path
+        self.configure(
+            resolver,
+            access=access or ClientFilter(EVERYONE),
+            limiter=limiter,
+            max_pending=max_pending,
+        )
 
     @staticmethod
-    def _not_connected(data: bytes, addr: tuple[str | int, ...]) -> None:
+    def _not_connected(data: bytes, addr: Address) -> None:
         pass
 
-    def set_access(self, access: ClientFilter, limiter: RateLimiter | None) -> None:
-        """Who is served, and the per-client rate limit (None: off)."""
+    def configure(
+        self,
+        resolver: Resolver,
+        *,
+        access: ClientFilter,
+        limiter: RateLimiter | None,
+        max_pending: int,
+    ) -> None:
+        """Serve from `resolver` (its fast path and its clock) the clients `access` allows,
+        with a per-client rate limit (`limiter`, None: off) and at most `max_pending` misses
+        in flight. Rebinds the hot paths: the next datagram (or batch) sees all of it."""
+        self._resolver = resolver
+        self.fast = resolver.fast
+        self._clock = resolver.clock
         self.access = access
         self.limiter = limiter
+        self.max_pending = max_pending
         # The admission check: clients whose verdict here is True pass with one dict lookup.
         # With a rate limit every query must take a token, so nothing is True.
         self.admitted: dict[str | int, bool] = access.verdicts if limiter is None else {}
         self.guarded = limiter is not None or not access.allows_everyone
         self._bind_fast_path()
 
+    def drain(self) -> None:
+        """Answer nothing new from now on (the misses in flight are still answered)."""
+        self._draining = True
+        self._bind_fast_path()
+
     @property
     def resolver(self) -> Resolver:
         return self._resolver
 
-    @resolver.setter
-    def resolver(self, resolver: Resolver) -> None:
-        self._resolver = resolver
-        self._bind_fast_path()
-
     @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @draining.setter
-    def draining(self, draining: bool) -> None:
-        self._draining = draining
-        self._bind_fast_path()
+    def pending(self) -> frozenset[asyncio.Task[None]]:
+        """The misses in flight."""
+        return frozenset(self._pending)
 
     def _bind_fast_path(self) -> None:
-        self.fast = self._resolver.fast
         # Draining or logging every query: every query goes through _received. A rate limit
         # takes a token per query, so there too; an allow list alone costs one dict lookup.
         off = self._draining or self.log_queries > 0 or self.limiter is not None
-        fast_get = _no_row if off else self.fast.get
+        fast = self.fast
+        fast_get = _no_row if off else fast.get
         admitted_get = self.admitted.get if self.guarded else None
-        # The loop's own hot path: the uvloop transport's, or the lent socket's (below).
+        clock = self._clock
         self.datagram_received = _hot_path(
-            fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received
+            clock, fast_get, admitted_get, self.sendto, fast.served, self._received
         )
         reader = self.reader
         if reader is not None:
             # In the reader thread: batches; the slow path lends the socket to the loop.
-            reader.serve = _batch_hot_path(
+            reader.serve = reader.batch.server(
                 fast_get,
                 admitted_get,
-                reader.batch,
-                self.fast.served_late,
+                fast.hand_off,
                 partial(reader.lend, self._received_batch),
+                clock,
             )
             reader.loop_receive = _hot_path(
-                fast_get, admitted_get, self.sendto, self.fast.slow_hit, self._received_lent
+                clock, fast_get, admitted_get, self.sendto, fast.served, self._received_lent
             )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -242,22 +187,25 @@ class UdpListener(asyncio.DatagramProtocol):
         self._bind_fast_path()
         reader.start(loop)
 
-    def _received_batch(self, datagrams: SlowDatagrams) -> None:
-        """The slow part of a reader thread's batch, on the loop (before it reads the lent
-        socket itself)."""
-        for data, addr, hit in datagrams:
+    def _received_batch(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """The datagrams of a reader thread's batch that it could not answer, on the loop
+        (before it reads the lent socket itself)."""
+        receive = self.datagram_received
+        for data, addr in datagrams:
             try:
-                self._received(data, addr, hit)
+                receive(data, addr)
             except Exception:
                 log.exception("UDP query failed")
 
-    def _received_lent(self, data: bytes, addr: tuple[str | int, ...], hit: FastHit | None) -> None:
+    def _received_lent(
+        self, data: bytes, addr: Address, hit: FastHit | None, now: float
+    ) -> FastHit | None:
         """_received, counted for the reader's decision to take its socket back."""
         assert self.reader is not None
         self.reader.slow += 1
-        self._received(data, addr, hit)
+        return self._received(data, addr, hit, now)
 
-    def _admit(self, data: bytes, addr: tuple[str | int, ...]) -> bool:
+    def _admit(self, data: bytes, addr: Address, now: float) -> bool:
         """Admission: a client not judged yet, refused, or rate limited."""
         host = addr[0]
         if self.admitted.get(host) is True:
@@ -274,33 +222,32 @@ class UdpListener(asyncio.DatagramProtocol):
             self.sendto(reply, addr)
             self.metrics.answered("local", reply, 0.0)
             return False
-        if self.limiter is not None and not self.limiter.allow(str(host), monotonic()):
+        if self.limiter is not None and not self.limiter.allow(str(host), now):
             self.metrics.dropped["overload"] += 1  # silence: an answer would feed the flood
             return False
         return True
 
-    def _received(self, data: bytes, addr: tuple[str | int, ...], hit: FastHit | None) -> None:
-        """Everything but an open, current fast-path row."""
-        start = perf_counter()
+    def _received(
+        self, data: bytes, addr: Address, hit: FastHit | None, now: float
+    ) -> FastHit | None:
+        """Everything but an open, current fast-path row (see SlowPath); `now`: when the
+        datagram came."""
         if self.transport is None or self._draining:
-            return
+            return None
         if self.guarded:
-            if not self._admit(data, addr):
-                return
+            if not self._admit(data, addr, now):
+                return None
             if hit is None:
                 hit = self.fast.get(data[2:])
-        now = monotonic()
         if hit is not None and (now < hit.valid_until or self.fast.refresh(hit, data, now)):
-            self.sendto(data[:2] + (hit.tail or hit.next_tail()), addr)
-            self.fast.served(hit, perf_counter() - start)
-            return
+            return hit
         try:
             q = wire.parse_query(data)
         except wire.ClientError as exc:
             self.metrics.dropped["malformed"] += 1
             if exc.rcode is not None:
                 self.sendto(wire.error_reply(data, exc.question_end, exc.rcode, 0), addr)
-            return
+            return None
         self.requests[q.qtype] += 1
         limit = wire.udp_limit(q.edns_size)
         cached = self._resolver.cached(q, now)
@@ -309,23 +256,24 @@ class UdpListener(asyncio.DatagramProtocol):
             self.sendto(reply, addr)
             if not self.log_queries and self.fast.admit(q.key, now):
                 self.fast.remember(data, q, cached, now, reply)
-            self.metrics.answered("cache", reply, perf_counter() - start)
+            self.metrics.answered("cache", reply, self._clock() - now)
             if self.log_queries:
-                self._log(addr, q, reply, "cache", start)
-            return
-        if len(self.pending) >= self.max_pending:
+                self._log(addr, q, reply, "cache", now)
+            return None
+        if len(self._pending) >= self.max_pending:
             # Bounded work: a fast SERVFAIL beats a queue that grows until the deadline passes.
             self.metrics.dropped["overload"] += 1
             reply = wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size)
             self.sendto(reply, addr)
-            self.metrics.answered("local", reply, perf_counter() - start)
-            return
-        task = asyncio.ensure_future(self._miss(data, q, limit, addr, start))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+            self.metrics.answered("local", reply, self._clock() - now)
+            return None
+        task = asyncio.ensure_future(self._miss(data, q, limit, addr, now))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return None
 
     async def _miss(
-        self, data: bytes, q: wire.Query, limit: int, addr: tuple[str | int, ...], start: float
+        self, data: bytes, q: wire.Query, limit: int, addr: Address, start: float
     ) -> None:
         try:
             reply, source = await self._resolver.resolve(data, q, limit)
@@ -335,15 +283,13 @@ class UdpListener(asyncio.DatagramProtocol):
             source = "local"
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
-            self.metrics.answered(source, reply, perf_counter() - start)
+            self.metrics.answered(source, reply, self._clock() - start)
             if self.log_queries:
                 self._log(addr, q, reply, source, start)
 
-    def _log(
-        self, addr: tuple[str | int, ...], q: wire.Query, reply: bytes, source: str, start: float
-    ) -> None:
+    def _log(self, addr: Address, q: wire.Query, reply: bytes, source: str, start: float) -> None:
         if random() < self.log_queries:
-            logs.query_line(addr[0], q.key[:-1], q.qtype, reply, source, perf_counter() - start)
+            logs.query_line(addr[0], q.key[:-1], q.qtype, reply, source, self._clock() - start)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from clients that went away; nothing to do for a UDP server.

@@ -1,21 +1,21 @@
 """A thread that reads a UDP listening socket and answers current fast-path rows itself.
 
 Why: uvloop's datagram path (epoll wake-up, transport, protocol call, transport send) costs
-about 4 us of CPU per query on this machine, a quarter of a cache hit; a thread blocked in the
-socket does not pay it, and reading and answering many datagrams per system call saves ~2 us
-more (bench/results/ceiling.md).
+about 4 us of CPU per query, a quarter of a cache hit (bench/results/ceiling.md); a thread
+blocked in the socket does not pay it, and reading and answering many datagrams per system
+call saves ~2 us more.
 
 Theory of operation
 - The socket is blocking. The thread reads it in batches (server/datagram_batch.py: one
   recvmmsg takes every datagram waiting, up to 32, and returns as soon as there is one) and
-  hands each batch to the listener's hot path (`serve`, a closure made by server/udp.py),
+  hands each batch to `serve` (DatagramBatch.server's closure, bound by server/udp.py),
   looked up per batch, so a rebind (draining, reload) applies to the next batch. Queries with
   a current fast-path row are answered there, in the thread, all in one sendmmsg.
 - Anything else (no row, a row past its moment, a client not judged yet) must run on the event
   loop: the cache, the miss path and the metrics belong to it. The thread then *lends the
   socket* to the loop (`lend`), with those datagrams, and parks until it is given back. The
   loop handles them, then reads the socket itself, with MSG_DONTWAIT, in batches of
-  LOOP_BATCH through its own copy of the hot path (`loop_receive`). After a batch in which few
+  LOOP_BATCH through its own hot path (`loop_receive`). After a batch in which few
   datagrams needed the slow path (at most GIVE_BACK_AT), or when the socket is empty, it gives
   the socket back. Between batches its timers and other I/O run.
 - Why lend rather than queue: two threads taking turns on one GIL per datagram cost ~1.5
@@ -24,14 +24,25 @@ Theory of operation
   traffic that needs the loop stays on it.
 - The loop sends on the socket with MSG_DONTWAIT (`sendto`): a full socket buffer drops that
   reply (counted as dropped, overload) instead of stalling the loop.
-- What the thread writes: a row's `hits` and `seconds`, each with one `+=` (one bytecode
-  read-modify-write, which the GIL does not split), and FastPath.late the same way. The loop
-  takes them in one statement when it flushes (FastPath.flush_row, FastPath.flush), so no
-  locks. Every other object the thread reads (the row table, the allow-list verdicts, a row's
-  tail) is changed by the loop with single dict or attribute stores, so the thread sees either
-  the old value or the new one.
 - Stopping: a flag, the parked thread woken, then shutdown(SHUT_RD) on the socket, which wakes
   a blocked recvmmsg (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).
+
+Who owns what (no locks; each shared object is read or written with single operations that
+CPython's GIL, and a free-threaded build's per-object locking, keep whole):
+- The thread writes only its own things: the batch's buffers and admission memory (inside
+  `serve`), and one `FastPath.hand_off` per batch with rows served: a `deque.append` of
+  (rows, seconds), atomic in CPython and thread-safe in free-threaded builds. It never writes
+  a row, a FastPath field or a counter; the loop counts what it hands off (FastPath.drain).
+- The thread reads: `serve` and `_closing` (attribute loads), the row table and the admission
+  verdicts (single dict lookups), and of a row `valid_until`, `tail` and `next_tail` (slot
+  loads). The loop replaces those with single stores, so the thread sees the old value or the
+  new one; during a refresh it may pair a new tail with the old `valid_until`, which is as
+  right as either (a refresh never makes a tail wrong before the old moment). For a shaped
+  row it calls `next_tail()`, an itertools.cycle's `__next__`, which the loop calls too:
+  under the GIL that is one C call; a free-threaded build may hand two callers the same
+  variant, which only skews the rotation.
+- The loop owns everything else: the rows and their counts, FastPath, Counters, `slow`, and
+  `sendto` (sends from the loop, and its `dropped` count).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.server.datagram_batch import SLOT, DatagramBatch
+from sidecar.server.datagram_batch import SLOT, Address, BatchServer, DatagramBatch
 
 log = logging.getLogger("dns_sidecar")
 
@@ -55,9 +66,7 @@ JOIN_SECONDS = 2.0
 LOOP_BATCH = 64  # datagrams the loop reads before it lets its other callbacks run
 GIVE_BACK_AT = 8  # a lent socket goes back after a batch with at most this many slow ones
 
-Address = tuple[str | int, ...]
 Receiver = Callable[[bytes, Address], None]
-BatchServer = Callable[[int], None]  # serves datagrams 0..n-1 of the reader's batch
 
 
 def _ignore(*_args: Any) -> None:

@@ -9,7 +9,7 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from sidecar.core import wire
 from sidecar.core.cache import CacheSettings, Entry, TtlCache
-from sidecar.core.counters import Counters, Histogram
+from sidecar.core.counters import Counters
 from sidecar.core.fast_path import (
     REFRESH_LEAD,
     SHAPED_RECHECK,
@@ -159,18 +159,15 @@ def test_hits_reach_the_metrics_exactly_when_flushed() -> None:
     assert s.metrics.cache_hits == [6, 0]  # nothing counted twice
 
 
-def test_hits_counted_quick_on_rows_move_to_their_bucket_when_their_batch_was_late() -> None:
+def test_batches_handed_off_are_counted_by_their_time_when_drained() -> None:
     s = Setup()
     entry = s.store(reply(), 100.0)
     hit = s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
     assert hit is not None
-    # A reader thread's batches: 3 hits sent after 20 us, then 4 after 3 ms. All go on the
-    # row as its own thread does it; the late batch is also reported.
-    for elapsed, hits in ((0.00002, 3), (0.003, 4)):
-        for _ in range(hits):
-            hit.hits += 1
-            hit.seconds += elapsed
-    s.fast.served_late(4, 0.003)
+    # A reader thread's batches: 3 hits sent after 20 us, then 4 after 3 ms.
+    s.fast.hand_off(([hit, hit, hit], 0.00002))
+    s.fast.hand_off(([hit] * 4, 0.003))
+    assert hit.hits == 0 and s.metrics.cache_hits == [0, 0]  # nothing counted in the thread
     s.fast.flush()
     histogram = s.metrics.durations["cache"]
     assert s.metrics.cache_hits == [7, 0]
@@ -178,18 +175,17 @@ def test_hits_counted_quick_on_rows_move_to_their_bucket_when_their_batch_was_la
     assert histogram.counts[histogram.bounds.index(0.005)] == 4  # 2.5 ms < 3 ms <= 5 ms
     assert sum(histogram.counts) == 7 and abs(histogram.total - 0.01206) < 1e-9
     s.fast.flush()
-    assert sum(histogram.counts) == 7 and histogram.counts[0] == 3  # moved once
+    assert sum(histogram.counts) == 7 and histogram.counts[0] == 3  # counted once
 
 
-def test_late_hits_never_take_the_first_bucket_below_zero() -> None:
-    # Late counts for hits that never reached bucket 0 (their row was dropped unflushed)
-    # move only what bucket 0 holds: no bucket, a Prometheus counter, goes down.
-    histogram = Histogram()
-    histogram.add_quick(2, 0.00004)
-    late = [0] * len(histogram.counts)
-    late[3] = 5
-    histogram.move_from_first(late)
-    assert histogram.counts[0] == 0 and histogram.counts[3] == 2 and sum(histogram.counts) == 2
+def test_handed_off_hits_are_counted_before_a_drop_or_a_refresh_reads_them() -> None:
+    s, due, hit, data = timed_row()
+    s.fast.hand_off(([hit], 0.00001))  # asked since it was made, in a reader thread
+    s.fast.refresh_due(due[-1])
+    assert hit.valid_until == 102.0  # "asked since" saw the hand-off
+    s.fast.hand_off(([hit, hit], 0.00001))
+    s.fast.retire(wire.parse_query(data).key)  # dropped: what it served is counted first
+    assert s.metrics.cache_hits == [3, 0]
 
 
 def test_a_full_table_sweeps_rows_not_asked_lately_and_else_adds_none() -> None:
