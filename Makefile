@@ -36,7 +36,7 @@ test: $(STAMP) lint typecheck
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Hostile input, longer than CI runs it (README.md, Tests). Neither is part of `make test`, which
+# Hostile input, longer than CI runs it (CONTRIBUTING.md, Tests). Neither is part of `make test`, which
 # runs the same fuzz harness for 20 s. `make fuzz` keeps its corpus in fuzz/corpus; a crash is
 # saved as crash-* and fails the run. `make soak`: 10 minutes of valid and hostile traffic at
 # 3000 datagrams/s against a sidecar in front of NSD on loopback; RSS and answers checked.
