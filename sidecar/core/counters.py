@@ -41,9 +41,10 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """`times` observations of `value`."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
 
     def add_quick(self, count: int, seconds: float) -> None:
         """`count` observations, `seconds` in all, each below the first bound."""

@@ -17,9 +17,11 @@ Theory of operation
   what the cache let go. The entry itself is never written to.
 - Shaped (discovery) answers: the row holds the pool of prepared variants, rendered for this
   query shape, and hands them out in turn (`itertools.cycle`), starting at a random place.
-- Counting: a row counts its own hits and their time; the labelled families (requests by type,
-  cache hits, responses by rcode, the latency histogram, shaped answers by action) are added
-  up when a row is flushed: at every scrape (`flush`), refresh and drop. Exact, not sampled.
+- Counting: a row counts its own hits; the labelled families (requests by type, cache hits,
+  responses by rcode, shaped answers by action) are added up when a row is flushed: at every
+  scrape (`flush`), refresh and drop. Durations go to the latency histogram by batch (a
+  reader thread's batch is timed as a whole), quick ones summed until the scrape (`quick`).
+  Exact, not sampled.
   Only the event loop writes counts (`served`). A UDP reader thread (server/udp_thread.py)
   hands each batch's served rows and its time over with one `hand_off` (a deque's append,
   atomic in CPython and thread-safe in free-threaded builds); the loop folds them in (`drain`)
@@ -38,8 +40,10 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
-- Admission: a row is made on the second hit of a key within a second (`admit`); the table
-  remembers the last such hit per key in a bounded dict (`asked`).
+- Admission: a row is made on the second hit of a key within a second (`admit`). The table
+  remembers the hits that found no row by key in two generations of ADMIT_WITHIN seconds
+  (`asked`, `asked_before`): exact for "within a second", and bounded by the names asked in
+  the last two seconds, with no per-entry state.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -68,10 +72,6 @@ TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
 ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
-# Keys whose last hit found no row, remembered for admission; cleared when full. A name asked
-# twice within a second with this many other names asked in between gets no row: at that
-# variety a row would rarely be used before its moment passed anyway.
-ADMIT_MEMORY = 8192
 
 
 class ShapedReplies(Protocol):
@@ -114,7 +114,6 @@ class FastHit:
         "key",
         "next_tail",
         "q",
-        "seconds",
         "seen",
         "shaped",
         "shown_ttl",
@@ -138,8 +137,7 @@ class FastHit:
         self.generation = -1
         self.valid_until = -math.inf
         # Written by the event loop only (FastPath.served), read after FastPath.drain.
-        self.hits = 0  # served from this row in under QUICK seconds since its last flush
-        self.seconds = 0.0  # their time in all
+        self.hits = 0  # served from this row since its last flush
         self.counted = 0  # hits flushed to the metrics so far
         self.seen = 0  # counted + hits at the last refresh: more since means asked since
 
@@ -161,7 +159,10 @@ class FastPath:
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
-        self.asked: dict[bytes, float] = {}  # cache key -> its last hit that found no row
+        # Cache key -> its last hit that found no row, this generation and the one before.
+        self.asked: dict[bytes, float] = {}
+        self.asked_before: dict[bytes, float] = {}
+        self.asked_since = -math.inf  # when the current generation began
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
@@ -170,6 +171,9 @@ class FastPath:
         # thread's only write here is `hand_off` (see the module's notes); the loop `drain`s.
         self._handed: deque[tuple[list[FastHit], float]] = deque()
         self.hand_off = self._handed.append
+        # Hits faster than QUICK not in the latency histogram yet: how many, their time.
+        self.quick = 0
+        self.quick_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -180,10 +184,16 @@ class FastPath:
         (100,000 names asked in turn filled and swept it every second, a row made per query
         and never used)."""
         asked = self.asked
-        if now - asked.get(key, -math.inf) < ADMIT_WITHIN:
+        if now - self.asked_since >= ADMIT_WITHIN:
+            # A new generation: a hit remembered in the old one is at most one generation
+            # old at the next hit within ADMIT_WITHIN, so two generations are enough.
+            self.asked_before, self.asked, self.asked_since = asked, {}, now
+            asked = self.asked
+        last = asked.get(key)
+        if last is None:
+            last = self.asked_before.get(key, -math.inf)
+        if now - last < ADMIT_WITHIN:
             return True
-        if len(asked) >= ADMIT_MEMORY:
-            asked.clear()
         asked[key] = now
         return False
 
@@ -307,31 +317,34 @@ class FastPath:
 
     def served(self, hit: FastHit, seconds: float) -> None:
         """Count one reply from `hit` that took `seconds`; on the event loop only."""
+        hit.hits += 1
         if seconds < QUICK:
-            hit.hits += 1
-            hit.seconds += seconds
+            self.quick += 1
+            self.quick_seconds += seconds
         else:
-            # Counted at once, with its own histogram observation (the row's own count is
-            # for quick hits, added to the first bucket when the row is flushed).
             self.metrics.durations["cache"].observe(seconds)
-            self._count(hit, 1)
 
     def drain(self) -> None:
         """Count the batches handed off by reader threads: each of their rows served one
         reply in the batch's time. On the event loop, before any count is read."""
-        handed, served = self._handed, self.served
+        handed = self._handed
+        durations = self.metrics.durations["cache"]
         while handed:
             rows, seconds = handed.popleft()
             for hit in rows:
-                served(hit, seconds)
+                hit.hits += 1
+            if seconds < QUICK:
+                self.quick += len(rows)
+                self.quick_seconds += seconds * len(rows)
+            else:  # a batch is timed as a whole: each of its replies took that long
+                durations.observe(seconds, len(rows))
 
     def flush_row(self, hit: FastHit) -> None:
         """Add a row's hits to the metrics (its hand-off drained first by the caller)."""
         if hit.hits:
             hit.counted += hit.hits
             self._count(hit, hit.hits)
-            self.metrics.durations["cache"].add_quick(hit.hits, hit.seconds)
-            hit.hits, hit.seconds = 0, 0.0
+            hit.hits = 0
 
     def _count(self, hit: FastHit, hits: int) -> None:
         metrics = self.metrics
@@ -347,6 +360,8 @@ class FastPath:
         self.drain()
         for hit in list(self.rows.values()):
             self.flush_row(hit)
+        self.metrics.durations["cache"].add_quick(self.quick, self.quick_seconds)
+        self.quick, self.quick_seconds = 0, 0.0
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""
