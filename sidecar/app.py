@@ -219,6 +219,11 @@ class Server:
 
         fast.on_due = on_due
 
+        def on_backlog() -> None:  # from a reader thread: count its hand-off soon
+            loop.call_soon_threadsafe(fast.drain)
+
+        fast.on_backlog = on_backlog
+
     def watch_loops(self, token: str) -> None:
         """Loop probes (with this token, shared by all workers) reaching the resolver at any
         time stop the sidecar: a loop found by another worker's probe counts too."""

@@ -26,9 +26,10 @@ Theory of operation
   hands each batch's served rows and its time over with one `hand_off` (a deque's append,
   atomic in CPython and thread-safe in free-threaded builds); the loop folds them in (`drain`)
   before anything reads the counts: at `flush`, at a row's refresh and drop, and before
-  `refresh_due` asks which rows were asked since their refresh. So the hand-off holds at most
-  about a second of batches: every row in it is refreshed (or dropped) about once a second
-  while it is asked, and each refresh drains it all.
+  `refresh_due` asks which rows were asked since their refresh, and whenever DRAIN_AT batches
+  wait (`on_backlog`, which the glue makes a thread-safe call of `drain` on the loop). Rows
+  cached in one burst come due together once a second, and a second of batches at full load
+  (~11k of them) held ~4 MiB that the process kept.
 - The cache's LRU order sees a row's entry used at every refresh (about once a second while
   the row is asked), not at every hit.
 - Refreshed ahead: a row asked since its last refresh is refreshed again shortly before its
@@ -40,10 +41,10 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
-- Admission: a row is made on the second hit of a key within a second (`admit`). The table
-  remembers the hits that found no row by key in two generations of ADMIT_WITHIN seconds
-  (`asked`, `asked_before`): exact for "within a second", and bounded by the names asked in
-  the last two seconds, with no per-entry state.
+- Admission: a row is made on the second hit of an entry within a second (`admit`). The
+  table remembers the hits that found no row by entry (its identity: no copy of a key) in two
+  generations of ADMIT_WITHIN seconds (`asked`, `asked_before`): exact for "within a second",
+  bounded by the entries asked in the last two seconds, and nothing written to the entry.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -72,6 +73,7 @@ TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
 ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
+DRAIN_AT = 64  # batches handed off before the loop is asked to count them
 
 
 class ShapedReplies(Protocol):
@@ -159,9 +161,9 @@ class FastPath:
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
-        # Cache key -> its last hit that found no row, this generation and the one before.
-        self.asked: dict[bytes, float] = {}
-        self.asked_before: dict[bytes, float] = {}
+        # Entry -> its last hit that found no row, this generation and the one before.
+        self.asked: dict[Entry, float] = {}
+        self.asked_before: dict[Entry, float] = {}
         self.asked_since = -math.inf  # when the current generation began
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
@@ -170,7 +172,7 @@ class FastPath:
         # Batches a UDP reader thread served, (their rows, their time), not counted yet. The
         # thread's only write here is `hand_off` (see the module's notes); the loop `drain`s.
         self._handed: deque[tuple[list[FastHit], float]] = deque()
-        self.hand_off = self._handed.append
+        self.on_backlog: Callable[[], None] | None = None  # glue: have the loop call drain
         # Hits faster than QUICK not in the latency histogram yet: how many, their time.
         self.quick = 0
         self.quick_seconds = 0.0
@@ -178,8 +180,8 @@ class FastPath:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, key: bytes, now: float) -> bool:
-        """Whether a hit on cache key `key` at `now` should get a row: the second hit within
+    def admit(self, entry: Entry, now: float) -> bool:
+        """Whether a hit on `entry` at `now` should get a row: the second hit within
         ADMIT_WITHIN seconds. Names asked less often than that would only churn the table
         (100,000 names asked in turn filled and swept it every second, a row made per query
         and never used)."""
@@ -189,12 +191,12 @@ class FastPath:
             # old at the next hit within ADMIT_WITHIN, so two generations are enough.
             self.asked_before, self.asked, self.asked_since = asked, {}, now
             asked = self.asked
-        last = asked.get(key)
+        last = asked.get(entry)
         if last is None:
-            last = self.asked_before.get(key, -math.inf)
+            last = self.asked_before.get(entry, -math.inf)
         if now - last < ADMIT_WITHIN:
             return True
-        asked[key] = now
+        asked[entry] = now
         return False
 
     def remember(
@@ -323,6 +325,16 @@ class FastPath:
             self.quick_seconds += seconds
         else:
             self.metrics.durations["cache"].observe(seconds)
+
+    def hand_off(self, batch: tuple[list[FastHit], float]) -> None:
+        """From a reader thread: the rows a batch served (one entry per reply) and the time
+        the batch took. The thread's only write here."""
+        handed = self._handed
+        handed.append(batch)
+        # Equal, not at least: one request as the backlog passes the mark (a missed one, in a
+        # race with a drain, is caught by the next refresh).
+        if len(handed) == DRAIN_AT and self.on_backlog is not None:
+            self.on_backlog()
 
     def drain(self) -> None:
         """Count the batches handed off by reader threads: each of their rows served one

@@ -254,7 +254,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if cached is not None:
             reply = self._resolver.render(cached, data, q, now, limit)
             self.sendto(reply, addr)
-            if not self.log_queries and self.fast.admit(q.key, now):
+            if not self.log_queries and self.fast.admit(cached, now):
                 self.fast.remember(data, q, cached, now, reply)
             self.metrics.answered("cache", reply, self._clock() - now)
             if self.log_queries:

@@ -31,8 +31,9 @@ Who owns what (no locks; each shared object is read or written with single opera
 CPython's GIL, and a free-threaded build's per-object locking, keep whole):
 - The thread writes only its own things: the batch's buffers and admission memory (inside
   `serve`), and one `FastPath.hand_off` per batch with rows served: a `deque.append` of
-  (rows, seconds), atomic in CPython and thread-safe in free-threaded builds. It never writes
-  a row, a FastPath field or a counter; the loop counts what it hands off (FastPath.drain).
+  (rows, seconds), atomic in CPython and thread-safe in free-threaded builds, and when the
+  backlog passes a mark, `loop.call_soon_threadsafe(FastPath.drain)`. It never writes a row,
+  a FastPath field or a counter; the loop counts what it hands off (FastPath.drain).
 - The thread reads: `serve` and `_closing` (attribute loads), the row table and the admission
   verdicts (single dict lookups), and of a row `valid_until`, `tail` and `next_tail` (slot
   loads). The loop replaces those with single stores, so the thread sees the old value or the

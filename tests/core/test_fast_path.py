@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
@@ -11,6 +12,7 @@ from sidecar.core import wire
 from sidecar.core.cache import CacheSettings, Entry, TtlCache
 from sidecar.core.counters import Counters
 from sidecar.core.fast_path import (
+    DRAIN_AT,
     REFRESH_LEAD,
     SHAPED_RECHECK,
     TICK,
@@ -361,12 +363,28 @@ def test_nothing_writes_to_a_cached_entry_after_it_is_made() -> None:
 
 def test_admission_is_the_second_hit_within_a_second_whatever_else_is_asked_between() -> None:
     s = Setup()
-    keys = [b"k%05d" % i for i in range(20_000)]
+    # Admission goes by the entry's identity alone: plain objects stand in for 20,000 entries.
+    keys: list[Any] = [object() for _ in range(20_000)]
+    late: Any = object()
     for i, key in enumerate(keys):  # 20,000 names asked in turn within 0.4 s...
         assert not s.fast.admit(key, 100.0 + i * 0.00002)
     for i, key in enumerate(keys):  # ...and again, each less than a second after its first
         assert s.fast.admit(key, 100.5 + i * 0.00002)
-    assert not s.fast.admit(b"late", 101.0)
-    assert not s.fast.admit(b"late", 102.1)  # 1.1 s apart: no row
-    assert s.fast.admit(b"late", 102.9)  # across a generation's turn, within a second
+    assert not s.fast.admit(late, 101.0)
+    assert not s.fast.admit(late, 102.1)  # 1.1 s apart: no row
+    assert s.fast.admit(late, 102.9)  # across a generation's turn, within a second
     assert len(s.fast.asked) + len(s.fast.asked_before) <= 2  # the first names are forgotten
+
+
+def test_a_backlog_of_hand_offs_asks_the_loop_to_count_it_once_as_it_passes_the_mark() -> None:
+    s = Setup()
+    entry = s.store(reply(), 100.0)
+    hit = s.fast.remember(query(), wire.parse_query(query()), entry, 100.0)
+    assert hit is not None
+    asked: list[int] = []
+    s.fast.on_backlog = lambda: asked.append(len(s.fast._handed))
+    for _ in range(DRAIN_AT * 2):
+        s.fast.hand_off(([hit], 0.00001))
+    assert asked == [DRAIN_AT]
+    s.fast.drain()
+    assert hit.hits == 2 * DRAIN_AT
