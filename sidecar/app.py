@@ -264,12 +264,16 @@ class Server:
                     checks,
                     timeout=config.discovery.probe_timeout,
                     max_concurrent=config.discovery.max_probes,
+                    clock=resolver.clock,
                 )
             )
         for source in self.cloudmap.values():
             work.append(
                 run_cloudmap(
-                    source, resolver.endpoints, interval=config.discovery.cloudmap_interval
+                    source,
+                    resolver.endpoints,
+                    interval=config.discovery.cloudmap_interval,
+                    clock=resolver.clock,
                 )
             )
         self.background = [asyncio.ensure_future(coro) for coro in work]

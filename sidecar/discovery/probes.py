@@ -1,15 +1,16 @@
 """Probing discovery endpoints: TCP connect or HTTP GET, a bounded number at a time.
 
 The schedule lives in discovery/endpoints.py (who is due, rise/fall, latency); this module only
-does the I/O and reports back. A probe's round trip is measured with perf_counter: uvloop's
-loop.time() has millisecond grain, too coarse for loopback and same-AZ latencies.
+does the I/O and reports back. A probe's round trip is measured on the clock it is given (the
+sidecar's one monotonic clock, nanosecond-grained on Linux): uvloop's loop.time() has
+millisecond grain, too coarse for loopback and same-AZ latencies.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from time import monotonic, perf_counter
+from time import monotonic
 
 from sidecar import logs
 from sidecar.config import HealthCheck
@@ -18,9 +19,11 @@ from sidecar.discovery.endpoints import Endpoint, EndpointTable
 TICK = 0.05  # how often due probes are looked for; well under any probe interval
 
 
-async def probe(check: HealthCheck, address: str, timeout: float) -> float:
+async def probe(
+    check: HealthCheck, address: str, timeout: float, clock: Callable[[], float] = monotonic
+) -> float:
     """The round trip of one probe in seconds; raises OSError or TimeoutError on failure."""
-    start = perf_counter()
+    start = clock()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -43,7 +46,7 @@ async def probe(check: HealthCheck, address: str, timeout: float) -> float:
                     )
                 ):
                     raise OSError(f"HTTP status {status_line[:40]!r}")
-        return perf_counter() - start
+        return clock() - start
     finally:
         if writer is not None:
             writer.close()
@@ -65,7 +68,7 @@ async def run_probes(
     async def one(endpoint: Endpoint, check: HealthCheck) -> None:
         async with slots:
             try:
-                rtt: float | None = await probe(check, endpoint.address, timeout)
+                rtt: float | None = await probe(check, endpoint.address, timeout, clock)
                 ok = True
             except (OSError, TimeoutError):
                 rtt, ok = None, False
