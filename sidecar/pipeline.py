@@ -17,9 +17,14 @@ Order, and why:
    asking again;
 5. coalescing: a miss already being fetched for the same key waits for that fetch; beyond
    `max_inflight` distinct fetches, stale or SERVFAIL at once (bounded work);
-6. forward to the zone's upstreams under one deadline; store; render for this client. With a
-   stale entry the client waits at most `stale_answer_after` (RFC 8767), and gets the stale
-   answer when the upstreams fail.
+6. forward to the zone's upstreams under one deadline (the decisions are core/forwarding.py's,
+   carried out by forwarder.py over its transport); store (the cache, and in a discovery zone
+   the shaper's pool); render for this client. With a stale entry the client waits at most
+   `stale_answer_after` (RFC 8767), and gets the stale answer when the upstreams fail.
+
+The resolver owns the fetches in flight and the memory of prefetches started; it passes the
+cache's retirement hook on to everything kept by cache key (fast-path rows, shaped pools, that
+memory). Time is its clock, the one the forwarder and the listeners read too.
 """
 
 from __future__ import annotations
