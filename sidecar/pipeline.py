@@ -140,8 +140,8 @@ class Resolver:
     def prefetching(self, key: bytes) -> bool:
         return key in self._prefetched
 
-    def shaped(self, key: bytes) -> ShapedAnswer | None:
-        return self.shaper.get(key)
+    def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | None:
+        return self.shaper.of(key, entry)
 
     def touch(self, key: bytes) -> None:
         self.cache.touch(key)
@@ -234,15 +234,16 @@ class Resolver:
     ) -> tuple[bytes, str]:
         if stale is not None:
             self.metrics.served_stale += 1
-            shaped = self.shaper.get(q.key)
+            shaped = self.shaper.of(q.key, stale)
             if shaped is not None:
                 return shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
             return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
         return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
 
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
-        """`entry` (cached under q.key) as a reply to `query`: shaped in a discovery zone."""
-        shaped = self.shaper.get(q.key)
+        """`entry` as a reply to `query`: from its shaped pool if it has one (a discovery
+        answer the cache keeps under q.key)."""
+        shaped = self.shaper.of(q.key, entry)
         if shaped is not None:
             return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from dnslib import RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
@@ -19,9 +19,10 @@ from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import BadUpstreamReply, UpstreamRefused
 from sidecar.forwarder import Forwarder
-from sidecar.pipeline import Resolver
+from sidecar.pipeline import DiscoveryZone, Resolver
 from tests.fakes.scripted_exchanges import (
     FakeClock,
     ScriptedExchanges,
@@ -47,6 +48,7 @@ class Path:
         max_inflight: int = 1000,
         stale_answer_after: float = 1.8,
         cache: CacheSettings | None = None,
+        discovery_zone: str | None = None,
     ) -> None:
         self.clock = FakeClock()
         self.counters = Counters()
@@ -69,6 +71,9 @@ class Path:
             max_inflight=max_inflight,
             stale_answer_after=stale_answer_after,
             stale_ttl=30,
+            discovery=ZoneRouter(
+                None, {discovery_zone: DiscoveryZone(ShapeSettings())} if discovery_zone else {}
+            ),
             clock=self.clock,
             rng=random.Random(1),
         )
@@ -88,6 +93,16 @@ class Path:
 
     def asked(self) -> list[tuple[HostPort, str, bool]]:
         return [(a.server, name_of(a.question), a.tcp) for a in self.transport.asked]
+
+
+async def stored(p: Path, name: str) -> None:
+    """Until the fetch of `name` has stored its reply (its callbacks run on the loop)."""
+    key = wire.parse_query(bytes(DNSRecord.question(name).pack())).key
+    for _ in range(100):
+        if p.resolver.cache.get(key, p.clock()) is not None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{name} was not stored")
 
 
 def run(test: Callable[[], Awaitable[T]]) -> T:
@@ -193,10 +208,26 @@ def test_an_expired_entry_is_served_stale_when_the_upstream_is_slower_than_stale
         assert source == "stale" and answer.rr[0].ttl == 30
         assert p.counters.served_stale == 1
         p.transport.release()  # the refresh lands in the cache for the next client
-        for _ in range(3):  # the reply's callbacks: the forwarder's, then the resolver's
-            await asyncio.sleep(0)
+        await stored(p, "s.example")
         answer, source = await p.ask("s.example")
         assert source == "cache" and answer.rr[0].ttl == 60
+
+    run(test)
+
+
+def test_a_fresh_reply_that_cannot_be_cached_is_served_not_the_stale_entrys_shaped_pool() -> None:
+    async def test() -> None:
+        p = Path(cache=CacheSettings(prefetch_percent=0, max_stale=600), discovery_zone="local")
+        p.transport.add(FIRST, Step(reply_to("svc.local", addresses=("10.0.0.1", "10.0.0.2"))))
+        answer, _ = await p.ask("svc.local")
+        assert {str(rr.rdata) for rr in answer.rr} == {"10.0.0.1", "10.0.0.2"}  # shaped
+        p.clock.advance(120)  # expired: only stale now
+        foreign = DNSRecord.parse(reply_to("svc.local", addresses=()))
+        foreign.add_answer(RR("other.example", QTYPE.A, rdata=A("192.0.2.66"), ttl=60))
+        p.transport.add(FIRST, Step(bytes(foreign.pack())))  # out of bailiwick: not cached
+        answer, source = await p.ask("svc.local")
+        assert source == "upstream"
+        assert [str(rr.rdata) for rr in answer.rr] == ["192.0.2.66"]  # this reply, as it came
 
     run(test)
 

@@ -98,8 +98,8 @@ class RowSource(Protocol):
     def prefetching(self, key: bytes) -> bool:
         """Whether the refresh of the entry now cached under `key` has been started."""
 
-    def shaped(self, key: bytes) -> ShapedReplies | None:
-        """The shaped pool served instead of the entry under `key`, if any."""
+    def shaped(self, key: bytes, entry: Entry) -> ShapedReplies | None:
+        """The shaped pool served instead of `entry` (cached under `key`), if any."""
 
     def touch(self, key: bytes) -> None:
         """Mark the entry under `key` as recently used."""
@@ -216,7 +216,7 @@ class FastPath:
         old = self.rows.get(key)
         if old is not None:
             self.drop(old)
-        hit = FastHit(key, entry, q, self.source.shaped(q.key))
+        hit = FastHit(key, entry, q, self.source.shaped(q.key, entry))
         if reply and hit.shaped is None:
             hit.tail = reply[2:]
             hit.next_tail = repeat(hit.tail).__next__

@@ -298,7 +298,6 @@ class Shaper:
         self.table = table
         self.rng = rng
         self.pools: dict[bytes, ShapedAnswer] = {}
-        self.get = self.pools.get
         self.counts = counts  # (zone, action) -> shaped answers served (Counters)
 
     def __len__(self) -> int:
@@ -320,6 +319,12 @@ class Shaper:
         if pool is not None:
             self.pools[key] = pool
         return pool
+
+    def of(self, key: bytes, entry: Entry) -> ShapedAnswer | None:
+        """The pool drawn from `entry`, cached under `key`; None for any other entry (one the
+        cache did not keep, served once as it came, while an older one stays for stale)."""
+        pool = self.pools.get(key)
+        return pool if pool is not None and pool.base is entry else None
 
     def retire(self, key: bytes) -> None:
         """The cache let the entry under `key` go."""

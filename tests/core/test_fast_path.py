@@ -64,8 +64,8 @@ class Source:
     def prefetching(self, key: bytes) -> bool:
         return key in self.started
 
-    def shaped(self, key: bytes) -> ShapedReplies | None:
-        return self.shaper.get(key)
+    def shaped(self, key: bytes, entry: Entry) -> ShapedReplies | None:
+        return self.shaper.of(key, entry)
 
     def touch(self, key: bytes) -> None:
         self.cache.touch(key)
