@@ -50,7 +50,7 @@ def log_health(server: HostPort, up: bool, reason: str) -> None:
 class _Question:
     """One question in flight: its decisions, the exchange under way, the future of it all."""
 
-    __slots__ = ("cd", "do", "exchange", "forwarder", "forwarding", "question", "result")
+    __slots__ = ("cd", "do", "forwarder", "forwarding", "question", "result")
 
     def __init__(
         self, forwarder: Forwarder, forwarding: Forwarding, question: bytes, cd: bool, do: bool
@@ -60,7 +60,6 @@ class _Question:
         self.question = question
         self.cd = cd
         self.do = do
-        self.exchange: asyncio.Future[bytes] | None = None
         self.result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
     def run(self, attempt: Attempt | None) -> None:
@@ -79,7 +78,6 @@ class _Question:
             except UpstreamError as exc:
                 attempt = forwarding.failed(exc, forwarder.clock())
                 continue
-            self.exchange = exchange
             exchange.add_done_callback(self.exchanged)
             return
         if forwarding.outcome is not None:
@@ -89,7 +87,6 @@ class _Question:
             self.result.set_exception(forwarding.error)
 
     def exchanged(self, exchange: asyncio.Future[bytes]) -> None:
-        self.exchange = None
         result, forwarding = self.result, self.forwarding
         if exchange.cancelled():
             if not result.done():

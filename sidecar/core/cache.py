@@ -192,17 +192,12 @@ def lifetime(msg: bytes, reply: wire.Reply, limits: CacheSettings) -> tuple[int,
 class TtlCache:
     """Fresh answers by key, LRU-bounded, and a small table of recent upstream failures."""
 
-    def __init__(
-        self,
-        limits: CacheSettings,
-        counters: Counters | None = None,
-        on_retire: Callable[[bytes], None] | None = None,
-    ) -> None:
+    def __init__(self, limits: CacheSettings, counters: Counters | None = None) -> None:
         self.limits = limits
         self.counters = counters or Counters()  # evictions are counted there
         # Told the key of every entry that leaves (replaced, evicted, removed), so what other
         # stages keep about it by key goes with it. The pipeline sets it.
-        self.on_retire = on_retire
+        self.on_retire: Callable[[bytes], None] | None = None
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
         self.negative_entries = 0  # kept as entries come and go, for the metrics

@@ -246,7 +246,7 @@ class FastPath:
         prefetching = source.prefetching(q.key)
         if now >= entry.prefetch_at and not prefetching:
             source.prefetch(q, entry)
-            prefetching = source.prefetching(q.key)
+            prefetching = True
         ttl = math.ceil(entry.expires - now)
         limit = wire.udp_limit(q.edns_size)
         shaped = hit.shaped

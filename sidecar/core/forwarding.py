@@ -97,10 +97,6 @@ class Forwarding:
         self.sent = 0.0  # when the current attempt started (its UDP part, for a TCP retry)
         self.stopped = False
 
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.error is not None
-
     def first(self, now: float) -> Attempt | None:
         """The first attempt; None if there is no time for one (then `error` is set)."""
         return self._next(now)
@@ -154,20 +150,20 @@ class Forwarding:
 
     def _next(self, now: float) -> Attempt | None:
         """The next attempt, or None once the question is done (outcome or error set)."""
-        order = self.order
-        if self.deadline - now > MIN_ATTEMPT and not self.stopped:
-            attempts = self.attempts
-            if not (attempts and attempts % len(order) == 0 and not self.timed_out):
-                if attempts and attempts % len(order) == 0:
-                    self.timed_out = False  # a new round
-                server = order[attempts % len(order)]
-                self.attempts = attempts + 1
-                self.server = server
-                self.over_tcp = False
-                self.sent = now
-                return Attempt(server, min(self.attempt_timeout, self.deadline - now))
-        if self.fallback is not None:
-            self.outcome = self.fallback
-        else:
-            self.error = UpstreamTimeout("no time left for any attempt")
-        return None
+        order, attempts = self.order, self.attempts
+        new_round = attempts > 0 and attempts % len(order) == 0
+        # Over: shut down, no time left, or a round went by in which no attempt timed out.
+        if self.stopped or self.deadline - now <= MIN_ATTEMPT or (new_round and not self.timed_out):
+            if self.fallback is not None:
+                self.outcome = self.fallback
+            else:
+                self.error = UpstreamTimeout("no time left for any attempt")
+            return None
+        if new_round:
+            self.timed_out = False
+        server = order[attempts % len(order)]
+        self.attempts = attempts + 1
+        self.server = server
+        self.over_tcp = False
+        self.sent = now
+        return Attempt(server, min(self.attempt_timeout, self.deadline - now))
