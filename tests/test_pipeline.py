@@ -28,7 +28,6 @@ from tests.fakes.scripted_exchanges import (
     ScriptedExchanges,
     Step,
     name_of,
-    rcode_of,
     reply_to,
 )
 
@@ -313,7 +312,3 @@ def test_at_shutdown_what_is_in_flight_fails_without_blaming_the_upstream() -> N
         assert not p.counters.upstream_errors and not p.health
 
     run(test)
-
-
-def test_rcode_helper_reads_the_header() -> None:
-    assert rcode_of(reply_to("z.example", rcode=RCODE.NXDOMAIN)) == RCODE.NXDOMAIN

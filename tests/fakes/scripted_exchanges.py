@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 
 from sidecar.addresses import HostPort
-from sidecar.core import wire
 from sidecar.core.routing import wire_to_name
 from sidecar.errors import UpstreamError, UpstreamTimeout
 
@@ -128,7 +127,3 @@ def reply_to(
 def name_of(question: bytes) -> str:
     """The name asked in a question as the forwarder sends it (wire name + type + class)."""
     return wire_to_name(question[:-4])
-
-
-def rcode_of(reply: bytes) -> int:
-    return reply[3] & wire.RCODE_MASK
