@@ -19,12 +19,14 @@ Order, and why:
    `max_inflight` distinct fetches, stale or SERVFAIL at once (bounded work);
 6. forward to the zone's upstreams under one deadline (the decisions are core/forwarding.py's,
    carried out by forwarder.py over its transport); store (the cache, and in a discovery zone
-   the shaper's pool); render for this client. With a stale entry the client waits at most
-   `stale_answer_after` (RFC 8767), and gets the stale answer when the upstreams fail.
+   the shaper's pool, elsewhere the rotator's); render for this client. With a stale entry
+   the client waits at most `stale_answer_after` (RFC 8767), and gets the stale answer when
+   the upstreams fail.
 
 The resolver owns the fetches in flight and the memory of prefetches started; it passes the
-cache's retirement hook on to everything kept by cache key (fast-path rows, shaped pools, that
-memory). Time is its clock, the one the forwarder and the listeners read too.
+cache's retirement hook on to everything kept by cache key (fast-path rows, shaped and rotated
+pools, that memory), each of which charges its bytes to the key in the cache. Time is its
+clock, the one the forwarder and the listeners read too.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.counters import Counters, Snapshot
 from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
+from sidecar.core.rotation import RotatedAnswer, Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
@@ -83,6 +86,8 @@ class Resolver:
         discovery: ZoneRouter[DiscoveryZone | None] | None = None,
         endpoints: EndpointTable | None = None,
         shaper: Shaper | None = None,
+        rotate: ZoneRouter[bool] | None = None,
+        rotator: Rotator | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -98,7 +103,13 @@ class Resolver:
         self.endpoints = endpoints or EndpointTable()
         self.rng = rng or random.Random()
         # Discovery answers' shaped pools, by cache key; kept across a reload with the cache.
-        self.shaper = shaper or Shaper(self.endpoints, self.rng, metrics.answers_shaped)
+        self.shaper = shaper or Shaper(
+            self.endpoints, self.rng, metrics.answers_shaped, cache.charge
+        )
+        # Whether a zone's address answers are rotated (answer_order); their pools by cache
+        # key, kept across a reload with the cache. Discovery zones keep the shaper's order.
+        self.rotate: ZoneRouter[bool] = rotate or ZoneRouter(True, {})
+        self.rotator = rotator or Rotator(self.rng, cache.charge)
         self.metrics = metrics
         # Cache hits remembered as finished replies, for the UDP listeners (core/fast_path.py).
         self.fast = FastPath(metrics, self, min(cache.limits.max_entries, FAST_PATH_ROWS), self.rng)
@@ -118,6 +129,7 @@ class Resolver:
         """The cache let the entry under `key` go: so does everything kept about it."""
         self.fast.retire(key)
         self.shaper.retire(key)
+        self.rotator.retire(key)
         self._prefetched.discard(key)
 
     def snapshot(self) -> Snapshot:
@@ -140,11 +152,15 @@ class Resolver:
     def prefetching(self, key: bytes) -> bool:
         return key in self._prefetched
 
-    def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | None:
-        return self.shaper.of(key, entry)
+    def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | RotatedAnswer | None:
+        """The pool served instead of `entry`: shaped (discovery zones) or rotated."""
+        return self.shaper.of(key, entry) or self.rotator.of(key, entry)
 
     def touch(self, key: bytes) -> None:
         self.cache.touch(key)
+
+    def charge(self, key: bytes, nbytes: int) -> None:
+        self.cache.charge(key, "rows", nbytes)
 
     def answer(self, query: bytes, q: wire.Query, limit: int) -> bytes | None:
         """A reply from the cache, or None when the miss path must run."""
@@ -241,9 +257,9 @@ class Resolver:
         return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
 
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
-        """`entry` as a reply to `query`: from its shaped pool if it has one (a discovery
+        """`entry` as a reply to `query`: from its shaped or rotated pool if it has one (an
         answer the cache keeps under q.key)."""
-        shaped = self.shaper.of(q.key, entry)
+        shaped = self.shaped(q.key, entry)
         if shaped is not None:
             return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
@@ -287,15 +303,19 @@ class Resolver:
         fetch.exception()  # retrieved here so a fetch nobody waits for any more is quiet
 
     def _fetch(self, q: wire.Query, route: str, msg: bytes, reply: wire.Reply) -> Entry:
-        """Store an upstream reply (shaped in a discovery zone); the entry."""
+        """Store an upstream reply (shaped in a discovery zone, else rotated if its zone's
+        answer_order says so); the entry."""
         question = q.key[:-1]
         now = self.clock()
         entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route))
         zone_name, zone = self.discovery.route(question[:-4])
         if zone is not None and zone.asked is not None:
             zone.asked(service_label(question[:-4], zone_name))
-        if zone is not None and entry.ttl > 0:
-            self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
+        if entry.ttl > 0:
+            if zone is not None:
+                self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
+            elif self.rotate.route(question[:-4])[1]:
+                self.rotator.rotate(q.key, entry, msg, reply, q.do, now)
         return entry
 
     def set_loop_token(self, token: str) -> None:

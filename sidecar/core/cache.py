@@ -19,8 +19,11 @@ Theory of operation
   prefetch started for it, a discovery answer's shaped pool) they keep themselves, by cache
   key, and drop when the cache calls its one retirement hook (`on_retire(key)`): the entry
   for that key was replaced, evicted or removed.
-- Bounded by entry count and by estimated memory (`max_bytes`, `Entry.cost`), least recently
-  used evicted first. Time is passed in as `now` (monotonic seconds).
+- Bounded by entry count and by estimated memory (`max_bytes`), least recently used evicted
+  first. The cache owns the one byte count: an entry's own bytes (`Entry.cost`) plus what other
+  stages keep beside it (fast-path rows, a shaped or rotated pool), which they `charge` to its
+  key; a charge may evict other entries, and goes when the entry retires. Time is passed in as
+  `now` (monotonic seconds).
 - Only replies whose records all belong to the question are cached (bailiwick.py).
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -53,6 +56,8 @@ class CacheSettings:
 T = TypeVar("T")
 ENTRY_OVERHEAD = 350
 CHUNK_OVERHEAD = 42
+CHARGES_OVERHEAD = 250  # the dict of a charged key's holders (tracemalloc, CPython 3.11)
+POOL_SLOT = 8  # a pool's list slot per variant
 
 
 TC_COUNTS = (wire.COUNTS.pack(1, 0, 0, 0), wire.COUNTS.pack(1, 0, 0, 1))  # without, with OPT
@@ -170,6 +175,12 @@ class Entry:
         return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
 
 
+def pool_cost(variants: Sequence[Entry]) -> int:
+    """Estimated bytes of a pool of prepared variants: each distinct one, and a slot each."""
+    distinct = {id(variant): variant.cost for variant in variants}
+    return sum(distinct.values()) + POOL_SLOT * len(variants)
+
+
 def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
     return reply.opt is None or reply.opt.end == len(msg)
 
@@ -201,7 +212,11 @@ class TtlCache:
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._failures: OrderedDict[bytes, float] = OrderedDict()
         self.negative_entries = 0  # kept as entries come and go, for the metrics
-        self.bytes = 0  # the estimated memory of all entries (Entry.cost + key), for max_bytes
+        # The estimated memory of all entries (Entry.cost + key) and of what is kept beside
+        # them (charges), for max_bytes.
+        self.bytes = 0
+        # Key -> holder ("rows", "shaped", "rotated") -> the bytes it keeps beside that entry.
+        self._charges: dict[bytes, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -272,15 +287,47 @@ class TtlCache:
         self.negative_entries += negative
         self.bytes += entry.cost + len(key)
         self._failures.pop(key, None)
-        limits = self.limits
-        while len(self._entries) > limits.max_entries or self.bytes > limits.max_bytes:
-            old_key, evicted = self._entries.popitem(last=False)
-            if self.on_retire is not None:
-                self.on_retire(old_key)
-            self.negative_entries -= evicted.negative
-            self.bytes -= evicted.cost + len(old_key)
-            self.counters.cache_evictions += 1
+        self._evict(key)
         return entry
+
+    def charge(self, key: bytes, holder: str, nbytes: int) -> None:
+        """`holder` keeps `nbytes` beside the entry under `key` (replacing what it said
+        before; 0: nothing). Counted against max_bytes until the entry retires, least recently
+        used others evicted to make room. Ignored when no entry is cached under `key`."""
+        if key not in self._entries:
+            return
+        charges = self._charges.get(key)
+        if charges is None:
+            if not nbytes:
+                return
+            charges = self._charges[key] = {}
+            self.bytes += CHARGES_OVERHEAD
+        self.bytes += nbytes - charges.get(holder, 0)
+        if nbytes:
+            charges[holder] = nbytes
+        else:
+            charges.pop(holder, None)
+        self._evict(key)
+
+    def charged(self, key: bytes) -> int:
+        """The bytes kept beside the entry under `key` (its charges)."""
+        charges = self._charges.get(key)
+        return CHARGES_OVERHEAD + sum(charges.values()) if charges is not None else 0
+
+    def _evict(self, keep: bytes) -> None:
+        """Least recently used entries out while over a bound; never `keep` (the entry just
+        stored or charged), so one entry and its charges stay even when over max_bytes alone."""
+        limits = self.limits
+        entries = self._entries
+        while len(entries) > limits.max_entries or self.bytes > limits.max_bytes:
+            old_key = next(iter(entries))
+            if old_key == keep:
+                if len(entries) == 1:
+                    return
+                entries.move_to_end(keep)
+                old_key = next(iter(entries))
+            self._remove(old_key)
+            self.counters.cache_evictions += 1
 
     def _remove(self, key: bytes) -> None:
         old = self._entries.pop(key, None)
@@ -288,7 +335,8 @@ class TtlCache:
             if self.on_retire is not None:
                 self.on_retire(key)
             self.negative_entries -= old.negative
-            self.bytes -= old.cost + len(key)
+            self.bytes -= old.cost + len(key) + self.charged(key)
+            self._charges.pop(key, None)
 
     def remember_failure(self, key: bytes, now: float) -> None:
         """RFC 9520: a failed resolution is not retried upstream for `servfail_ttl` seconds."""

@@ -14,9 +14,12 @@ Theory of operation
   dropped, off the hot path. Between refreshes nothing about the entry is read per query.
 - A row dies with its cache entry: the table keeps its rows by cache key (`by_key`) and the
   pipeline passes on the cache's retirement hook (`retire(key)`), so the table never serves
-  what the cache let go. The entry itself is never written to.
-- Shaped (discovery) answers: the row holds the pool of prepared variants, rendered for this
-  query shape, and hands them out in turn (`itertools.cycle`), starting at a random place.
+  what the cache let go. The entry itself is never written to. The rows' estimated bytes are
+  charged to their entry's key (`RowSource.charge`, the cache's max_bytes), so they are
+  bounded by the cache's memory as well as by `capacity`.
+- Shaped (discovery) and rotated answers: the row holds the pool of prepared variants,
+  rendered for this query shape, and hands them out in turn (`itertools.cycle`), starting at
+  a random place.
 - Counting: a row counts its own hits; the labelled families (requests by type, cache hits,
   responses by rcode, shaped answers by action) are added up when a row is flushed: at every
   scrape (`flush`), refresh and drop. Durations go to the latency histogram by batch (a
@@ -74,6 +77,10 @@ AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its mome
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
 ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
 DRAIN_AT = 64  # batches handed off before the loop is asked to count them
+# Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
+# parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
+ROW_OVERHEAD = 700
+TAIL_OVERHEAD = 60
 
 
 class ShapedReplies(Protocol):
@@ -104,11 +111,16 @@ class RowSource(Protocol):
     def touch(self, key: bytes) -> None:
         """Mark the entry under `key` as recently used."""
 
+    def charge(self, key: bytes, nbytes: int) -> None:
+        """The rows of the entry under `key` hold `nbytes` (counted against the cache's
+        max_bytes; they may evict others)."""
+
 
 class FastHit:
     """One remembered query shape and its reply (or pool of replies) after the ID."""
 
     __slots__ = (
+        "cost",
         "counted",
         "entry",
         "generation",
@@ -138,6 +150,7 @@ class FastHit:
         self.shown_ttl = -1
         self.generation = -1
         self.valid_until = -math.inf
+        self.cost = 0  # estimated bytes of this row, charged to its entry's key
         # Written by the event loop only (FastPath.served), read after FastPath.drain.
         self.hits = 0  # served from this row since its last flush
         self.counted = 0  # hits flushed to the metrics so far
@@ -229,7 +242,13 @@ class FastPath:
             self.by_key[q.key] = [hit]
         else:
             rows.append(hit)
+        self._charge(q.key)
         return hit
+
+    def _charge(self, cache_key: bytes) -> None:
+        """Tell the cache what the rows of `cache_key` hold now."""
+        rows = self.by_key.get(cache_key)
+        self.source.charge(cache_key, sum(hit.cost for hit in rows) if rows else 0)
 
     def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
@@ -255,6 +274,7 @@ class FastPath:
                 hit.tail = entry.render_with_ttl(query, q, ttl, limit)[2:]
                 hit.next_tail = repeat(hit.tail).__next__
                 hit.shown_ttl = ttl
+            cost = ROW_OVERHEAD + len(hit.key) + TAIL_OVERHEAD + len(hit.tail)
             valid_until = entry.expires - (ttl - 1)
         else:
             self.flush_row(hit)  # counted under the action the pool had while it served them
@@ -274,10 +294,20 @@ class FastPath:
                 hit.tail = b""
                 hit.shown_ttl = shown
                 hit.generation = shaped.generation
+                # The distinct tails, and three list slots per tail (the list, its rotated
+                # copy and the cycle's own copy).
+                cost = ROW_OVERHEAD + len(hit.key) + 24 * len(tails)
+                cost += sum(TAIL_OVERHEAD + len(tail) for tail in rendered.values())
+            else:
+                cost = hit.cost
             valid_until = min(entry.expires - (shown - 1), now + SHAPED_RECHECK)
         if not prefetching:
             valid_until = min(valid_until, entry.prefetch_at)
         hit.valid_until = valid_until
+        if cost != hit.cost:
+            hit.cost = cost
+            if self.rows.get(hit.key) is hit:  # a new row is charged once it is in the table
+                self._charge(q.key)
         hit.seen = hit.counted + hit.hits
         if self.on_due is not None:
             slot = int((valid_until - REFRESH_LEAD) / TICK)
@@ -389,6 +419,7 @@ class FastPath:
             rows.remove(hit)
             if not rows:
                 del self.by_key[cache_key]
+            self._charge(cache_key)
 
     def retire(self, cache_key: bytes) -> None:
         """The cache let the entry under `cache_key` go: its rows go too."""

@@ -21,23 +21,31 @@ Theory of operation
   pool of `pool_size` prepared messages; a query picks one of them at random. So the hot path
   pays a version compare, one random index and the usual TTL join.
 - Ownership: the pools belong to a `Shaper`, by cache key; the cache entry they are drawn from
-  is never written to, and a pool goes when the cache retires its key (`Shaper.retire`).
+  is never written to, and a pool goes when the cache retires its key (`Shaper.retire`). A
+  pool's estimated bytes are charged to its key in the cache (`TtlCache.charge`) at every draw:
+  64 orders of 32 addresses are ~150 KB, which count against `cache.max_bytes`.
 No I/O here: time comes in as `now`.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core import wire
-from sidecar.core.cache import Entry
+from sidecar.core.cache import Entry, pool_cost
 from sidecar.discovery.endpoints import EndpointTable
 
 ADDRESS_TYPES = (1, 28)  # A, AAAA
+# Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
+# per answer record its walked record, its address text and its slot.
+POOL_OVERHEAD = 1000
+PER_ANSWER = 200
+HOLDER = "shaped"  # its name among an entry's charges
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +148,7 @@ class ShapedAnswer:
     drawn_at: float = -math.inf
     signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
+    charge: Callable[[int], None] | None = None  # told the pool's bytes at every draw
 
     @property
     def addresses(self) -> list[str]:
@@ -198,6 +207,9 @@ class ShapedAnswer:
             variants.append(entry)
         self.variants = variants
         self.generation += 1
+        if self.charge is not None:
+            cost = POOL_OVERHEAD + len(self.msg) + PER_ANSWER * len(self.answers)
+            self.charge(cost + pool_cost(variants))
 
     def _message(self, indexes: list[int]) -> Entry:
         """The reply with these answer records, in this order."""
@@ -293,12 +305,17 @@ class Shaper:
     """The shaped pools of discovery answers, by cache key: their one owner."""
 
     def __init__(
-        self, table: EndpointTable, rng: random.Random, counts: dict[tuple[str, str], int]
+        self,
+        table: EndpointTable,
+        rng: random.Random,
+        counts: dict[tuple[str, str], int],
+        charge: Callable[[bytes, str, int], None] | None = None,
     ) -> None:
         self.table = table
         self.rng = rng
         self.pools: dict[bytes, ShapedAnswer] = {}
         self.counts = counts  # (zone, action) -> shaped answers served (Counters)
+        self.charge = charge  # TtlCache.charge: the pools' bytes count against max_bytes
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -318,6 +335,8 @@ class Shaper:
         pool = shape(entry, msg, reply, zone, do, self.table, settings, self.rng, self.counts, now)
         if pool is not None:
             self.pools[key] = pool
+            if self.charge is not None:
+                pool.charge = functools.partial(self.charge, key, HOLDER)
         return pool
 
     def of(self, key: bytes, entry: Entry) -> ShapedAnswer | None:

@@ -20,6 +20,7 @@ from sidecar.core.fast_path import (
     FastPath,
     ShapedReplies,
 )
+from sidecar.core.rotation import Rotator
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import Shaper, ShapeSettings
 
@@ -47,7 +48,10 @@ class Source:
         self.cache = cache
         self.prefetched: list[bytes] = []
         self.started: set[bytes] = set()
-        self.shaper = Shaper(EndpointTable(), random.Random(2), metrics.answers_shaped)
+        self.shaper = Shaper(
+            EndpointTable(), random.Random(2), metrics.answers_shaped, cache.charge
+        )
+        self.rotator = Rotator(random.Random(3), cache.charge)
         self.fast: FastPath | None = None
         cache.on_retire = self.retired
 
@@ -55,6 +59,7 @@ class Source:
         if self.fast is not None:
             self.fast.retire(key)
         self.shaper.retire(key)
+        self.rotator.retire(key)
         self.started.discard(key)
 
     def prefetch(self, q: wire.Query, entry: Entry) -> None:
@@ -65,10 +70,13 @@ class Source:
         return key in self.started
 
     def shaped(self, key: bytes, entry: Entry) -> ShapedReplies | None:
-        return self.shaper.of(key, entry)
+        return self.shaper.of(key, entry) or self.rotator.of(key, entry)
 
     def touch(self, key: bytes) -> None:
         self.cache.touch(key)
+
+    def charge(self, key: bytes, nbytes: int) -> None:
+        self.cache.charge(key, "rows", nbytes)
 
 
 class Setup:
