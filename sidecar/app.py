@@ -20,6 +20,7 @@ from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
 from sidecar.core.counters import Counters, Snapshot
+from sidecar.core.rotation import Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
@@ -55,6 +56,11 @@ def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
     }
 
 
+def answer_orders(config: Config) -> tuple[object, ...]:
+    """What decides which answers are rotated."""
+    return config.answer_order, tuple((zone.name, zone.answer_order) for zone in config.zones)
+
+
 def rate_limiter(config: Config) -> RateLimiter | None:
     """One per listener (each counts its own clients); None while the limit is off."""
     return RateLimiter(config.rate_limit) if config.rate_limit else None
@@ -78,9 +84,10 @@ def build_resolver(
     endpoints: EndpointTable | None = None,
     cloudmap: Mapping[str, CloudMapSource] | None = None,
     shaper: Shaper | None = None,
+    rotator: Rotator | None = None,
 ) -> Resolver:
-    """The query path for `config`; a reload passes the cache (with its shaped pools) and the
-    endpoints to keep."""
+    """The query path for `config`; a reload passes the cache (with its shaped and rotated
+    pools) and the endpoints to keep."""
     cloudmap = cloudmap or {}
 
     def upstream_set(upstreams: tuple[HostPort, ...], policy: str | None) -> UpstreamSet[HostPort]:
@@ -109,6 +116,14 @@ def build_resolver(
             if zone.health_check is not None
         },
     )
+    rotate = ZoneRouter(
+        config.answer_order == "rotate",
+        {
+            zone.name: zone.answer_order == "rotate"
+            for zone in config.zones
+            if zone.answer_order is not None
+        },
+    )
     if cache is None:
         cache = TtlCache(config.cache, metrics)
     else:
@@ -134,6 +149,8 @@ def build_resolver(
         discovery=discovery,
         endpoints=endpoints,
         shaper=shaper,
+        rotate=rotate,
+        rotator=rotator,
         clock=CLOCK,
     )
 
@@ -308,6 +325,11 @@ class Server:
             self.resolver.endpoints,  # endpoint health survives any reload
             self.cloudmap,
             self.resolver.shaper if keep else None,
+            # Pools made under another answer order go; their entries are served as the
+            # upstream sent them until refreshed (their charges stay until they retire).
+            self.resolver.rotator
+            if keep and answer_orders(self.config) == answer_orders(config)
+            else None,
         )
         self.watch_loops(old.loop_token)
         old.fast.clear()  # its rows may answer differently now; their counts are kept

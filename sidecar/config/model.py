@@ -40,13 +40,14 @@ class Zone:
     name: str
     upstreams: tuple[HostPort, ...]
     policy: str | None = None  # None: the global upstream.policy
+    answer_order: str | None = None  # None: the global answer_order
     health_check: HealthCheck | None = None  # set: a discovery zone, its answers are shaped
     max_answers: int | None = None  # discovery zones: keep only the first N after shaping
     cloudmap_namespace: str | None = None  # discovery zones: also ask Cloud Map for health
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {"upstreams": [str(hp) for hp in self.upstreams]}
-        for name in ("policy", "health_check", "max_answers", "cloudmap_namespace"):
+        for name in ("policy", "answer_order", "health_check", "max_answers", "cloudmap_namespace"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = str(value) if isinstance(value, HealthCheck) else value
@@ -123,6 +124,7 @@ class Config:
     workers: int = 1
     allow: tuple[IpNetwork, ...] = DEFAULT_ALLOW_NETWORKS
     rate_limit: int = 0  # queries per second per client over UDP; 0: off
+    answer_order: str = "rotate"  # "rotate" | "upstream"; a zone may set its own
     manage_resolv_conf: bool = False  # rewrite resolv.conf to us at start, restore at exit
     resolv_conf_path: str = DEFAULT_RESOLV_CONF
 

@@ -29,7 +29,15 @@ from sidecar.config.kinds import (
 )
 from sidecar.config.model import DEFAULT_ALLOW_NETWORKS
 from sidecar.config.names import ENV_PREFIX
-from sidecar.config.zone_kinds import CLOUDMAP, HEALTH_CHECK, MAX_ANSWERS, POLICY, PerZone, Zones
+from sidecar.config.zone_kinds import (
+    ANSWER_ORDER,
+    CLOUDMAP,
+    HEALTH_CHECK,
+    MAX_ANSWERS,
+    POLICY,
+    PerZone,
+    Zones,
+)
 from sidecar.resolv_conf import DEFAULT_PATH as DEFAULT_RESOLV_CONF
 
 ENV_CONFIG = "DNS_SIDECAR_CONFIG"
@@ -104,7 +112,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a client waits for the upstream before it gets a stale answer"),
     Setting("cache.stale_ttl", "--stale-ttl", IntRange(1, 3600), 30, "TTL of stale answers"),
     Setting("cache.max_bytes", "--cache-max-bytes", IntRange(1 << 20, 1 << 40), 64 << 20,
-            "memory the cache may use, estimated per entry (least recently used go first)"),
+            "memory the cache may use, estimated per entry with its rows and pools (least "
+            "recently used go first)"),
+    Setting("answer_order", "--answer-order", ANSWER_ORDER, "rotate",
+            "order of 2+ A/AAAA records in cached answers: rotated on each ask, or as the "
+            "upstream sent it (a zone table may set its own; discovery zones shape theirs)"),
     Setting("upstream.policy", "--upstream-policy", POLICY, "sequential",
             "order of a zone's upstreams: as given, shuffled, or by smoothed RTT"),
     Setting("upstream.max_fails", "--max-fails", IntRange(1, 100), 2,

@@ -99,11 +99,13 @@ MAX_ANSWERS = IntRange(1, 64)
 CLOUDMAP = CloudMapNamespace()
 ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
 POLICY = Choice("sequential", "random", "fastest")
+ANSWER_ORDER = Choice("rotate", "upstream")
 
 # The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 ZONE_KEYS: dict[str, Kind] = {
     "upstreams": ZONE_UPSTREAMS,
     "policy": POLICY,
+    "answer_order": ANSWER_ORDER,
     "health_check": HEALTH_CHECK,
     "max_answers": MAX_ANSWERS,
     "cloudmap": CLOUDMAP,

@@ -307,6 +307,9 @@ class TtlCache:
             charges[holder] = nbytes
         else:
             charges.pop(holder, None)
+            if not charges:
+                del self._charges[key]
+                self.bytes -= CHARGES_OVERHEAD
         self._evict(key)
 
     def charged(self, key: bytes) -> int:

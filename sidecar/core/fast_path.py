@@ -79,7 +79,7 @@ ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many se
 DRAIN_AT = 64  # batches handed off before the loop is asked to count them
 # Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
 # parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
-ROW_OVERHEAD = 700
+ROW_OVERHEAD = 550
 TAIL_OVERHEAD = 60
 
 

@@ -34,7 +34,7 @@ ADDRESS_TYPES = (1, 28)  # A, AAAA
 MAX_ORDERS = 8
 SHIFT_EVERY = 1.0  # seconds between moves of a pool of more than MAX_ORDERS addresses
 NO_TTL_CAP = 2**31 - 1  # rotated answers show the entry's own TTL
-POOL_OVERHEAD = 300  # the pool object and its list (tracemalloc, CPython 3.11)
+POOL_OVERHEAD = 150  # the pool object and its list (tracemalloc, CPython 3.11)
 HOLDER = "rotated"  # its name among an entry's charges
 
 

@@ -43,8 +43,8 @@ from sidecar.discovery.endpoints import EndpointTable
 ADDRESS_TYPES = (1, 28)  # A, AAAA
 # Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
 # per answer record its walked record, its address text and its slot.
-POOL_OVERHEAD = 1000
-PER_ANSWER = 200
+POOL_OVERHEAD = 600
+PER_ANSWER = 100
 HOLDER = "shaped"  # its name among an entry's charges
 
 

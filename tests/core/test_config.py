@@ -118,6 +118,7 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_WORKERS",
         "DNS_SIDECAR_ALLOW",
         "DNS_SIDECAR_RATE_LIMIT",
+        "DNS_SIDECAR_ANSWER_ORDER",
         "DNS_SIDECAR_TCP_MESSAGE_TIMEOUT",
         "DNS_SIDECAR_CACHE_MAX_BYTES",
         "DNS_SIDECAR_HEALTH_CHECKS",
@@ -665,3 +666,43 @@ def test_zone_table_needs_upstreams_or_a_health_check(tmp_path: Path) -> None:
     path.write_text('upstreams = ["10.0.0.2"]\n[zones.local]\nmax_answers = 1\n')
     with pytest.raises(ConfigError, match=r"zones.local.upstreams"):
         cfg.load(["--config", str(path)], {})
+
+
+def test_answer_order_globally_and_per_zone(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'upstreams = ["10.0.0.2"]\nanswer_order = "upstream"\n'
+        '[zones.corp]\nupstreams = ["10.1.0.2"]\nanswer_order = "rotate"\n'
+    )
+    config = cfg.load(["--config", str(path)], {})
+    assert config.answer_order == "upstream"
+    assert [zone.answer_order for zone in config.zones] == ["rotate"]
+    assert cfg.load(["--config", str(path), "--answer-order", "rotate"], {}).answer_order == (
+        "rotate"
+    )
+    env = {"DNS_SIDECAR_UPSTREAMS": "10.0.0.2", "DNS_SIDECAR_ANSWER_ORDER": "upstream"}
+    assert cfg.load([], env).answer_order == "upstream"
+    assert cfg.load(["--upstream", "10.0.0.2"], {}).answer_order == "rotate"  # the default
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        ('answer_order = "random"\n', "answer_order"),
+        ('[zones.corp]\nupstreams = ["10.1.0.2"]\nanswer_order = "random"\n', "zones.corp"),
+    ],
+)
+def test_a_bad_answer_order_names_key_value_and_choices(
+    tmp_path: Path, where: str, key: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('upstreams = ["10.0.0.2"]\n' + where)
+    with pytest.raises(ConfigError) as caught:
+        cfg.load(["--config", str(path)], {})
+    text = str(caught.value)
+    assert key in text and "random" in text and "rotate" in text and "upstream" in text, text
+
+
+def test_a_bad_answer_order_flag_or_variable_names_them() -> None:
+    with pytest.raises(ConfigError, match=r"DNS_SIDECAR_ANSWER_ORDER.*sorted.*rotate"):
+        cfg.load(["--upstream", "10.0.0.2"], {"DNS_SIDECAR_ANSWER_ORDER": "sorted"})
