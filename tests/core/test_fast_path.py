@@ -396,3 +396,23 @@ def test_a_backlog_of_hand_offs_asks_the_loop_to_count_it_once_as_it_passes_the_
     assert asked == [DRAIN_AT]
     s.fast.drain()
     assert hit.hits == 2 * DRAIN_AT
+
+
+def test_a_rotated_row_hands_out_each_order_in_turn() -> None:
+    s = Setup()
+    addresses = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+    msg = reply(addresses)
+    entry = s.store(msg, 100.0)
+    data = query()
+    q = wire.parse_query(data)
+    assert s.source.rotator.rotate(q.key, entry, msg, wire.parse_reply(msg), False, 100.0)
+    hit = s.fast.remember(data, q, entry, 100.0)
+    assert hit is not None and hit.shaped is not None
+    firsts: dict[str, int] = {}
+    for i in range(300):
+        answer = s.served(query(qid=i), 100.0 + i * 0.01)  # a refresh every second on the way
+        assert answer is not None and answer.rr[0].ttl == 60 - int(i * 0.01)
+        first = str(answer.rr[0].rdata)
+        firsts[first] = firsts.get(first, 0) + 1
+    # In turn between refreshes; a refresh (a new TTL shown) starts the turn at a random place.
+    assert set(firsts) == set(addresses) and all(97 <= n <= 103 for n in firsts.values()), firsts
