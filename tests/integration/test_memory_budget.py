@@ -17,6 +17,7 @@ import pytest
 
 from tests.fakes.nsd import NsdServer, free_port, loopback_host, running_nsd
 from tests.integration.conftest import Sidecar, StartSidecar
+from tests.integration.test_hostile import rss_mb
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +38,6 @@ def zone_text() -> str:
     for name in ["warm", *(f"n{i}" for i in range(NAMES))]:
         lines += [f"{name} IN A 127.0.40.{j + 1}" for j in range(ADDRESSES)]
     return "\n".join(lines) + "\n"
-
-
-def rss_mb(sc: Sidecar) -> float:
-    with open(f"/proc/{sc.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def ask(sc: Sidecar, label: str) -> bool:
