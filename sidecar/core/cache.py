@@ -56,7 +56,7 @@ class CacheSettings:
 T = TypeVar("T")
 ENTRY_OVERHEAD = 350
 CHUNK_OVERHEAD = 42
-CHARGES_OVERHEAD = 250  # the dict of a charged key's holders (tracemalloc, CPython 3.11)
+CHARGE_SLOT = 100  # a charge's own slot and number (tracemalloc, CPython 3.11)
 POOL_SLOT = 8  # a pool's list slot per variant
 
 
@@ -215,8 +215,9 @@ class TtlCache:
         # The estimated memory of all entries (Entry.cost + key) and of what is kept beside
         # them (charges), for max_bytes.
         self.bytes = 0
-        # Key -> holder ("rows", "shaped", "rotated") -> the bytes it keeps beside that entry.
-        self._charges: dict[bytes, dict[str, int]] = {}
+        # Holder ("rows", "shaped", "rotated") -> key -> the bytes it keeps beside that entry
+        # (one table per holder: a dict per key cost 250 bytes per key with a fast-path row).
+        self._charges: dict[str, dict[bytes, int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -296,26 +297,19 @@ class TtlCache:
         used others evicted to make room. Ignored when no entry is cached under `key`."""
         if key not in self._entries:
             return
-        charges = self._charges.get(key)
-        if charges is None:
-            if not nbytes:
-                return
-            charges = self._charges[key] = {}
-            self.bytes += CHARGES_OVERHEAD
-        self.bytes += nbytes - charges.get(holder, 0)
+        held = self._charges.get(holder)
+        if held is None:
+            held = self._charges[holder] = {}
+        before = held.pop(key, 0)
         if nbytes:
-            charges[holder] = nbytes
-        else:
-            charges.pop(holder, None)
-            if not charges:
-                del self._charges[key]
-                self.bytes -= CHARGES_OVERHEAD
+            nbytes += CHARGE_SLOT
+            held[key] = nbytes
+        self.bytes += nbytes - before
         self._evict(key)
 
     def charged(self, key: bytes) -> int:
         """The bytes kept beside the entry under `key` (its charges)."""
-        charges = self._charges.get(key)
-        return CHARGES_OVERHEAD + sum(charges.values()) if charges is not None else 0
+        return sum(held.get(key, 0) for held in self._charges.values())
 
     def _evict(self, keep: bytes) -> None:
         """Least recently used entries out while over a bound; never `keep` (the entry just
@@ -338,8 +332,9 @@ class TtlCache:
             if self.on_retire is not None:
                 self.on_retire(key)
             self.negative_entries -= old.negative
-            self.bytes -= old.cost + len(key) + self.charged(key)
-            self._charges.pop(key, None)
+            self.bytes -= old.cost + len(key)
+            for held in self._charges.values():
+                self.bytes -= held.pop(key, 0)
 
     def remember_failure(self, key: bytes, now: float) -> None:
         """RFC 9520: a failed resolution is not retried upstream for `servfail_ttl` seconds."""

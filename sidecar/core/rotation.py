@@ -35,6 +35,7 @@ MAX_ORDERS = 8
 SHIFT_EVERY = 1.0  # seconds between moves of a pool of more than MAX_ORDERS addresses
 NO_TTL_CAP = 2**31 - 1  # rotated answers show the entry's own TTL
 POOL_OVERHEAD = 150  # the pool object and its list (tracemalloc, CPython 3.11)
+RECORD_BYTES = 250  # a walked record (wire.Record) and its list slot
 HOLDER = "rotated"  # its name among an entry's charges
 
 
@@ -65,7 +66,18 @@ def address_rrset(msg: bytes, reply: wire.Reply) -> tuple[int, int] | None:
 class RotatedAnswer:
     """The rotated orders of one cached answer's address RRset (see the module's notes)."""
 
-    __slots__ = ("base", "cost", "do", "generation", "msg", "next", "records", "shift", "variants")
+    __slots__ = (
+        "base",
+        "cost",
+        "do",
+        "generation",
+        "moves",
+        "msg",
+        "next",
+        "records",
+        "shift",
+        "variants",
+    )
     answer_ttl = NO_TTL_CAP
 
     def __init__(
@@ -74,6 +86,7 @@ class RotatedAnswer:
         self.base = base
         self.msg = msg
         self.records = records  # the RRset's records, as the upstream sent them
+        self.moves = len(records) > MAX_ORDERS  # the pool moves on, so it is built again
         self.do = do
         self.shift = 0  # how far a pool of more than MAX_ORDERS addresses has moved on
         self.next = start  # the index of the variant the next render serves
@@ -81,6 +94,8 @@ class RotatedAnswer:
         self.variants: list[Entry] = []
         self.cost = 0
         self._build()
+        if not self.moves:  # built once: what it was built from can go (a third of its bytes)
+            self.msg, self.records = b"", []
 
     def _build(self) -> None:
         n = len(self.records)
@@ -108,11 +123,13 @@ class RotatedAnswer:
             )
         self.variants = variants
         self.generation += 1
-        self.cost = POOL_OVERHEAD + len(msg) + pool_cost(variants)
+        # What a moving pool keeps to build from: the reply and a walked record per address.
+        kept = len(msg) + RECORD_BYTES * len(records) if self.moves else 0
+        self.cost = POOL_OVERHEAD + kept + pool_cost(variants)
 
     def refresh(self, now: float) -> None:
         """Move a pool of more than MAX_ORDERS addresses on, once per SHIFT_EVERY seconds."""
-        if len(self.records) <= MAX_ORDERS:
+        if not self.moves:
             return
         shift = int(now / SHIFT_EVERY) % len(self.records)
         if shift != self.shift:
