@@ -396,7 +396,8 @@ async def serve(
     try:
         await server.start()
     except OSError as exc:
-        log.error("cannot listen", extra={"fields": {"error": str(exc)}})
+        where = exc.fields() if isinstance(exc, sockets.CannotListen) else {}
+        log.error("cannot listen", extra={"fields": {**where, "error": str(exc)}})
         await server.drain(0)
         return 1
     if config.manage_resolv_conf and worker == 0:  # listeners up: point resolv.conf at us

@@ -9,7 +9,23 @@ and handed to the loop ready to use.
 
 from __future__ import annotations
 
+import errno
 import socket
+
+
+class CannotListen(OSError):
+    """A listening socket could not be made or bound; says which and why."""
+
+    def __init__(self, protocol: str, host: str, port: int, cause: OSError) -> None:
+        code = cause.errno or 0
+        self.protocol = protocol
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.errno_name = errno.errorcode.get(code, str(code))
+        super().__init__(code, f"{protocol} {self.address}: {self.errno_name} ({cause.strerror})")
+
+    def fields(self) -> dict[str, str]:
+        """The log fields: address, protocol and errno."""
+        return {"address": self.address, "protocol": self.protocol, "errno": self.errno_name}
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -19,16 +35,21 @@ def _family(host: str) -> socket.AddressFamily:
 def _bound(
     host: str, port: int, kind: socket.SocketKind, options: list[tuple[int, int, int]]
 ) -> socket.socket:
-    """A non-blocking socket with these options, bound to (host, port); closed on failure."""
-    sock = socket.socket(_family(host), kind)
+    """A non-blocking socket with these options, bound to (host, port); closed on failure,
+    which raises CannotListen."""
+    protocol = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+    try:
+        sock = socket.socket(_family(host), kind)
+    except OSError as exc:
+        raise CannotListen(protocol, host, port, exc) from exc
     try:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
         sock.bind((host, port))
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise CannotListen(protocol, host, port, exc) from exc
     return sock
 
 
