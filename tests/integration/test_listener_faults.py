@@ -4,15 +4,22 @@ their TCP connections, datagrams the kernel drops because the receive buffer is 
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
+import time
 
+import dns.message
+import dns.query
 import pytest
 
-from tests.fakes.nsd import free_port, loopback_host
-from tests.integration.conftest import REPO_ROOT, clean_env
+from tests.fakes.nsd import NsdServer, free_port, loopback_host
+from tests.integration.conftest import REPO_ROOT, StartSidecar, clean_env
+from tests.integration.test_hostile import metric
 
 pytestmark = pytest.mark.integration
+
+RESETS = 200
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM])
@@ -37,3 +44,29 @@ def test_cannot_listen_names_the_address_the_protocol_and_the_errno(
     assert f"address={host}:{port}" in lines[0]
     assert f"protocol={protocol}" in lines[0]
     assert "errno=EADDRINUSE" in lines[0]
+
+
+def _reset_connection(host: str, port: int) -> None:
+    """Connect and close with SO_LINGER 0: the kernel sends RST instead of FIN."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.connect((host, port))
+
+
+def test_connections_the_client_resets_count_as_reset_not_refused(
+    sidecar: StartSidecar, nsd_default: NsdServer
+) -> None:
+    sc = sidecar("--upstream", nsd_default.address)
+    for _ in range(RESETS):
+        _reset_connection(sc.addr, sc.port)
+    # Most resets land before the listener accepts (getpeername fails); the rest while it
+    # waits for a length prefix. Either way, none is an access-control refusal.
+    deadline = time.monotonic() + 5
+    while metric(sc, "dns_sidecar_dropped_total", reason="reset") == 0:
+        assert time.monotonic() < deadline, "no reset counted"
+        time.sleep(0.05)
+    assert metric(sc, "dns_sidecar_dropped_total", reason="refused") == 0
+    # The listener still serves.
+    assert dns.query.tcp(
+        dns.message.make_query("www.example.test.", "A"), sc.addr, port=sc.port, timeout=5
+    ).answer
