@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
+
+# linux/sock_diag.h: getsockopt(SOL_SOCKET, SO_MEMINFO) fills u32 sk_meminfo[SK_MEMINFO_VARS];
+# index SK_MEMINFO_DROPS counts what the kernel dropped on the socket (full receive buffer).
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
 
 
 class CannotListen(OSError):
@@ -70,3 +76,20 @@ def tcp_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.so
     if _family(host) == socket.AF_INET6:
         options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1))
     return _bound(host, port, socket.SOCK_STREAM, options)
+
+
+def kernel_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped on `sock` (receive buffer full), as it counts them itself:
+    read when asked (at scrape time), so counting costs the receive path nothing. 0 once the
+    socket is closed or on a kernel without SO_MEMINFO (before 4.6)."""
+    if sock.fileno() < 0:
+        return 0
+    size = (SK_MEMINFO_DROPS + 1) * 4
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, size)
+    except OSError:
+        return 0
+    if len(info) < size:
+        return 0
+    drops: int = struct.unpack_from("=I", info, SK_MEMINFO_DROPS * 4)[0]
+    return drops

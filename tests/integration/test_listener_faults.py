@@ -3,6 +3,7 @@ their TCP connections, datagrams the kernel drops because the receive buffer is 
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import subprocess
@@ -20,6 +21,7 @@ from tests.integration.test_hostile import metric
 pytestmark = pytest.mark.integration
 
 RESETS = 200
+BURST = 2000
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM])
@@ -70,3 +72,37 @@ def test_connections_the_client_resets_count_as_reset_not_refused(
     assert dns.query.tcp(
         dns.message.make_query("www.example.test.", "A"), sc.addr, port=sc.port, timeout=5
     ).answer
+
+
+@pytest.mark.parametrize("reader_thread", ["true", "false"])
+def test_datagrams_the_kernel_drops_on_a_full_receive_buffer_are_counted(
+    sidecar: StartSidecar, nsd_default: NsdServer, reader_thread: str
+) -> None:
+    sc = sidecar("--upstream", nsd_default.address, "--udp-reader-thread", reader_thread)
+    query = dns.message.make_query("www.example.test.", "A")
+    assert dns.query.udp(query, sc.addr, port=sc.port, timeout=5).answer  # cached from here on
+    received_before = metric(sc, "dns_sidecar_requests_total", proto="udp")
+    assert metric(sc, "dns_sidecar_dropped_total", reason="kernel") == 0
+    # Stopped, the sidecar reads nothing: the burst fills the socket's receive buffer (about
+    # 200 KiB by default, each datagram costing a buffer of at least 768 bytes) and the kernel
+    # drops the rest.
+    sc.proc.send_signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for _ in range(BURST):
+                client.sendto(query.to_wire(), (sc.addr, sc.port))
+    finally:
+        sc.proc.send_signal(signal.SIGCONT)
+
+    def settled() -> tuple[float, float]:
+        received = metric(sc, "dns_sidecar_requests_total", proto="udp") - received_before
+        return received, metric(sc, "dns_sidecar_dropped_total", reason="kernel")
+
+    deadline = time.monotonic() + 10
+    while sum(settled()) < BURST:
+        assert time.monotonic() < deadline, f"of {BURST} sent: received, kernel = {settled()}"
+        time.sleep(0.05)
+    received, kernel = settled()
+    print(f"of {BURST} sent: {received:.0f} read, {kernel:.0f} dropped by the kernel")
+    assert kernel > 0
+    assert received + kernel == BURST  # every datagram either read or counted as dropped
