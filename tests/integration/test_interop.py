@@ -69,6 +69,7 @@ class Case:
 
 CASES = [
     Case("WwW.InTeRoP.TeSt.", "A", "NOERROR", frozenset(WWW_A)),
+    Case("www.INTEROP.test.", "A", "NOERROR", frozenset(WWW_A)),  # a cache hit, other case
     Case("wWw.iNtErOp.tEsT.", "AAAA", "NOERROR", frozenset({("AAAA", "2001:db8::1")})),
     Case(
         "_HtTp._TcP.InTeRoP.tEsT.",
