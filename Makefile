@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?= --listen 127.0.0.1:5353 --log-format text
 
-.PHONY: run test lint typecheck unit integration clean
+.PHONY: run test test-deps lint typecheck unit integration clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,16 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -m integration -q
 
-test: $(STAMP) lint typecheck
+# The Debian packages the tests run (nsd as the upstream; dig, kdig, drill as clients; promtool;
+# ip and unshare for network namespaces): installed as root with apt-get when missing, else
+# `make test` stops at once naming them.
+TEST_DEPS := nsd=nsd dig=dnsutils kdig=knot-dnsutils drill=ldnsutils promtool=prometheus \
+	ip=iproute2 unshare=util-linux
+
+test-deps:
+	bash .ci/install-deps.sh test $(TEST_DEPS)
+
+test: test-deps $(STAMP) lint typecheck
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
@@ -64,11 +73,11 @@ $(BENCH_STAMP): pyproject.toml
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	bash bench/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
+	bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	bash bench/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
+	bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
 	$(BIN)/python -m bench.run --quick --out bench/results/quick $(BENCH_ARGS)
 
 # What the application sees when a backend dies or slows down (bench/discovery/README.md):
@@ -85,5 +94,5 @@ $(BENCH_DISCOVERY_STAMP): pyproject.toml
 	touch $(BENCH_DISCOVERY_STAMP)
 
 bench-discovery: $(BENCH_DISCOVERY_STAMP)
-	bash bench/install-deps.sh bench-discovery nsd=nsd dnsmasq=dnsmasq-base ip=iproute2
+	bash .ci/install-deps.sh bench-discovery nsd=nsd dnsmasq=dnsmasq-base ip=iproute2
 	$(BIN)/python -m bench.discovery $(BENCH_DISCOVERY_ARGS)

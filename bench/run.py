@@ -638,7 +638,7 @@ def machine_info() -> dict[str, str]:
 def check_tools() -> None:
     missing = [t for t in ("dnsperf", "nsd", "dnsmasq", "unbound", "taskset") if not _which(t)]
     if missing:
-        sys.exit(f"bench: missing {', '.join(missing)}: run bench/install-deps.sh (make bench)")
+        sys.exit(f"bench: missing {', '.join(missing)}: run .ci/install-deps.sh (make bench)")
 
 
 def _which(tool: str) -> bool:

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -165,6 +166,7 @@ class Server:
     udp: list[tuple[asyncio.DatagramTransport | UdpReaderThread, UdpListener]] = field(
         default_factory=list
     )
+    udp_sockets: list[socket.socket] = field(default_factory=list)  # for their kernel drops
     tcp_servers: list[asyncio.Server] = field(default_factory=list)
     tcp: TcpListener | None = None
     http_server: asyncio.Server | None = None
@@ -200,6 +202,7 @@ class Server:
                 limiter=rate_limiter(self.config),
             )
             sock = sockets.udp_socket(address.host, address.port, reuse_port=reuse_port)
+            self.udp_sockets.append(sock)
             transport: asyncio.DatagramTransport | UdpReaderThread
             if self.config.udp_reader_thread and datagram_batch.available():
                 transport = UdpReaderThread(sock, f"udp {address}", self.metrics.dropped)
@@ -249,6 +252,7 @@ class Server:
 
     def snapshot(self) -> Snapshot:
         """At scrape time: the current resolver's state (a reload replaces it)."""
+        self.metrics.dropped["kernel"] = sum(map(sockets.kernel_drops, self.udp_sockets))
         return self.resolver.snapshot()
 
     def endpoint_table(self) -> object:
@@ -418,7 +422,8 @@ async def serve(
     try:
         await server.start()
     except OSError as exc:
-        log.error("cannot listen", extra={"fields": {"error": str(exc)}})
+        where = exc.fields() if isinstance(exc, sockets.CannotListen) else {}
+        log.error("cannot listen", extra={"fields": {**where, "error": str(exc)}})
         await server.drain(0)
         return 1
     if config.manage_resolv_conf and worker == 0:  # listeners up: point resolv.conf at us

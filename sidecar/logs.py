@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from sidecar.core.line_budget import LineBudget
+
 LOGGER_NAME = "dns_sidecar"
 
 
@@ -73,9 +75,28 @@ def query_line(
     )
 
 
-def endpoint_changed(zone: str, address: str, health: str, **fields: object) -> None:
+# Discovery endpoints changing health: a line each for the first ENDPOINT_LINES_PER_SECOND of
+# each health value in a second, then one summary (core/line_budget.py). Owned here, the one
+# place both probes and Cloud Map log through.
+ENDPOINT_LINES_PER_SECOND = 20
+_endpoint_lines = LineBudget(ENDPOINT_LINES_PER_SECOND, 1.0)
+
+
+def endpoint_changed(zone: str, address: str, health: str, now: float, **fields: object) -> None:
     """The log line of a discovery endpoint's health transition (probes and Cloud Map)."""
-    get().info(
-        "endpoint health changed",
-        extra={"fields": {"zone": zone, "address": address, "health": health, **fields}},
-    )
+    endpoint_summaries(now)
+    if _endpoint_lines.admit(health, now):
+        get().info(
+            "endpoint health changed",
+            extra={"fields": {"zone": zone, "address": address, "health": health, **fields}},
+        )
+
+
+def endpoint_summaries(now: float) -> None:
+    """One line per health value for the changes left out in a second that is over; the probe
+    loop calls it every tick, Cloud Map after each refresh."""
+    for health, count in _endpoint_lines.ended(now):
+        get().info(
+            "more endpoint health changes",
+            extra={"fields": {"health": health, "count": count, "seconds": 1.0}},
+        )

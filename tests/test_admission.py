@@ -61,7 +61,13 @@ def test_allowed_client_is_answered_and_outsider_refused() -> None:
     refused = DNSRecord.parse(refusal)
     assert refused.header.rcode == wire.REFUSED and refused.header.id == 2
     assert refused.rr == [] and str(refused.q.qname) == "a.example."
-    assert udp.metrics.dropped == {"malformed": 0, "refused": 1, "overload": 0}
+    assert udp.metrics.dropped == {
+        "malformed": 0,
+        "refused": 1,
+        "overload": 0,
+        "reset": 0,
+        "kernel": 0,
+    }
     assert udp.metrics.responses["local"][wire.REFUSED] == 1
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 SOURCES = ("cache", "upstream", "stale", "local")
-DROP_REASONS = ("malformed", "refused", "overload")
+DROP_REASONS = ("malformed", "refused", "overload", "reset", "kernel")
 UPSTREAM_ERRORS = ("timeout", "refused", "mismatch", "truncated", "network")
 # Cache hits take microseconds, misses milliseconds to seconds: one set of buckets for both.
 LATENCY_BUCKETS = (

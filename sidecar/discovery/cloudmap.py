@@ -316,14 +316,17 @@ async def _refresh(
             errors.warning("cloudmap refresh failed", str(exc), fields)
             continue
         source.statuses[service] = statuses
+    now = source.clock()
     for endpoint in table.set_cloudmap(source.zone, source.zone_statuses()):
         logs.endpoint_changed(
             endpoint.zone,
             endpoint.address,
             endpoint.health_name,
+            now,
             source="cloudmap",
             cloudmap=endpoint.cloudmap,
         )
+    logs.endpoint_summaries(now)
     return throttled
 
 

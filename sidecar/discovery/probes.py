@@ -72,11 +72,13 @@ async def run_probes(
                 ok = True
             except (OSError, TimeoutError):
                 rtt, ok = None, False
-            if table.probed(endpoint, ok, rtt, clock()):
+            now = clock()
+            if table.probed(endpoint, ok, rtt, now):
                 logs.endpoint_changed(
                     endpoint.zone,
                     endpoint.address,
                     endpoint.health_name,
+                    now,
                     source="probe",
                     check=str(check),
                 )
@@ -85,6 +87,7 @@ async def run_probes(
     try:
         while True:
             now = clock()
+            logs.endpoint_summaries(now)
             for endpoint in table.due(now):
                 check = checks.get(endpoint.zone)
                 if check is None:

@@ -9,7 +9,29 @@ and handed to the loop ready to use.
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
+
+# linux/sock_diag.h: getsockopt(SOL_SOCKET, SO_MEMINFO) fills u32 sk_meminfo[SK_MEMINFO_VARS];
+# index SK_MEMINFO_DROPS counts what the kernel dropped on the socket (full receive buffer).
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+
+
+class CannotListen(OSError):
+    """A listening socket could not be made or bound; says which and why."""
+
+    def __init__(self, protocol: str, host: str, port: int, cause: OSError) -> None:
+        code = cause.errno or 0
+        self.protocol = protocol
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.errno_name = errno.errorcode.get(code, str(code))
+        super().__init__(code, f"{protocol} {self.address}: {self.errno_name} ({cause.strerror})")
+
+    def fields(self) -> dict[str, str]:
+        """The log fields: address, protocol and errno."""
+        return {"address": self.address, "protocol": self.protocol, "errno": self.errno_name}
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -19,16 +41,21 @@ def _family(host: str) -> socket.AddressFamily:
 def _bound(
     host: str, port: int, kind: socket.SocketKind, options: list[tuple[int, int, int]]
 ) -> socket.socket:
-    """A non-blocking socket with these options, bound to (host, port); closed on failure."""
-    sock = socket.socket(_family(host), kind)
+    """A non-blocking socket with these options, bound to (host, port); closed on failure,
+    which raises CannotListen."""
+    protocol = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+    try:
+        sock = socket.socket(_family(host), kind)
+    except OSError as exc:
+        raise CannotListen(protocol, host, port, exc) from exc
     try:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
         sock.bind((host, port))
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise CannotListen(protocol, host, port, exc) from exc
     return sock
 
 
@@ -49,3 +76,20 @@ def tcp_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.so
     if _family(host) == socket.AF_INET6:
         options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1))
     return _bound(host, port, socket.SOCK_STREAM, options)
+
+
+def kernel_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped on `sock` (receive buffer full), as it counts them itself:
+    read when asked (at scrape time), so counting costs the receive path nothing. 0 once the
+    socket is closed or on a kernel without SO_MEMINFO (before 4.6)."""
+    if sock.fileno() < 0:
+        return 0
+    size = (SK_MEMINFO_DROPS + 1) * 4
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, size)
+    except OSError:
+        return 0
+    if len(info) < size:
+        return 0
+    drops: int = struct.unpack_from("=I", info, SK_MEMINFO_DROPS * 4)[0]
+    return drops

@@ -117,7 +117,11 @@ class TcpListener:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.access is not None:
             peer = writer.get_extra_info("peername")
-            if not (peer and self.access.allowed(str(peer[0]))):
+            if not peer:  # getpeername failed: the client reset before we accepted
+                self.metrics.dropped["reset"] += 1
+                writer.transport.abort()
+                return
+            if not self.access.allowed(str(peer[0])):
                 self.metrics.dropped["refused"] += 1
                 writer.transport.abort()
                 return

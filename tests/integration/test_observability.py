@@ -81,7 +81,7 @@ PROCESS_FAMILIES: dict[str, str] = {
 }
 SOURCES = {"cache", "upstream", "stale", "local"}
 UPSTREAM_ERROR_REASONS = {"timeout", "refused", "mismatch", "truncated", "network"}
-DROP_REASONS = {"malformed", "refused", "overload"}
+DROP_REASONS = {"malformed", "refused", "overload", "reset", "kernel"}
 
 # A metric name as the rules and the dashboard's queries spell it.
 METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:$])((?:dns_sidecar|process)_[A-Za-z0-9_]+)")
