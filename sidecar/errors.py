@@ -21,18 +21,42 @@ class FormError(Exception):
 
 
 class UpstreamError(Exception):
-    """The upstream did not answer usefully; `reason` is a bounded label for metrics."""
+    """The upstream did not answer usefully; `reason` is a bounded label for metrics.
+
+    When it ends a question (the forwarder's outcome), it is the last failure of that
+    question, and `timed_out_only` says whether every attempt of it timed out (no upstream
+    reached) rather than failing in some other way."""
 
     reason = "network"
+    timed_out_only = False
 
 
 class UpstreamTimeout(UpstreamError):
     reason = "timeout"
+    timed_out_only = True
 
 
-class UpstreamRefused(UpstreamError):
-    reason = "refused"
+class UpstreamUnreachable(UpstreamError):
+    """ICMP port unreachable, or a TCP connection refused: nothing listens there."""
+
+    reason = "unreachable"
 
 
 class BadUpstreamReply(UpstreamError):
-    reason = "mismatch"
+    """A reply that matched our query but cannot be read."""
+
+    reason = "unreadable"
+
+
+# The reasons of an upstream's reply codes that are no usable answer (anything but NOERROR and
+# NXDOMAIN); any other code is "rcode".
+RCODE_REASONS = {1: "formerr", 2: "servfail", 4: "notimp", 5: "refused", 9: "notauth"}
+
+
+class UpstreamRcode(UpstreamError):
+    """The upstream answered with a reply code that is no answer (SERVFAIL, REFUSED, ...)."""
+
+    def __init__(self, rcode: int, message: str) -> None:
+        super().__init__(message)
+        self.rcode = rcode
+        self.reason = RCODE_REASONS.get(rcode, "rcode")

@@ -8,12 +8,15 @@ callbacks: no task and no coroutine per question or attempt.
 A transport's contract (`Exchanges`): `exchange()` sends at once and returns the future of the
 reply, whose ID, QR and question already matched the query (RFC 5452); it fails with an
 UpstreamError (at once, or when `timeout` seconds pass), or raises one when it cannot even send.
-Cancelling the future abandons the exchange and frees what it held.
+Cancelling the future abandons the exchange and frees what it held. With `late` given, a
+timed-out UDP exchange keeps its ID and socket `linger` seconds more, and a reply that comes
+then is passed to `late` (once), so a slow upstream still answers the question.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -34,7 +37,16 @@ class Exchanges(Protocol):
     """One exchange with one upstream server (see the module's docstring)."""
 
     def exchange(
-        self, server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, tcp: bool
+        self,
+        server: HostPort,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        tcp: bool,
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
     ) -> asyncio.Future[bytes]: ...
 
     def close(self, *, now: bool = False) -> None: ...
@@ -48,9 +60,13 @@ def log_health(server: HostPort, up: bool, reason: str) -> None:
 
 
 class _Question:
-    """One question in flight: its decisions, the exchange under way, the future of it all."""
+    """One question in flight: its decisions, the exchanges under way, the future of it all.
 
-    __slots__ = ("cd", "do", "forwarder", "forwarding", "question", "result")
+    Usually one exchange is under way. An attempt that timed out may still bring a late
+    reply (`late`), and a late truncated reply starts its TCP retry beside the current
+    attempt; once the question is settled, what is still under way is cancelled."""
+
+    __slots__ = ("cd", "do", "exchanges", "forwarder", "forwarding", "question", "result")
 
     def __init__(
         self, forwarder: Forwarder, forwarding: Forwarding, question: bytes, cd: bool, do: bool
@@ -60,6 +76,7 @@ class _Question:
         self.question = question
         self.cd = cd
         self.do = do
+        self.exchanges: list[asyncio.Future[bytes]] = []
         self.result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
     def run(self, attempt: Attempt | None) -> None:
@@ -74,41 +91,63 @@ class _Question:
                     do=self.do,
                     timeout=attempt.timeout,
                     tcp=attempt.tcp,
+                    late=functools.partial(self.late, attempt) if attempt.linger else None,
+                    linger=attempt.linger,
                 )
             except UpstreamError as exc:
-                attempt = forwarding.failed(exc, forwarder.clock())
+                attempt = forwarding.failed(attempt, exc, forwarder.clock())
                 continue
-            exchange.add_done_callback(self.exchanged)
+            self.exchanges.append(exchange)
+            exchange.add_done_callback(functools.partial(self.exchanged, attempt))
+            return
+        self.settle()
+
+    def settle(self) -> None:
+        """Once the decisions are done: the result, and what is under way cancelled."""
+        forwarding, result = self.forwarding, self.result
+        if result.done() or not forwarding.done:
             return
         if forwarding.outcome is not None:
-            self.result.set_result(forwarding.outcome)
+            result.set_result(forwarding.outcome)
         else:
             assert forwarding.error is not None
-            self.result.set_exception(forwarding.error)
+            result.set_exception(forwarding.error)
+        exchanges, self.exchanges = self.exchanges, []
+        for exchange in exchanges:
+            exchange.cancel()
 
-    def exchanged(self, exchange: asyncio.Future[bytes]) -> None:
+    def exchanged(self, attempt: Attempt, exchange: asyncio.Future[bytes]) -> None:
         result, forwarding = self.result, self.forwarding
-        if exchange.cancelled():
-            if not result.done():
-                result.cancel()
-            return
-        error = exchange.exception()
         if result.done():
             return
+        if exchange.cancelled():
+            result.cancel()
+            return
+        self.exchanges.remove(exchange)
         if self.forwarder.stopped:
             forwarding.stop()
+        error = exchange.exception()
         now = self.forwarder.clock()
         try:
             if error is None:
-                attempt = forwarding.replied(exchange.result(), now)
+                self.run(forwarding.replied(attempt, exchange.result(), now))
             elif isinstance(error, UpstreamError):
-                attempt = forwarding.failed(error, now)
+                self.run(forwarding.failed(attempt, error, now))
             else:
                 raise error
-            self.run(attempt)
         except Exception as exc:  # a bug: the waiters learn of it
             if not result.done():
                 result.set_exception(exc)
+
+    def late(self, attempt: Attempt, msg: bytes) -> None:
+        """A reply to `attempt` after it timed out, while the question went on."""
+        if self.result.done():
+            return
+        try:
+            self.run(self.forwarding.replied(attempt, msg, self.forwarder.clock()))
+        except Exception as exc:  # a bug: the waiters learn of it
+            if not self.result.done():
+                self.result.set_exception(exc)
 
 
 class Forwarder:

@@ -239,9 +239,7 @@ class Resolver:
                 async with asyncio.timeout(self.stale_answer_after):
                     await waiter
             entry = fetch.result()
-        except (UpstreamError, TimeoutError):
-            return self._stale_or_servfail(query, q, stale, limit, "upstream")
-        if stale is not None and entry.rcode == wire.SERVFAIL:
+        except (UpstreamError, TimeoutError):  # every kind of upstream failure: one rule
             return self._stale_or_servfail(query, q, stale, limit, "upstream")
         return self.render(entry, query, q, self.clock(), limit), "upstream"
 

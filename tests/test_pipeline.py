@@ -1,7 +1,7 @@
 """The query path in-process: the resolver, the real forwarding decisions and their driver,
 over a scripted in-memory transport (tests/fakes/scripted_exchanges.py) and one fake clock.
-Failover, the round rule, SERVFAIL fallback, TCP after truncation, deadlines, stale answers,
-coalescing, the bound on fetches, failure memory and loop probes, without a socket."""
+Failover, the round rule, the one failure rule, late replies, TCP after truncation, deadlines,
+stale answers, coalescing, the bound on fetches, failure memory and loop probes, no socket."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sidecar.core.counters import Counters
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.shaping import ShapeSettings
-from sidecar.errors import BadUpstreamReply, UpstreamRefused
+from sidecar.errors import BadUpstreamReply, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
 from sidecar.pipeline import DiscoveryZone, Resolver
 from tests.fakes.scripted_exchanges import (
@@ -131,7 +131,7 @@ def test_a_round_without_a_timeout_ends_the_question_one_with_a_timeout_goes_rou
     async def test() -> None:
         p = Path()
         for server in (FIRST, SECOND):
-            p.transport.add(server, Step(error=UpstreamRefused(f"{server}: refused")))
+            p.transport.add(server, Step(error=UpstreamUnreachable(f"{server}: refused")))
         answer, source = await p.ask("refused.example")
         assert answer.header.rcode == RCODE.SERVFAIL and source == "upstream"
         assert len(p.transport.asked) == 2  # one round, no second one
@@ -146,20 +146,80 @@ def test_a_round_without_a_timeout_ends_the_question_one_with_a_timeout_goes_rou
     run(test)
 
 
-def test_servfail_moves_on_while_an_upstream_is_unasked_and_is_served_when_all_fail() -> None:
+@pytest.mark.parametrize(
+    "rcode",
+    [RCODE.SERVFAIL, RCODE.REFUSED, RCODE.FORMERR, RCODE.NOTIMP, RCODE.NOTAUTH],
+)
+def test_every_failing_reply_code_moves_on_and_is_never_passed_to_the_client(rcode: int) -> None:
     async def test() -> None:
         p = Path()
-        p.transport.add(FIRST, Step(reply_to("x.example", rcode=RCODE.SERVFAIL)))
+        p.transport.add(FIRST, Step(reply_to("x.example", rcode=rcode)))
         p.transport.add(SECOND, Step(reply_to("x.example", addresses=("192.0.2.9",))))
         answer, _ = await p.ask("x.example")
         assert str(answer.rr[0].rdata) == "192.0.2.9"
 
         p = Path()
         for server in (FIRST, SECOND):
-            p.transport.add(server, Step(reply_to("y.example", rcode=RCODE.SERVFAIL)))
-        answer, _ = await p.ask("y.example")
-        assert answer.header.rcode == RCODE.SERVFAIL
+            p.transport.add(server, Step(reply_to("y.example", rcode=rcode)))
+        answer, source = await p.ask("y.example")
+        assert answer.header.rcode == RCODE.SERVFAIL and source == "upstream"  # never rcode
         assert len(p.transport.asked) == 2
+        answer, source = await p.ask("y.example")  # remembered (RFC 9520): not asked again
+        assert answer.header.rcode == RCODE.SERVFAIL and source == "cache"
+        assert len(p.transport.asked) == 2
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Step(),  # silence
+        Step(reply_to("s.example", rcode=RCODE.SERVFAIL)),
+        Step(reply_to("s.example", rcode=RCODE.REFUSED)),
+        Step(reply_to("s.example", rcode=RCODE.FORMERR)),
+        Step(reply_to("s.example", rcode=RCODE.NOTIMP)),
+        Step(reply_to("s.example", rcode=RCODE.NOTAUTH)),
+        Step(reply_to("s.example")[:20]),  # unreadable
+        Step(error=UpstreamUnreachable("unreachable")),
+    ],
+)
+def test_every_kind_of_upstream_failure_gets_the_stale_answer_and_is_remembered(
+    failure: Step,
+) -> None:
+    async def test() -> None:
+        p = Path(stale_answer_after=10.0)
+        p.transport.add(FIRST, Step(reply_to("s.example", addresses=("192.0.2.7",), ttl=5)))
+        await p.ask("s.example")
+        p.clock.advance(6)  # expired
+        for server in (FIRST, SECOND):
+            p.transport.add(server, failure, failure)
+        asked = len(p.transport.asked)
+        answer, source = await p.ask("s.example")
+        assert source == "stale" and answer.header.rcode == RCODE.NOERROR
+        assert str(answer.rr[0].rdata) == "192.0.2.7"
+        sent = len(p.transport.asked) - asked
+        for _ in range(20):  # failure memory: stale answers without asking again
+            answer, source = await p.ask("s.example")
+            assert source == "stale" and str(answer.rr[0].rdata) == "192.0.2.7"
+        assert len(p.transport.asked) - asked == sent
+
+    run(test)
+
+
+def test_an_upstream_slower_than_the_attempt_timeout_answers_in_its_own_time() -> None:
+    async def test() -> None:
+        p = Path(attempt_timeout=1.0, query_timeout=4.0)
+        p.upstreams = UpstreamSet([FIRST], max_fails=1)
+        p.resolver.router = ZoneRouter(p.upstreams, {})
+        p.transport.add(FIRST, Step(reply_to("slow.example", addresses=("192.0.2.5",)), after=1.5))
+        started = p.clock()
+        answer, source = await p.ask("slow.example")
+        assert source == "upstream" and str(answer.rr[0].rdata) == "192.0.2.5"
+        assert p.clock() - started == pytest.approx(1.5)  # the late reply, not SERVFAIL at 4 s
+        assert len(p.transport.asked) == 2  # the second attempt had started at 1.0
+        assert p.counters.upstream_errors == {(str(FIRST), "timeout"): 1}
+        assert p.health == [(FIRST, False, "timeout"), (FIRST, True, "")]
 
     run(test)
 

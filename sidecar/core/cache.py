@@ -10,8 +10,9 @@ Theory of operation
   entry never says 0 and the TTL counts down from the first answer to the last.
 - Lifetimes: positive = smallest TTL of all records, clamped to [min_ttl, max_ttl]; negative
   (NXDOMAIN, NODATA) = RFC 2308 min(SOA TTL, SOA MINIMUM) clamped to max_negative_ttl, and not
-  cached without an SOA; upstream SERVFAIL is remembered `servfail_ttl` seconds (RFC 9520) in a
-  separate table so it never replaces a good answer; truncated replies are never cached.
+  cached without an SOA; a failed resolution (any kind of upstream failure: forwarding.py) is
+  remembered `servfail_ttl` seconds (RFC 9520) in a separate table so it never replaces a
+  good answer; truncated replies are never cached.
 - Expired entries stay (serve-stale, RFC 8767) until `max_stale` past expiry, until replaced,
   or until evicted; an NXDOMAIN from upstream removes the entry even when it cannot be cached.
 - An entry knows when it is due for prefetch (`prefetch_at`), so the hot path checks one float.
@@ -266,9 +267,7 @@ class TtlCache:
         if life is not None and not bailiwick.in_bailiwick(msg, reply, key[:-5], zone):
             life = None
         if life is None or life[0] <= 0:
-            if reply.rcode == wire.SERVFAIL:
-                self.remember_failure(key, now)
-            elif reply.rcode == wire.NXDOMAIN:
+            if reply.rcode == wire.NXDOMAIN:
                 self._remove(key)  # the name is gone: nothing stale may be served
             # Served once to the clients waiting for it, with the upstream's own TTLs.
             return Entry(msg, reply, ttl=0, expires=now, negative=False, do=do, patch_ttls=False)

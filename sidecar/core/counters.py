@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 SOURCES = ("cache", "upstream", "stale", "local")
 DROP_REASONS = ("malformed", "refused", "overload", "reset", "kernel")
-UPSTREAM_ERRORS = ("timeout", "refused", "mismatch", "truncated", "network")
+# Why an upstream's attempt failed (forwarding.py's failure rule; errors.py's reasons), and two
+# events that are no failure of the attempt: a truncated UDP reply (asked again over TCP) and a
+# datagram that matched no query of ours (mismatch).
+UPSTREAM_ERRORS = (
+    "timeout", "servfail", "refused", "notauth", "formerr", "notimp", "rcode", "unreadable",
+    "unreachable", "network", "truncated", "mismatch",
+)  # fmt: skip
 # Cache hits take microseconds, misses milliseconds to seconds: one set of buckets for both.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,

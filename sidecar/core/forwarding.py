@@ -1,23 +1,30 @@
 """Forwarding decisions for one question: which upstream to ask next, what a reply, a timeout
 or an error means, and how much time each attempt gets. Plain code: the I/O layer
 (sidecar/forwarder.py) carries out each `Attempt` and reports back with `replied` or `failed`,
-giving the time (`now`, monotonic seconds) from the one clock.
+naming the attempt and giving the time (`now`, monotonic seconds) from the one clock.
 
 The rules
-- One deadline per question; each attempt gets min(attempt_timeout, what remains), and none
-  starts with a millisecond or less left.
+- One deadline per question; each attempt gets min(attempt_timeout, what remains) before the
+  next one starts, and none starts with a millisecond or less left.
+- Late replies count: an attempt that timed out keeps listening until the question's deadline
+  (`Attempt.linger`), and the first usable reply of any attempt settles the question. So an
+  upstream slower than attempt_timeout answers in its own time, while the next attempt runs.
+- One failure rule: a usable answer is NOERROR or NXDOMAIN. Everything else (a timeout,
+  SERVFAIL, REFUSED, NOTAUTH, FORMERR, NOTIMP or any other reply code, an unreadable reply, an
+  unreachable server) is a failure of that upstream: counted under its reason, judged against
+  its health, and the question moves on to the next upstream. No failure is ever the outcome:
+  the question ends with the last failure (an UpstreamError, whose `timed_out_only` says
+  whether every attempt timed out), and the pipeline answers stale or SERVFAIL and remembers
+  the failure (RFC 9520), whatever the kind.
 - Upstreams are asked in the set's order (its policy, health first), round and round until the
-  deadline. A round in which no attempt timed out (every upstream refused, sent garbage or
-  failed at once) ends the question: asking again at once would only hammer a server that is
-  restarting, and a client retries on its own.
-- SERVFAIL or REFUSED from one upstream moves on while an upstream of the set is not asked yet;
-  the reply is kept and is the outcome if nothing better comes.
+  deadline. A round in which no attempt timed out (every upstream failed at once) ends the
+  question: asking again at once would only hammer a server that is failing, and a client
+  retries on its own.
 - A truncated UDP reply is asked again over TCP, of the same server, with all the time that
-  remains (RFC 7766); the TCP reply is taken as it is.
-- An unreadable reply is a failure of that upstream (BadUpstreamReply).
-- Health: a reply marks the upstream answered (with its round-trip time) unless it is REFUSED,
-  which counts as a failure (the upstream is misconfigured for us); a failure counts against
-  it. Transitions down and up are reported through `on_health`, counts go to `Counters`.
+  remains (RFC 7766); the TCP reply is taken as it is, judged like any other.
+- Health: a usable reply marks its upstream answered (with its round-trip time, from the start
+  of the attempt it answers); a failure counts against it. Transitions down and up are
+  reported through `on_health`, counts go to `Counters`.
 - A probe (`judge=False`) asks one upstream once: any readable reply is its outcome; nothing is
   counted or judged, the caller decides what the answer means.
 - Shutting down (`stop()`): no new attempt, and failures are no fault of the upstream's.
@@ -30,21 +37,34 @@ from typing import NamedTuple
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
-from sidecar.core.counters import Counters
+from sidecar.core.counters import RCODE_NAMES, Counters
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.errors import BadUpstreamReply, FormError, UpstreamError, UpstreamTimeout
+from sidecar.errors import (
+    BadUpstreamReply,
+    FormError,
+    UpstreamError,
+    UpstreamRcode,
+    UpstreamTimeout,
+)
 
 MIN_ATTEMPT = 0.001  # seconds: an attempt with less time than this is not started
 
 HealthChange = Callable[[HostPort, bool, str], None]  # (upstream, up, reason)
 
 
+USABLE = (wire.NOERROR, wire.NXDOMAIN)  # reply codes that answer the question
+
+
 class Attempt(NamedTuple):
-    """What the I/O layer does next: ask `server`, over TCP if `tcp`, for at most `timeout` s."""
+    """What the I/O layer does next: ask `server`, over TCP if `tcp`, and move on after
+    `timeout` s; a UDP attempt still takes a late reply for `linger` s more. `number` tells the
+    question's attempts apart (a TCP retry keeps the number of the UDP attempt it repeats)."""
 
     server: HostPort
     timeout: float
     tcp: bool = False
+    number: int = 1
+    linger: float = 0.0
 
 
 class Forwarding:
@@ -56,14 +76,13 @@ class Forwarding:
         "counters",
         "deadline",
         "error",
-        "fallback",
         "judge",
+        "last_error",
         "on_health",
+        "only_timeouts",
         "order",
         "outcome",
-        "over_tcp",
         "sent",
-        "server",
         "stopped",
         "timed_out",
         "upstreams",
@@ -87,83 +106,89 @@ class Forwarding:
         self.order = list(order) if order is not None else upstreams.order()
         self.judge = judge
         self.on_health = on_health
-        self.attempts = 0  # started, TCP retries of a truncated reply not counted
+        self.attempts = 0  # UDP attempts started (the number of the current one)
+        self.sent: list[float] = []  # when each attempt started, by number - 1
         self.timed_out = False  # an attempt of the current round timed out
-        self.fallback: tuple[bytes, wire.Reply] | None = None
+        self.only_timeouts = True  # every failure so far was a timeout
+        self.last_error: UpstreamError | None = None
         self.outcome: tuple[bytes, wire.Reply] | None = None
         self.error: UpstreamError | None = None
-        self.server: HostPort | None = None
-        self.over_tcp = False
-        self.sent = 0.0  # when the current attempt started (its UDP part, for a TCP retry)
         self.stopped = False
+
+    @property
+    def done(self) -> bool:
+        """Settled: `outcome` or `error` is set, and every later event is ignored."""
+        return self.outcome is not None or self.error is not None
 
     def first(self, now: float) -> Attempt | None:
         """The first attempt; None if there is no time for one (then `error` is set)."""
         return self._next(now)
 
-    def replied(self, msg: bytes, now: float) -> Attempt | None:
-        """The current attempt brought `msg` (its ID and question already matched)."""
-        server = self.server
-        assert server is not None
-        if msg[2] & wire.TC and not self.over_tcp:
+    def replied(self, attempt: Attempt, msg: bytes, now: float) -> Attempt | None:
+        """`attempt` (the current one or an earlier one, late) brought `msg` (its ID and
+        question already matched). The next attempt to start, if any."""
+        if self.done:
+            return None
+        server = attempt.server
+        if msg[2] & wire.TC and not attempt.tcp:
             if self.judge:
                 self.counters.upstream_error(str(server), "truncated")
-            self.over_tcp = True
-            return Attempt(server, max(self.deadline - now, MIN_ATTEMPT), tcp=True)
+            remaining = max(self.deadline - now, MIN_ATTEMPT)
+            return Attempt(server, remaining, tcp=True, number=attempt.number)
         try:
             reply = wire.parse_reply(msg)
         except FormError as exc:
-            return self.failed(BadUpstreamReply(f"{server}: unreadable reply: {exc}"), now)
+            return self.failed(attempt, BadUpstreamReply(f"{server}: unreadable reply: {exc}"), now)
         if not self.judge:
             self.outcome = (msg, reply)
             return None
-        rtt = now - self.sent
+        rtt = now - self.sent[attempt.number - 1]
         self.counters.upstream_reply(str(server), reply.rcode, rtt)
-        if reply.rcode == wire.REFUSED:
-            self._judge_failed(server, "refused")  # misconfigured for us
-        elif self.upstreams.answered(server, rtt) and self.on_health is not None:
+        if reply.rcode not in USABLE:
+            error = UpstreamRcode(reply.rcode, f"{server}: {RCODE_NAMES[reply.rcode]}")
+            return self.failed(attempt, error, now)
+        if self.upstreams.answered(server, rtt) and self.on_health is not None:
             self.on_health(server, True, "")
-        if reply.rcode in (wire.SERVFAIL, wire.REFUSED) and self.attempts < len(self.order):
-            self.fallback = (msg, reply)
-            return self._next(now)
         self.outcome = (msg, reply)
         return None
 
-    def failed(self, error: UpstreamError, now: float) -> Attempt | None:
-        """The current attempt failed (timed out, refused, unreachable, unreadable)."""
-        if self.judge and not self.stopped and self.server is not None:
-            self.counters.upstream_error(str(self.server), error.reason)
-            self._judge_failed(self.server, error.reason)
-        self.timed_out |= isinstance(error, UpstreamTimeout)
-        next_attempt = self._next(now)
-        if next_attempt is None and self.outcome is None:
-            self.error = error
-        return next_attempt
+    def failed(self, attempt: Attempt, error: UpstreamError, now: float) -> Attempt | None:
+        """`attempt` failed (timed out, unreachable, unreadable, or no usable reply). The next
+        attempt to start, if any: only when `attempt` is the current one."""
+        if self.done:
+            return None
+        if self.judge and not self.stopped:
+            self.counters.upstream_error(str(attempt.server), error.reason)
+            if self.upstreams.failed(attempt.server) and self.on_health is not None:
+                self.on_health(attempt.server, False, error.reason)
+        timeout = isinstance(error, UpstreamTimeout)
+        self.timed_out |= timeout
+        self.only_timeouts &= timeout
+        self.last_error = error
+        if attempt.number != self.attempts:
+            return None  # an earlier attempt, late: the current one goes on
+        return self._next(now)
 
     def stop(self) -> None:
         """Shutting down: no further attempt; failures from now on are not the upstream's."""
         self.stopped = True
 
-    def _judge_failed(self, server: HostPort, reason: str) -> None:
-        if self.upstreams.failed(server) and self.on_health is not None:
-            self.on_health(server, False, reason)
-
     def _next(self, now: float) -> Attempt | None:
-        """The next attempt, or None once the question is done (outcome or error set)."""
+        """The next attempt, or None once the question is over (then `error` is set)."""
         order, attempts = self.order, self.attempts
         new_round = attempts > 0 and attempts % len(order) == 0
+        left = self.deadline - now
         # Over: shut down, no time left, or a round went by in which no attempt timed out.
-        if self.stopped or self.deadline - now <= MIN_ATTEMPT or (new_round and not self.timed_out):
-            if self.fallback is not None:
-                self.outcome = self.fallback
-            else:
-                self.error = UpstreamTimeout("no time left for any attempt")
+        if self.stopped or left <= MIN_ATTEMPT or (new_round and not self.timed_out):
+            error = self.last_error
+            if error is None:
+                error = UpstreamTimeout("no time left for any attempt")
+            error.timed_out_only = self.only_timeouts
+            self.error = error
             return None
         if new_round:
             self.timed_out = False
-        server = order[attempts % len(order)]
         self.attempts = attempts + 1
-        self.server = server
-        self.over_tcp = False
-        self.sent = now
-        return Attempt(server, min(self.attempt_timeout, self.deadline - now))
+        self.sent.append(now)
+        timeout = min(self.attempt_timeout, left)
+        return Attempt(order[attempts % len(order)], timeout, False, attempts + 1, left - timeout)

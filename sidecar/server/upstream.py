@@ -21,9 +21,12 @@ The UDP sockets (one `SocketPool` per upstream server):
   changing; and at once when it reports an error (ICMP unreachable, a failed send), which
   fails every query waiting on it (they all went to the same address and port). A retired
   socket takes no new query and is closed when its last one ends.
-- A reply to a query that has given up (timed out, cancelled) or was answered already is
-  dropped without a word, as it was when each query had a socket of its own (closed by then);
-  only what matches nothing is counted as a mismatch.
+- Late replies: a query sent with `late` that times out lingers (ID and socket kept) until
+  its question's deadline, and a reply in that time goes to `late`: the forwarder's next
+  attempt has started meanwhile, and whichever answers first settles the question.
+- A reply to a query that is over (answered, cancelled, its linger past) is dropped without a
+  word, as it was when each query had a socket of its own (closed by then); only what matches
+  nothing is counted as a mismatch.
 - Sockets are plain non-blocking sockets read from `loop.add_reader`: made and closed without
   awaiting, no transport per socket; one wake-up reads every datagram waiting. Why not
   asyncio-dgram: its recv() does not wake up when the kernel reports ICMP port unreachable,
@@ -50,7 +53,7 @@ from collections.abc import Callable
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
-from sidecar.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 POOL_SOCKETS = 4  # sockets per upstream server kept open (more while many queries are in flight)
 SOCKET_INFLIGHT = 64  # queries waiting on one socket at most: their replies fit its buffer
@@ -64,31 +67,72 @@ _IDS = 256  # random IDs drawn from the OS CSPRNG at a time
 
 class _Query:
     """One UDP query: its ID, question, deadline, and the future its reply goes to (None
-    once finished)."""
+    once finished). With `late`, a query that times out lingers until `linger_until`: its ID
+    and socket stay reserved, and a reply then goes to `late`."""
 
-    __slots__ = ("deadline", "future", "qid", "question", "server", "timeout")
+    __slots__ = (
+        "deadline",
+        "future",
+        "late",
+        "linger_until",
+        "lingering",
+        "owner",
+        "qid",
+        "question",
+        "server",
+        "timeout",
+    )
 
     def __init__(
         self,
+        owner: UpstreamSocket,
         qid: bytes,
         question: bytes,
         future: asyncio.Future[bytes],
-        server: HostPort,
         timeout: float,
         deadline: float,
+        late: Callable[[bytes], None] | None,
+        linger: float,
     ) -> None:
+        self.owner = owner
         self.qid = qid
         self.question = question
         self.future: asyncio.Future[bytes] | None = future
-        self.server = server
+        self.server = owner.pool.server
         self.timeout = timeout
         self.deadline = deadline
+        self.late = late
+        self.linger_until = deadline + linger if late is not None else deadline
+        self.lingering = False
 
-    def expire(self) -> None:
+    def expire(self) -> bool:
+        """The deadline came: time out (True: now lingering, queue it again), or end."""
         future = self.future
-        if future is not None and not future.done():
-            message = f"{self.server}: no reply within {self.timeout:.2f}s"
-            future.set_exception(UpstreamTimeout(message))
+        if future is None:
+            return False
+        if self.lingering:  # the linger is over too
+            self.lingering = False
+            self.owner.finish(self)
+            return False
+        if future.done():
+            return False
+        linger = self.linger_until > self.deadline + Deadlines.EARLY
+        if linger:
+            self.lingering = True
+            self.deadline = self.linger_until
+        future.set_exception(UpstreamTimeout(f"{self.server}: no reply within {self.timeout:.2f}s"))
+        return linger
+
+    def answered(self, data: bytes) -> None:
+        """The reply came (the owner has released the ID): to the future, or late."""
+        future, late = self.future, self.late
+        if self.lingering:
+            self.lingering = False
+            self.future = None
+            if late is not None:
+                late(data)
+        elif future is not None and not future.done():
+            future.set_result(data)
 
 
 class Deadlines:
@@ -113,13 +157,17 @@ class Deadlines:
 
     def add(self, query: _Query) -> None:
         when = query.deadline
+        self._queue(query)
+        if when < self.armed:
+            self._arm(when)
+
+    def _queue(self, query: _Query) -> None:
+        when = query.deadline
         fifo = self.fifo
         if not fifo or fifo[-1].deadline <= when:
             fifo.append(query)
         else:
             heapq.heappush(self.heap, (when, next(self.order), query))
-        if when < self.armed:
-            self._arm(when)
 
     def _arm(self, when: float) -> None:
         if self.timer is not None:
@@ -132,10 +180,17 @@ class Deadlines:
         self.armed = math.inf
         due = self.loop.time() + self.EARLY
         fifo, heap = self.fifo, self.heap
+        lingering = []
         while fifo and (fifo[0].deadline <= due or fifo[0].future is None):
-            fifo.popleft().expire()
+            query = fifo.popleft()
+            if query.expire():
+                lingering.append(query)
         while heap and (heap[0][0] <= due or heap[0][2].future is None):
-            heapq.heappop(heap)[2].expire()
+            query = heapq.heappop(heap)[2]
+            if query.expire():
+                lingering.append(query)
+        for query in lingering:
+            self._queue(query)
         when = min(fifo[0].deadline if fifo else math.inf, heap[0][0] if heap else math.inf)
         if when < math.inf:
             self._arm(when)
@@ -172,9 +227,19 @@ class UpstreamSocket:
         self.retire_at = loop.time() + SOCKET_SECONDS
         self.retired = False
 
-    def send(self, question: bytes, *, cd: bool, do: bool, timeout: float) -> asyncio.Future[bytes]:
+    def send(
+        self,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
+    ) -> asyncio.Future[bytes]:
         """Send a query; its future gets the reply, or fails with UpstreamError (at once when
-        the send fails, or after `timeout`). Done or cancelled, it releases the query."""
+        the send fails, or after `timeout`). Done or cancelled, it releases the query, unless
+        it timed out with `late` given: then it lingers `linger` s more for a late reply."""
         loop = self.loop
         pending = self.pending
         recent = self.recent
@@ -183,7 +248,7 @@ class UpstreamSocket:
         while qid in pending or qid in recent:
             qid = pool.new_id()
         future: asyncio.Future[bytes] = loop.create_future()
-        query = _Query(qid, question, future, pool.server, timeout, loop.time() + timeout)
+        query = _Query(self, qid, question, future, timeout, loop.time() + timeout, late, linger)
         future.add_done_callback(functools.partial(self.finish, query))
         pool.deadlines.add(query)
         pending[qid] = query
@@ -199,7 +264,9 @@ class UpstreamSocket:
         return future
 
     def finish(self, query: _Query, _future: object = None) -> None:
-        """`query` is over (answered, failed, timed out or cancelled): its future is done."""
+        """`query` is over (answered, failed, timed out or cancelled, and not lingering)."""
+        if query.lingering:
+            return
         query.future = None
         if self.pending.pop(query.qid, None) is not None:  # not answered: a reply may come
             self._remember(query)
@@ -228,9 +295,9 @@ class UpstreamSocket:
             if query is not None and wire.reply_matches(data, qid, query.question):
                 del self.pending[qid]
                 self._remember(query)
-                future = query.future
-                if future is not None and not future.done():
-                    future.set_result(data)
+                query.answered(data)
+                if self.retired and not self.pending:
+                    self.close()
             else:
                 question = self.recent.get(qid)
                 if question is None or not wire.reply_matches(data, qid, question):
@@ -240,16 +307,18 @@ class UpstreamSocket:
     def _error(self, exc: OSError) -> None:
         """The socket reported an error: every query on it fails, and it is replaced."""
         server = self.pool.server
-        kind = UpstreamRefused if isinstance(exc, ConnectionRefusedError) else UpstreamError
+        kind = UpstreamUnreachable if isinstance(exc, ConnectionRefusedError) else UpstreamError
         self.fail(lambda: kind(f"{server}: {exc}"))
 
     def fail(self, error: Callable[[], UpstreamError]) -> None:
         """Every query waiting on this socket fails with `error()`; the socket is retired."""
-        for query in self.pending.values():
+        pending, self.pending = self.pending, {}
+        for query in pending.values():
+            query.lingering = False  # a late reply can no longer come
             future = query.future
+            query.future = None
             if future is not None and not future.done():
                 future.set_exception(error())
-        self.pending.clear()
         self.retire()
 
     def retire(self) -> None:
@@ -373,7 +442,7 @@ async def tcp_exchange(
     except TimeoutError:
         raise UpstreamTimeout(f"{server}: no TCP reply within {timeout:.2f}s") from None
     except ConnectionRefusedError as exc:
-        raise UpstreamRefused(f"{server}: {exc}") from None
+        raise UpstreamUnreachable(f"{server}: {exc}") from None
     except (OSError, asyncio.IncompleteReadError) as exc:
         raise UpstreamError(f"{server}: TCP: {exc!r}") from None
     finally:
@@ -402,9 +471,19 @@ class SocketExchanges:
         return pool
 
     def exchange(
-        self, server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, tcp: bool
+        self,
+        server: HostPort,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        tcp: bool,
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
     ) -> asyncio.Future[bytes]:
-        """One query to `server`: its reply (ID, QR and question matched), or UpstreamError."""
+        """One query to `server`: its reply (ID, QR and question matched), or UpstreamError;
+        over UDP, a late reply goes to `late` for `linger` s after the timeout."""
         loop = asyncio.get_running_loop()
         pool = self.pool(server)
         if tcp:
@@ -412,7 +491,9 @@ class SocketExchanges:
                 server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch
             )
             return loop.create_task(exchange)
-        return pool.socket(loop).send(question, cd=cd, do=do, timeout=timeout)
+        return pool.socket(loop).send(
+            question, cd=cd, do=do, timeout=timeout, late=late, linger=linger
+        )
 
     def close(self, *, now: bool = False) -> None:
         """Close the UDP sockets, each as soon as no query waits on it any more; queries still

@@ -6,6 +6,8 @@ Each exchange takes the next `Step` scripted for its server (silence when none i
 - `Step(reply=...)`: the reply arrives after `after` seconds of the fake clock;
 - `Step(error=...)`: the exchange fails with that UpstreamError;
 - `Step()` (no reply, no error): silence, the exchange times out after its whole timeout;
+- a reply later than the timeout, on an exchange that lingers (`late`, `linger`): the exchange
+  times out, then the reply goes to `late` when the clock has moved on to `after`;
 - `hold=True`: the exchange waits until the test calls `release()`, so that other queries can
   arrive meanwhile (coalescing, stale answers, bounds).
 Time passes only on the fake clock: a timeout costs no real waiting.
@@ -14,6 +16,7 @@ Time passes only on the fake clock: a timeout costs no real waiting.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
@@ -42,6 +45,7 @@ class Step:
     error: UpstreamError | None = None
     after: float = 0.001
     hold: bool = False
+    late: Callable[[bytes], None] | None = None  # set by the transport: a late reply goes here
 
 
 @dataclass
@@ -65,12 +69,23 @@ class ScriptedExchanges:
         self.script.setdefault(server, []).extend(steps)
 
     def exchange(
-        self, server: HostPort, question: bytes, *, cd: bool, do: bool, timeout: float, tcp: bool
+        self,
+        server: HostPort,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        tcp: bool,
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
     ) -> asyncio.Future[bytes]:
         self.asked.append(Asked(server, question, timeout, tcp, self.clock()))
         steps = self.script.get(server)
         step = steps.pop(0) if steps else Step()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if late is not None and step.reply is not None and timeout <= step.after < timeout + linger:
+            step = Step(reply=step.reply, after=step.after, hold=step.hold, late=late)
         if step.hold:
             self.held.append((future, step, timeout))
         else:
@@ -92,9 +107,16 @@ class ScriptedExchanges:
         elif step.reply is None or step.after >= timeout:
             self.clock.advance(timeout)
             future.set_exception(UpstreamTimeout(f"no reply within {timeout:.2f}s"))
+            if step.late is not None and step.reply is not None:  # it comes, late
+                asyncio.get_running_loop().call_soon(self._late, step, step.after - timeout)
         else:
             self.clock.advance(step.after)
             future.set_result(step.reply)
+
+    def _late(self, step: Step, after: float) -> None:
+        self.clock.advance(after)
+        assert step.late is not None and step.reply is not None
+        step.late(step.reply)
 
     def close(self, *, now: bool = False) -> None:
         self.closed = True

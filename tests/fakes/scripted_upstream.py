@@ -74,6 +74,13 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class Rcode:
+    """Answer with reply code `rcode` and nothing else (FORMERR, NOTIMP, NOTAUTH, ...)."""
+
+    rcode: int
+
+
+@dataclass(frozen=True)
 class NxDomain:
     """NXDOMAIN with the SOA of `zone` (default: the query name's parent) in authority."""
 
@@ -105,6 +112,12 @@ class Garbage:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """A reply whose header and question match the query but whose answer record is cut
+    short: it is ours (RFC 5452), but cannot be read."""
+
+
+@dataclass(frozen=True)
 class Delay:
     """Wait `seconds`, then behave as `then`."""
 
@@ -118,10 +131,12 @@ Behaviour = (
     | Silent
     | ServFail
     | Refused
+    | Rcode
     | NxDomain
     | WrongId
     | WrongQuestion
     | Garbage
+    | Unreadable
     | Delay
 )
 
@@ -283,6 +298,8 @@ async def _replies(query: DNSRecord, behaviour: Behaviour, proto: Proto) -> Asyn
             yield _rcode_reply(query, RCODE.SERVFAIL).pack()
         case Refused():
             yield _rcode_reply(query, RCODE.REFUSED).pack()
+        case Rcode():
+            yield _rcode_reply(query, behaviour.rcode).pack()
         case NxDomain():
             reply = _base_reply(query)
             reply.header.rcode = RCODE.NXDOMAIN
@@ -311,6 +328,9 @@ async def _replies(query: DNSRecord, behaviour: Behaviour, proto: Proto) -> Asyn
             if behaviour.then is not None:
                 async for data in _replies(query, behaviour.then, proto):
                     yield data
+        case Unreadable():
+            whole = _answer(query, Answer()).pack()
+            yield whole[: len(whole) - 6]  # the A record's data cut short
         case Delay():
             await asyncio.sleep(behaviour.seconds)
             async for data in _replies(query, behaviour.then, proto):

@@ -19,7 +19,7 @@ from sidecar.core import wire
 from sidecar.core.counters import Counters
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
 from sidecar.server import upstream
 from sidecar.server.upstream import SocketExchanges
@@ -260,7 +260,7 @@ def test_nothing_listening_fails_every_query_on_the_socket_at_once(
             return_exceptions=True,
         )
         assert time.monotonic() - started < 1.0  # not the attempt timeout (2 s)
-        assert all(isinstance(r, UpstreamRefused) for r in results), results
+        assert all(isinstance(r, UpstreamUnreachable) for r in results), results
         pool = forwarder.pools[dead]
         assert all(sock.sock is not None and not sock.pending for sock in pool.live)
         assert not pool.retiring  # the sockets that saw the error are closed
@@ -280,7 +280,7 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
             SocketExchanges(metrics), metrics, attempt_timeout=2.0, clock=time.monotonic
         )
         started = time.monotonic()
-        with pytest.raises(UpstreamRefused):
+        with pytest.raises(UpstreamUnreachable):
             await forwarder.start(
                 question("nowhere.example"),
                 UpstreamSet([dead]),
@@ -292,7 +292,7 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
         forwarder.close()
 
     uvloop.run(main())
-    assert dict(metrics.upstream_errors) == {(str(dead), "refused"): 1}
+    assert dict(metrics.upstream_errors) == {(str(dead), "unreachable"): 1}
 
 
 def test_close_waits_for_the_query_in_flight_and_close_now_ends_it(
