@@ -156,17 +156,18 @@ class TestNegative:
         stored(cache, upstream_reply(rcode=RCODE.NXDOMAIN))
         assert serve(cache, 100.0) is None
 
-    def test_servfail_is_remembered_briefly_and_apart(self) -> None:
+    def test_a_failure_is_remembered_briefly_and_apart(self) -> None:
         cache = TtlCache(CacheSettings(servfail_ttl=5))
         key = stored(cache, upstream_reply(60))
-        stored(cache, upstream_reply(rcode=RCODE.SERVFAIL), now=101.0)
+        cache.remember_failure(key, 101.0)
         assert cache.failed_recently(key, 105.9)
         assert not cache.failed_recently(key, 106.0)
         assert serve(cache, 106.0) is not None  # the good answer was not replaced
 
     def test_servfail_ttl_zero_remembers_nothing(self) -> None:
         cache = TtlCache(CacheSettings(servfail_ttl=0))
-        key = stored(cache, upstream_reply(rcode=RCODE.SERVFAIL))
+        key = stored(cache, upstream_reply(60))
+        cache.remember_failure(key, 100.0)
         assert not cache.failed_recently(key, 100.0)
 
 
