@@ -5,17 +5,18 @@ naming the attempt and giving the time (`now`, monotonic seconds) from the one c
 
 The rules
 - One deadline per question; each attempt gets min(attempt_timeout, what remains) before the
-  next one starts, and none starts with a millisecond or less left.
+  next one starts, and none starts with MIN_ATTEMPT or less left (timers may fire a little
+  early: four 1 s attempts in a 4 s deadline must not make a fifth of 3 ms).
 - Late replies count: an attempt that timed out keeps listening until the question's deadline
   (`Attempt.linger`), and the first usable reply of any attempt settles the question. So an
   upstream slower than attempt_timeout answers in its own time, while the next attempt runs.
-- One failure rule: a usable answer is NOERROR or NXDOMAIN. Everything else (a timeout,
-  SERVFAIL, REFUSED, NOTAUTH, FORMERR, NOTIMP or any other reply code, an unreadable reply, an
-  unreachable server) is a failure of that upstream: counted under its reason, judged against
-  its health, and the question moves on to the next upstream. No failure is ever the outcome:
-  the question ends with the last failure (an UpstreamError, whose `timed_out_only` says
-  whether every attempt timed out), and the pipeline answers stale or SERVFAIL and remembers
-  the failure (RFC 9520), whatever the kind.
+- One failure rule: a usable answer is NOERROR, NXDOMAIN (or YXDOMAIN). Everything else (a
+  timeout, SERVFAIL, REFUSED, NOTAUTH, FORMERR, NOTIMP or any other reply code, an unreadable
+  reply, an unreachable server) is a failure of that upstream: counted under its reason, judged
+  against its health, and the question moves on to the next upstream. No failure is ever the
+  outcome: the question ends with the last failure (an UpstreamError, whose `timed_out_only`
+  says whether every attempt timed out), and the pipeline answers stale or SERVFAIL and
+  remembers the failure (RFC 9520), whatever the kind.
 - Upstreams are asked in the set's order (its policy, health first), round and round until the
   deadline. A round in which no attempt timed out (every upstream failed at once) ends the
   question: asking again at once would only hammer a server that is failing, and a client
@@ -47,12 +48,14 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 
-MIN_ATTEMPT = 0.001  # seconds: an attempt with less time than this is not started
+MIN_ATTEMPT = 0.01  # seconds: an attempt with less time than this is not started
 
 HealthChange = Callable[[HostPort, bool, str], None]  # (upstream, up, reason)
 
 
-USABLE = (wire.NOERROR, wire.NXDOMAIN)  # reply codes that answer the question
+# Reply codes that answer the question: YXDOMAIN too, the answer when a DNAME substitution
+# makes a name too long (RFC 6672 2.2).
+USABLE = (wire.NOERROR, wire.NXDOMAIN, 6)
 
 
 class Attempt(NamedTuple):

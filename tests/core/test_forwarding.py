@@ -65,7 +65,7 @@ def test_each_attempt_gets_the_attempt_timeout_or_what_remains_and_lingers_to_th
         (RCODE.FORMERR, "formerr"),
         (RCODE.NOTIMP, "notimp"),
         (RCODE.NOTAUTH, "notauth"),
-        (RCODE.YXDOMAIN, "rcode"),
+        (RCODE.NXRRSET, "rcode"),
     ],
 )
 def test_every_reply_code_but_noerror_and_nxdomain_is_a_failure_of_its_upstream(
