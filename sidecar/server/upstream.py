@@ -128,7 +128,7 @@ class _Query:
         future, late = self.future, self.late
         if self.lingering:
             self.lingering = False
-            self.future = None
+            self.future = self.late = None
             if late is not None:
                 late(data)
         elif future is not None and not future.done():
@@ -268,6 +268,7 @@ class UpstreamSocket:
         if query.lingering:
             return
         query.future = None
+        query.late = None  # the question it points to may go: the query waits in Deadlines
         if self.pending.pop(query.qid, None) is not None:  # not answered: a reply may come
             self._remember(query)
         if self.retired and not self.pending:
@@ -316,7 +317,7 @@ class UpstreamSocket:
         for query in pending.values():
             query.lingering = False  # a late reply can no longer come
             future = query.future
-            query.future = None
+            query.future = query.late = None
             if future is not None and not future.done():
                 future.set_exception(error())
         self.retire()
