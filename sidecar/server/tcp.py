@@ -181,7 +181,9 @@ class TcpListener:
                 self.metrics.dropped["malformed"] += 1
                 if exc.rcode is None:
                     return  # not a query we would ever answer: close the connection
-                writer.write(wire.frame(wire.error_reply(data, exc.question_end, exc.rcode, 0)))
+                writer.write(
+                    wire.frame(wire.error_reply(data, exc.question_end, exc.rcode, exc.edns_size))
+                )
                 continue
             self.requests[q.qtype] += 1
             reply = self.resolver.answer(data, q, TCP_LIMIT)

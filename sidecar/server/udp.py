@@ -246,7 +246,9 @@ class UdpListener(asyncio.DatagramProtocol):
         except wire.ClientError as exc:
             self.metrics.dropped["malformed"] += 1
             if exc.rcode is not None:
-                self.sendto(wire.error_reply(data, exc.question_end, exc.rcode, 0), addr)
+                self.sendto(
+                    wire.error_reply(data, exc.question_end, exc.rcode, exc.edns_size), addr
+                )
             return None
         self.requests[q.qtype] += 1
         limit = wire.udp_limit(q.edns_size)
