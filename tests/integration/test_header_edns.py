@@ -1,0 +1,107 @@
+"""Header and EDNS rules of the replies the sidecar writes itself, over real sockets with dig
+and dnspython as clients: opcode echoed, NOTIMP for another opcode, BADVERS for EDNS version
+above 0, an OPT in every reply to an EDNS client, CD copied on QUERY.
+
+Every packet goes to loopback: the sidecar and NSD's `local.` zone.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.fakes.nsd import NsdServer
+from tests.integration.conftest import Dig, Sidecar, StartSidecar
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared(module_sidecar: StartSidecar, nsd_local: NsdServer) -> Sidecar:
+    return module_sidecar("--upstream", nsd_local.address, "--drain-seconds", "0")
+
+
+def ask_tcp(sc: Sidecar, data: bytes) -> bytes:
+    with socket.create_connection((sc.addr, sc.port), timeout=3) as sock:
+        sock.sendall(struct.pack("!H", len(data)) + data)
+        length = struct.unpack("!H", sock.recv(2, socket.MSG_WAITALL))[0]
+        return sock.recv(length, socket.MSG_WAITALL)
+
+
+def ask(sc: Sidecar, query: dns.message.Message, transport: str) -> dns.message.Message:
+    if transport == "udp":
+        return dns.query.udp(query, sc.addr, port=sc.port, timeout=3)
+    return dns.message.from_wire(ask_tcp(sc, query.to_wire()))
+
+
+@pytest.mark.parametrize("opcode", ["status", "notify"])
+def test_dig_accepts_the_notimp_reply_to_another_opcode(
+    shared: Sidecar, dig: Dig, opcode: str
+) -> None:
+    result = dig(shared.addr, shared.port, "resource-server.local", "A", f"+opcode={opcode}")
+    assert result.returncode == 0, result.output
+    assert "mismatch" not in result.output.lower(), result.output
+    assert result.status == "NOTIMP", result.output
+    assert opcode.upper() in result.output, result.output
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("opcode", [dns.opcode.STATUS, dns.opcode.NOTIFY, dns.opcode.UPDATE])
+def test_another_opcode_gets_notimp_with_nothing_claimed(
+    shared: Sidecar, transport: str, opcode: int
+) -> None:
+    query = dns.message.make_query("local", "SOA", use_edns=0)  # UPDATE's zone section: SOA
+    query.set_opcode(opcode)
+    query.flags |= dns.flags.CD | dns.flags.AD | 0x0040  # CD, AD and Z: none may come back
+    reply = ask(shared, query, transport)
+    assert reply.opcode() == opcode
+    assert reply.rcode() == dns.rcode.NOTIMP
+    assert reply.flags & (dns.flags.AA | dns.flags.RA | dns.flags.AD | dns.flags.CD | 0x0040) == 0
+    assert reply.edns == 0, "the client's OPT was readable: the reply carries one"
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_edns_version_above_zero_is_badvers_with_an_opt_of_version_zero(
+    shared: Sidecar, transport: str
+) -> None:
+    query = dns.message.make_query("resource-server.local", "A", use_edns=1)
+    reply = ask(shared, query, transport)
+    assert reply.rcode() == dns.rcode.BADVERS
+    assert reply.edns == 0
+    assert reply.answer == []
+
+
+def test_dig_edns1_without_negotiation_gets_badvers(shared: Sidecar, dig: Dig) -> None:
+    result = dig(
+        shared.addr, shared.port, "resource-server.local", "A", "+edns=1", "+noednsnegotiation"
+    )
+    assert result.status == "BADVERS", result.output
+    assert result.answer == []
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_refused_chaos_question_from_an_edns_client_carries_an_opt(
+    shared: Sidecar, transport: str
+) -> None:
+    query = dns.message.make_query("nothing.here", "TXT", "CH", use_edns=0)
+    reply = ask(shared, query, transport)
+    assert reply.rcode() == dns.rcode.REFUSED
+    assert reply.edns == 0
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_chaos_answer_copies_cd_and_carries_an_opt(shared: Sidecar, transport: str) -> None:
+    query = dns.message.make_query("id.server", "TXT", "CH", use_edns=0, want_dnssec=True)
+    query.flags |= dns.flags.CD
+    reply = ask(shared, query, transport)
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.flags & dns.flags.CD
+    assert reply.edns == 0 and reply.ednsflags & dns.flags.DO
