@@ -118,11 +118,17 @@ class Entry:
         qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
         if reply.opt is not None:
             ar -= 1
-        # The flags a client sees: its own RD (CD is part of the key); RA since we recurse for
-        # it; AA cleared, because an answer from a cache is not authoritative (RFC 1035 6.2).
+        # The flags a client sees: its own RD and CD (RFC 4035 3.2.2: copied); RA since we
+        # recurse for it; AA cleared, because an answer from a cache is not authoritative
+        # (RFC 1035 6.2); Z always clear. Indexed by RD | CD << 1 of the query.
         byte2 = msg[2] & ~(wire.RD | wire.TC | wire.AA) & 0xFF
-        byte3 = msg[3] | wire.RA
-        self.flags = _shared((bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3))))
+        byte3 = (msg[3] & ~(wire.Z | wire.CD) & 0xFF) | wire.RA
+        self.flags = _shared(
+            tuple(
+                bytes((byte2 | (bits & wire.RD), byte3 | (wire.CD if bits & 2 else 0)))
+                for bits in range(4)
+            )
+        )
         self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
         self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
         self.opt = OPT_RECORDS[do]
@@ -147,7 +153,7 @@ class Entry:
 
     def render_with_ttl(self, query: bytes, q: wire.Query, ttl: int, limit: int) -> bytes:
         qend = q.question_end
-        flags = self.flags[query[2] & wire.RD]
+        flags = self.flags[(query[2] & wire.RD) | (q.cd << 1)]
         edns = q.edns_size != 0
         size = self.size + qend - wire.HEADER_SIZE + (11 if edns else 0)
         if size > limit:
