@@ -47,7 +47,7 @@ from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import ShapedAnswer, Shaper, ShapeSettings
-from sidecar.errors import UpstreamError
+from sidecar.errors import UpstreamError, UpstreamTimeout
 from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
 
@@ -66,6 +66,15 @@ def service_label(wire_name: bytes, zone: str) -> str:
     labels = wire_to_name(wire_name).rstrip(".").split(".")
     depth = zone.count(".") + 1
     return labels[-depth - 1] if len(labels) > depth else ""
+
+
+def failure_ede(exc: Exception) -> int:
+    """The Extended DNS Error of a SERVFAIL after a failed fetch: every attempt timed out, no
+    reachable authority (22); anything else the upstreams did or sent, network error (23)."""
+    timed_out_only = getattr(
+        exc, "timed_out_only", isinstance(exc, (UpstreamTimeout, TimeoutError))
+    )
+    return wire.EDE_NO_REACHABLE_AUTHORITY if timed_out_only else wire.EDE_NETWORK_ERROR
 
 
 class Resolver:
@@ -197,14 +206,15 @@ class Resolver:
                 self.on_loop(path)
             return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
         stale = self.cache.get_stale(q.key, now)
-        if self.cache.failed_recently(q.key, now):
-            return self._stale_or_servfail(query, q, stale, limit, "cache")
+        if self.cache.failed_recently(q.key, now):  # no error at hand: no authority reached
+            ede = wire.EDE_NO_REACHABLE_AUTHORITY
+            return self._stale_or_servfail(query, q, stale, limit, "cache", ede)
         fetch = self._inflight.get(q.key)
         if fetch is not None:
             self.metrics.coalesced += 1
         elif len(self._inflight) >= self.max_inflight:
             self.metrics.dropped["overload"] += 1
-            return self._stale_or_servfail(query, q, stale, limit, "local")
+            return self._stale_or_servfail(query, q, stale, limit, "local", None)
         else:
             fetch = self._start_fetch(q)
         # Waiting on a future of our own that the fetch wakes, not on the fetch: cancelling
@@ -223,22 +233,31 @@ class Resolver:
                 async with asyncio.timeout(self.stale_answer_after):
                     await waiter
             entry = fetch.result()
-        except (UpstreamError, TimeoutError):
-            return self._stale_or_servfail(query, q, stale, limit, "upstream")
+        except (UpstreamError, TimeoutError) as exc:
+            return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(exc))
         if stale is not None and entry.rcode == wire.SERVFAIL:
-            return self._stale_or_servfail(query, q, stale, limit, "upstream")
+            ede = wire.EDE_NETWORK_ERROR
+            return self._stale_or_servfail(query, q, stale, limit, "upstream", ede)
         return self.render(entry, query, q, self.clock(), limit), "upstream"
 
     def _stale_or_servfail(
-        self, query: bytes, q: wire.Query, stale: Entry | None, limit: int, source: str
+        self,
+        query: bytes,
+        q: wire.Query,
+        stale: Entry | None,
+        limit: int,
+        source: str,
+        ede: int | None,
     ) -> tuple[bytes, str]:
+        """The stale entry if there is one, else SERVFAIL carrying `ede` (EDNS clients)."""
         if stale is not None:
             self.metrics.served_stale += 1
             shaped = self.shaper.of(q.key, stale)
             if shaped is not None:
                 return shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
             return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
-        return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
+        servfail = wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size, ede)
+        return servfail, source
 
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """`entry` as a reply to `query`: from its shaped pool if it has one (a discovery

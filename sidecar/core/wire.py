@@ -47,6 +47,13 @@ NOTIMP = 4
 REFUSED = 5
 BADVERS = 16  # extended rcode (RFC 6891 6.1.3): its upper 8 bits travel in the OPT record
 
+# Extended DNS Errors (RFC 8914): the EDNS option and the info codes the sidecar writes.
+OPTION_EDE = 15
+EDE_STALE_ANSWER = 3
+EDE_PROHIBITED = 18
+EDE_NO_REACHABLE_AUTHORITY = 22
+EDE_NETWORK_ERROR = 23
+
 TYPE_SOA = 6
 TYPE_HINFO = 13
 TYPE_OPT = 41
@@ -301,11 +308,16 @@ def soa_negative_ttl(msg: bytes, reply: Reply) -> int | None:
     return None
 
 
-def opt_record(payload: int, do: bool, extended_rcode: int = 0) -> bytes:
-    """An OPT pseudo-record with no options: root name, type 41, payload size, the upper 8
-    bits of the rcode, version 0, DO flag; every other flag zero."""
+def opt_record(payload: int, do: bool, extended_rcode: int = 0, options: bytes = b"") -> bytes:
+    """An OPT pseudo-record: root name, type 41, payload size, the upper 8 bits of the rcode,
+    version 0, DO flag, every other flag zero; `options` (already encoded) as its data."""
     ttl = ((extended_rcode >> 4) << 24) | (0x8000 if do else 0)
-    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, ttl, 0)
+    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, ttl, len(options)) + options
+
+
+def ede_option(info_code: int) -> bytes:
+    """An Extended DNS Error option (RFC 8914 section 2) with no extra text."""
+    return _U16.pack(OPTION_EDE) + _U16.pack(2) + _U16.pack(info_code)
 
 
 def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
@@ -315,17 +327,21 @@ def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
     return header + question + opt_record(EDNS_PAYLOAD, do)
 
 
-def error_reply(query: bytes, question_end: int, rcode: int, edns_size: int) -> bytes:
+def error_reply(
+    query: bytes, question_end: int, rcode: int, edns_size: int, ede: int | None = None
+) -> bytes:
     """A reply carrying only `rcode`: the client's ID, opcode and RD, its question if readable,
     an OPT record when the client's was readable (the only place for an extended rcode).
     For QUERY: RA set, CD copied (RFC 4035 3.2.2). For another opcode nothing is claimed:
-    AA, RA, AD and CD clear. Z is always clear."""
+    AA, RA, AD and CD clear. Z is always clear. `ede`: an Extended DNS Error info code for
+    the OPT record (EDNS clients only)."""
     byte2 = query[2] if len(query) > 2 else 0
     opcode = byte2 & OPCODE_MASK
     byte3 = (RA | (query[3] & CD if len(query) > 3 else 0)) if opcode == 0 else 0
     qid = query[:2] if len(query) >= 2 else b"\x00\x00"
     has_question = question_end > 0
-    opt = opt_record(EDNS_PAYLOAD, False, rcode) if edns_size else b""
+    options = ede_option(ede) if ede is not None else b""
+    opt = opt_record(EDNS_PAYLOAD, False, rcode, options) if edns_size else b""
     header = (
         qid
         + bytes((QR | opcode | (byte2 & RD), byte3 | (rcode & RCODE_MASK)))

@@ -218,7 +218,9 @@ class UdpListener(asyncio.DatagramProtocol):
                 q = wire.parse_query(data)
             except wire.ClientError:
                 return False
-            reply = wire.error_reply(data, q.question_end, wire.REFUSED, q.edns_size)
+            reply = wire.error_reply(
+                data, q.question_end, wire.REFUSED, q.edns_size, wire.EDE_PROHIBITED
+            )
             self.sendto(reply, addr)
             self.metrics.answered("local", reply, 0.0)
             return False
