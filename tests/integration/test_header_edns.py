@@ -105,3 +105,46 @@ def test_chaos_answer_copies_cd_and_carries_an_opt(shared: Sidecar, transport: s
     assert reply.rcode() == dns.rcode.NOERROR
     assert reply.flags & dns.flags.CD
     assert reply.edns == 0 and reply.ednsflags & dns.flags.DO
+
+
+def ede_codes(reply: dns.message.Message) -> list[int]:
+    return [
+        int(option.code)
+        for option in reply.options
+        if isinstance(option, dns.edns.EDEOption)  # RFC 8914 option 15
+    ]
+
+
+def test_refused_by_access_control_says_prohibited(
+    sidecar: StartSidecar, nsd_local: NsdServer
+) -> None:
+    sc = sidecar("--upstream", nsd_local.address, "--allow", "127.0.0.1/32", "--drain-seconds", "0")
+    query = dns.message.make_query("resource-server.local", "A", use_edns=0)
+    outsider = dns.query.udp(query, sc.addr, port=sc.port, timeout=3, source="127.0.0.12")
+    assert outsider.rcode() == dns.rcode.REFUSED
+    assert ede_codes(outsider) == [dns.edns.EDECode.PROHIBITED]
+    plain = dns.message.make_query("resource-server.local", "A")
+    assert dns.query.udp(plain, sc.addr, port=sc.port, timeout=3, source="127.0.0.12").edns < 0
+
+
+def test_servfail_after_every_attempt_timed_out_says_no_reachable_authority(
+    sidecar: StartSidecar,
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        upstream = f"127.0.0.1:{silent.getsockname()[1]}"
+        sc = sidecar(
+            "--upstream",
+            upstream,
+            "--attempt-timeout",
+            "0.2",
+            "--query-timeout",
+            "0.5",
+            "--drain-seconds",
+            "0",
+        )
+        query = dns.message.make_query("resource-server.local", "A", use_edns=0)
+        for _ in range(2):  # the fetch that fails, then the failure memory's answer
+            reply = dns.query.udp(query, sc.addr, port=sc.port, timeout=3)
+            assert reply.rcode() == dns.rcode.SERVFAIL
+            assert ede_codes(reply) == [dns.edns.EDECode.NO_REACHABLE_AUTHORITY]
