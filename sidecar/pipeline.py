@@ -255,7 +255,7 @@ class Resolver:
             shaped = self.shaper.of(q.key, stale)
             if shaped is not None:
                 return shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
-            return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
+            return stale.render_with_ttl(query, q, self.stale_ttl, limit, stale=True), "stale"
         servfail = wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size, ede)
         return servfail, source
 
