@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import dns.edns
 import dns.flags
@@ -19,6 +20,7 @@ import dns.rcode
 import pytest
 
 from tests.fakes.nsd import NsdServer
+from tests.fakes.scripted_upstream import Answer, ScriptedUpstream, Silent
 from tests.integration.conftest import Dig, Sidecar, StartSidecar
 
 pytestmark = pytest.mark.integration
@@ -148,3 +150,22 @@ def test_servfail_after_every_attempt_timed_out_says_no_reachable_authority(
             reply = dns.query.udp(query, sc.addr, port=sc.port, timeout=3)
             assert reply.rcode() == dns.rcode.SERVFAIL
             assert ede_codes(reply) == [dns.edns.EDECode.NO_REACHABLE_AUTHORITY]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_stale_answer_says_so_and_echoes_do(
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, transport: str
+) -> None:
+    name = "stale.example.test."
+    scripted_upstream.set(name, Answer(("A 192.0.2.31",), ttl=1))
+    sc = sidecar("--upstream", scripted_upstream.address, "--drain-seconds", "0")
+    query = dns.message.make_query(name, "A", use_edns=0, want_dnssec=True)
+    stored = time.monotonic()
+    fresh = ask(sc, query, transport)
+    assert fresh.answer and ede_codes(fresh) == []
+    scripted_upstream.set(name, Silent())
+    time.sleep(max(0.0, stored + 2.05 - time.monotonic()))  # expired a second ago
+    stale = ask(sc, query, transport)
+    assert stale.rcode() == dns.rcode.NOERROR and stale.answer
+    assert ede_codes(stale) == [dns.edns.EDECode.STALE_ANSWER]
+    assert stale.ednsflags & dns.flags.DO
