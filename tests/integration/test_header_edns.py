@@ -169,3 +169,24 @@ def test_stale_answer_says_so_and_echoes_do(
     assert stale.rcode() == dns.rcode.NOERROR and stale.answer
     assert ede_codes(stale) == [dns.edns.EDECode.STALE_ANSWER]
     assert stale.ednsflags & dns.flags.DO
+
+
+def test_cache_hits_and_fast_path_rows_clear_z_copy_cd_and_echo_no_unknown_option(
+    shared: Sidecar,
+) -> None:
+    unknown = dns.edns.GenericOption(65001, b"hello")  # an option the sidecar does not know
+    for cd in (False, True):
+        query = dns.message.make_query("resource-server.local", "A", use_edns=0, options=[unknown])
+        query.flags |= 0x0040 | (dns.flags.CD if cd else 0)  # Z set: must come back clear
+        wire_query = query.to_wire()
+        for _ in range(5):  # a miss, then hits: the same bytes reach the fast path's rows
+            reply = dns.message.from_wire(
+                dns.query.udp(query, shared.addr, port=shared.port, timeout=3).to_wire()
+            )
+            assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+            assert reply.flags & 0x0040 == 0
+            assert bool(reply.flags & dns.flags.CD) == cd
+            assert reply.edns == 0 and not reply.options
+        tcp = dns.message.from_wire(ask_tcp(shared, wire_query))
+        assert tcp.flags & 0x0040 == 0 and bool(tcp.flags & dns.flags.CD) == cd
+        assert not tcp.options
