@@ -38,11 +38,11 @@ def local_reply(query: bytes, q: wire.Query) -> bytes:
     text = _NAMES.get(wire_to_name(q.key[:-5]))
     qend = q.question_end
     if text is None or q.qtype not in (TYPE_TXT, wire.TYPE_ANY):
-        return wire.error_reply(query, qend, wire.REFUSED, 0)
+        return wire.error_reply(query, qend, wire.REFUSED, q.edns_size, do=q.do)
     data = text().encode("utf-8", "replace")[:255]
     rdata = bytes((len(data),)) + data
     record = b"\xc0\x0c" + struct.pack("!HHIH", TYPE_TXT, 3, 0, len(rdata)) + rdata
-    flags = bytes((wire.QR | wire.AA | (query[2] & wire.RD), wire.RA))
-    return (
-        query[:2] + flags + wire.COUNTS.pack(1, 1, 0, 0) + query[wire.HEADER_SIZE : qend] + record
-    )
+    flags = bytes((wire.QR | wire.AA | (query[2] & wire.RD), wire.RA | (query[3] & wire.CD)))
+    opt = wire.opt_record(wire.EDNS_PAYLOAD, q.do) if q.edns_size else b""
+    counts = wire.COUNTS.pack(1, 1, 0, 1 if opt else 0)
+    return query[:2] + flags + counts + query[wire.HEADER_SIZE : qend] + record + opt

@@ -71,6 +71,13 @@ def service_label(wire_name: bytes, zone: str) -> str:
     return labels[-depth - 1] if len(labels) > depth else ""
 
 
+def failure_ede(exc: Exception) -> int:
+    """The Extended DNS Error of a SERVFAIL after a failed fetch: every attempt timed out, no
+    reachable authority (22); anything else the upstreams did or sent, network error (23)."""
+    timed_out_only = exc.timed_out_only if isinstance(exc, UpstreamError) else True
+    return wire.EDE_NO_REACHABLE_AUTHORITY if timed_out_only else wire.EDE_NETWORK_ERROR
+
+
 class Resolver:
     def __init__(
         self,
@@ -202,7 +209,9 @@ class Resolver:
             return local_reply(query, q), "local"
         if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
             self.metrics.dropped["refused"] += 1
-            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
+            return wire.error_reply(
+                query, q.question_end, wire.REFUSED, q.edns_size, do=q.do
+            ), "local"
         if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
             return wire.any_reply(query, q), "local"
         self.metrics.cache_misses += 1
@@ -211,16 +220,19 @@ class Resolver:
             self.loops_seen.append(path)
             if self.on_loop is not None:
                 self.on_loop(path)
-            return wire.error_reply(query, q.question_end, wire.REFUSED, q.edns_size), "local"
+            return wire.error_reply(
+                query, q.question_end, wire.REFUSED, q.edns_size, do=q.do
+            ), "local"
         stale = self.cache.get_stale(q.key, now)
-        if self.cache.failed_recently(q.key, now):
-            return self._stale_or_servfail(query, q, stale, limit, "cache")
+        if self.cache.failed_recently(q.key, now):  # no error at hand: no authority reached
+            ede = wire.EDE_NO_REACHABLE_AUTHORITY
+            return self._stale_or_servfail(query, q, stale, limit, "cache", ede)
         fetch = self._inflight.get(q.key)
         if fetch is not None:
             self.metrics.coalesced += 1
         elif len(self._inflight) >= self.max_inflight:
             self.metrics.dropped["overload"] += 1
-            return self._stale_or_servfail(query, q, stale, limit, "local")
+            return self._stale_or_servfail(query, q, stale, limit, "local", None)
         else:
             fetch = self._start_fetch(q)
         # Waiting on a future of our own that the fetch wakes, not on the fetch: cancelling
@@ -239,20 +251,29 @@ class Resolver:
                 async with asyncio.timeout(self.stale_answer_after):
                     await waiter
             entry = fetch.result()
-        except (UpstreamError, TimeoutError):  # every kind of upstream failure: one rule
-            return self._stale_or_servfail(query, q, stale, limit, "upstream")
+        except (UpstreamError, TimeoutError) as exc:  # every kind of upstream failure: one rule
+            return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(exc))
         return self.render(entry, query, q, self.clock(), limit), "upstream"
 
     def _stale_or_servfail(
-        self, query: bytes, q: wire.Query, stale: Entry | None, limit: int, source: str
+        self,
+        query: bytes,
+        q: wire.Query,
+        stale: Entry | None,
+        limit: int,
+        source: str,
+        ede: int | None,
     ) -> tuple[bytes, str]:
+        """The stale entry if there is one, else SERVFAIL carrying `ede` (EDNS clients)."""
         if stale is not None:
             self.metrics.served_stale += 1
-            shaped = self.shaper.of(q.key, stale)
+            shaped = self.shaped(q.key, stale)  # a discovery or rotated answer's pool
             if shaped is not None:
-                return shaped.render(query, q, self.clock(), limit, self.stale_ttl), "stale"
-            return stale.render_with_ttl(query, q, self.stale_ttl, limit), "stale"
-        return wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size), source
+                now = self.clock()
+                return shaped.render(query, q, now, limit, self.stale_ttl, stale=True), "stale"
+            return stale.render_with_ttl(query, q, self.stale_ttl, limit, stale=True), "stale"
+        servfail = wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size, ede, do=q.do)
+        return servfail, source
 
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """`entry` as a reply to `query`: from its shaped or rotated pool if it has one (an

@@ -63,6 +63,11 @@ POOL_SLOT = 8  # a pool's list slot per variant
 
 TC_COUNTS = (wire.COUNTS.pack(1, 0, 0, 0), wire.COUNTS.pack(1, 0, 0, 1))  # without, with OPT
 OPT_RECORDS = (wire.opt_record(wire.EDNS_PAYLOAD, False), wire.opt_record(wire.EDNS_PAYLOAD, True))
+# A stale answer tells an EDNS client so (RFC 8914 info code 3), DO echoed as for a fresh one.
+STALE_OPT_RECORDS = tuple(
+    wire.opt_record(wire.EDNS_PAYLOAD, do, 0, wire.ede_option(wire.EDE_STALE_ANSWER))
+    for do in (False, True)
+)
 _SHARED: dict[object, object] = {}
 MAX_SHARED = 4096
 
@@ -124,11 +129,17 @@ class Entry:
         qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
         if reply.opt is not None:
             ar -= 1
-        # The flags a client sees: its own RD (CD is part of the key); RA since we recurse for
-        # it; AA cleared, because an answer from a cache is not authoritative (RFC 1035 6.2).
+        # The flags a client sees: its own RD and CD (RFC 4035 3.2.2: copied); RA since we
+        # recurse for it; AA cleared, because an answer from a cache is not authoritative
+        # (RFC 1035 6.2); Z always clear. Indexed by RD | CD << 1 of the query.
         byte2 = msg[2] & ~(wire.RD | wire.TC | wire.AA) & 0xFF
-        byte3 = msg[3] | wire.RA
-        self.flags = _shared((bytes((byte2, byte3)), bytes((byte2 | wire.RD, byte3))))
+        byte3 = (msg[3] & ~(wire.Z | wire.CD) & 0xFF) | wire.RA
+        self.flags = _shared(
+            tuple(
+                bytes((byte2 | (bits & wire.RD), byte3 | (wire.CD if bits & 2 else 0)))
+                for bits in range(4)
+            )
+        )
         self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
         self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
         self.opt = OPT_RECORDS[do]
@@ -151,11 +162,15 @@ class Entry:
         """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""
         return self.render_with_ttl(query, q, math.ceil(self.expires - now), limit)
 
-    def render_with_ttl(self, query: bytes, q: wire.Query, ttl: int, limit: int) -> bytes:
+    def render_with_ttl(
+        self, query: bytes, q: wire.Query, ttl: int, limit: int, stale: bool = False
+    ) -> bytes:
+        """`render` with the TTL given; `stale`: the OPT says Stale Answer (EDE 3)."""
         qend = q.question_end
-        flags = self.flags[query[2] & wire.RD]
+        flags = self.flags[(query[2] & wire.RD) | (q.cd << 1)]
         edns = q.edns_size != 0
-        size = self.size + qend - wire.HEADER_SIZE + (11 if edns else 0)
+        opt = STALE_OPT_RECORDS[q.do] if stale else self.opt
+        size = self.size + qend - wire.HEADER_SIZE + (len(opt) if edns else 0)
         if size > limit:
             tc_flags = bytes((flags[0] | wire.TC, flags[1]))
             return b"".join(
@@ -164,14 +179,14 @@ class Entry:
                     tc_flags,
                     TC_COUNTS[edns],
                     query[wire.HEADER_SIZE : qend],
-                    self.opt if edns else b"",
+                    opt if edns else b"",
                 )
             )
         chunks = self.chunks
         body = ttl.to_bytes(4, "big").join(chunks) if len(chunks) > 1 else chunks[0]
         if edns:
             return b"".join(
-                (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, self.opt)
+                (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, opt)
             )
         return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
 

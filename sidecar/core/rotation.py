@@ -139,13 +139,15 @@ class RotatedAnswer:
     def count(self, answers: int) -> None:
         """Rotated answers are not counted apart from other hits."""
 
-    def render(self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int) -> bytes:
-        """The next variant as a reply to `query`, with TTL `ttl`."""
+    def render(
+        self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int, stale: bool = False
+    ) -> bytes:
+        """The next variant as a reply to `query`, with TTL `ttl`; `stale`: EDE Stale Answer."""
         self.refresh(now)
         variants = self.variants
         index = self.next % len(variants)
         self.next = index + 1
-        return variants[index].render_with_ttl(query, q, ttl, limit)
+        return variants[index].render_with_ttl(query, q, ttl, limit, stale)
 
 
 class Rotator:

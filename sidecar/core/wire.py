@@ -35,6 +35,7 @@ AA = 0x04
 TC = 0x02
 RD = 0x01
 RA = 0x80
+Z = 0x40  # must be zero in every reply
 CD = 0x10
 RCODE_MASK = 0x0F
 
@@ -44,6 +45,14 @@ SERVFAIL = 2
 NXDOMAIN = 3
 NOTIMP = 4
 REFUSED = 5
+BADVERS = 16  # extended rcode (RFC 6891 6.1.3): its upper 8 bits travel in the OPT record
+
+# Extended DNS Errors (RFC 8914): the EDNS option and the info codes the sidecar writes.
+OPTION_EDE = 15
+EDE_STALE_ANSWER = 3
+EDE_PROHIBITED = 18
+EDE_NO_REACHABLE_AUTHORITY = 22
+EDE_NETWORK_ERROR = 23
 
 TYPE_SOA = 6
 TYPE_HINFO = 13
@@ -79,11 +88,20 @@ class Query(NamedTuple):
 class ClientError(Exception):
     """A query we answer with an error code instead of a lookup (or drop when rcode is None)."""
 
-    def __init__(self, rcode: int | None, question_end: int, reason: str) -> None:
+    def __init__(
+        self,
+        rcode: int | None,
+        question_end: int,
+        reason: str,
+        edns_size: int = 0,
+        do: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.rcode = rcode
         self.question_end = question_end  # 0 when the question could not be read
         self.reason = reason
+        self.edns_size = edns_size  # the client's OPT was readable: the reply carries one too
+        self.do = do  # its DO bit, echoed
 
 
 def walk_name(
@@ -162,7 +180,7 @@ def parse_query(data: bytes) -> Query:
         raise ClientError(None, 0, "a response, not a query")  # never answer: no reflection
     qdcount, ancount, nscount, arcount = COUNTS.unpack_from(data, 4)
     if flags & OPCODE_MASK:
-        raise ClientError(NOTIMP, 0, "opcode is not QUERY")
+        raise ClientError(NOTIMP, *_readable_parts(data, qdcount, ancount + nscount, arcount))
     if qdcount != 1:
         raise ClientError(FORMERR, 0, "question count is not 1")
     try:
@@ -173,9 +191,11 @@ def parse_query(data: bytes) -> Query:
     do = False
     if arcount or ancount or nscount:  # counts must match the records that are there
         try:
-            edns_size, do = _find_client_opt(data, qend, ancount + nscount, arcount)
+            edns_size, do, version = _find_client_opt(data, qend, ancount + nscount, arcount)
         except FormError as exc:
             raise ClientError(FORMERR, qend, str(exc)) from None
+        if version:  # RFC 6891 6.1.3: answered BADVERS, never forwarded or cached
+            raise ClientError(BADVERS, qend, "EDNS version above 0", edns_size, do)
     cd = bool(data[3] & CD)
     name_end = qend - 4
     key = data[HEADER_SIZE:name_end].lower() + data[name_end:qend] + bytes(((do << 1) | cd,))
@@ -194,18 +214,35 @@ def read_record(msg: bytes, offset: int, end: int) -> tuple[int, int, int, int, 
     return rtype, rclass, ttl, rdata, rdata + rdlen
 
 
-def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple[int, bool]:
-    """Skip `skip` records, then look through the additional section for one OPT record."""
+def _readable_parts(data: bytes, qdcount: int, skip: int, arcount: int) -> tuple[int, str, int]:
+    """For a query answered without a lookup (another opcode): (question end, reason, EDNS
+    size), each as far as it can be read, so the reply echoes what the client sent."""
+    if qdcount != 1:
+        return 0, "opcode is not QUERY", 0
+    try:
+        qend = question_end(data)
+    except FormError:
+        return 0, "opcode is not QUERY", 0
+    try:
+        edns_size = _find_client_opt(data, qend, skip, arcount)[0]
+    except FormError:
+        edns_size = 0
+    return qend, "opcode is not QUERY", edns_size
+
+
+def _find_client_opt(data: bytes, offset: int, skip: int, arcount: int) -> tuple[int, bool, int]:
+    """Skip `skip` records, then look through the additional section for one OPT record:
+    (payload size, DO, EDNS version), (0, False, 0) without one."""
     end = len(data)
-    found: tuple[int, bool] | None = None
+    found: tuple[int, bool, int] | None = None
     for index in range(skip + arcount):
         rtype, rclass, ttl, rdata, offset = read_record(data, offset, end)
         if rtype == TYPE_OPT and index >= skip:
             if found is not None:
                 raise FormError("more than one OPT record")
             _check_options(data, rdata, offset)
-            found = (max(rclass, PLAIN_UDP_LIMIT), bool(ttl & 0x8000))
-    return found if found is not None else (0, False)
+            found = (max(rclass, PLAIN_UDP_LIMIT), bool(ttl & 0x8000), (ttl >> 16) & 0xFF)
+    return found if found is not None else (0, False, 0)
 
 
 def _check_options(data: bytes, offset: int, end: int) -> None:
@@ -277,9 +314,16 @@ def soa_negative_ttl(msg: bytes, reply: Reply) -> int | None:
     return None
 
 
-def opt_record(payload: int, do: bool) -> bytes:
-    """An OPT pseudo-record with no options: root name, type 41, payload size, DO flag."""
-    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, 0x8000 if do else 0, 0)
+def opt_record(payload: int, do: bool, extended_rcode: int = 0, options: bytes = b"") -> bytes:
+    """An OPT pseudo-record: root name, type 41, payload size, the upper 8 bits of the rcode,
+    version 0, DO flag, every other flag zero; `options` (already encoded) as its data."""
+    ttl = ((extended_rcode >> 4) << 24) | (0x8000 if do else 0)
+    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, ttl, len(options)) + options
+
+
+def ede_option(info_code: int) -> bytes:
+    """An Extended DNS Error option (RFC 8914 section 2) with no extra text."""
+    return _U16.pack(OPTION_EDE) + _U16.pack(2) + _U16.pack(info_code)
 
 
 def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
@@ -289,16 +333,30 @@ def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
     return header + question + opt_record(EDNS_PAYLOAD, do)
 
 
-def error_reply(query: bytes, question_end: int, rcode: int, edns_size: int) -> bytes:
-    """A reply carrying only `rcode`: the client's ID, RD and CD, its question if readable."""
-    rd = query[2] & RD if len(query) > 2 else 0
-    cd = query[3] & CD if len(query) > 3 else 0
+def error_reply(
+    query: bytes,
+    question_end: int,
+    rcode: int,
+    edns_size: int,
+    ede: int | None = None,
+    *,
+    do: bool = False,
+) -> bytes:
+    """A reply carrying only `rcode`: the client's ID, opcode and RD, its question if readable,
+    an OPT record when the client's was readable (the only place for an extended rcode).
+    For QUERY: RA set, CD copied (RFC 4035 3.2.2). For another opcode nothing is claimed:
+    AA, RA, AD and CD clear. Z is always clear. `ede`: an Extended DNS Error info code for
+    the OPT record (EDNS clients only); `do`: the client's DO bit, echoed in it."""
+    byte2 = query[2] if len(query) > 2 else 0
+    opcode = byte2 & OPCODE_MASK
+    byte3 = (RA | (query[3] & CD if len(query) > 3 else 0)) if opcode == 0 else 0
     qid = query[:2] if len(query) >= 2 else b"\x00\x00"
     has_question = question_end > 0
-    opt = opt_record(EDNS_PAYLOAD, False) if edns_size else b""
+    options = ede_option(ede) if ede is not None else b""
+    opt = opt_record(EDNS_PAYLOAD, do, rcode, options) if edns_size else b""
     header = (
         qid
-        + bytes((QR | rd, RA | cd | rcode))
+        + bytes((QR | opcode | (byte2 & RD), byte3 | (rcode & RCODE_MASK)))
         + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
     )
     return header + query[HEADER_SIZE:question_end] + opt

@@ -254,12 +254,14 @@ class ShapedAnswer:
         key = (self.zone, self.action)
         self.counts[key] = self.counts.get(key, 0) + answers
 
-    def render(self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int) -> bytes:
-        """A shaped reply with TTL min(answer_ttl, `ttl`)."""
+    def render(
+        self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int, stale: bool = False
+    ) -> bytes:
+        """A shaped reply with TTL min(answer_ttl, `ttl`); `stale`: EDE Stale Answer."""
         self.refresh(now)
         self.count(1)
         variant = self.variants[int(self.rng.random() * len(self.variants))]
-        return variant.render_with_ttl(query, q, min(self.settings.answer_ttl, ttl), limit)
+        return variant.render_with_ttl(query, q, min(self.settings.answer_ttl, ttl), limit, stale)
 
 
 def shape(

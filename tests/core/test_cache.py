@@ -117,6 +117,39 @@ class TestEdnsAndTruncation:
         assert with_edns is not None
         assert [rr.rtype for rr in with_edns.ar] == [QTYPE.OPT]
 
+    def test_cd_copied_and_z_cleared_on_a_hit(self) -> None:
+        cache = TtlCache(CacheSettings())
+        reply = bytearray(upstream_reply(60))
+        reply[3] |= wire.Z | wire.CD  # an upstream that sets Z and CD on its own
+        plain = client_query()
+        stored(cache, bytes(reply), query=plain)
+        entry = cache.get(wire.parse_query(plain).key, 100.0)
+        assert entry is not None
+        out = entry.render(plain, wire.parse_query(plain), 100.0, 512)
+        assert out[3] & (wire.Z | wire.CD) == 0
+        with_cd = bytearray(plain)
+        with_cd[3] |= wire.CD
+        q = wire.parse_query(bytes(with_cd))
+        stored(cache, bytes(reply), query=bytes(with_cd))
+        entry = cache.get(q.key, 100.0)
+        assert entry is not None
+        out = entry.render(bytes(with_cd), q, 100.0, 512)
+        assert out[3] & (wire.Z | wire.CD) == wire.CD
+
+    def test_stale_render_says_stale_answer_to_edns_clients_only(self) -> None:
+        cache = TtlCache(CacheSettings())
+        query = client_query(edns=1232)
+        key = stored(cache, upstream_reply(60, edns=True), query=query)
+        entry = cache.get(key, 100.0)
+        assert entry is not None
+        q = wire.parse_query(query)
+        out = entry.render_with_ttl(query, q, 30, 1232, stale=True)
+        assert out.endswith(wire.ede_option(wire.EDE_STALE_ANSWER))
+        assert DNSRecord.parse(out).a.rdata is not None
+        plain = client_query()
+        out = entry.render_with_ttl(plain, wire.parse_query(plain), 30, 512, stale=True)
+        assert wire.COUNTS.unpack_from(out, 4)[3] == 0  # no OPT for a client without EDNS
+
     def test_too_big_for_the_client_goes_back_truncated(self) -> None:
         cache = TtlCache(CacheSettings())
         stored(cache, upstream_reply(*([60] * 40)))

@@ -105,9 +105,9 @@ def check_query(data: bytes) -> None:
     try:
         q = wire.parse_query(data)
     except wire.ClientError as exc:
-        assert exc.rcode in (None, wire.FORMERR, wire.NOTIMP)
+        assert exc.rcode in (None, wire.FORMERR, wire.NOTIMP, wire.BADVERS)
         if exc.rcode is not None:  # answered: the reply is never bigger than the query + OPT
-            reply = wire.error_reply(data, exc.question_end, exc.rcode, 0)
+            reply = wire.error_reply(data, exc.question_end, exc.rcode, exc.edns_size)
             assert reply[:2] == data[:2] and len(reply) <= max(len(data), wire.HEADER_SIZE)
         else:
             assert len(data) < wire.HEADER_SIZE or data[2] & wire.QR

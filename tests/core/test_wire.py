@@ -211,3 +211,50 @@ class TestBuilding:
     def test_frame_prefixes_length(self) -> None:
         assert wire.frame(b"abc") == b"\x00\x03abc"
         assert wire.udp_limit(0) == 512 and wire.udp_limit(4096) == 4096
+
+
+class TestHeaderAndEdnsRules:
+    def test_another_opcode_is_notimp_with_its_question_and_opt(self) -> None:
+        data = bytearray(query_bytes(edns=True))
+        data[2] |= 4 << 3  # NOTIFY
+        data[3] |= wire.CD | wire.Z
+        with pytest.raises(wire.ClientError) as caught:
+            wire.parse_query(bytes(data))
+        exc = caught.value
+        assert exc.rcode == wire.NOTIMP and exc.edns_size == 4096
+        reply = wire.error_reply(bytes(data), exc.question_end, exc.rcode, exc.edns_size)
+        assert reply[2] == wire.QR | (4 << 3) | wire.RD  # opcode echoed, AA clear
+        assert reply[3] == wire.NOTIMP  # RA, AD, CD and Z clear
+        assert DNSRecord.parse(reply).q.qname == "resource-server.local."
+        assert reply[-11:-8] == b"\x00\x00\x29"  # an OPT record closes the reply
+
+    def test_edns_version_above_zero_is_badvers_in_the_opt(self) -> None:
+        data = bytearray(query_bytes(edns=True))
+        data[-5] = 1  # OPT TTL: extended rcode, version, flags; set version 1
+        with pytest.raises(wire.ClientError) as caught:
+            wire.parse_query(bytes(data))
+        exc = caught.value
+        assert exc.rcode == wire.BADVERS
+        reply = wire.error_reply(bytes(data), exc.question_end, exc.rcode, exc.edns_size)
+        assert reply[3] & wire.RCODE_MASK == 0  # BADVERS is 16: the header holds its low bits
+        _, _, ttl, _ = struct.unpack("!HHIH", reply[-10:])
+        assert ttl >> 24 == 1 and (ttl >> 16) & 0xFF == 0  # upper rcode bits 1, version 0
+
+    def test_query_reply_copies_cd_and_clears_z(self) -> None:
+        data = bytearray(query_bytes(cd=True))
+        data[3] |= wire.Z
+        q = wire.parse_query(bytes(data))
+        reply = wire.error_reply(bytes(data), q.question_end, wire.SERVFAIL, q.edns_size)
+        assert reply[3] == wire.RA | wire.CD | wire.SERVFAIL
+
+
+def test_error_replies_echo_the_do_bit_and_carry_the_ede_in_their_opt() -> None:
+    query = bytes(DNSRecord.question("a.example").pack())
+    q_end = wire.question_end(query)
+    for do in (False, True):
+        reply = wire.error_reply(query, q_end, wire.SERVFAIL, 1232, 22, do=do)
+        opt = reply[q_end:]
+        assert opt[:3] == b"\x00\x00\x29" and reply[7] == 0 and reply[11] == 1
+        ttl = int.from_bytes(opt[5:9], "big")
+        assert ttl == (0x8000 if do else 0)  # DO echoed, version 0, every other flag zero
+        assert opt[11:] == b"\x00\x0f\x00\x02\x00\x16"  # EDE 22, no text

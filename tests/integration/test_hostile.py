@@ -171,8 +171,8 @@ def check_reply(case: HostileCase, replies: list[bytes]) -> None:
         return
     (reply,) = replies
     assert reply[:2] == case.data[:2]
-    parsed = dns.message.from_wire(reply, question_only=True)
-    assert parsed.rcode() == case.reply, f"{case.name}: {dns.rcode.to_text(parsed.rcode())}"
+    rcode = reply[3] & 0x0F  # read by hand: dnspython refuses an UPDATE echoing an A question
+    assert rcode == case.reply, f"{case.name}: {dns.rcode.to_text(rcode)}"
     if case.name == "ANY":
         full = dns.message.from_wire(reply)
         (rrset,) = full.answer
