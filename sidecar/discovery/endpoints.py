@@ -12,9 +12,10 @@ Theory of operation
 - Latency is the smoothed probe round trip: an EWMA with weight 0.3, so a step change shows
   within a few probes.
 - Passive health (discovery/passive.py) reports the application's own connections through
-  `passive()`: a stalled connect or repeated retransmission timeouts count as `fall` failures
-  at once (the application has already waited for them), so the endpoint is left out of answers
-  within a dump of the stall, fail-open included. While the application has connections with RTT
+  `passive()`: a stalled connect counts as `fall` failures at once (the application has
+  already waited `connect_timeout` for it), so the endpoint is left out of answers within a
+  dump of the stall, fail-open included; a stalled transfer (repeated retransmission timeouts)
+  counts as one failure, as a failed probe does. While the application has connections with RTT
   samples, the published latency is the kernel's (loss included) weighted 0.8 over the probe's;
   and an endpoint healthy with recent traffic is probed `stretch` times less often. Probes alone
   bring a demoted endpoint back (rise), as they do after a probe failure.
@@ -263,11 +264,14 @@ class EndpointTable:
             if seen is not None and seen.latency is not None:
                 endpoint.kernel_latency = _smoothed(endpoint.kernel_latency, seen.latency)
                 endpoint.traffic_at = now
-            if seen is not None and seen.stalls:
-                endpoint.stalls += seen.stalls
+            if seen is not None and (seen.stalls or seen.timeouts):
+                endpoint.stalls += seen.stalls + seen.timeouts
                 endpoint.successes = 0
-                endpoint.failures = max(endpoint.failures + 1, s.fall)
-                endpoint.state = UNHEALTHY
+                endpoint.failures += seen.timeouts
+                if seen.stalls:
+                    endpoint.failures = max(endpoint.failures + 1, s.fall)
+                if endpoint.state == UNKNOWN or endpoint.failures >= s.fall:
+                    endpoint.state = UNHEALTHY
             endpoint.mix_latency(now, s.interval * s.stretch)
             if self._settle(endpoint, before) and before is not False:
                 zone = endpoint.zone

@@ -6,11 +6,12 @@ Theory of operation
   kernel's cookie (when it was first seen, whether it was already counted as stalled) and sums
   the sockets up per endpoint address; the endpoint table (discovery/endpoints.py) owns what
   follows from that, as it does for probe results.
-- A stall is a connect still in SYN_SENT `connect_timeout` after it was first seen (a SYN
+- A stalled connect is one still in SYN_SENT `connect_timeout` after it was first seen (a SYN
   retransmission means at least the initial RTO of 1 s has passed, RFC 6298 2.1, so such a
-  socket is at least that old whenever it was first seen), or an established connection with
-  two retransmission timeouts in a row. Each socket's stall counts once; a connection that
-  recovers may stall again.
+  socket is at least that old whenever it was first seen). A stalled transfer is an
+  established connection with three retransmission timeouts in a row (at least 1.4 s without
+  an ack at the minimum RTO of 200 ms; two in a row are common on a merely lossy path). Each
+  socket's stall counts once; a connection that recovers may stall again.
 - The latency a connection shows is the kernel's smoothed RTT plus its RTO times the share of
   its data segments that had to be retransmitted: a lost segment costs the application an RTO,
   which the smoothed RTT alone (Karn's rule leaves retransmitted segments out) never shows.
@@ -27,7 +28,7 @@ from sidecar.discovery.sock_diag import TCP_ESTABLISHED, TCP_SYN_SENT, TcpSocket
 
 INITIAL_RTO = 1.0  # RFC 6298 2.1: the first SYN is retransmitted after 1 s
 PROBE_STRETCH = 5.0  # probe interval multiplier while healthy traffic is seen
-RTO_STALL = 2  # retransmission timeouts in a row that make an established connection stalled
+RTO_STALL = 3  # retransmission timeouts in a row that make an established connection stalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,8 @@ class Traffic:
     """One dump's view of the application's connections to one endpoint address."""
 
     connections: int = 0
-    stalls: int = 0  # sockets that stalled since the last dump
+    stalls: int = 0  # connects that stalled since the last dump
+    timeouts: int = 0  # established connections that stalled since the last dump
     retransmits: int = 0  # segments retransmitted, summed over the open connections
     latency: float | None = None  # mean over established connections with an RTT sample
     reason: str = ""  # the first stall's description, for the log line
@@ -70,7 +72,10 @@ class PassiveWatch:
                 self.stalled.discard(sock.cookie)
             elif sock.cookie not in self.stalled:
                 self.stalled.add(sock.cookie)
-                traffic.stalls += 1
+                if sock.state == TCP_SYN_SENT:
+                    traffic.stalls += 1
+                else:
+                    traffic.timeouts += 1
                 traffic.reason = traffic.reason or why
             if sock.state == TCP_ESTABLISHED and sock.rtt is not None and why is None:
                 lost = sock.total_retrans / sock.data_segs_out if sock.data_segs_out else 0.0

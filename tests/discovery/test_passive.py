@@ -41,13 +41,29 @@ def test_a_connect_whose_syn_was_retransmitted_is_at_least_a_second_old() -> Non
     assert watch.summarise([connecting("10.0.0.1", 1, retransmits=1)], 5.0)["10.0.0.1"].stalls == 0
 
 
-def test_two_timeouts_in_a_row_stall_an_established_connection_until_it_recovers() -> None:
+def test_three_timeouts_in_a_row_stall_an_established_connection_until_it_recovers() -> None:
     watch = PassiveWatch()
-    assert watch.summarise([talking("10.0.0.1", 1, rtos=1)], 1.0)["10.0.0.1"].stalls == 0
-    assert watch.summarise([talking("10.0.0.1", 1, rtos=2)], 1.25)["10.0.0.1"].stalls == 1
-    assert watch.summarise([talking("10.0.0.1", 1, rtos=3)], 1.5)["10.0.0.1"].stalls == 0
-    assert watch.summarise([talking("10.0.0.1", 1, rtos=0)], 1.75)["10.0.0.1"].stalls == 0
-    assert watch.summarise([talking("10.0.0.1", 1, rtos=2)], 2.0)["10.0.0.1"].stalls == 1
+    assert watch.summarise([talking("10.0.0.1", 1, rtos=2)], 1.0)["10.0.0.1"].timeouts == 0
+    assert watch.summarise([talking("10.0.0.1", 1, rtos=3)], 1.25)["10.0.0.1"].timeouts == 1
+    assert watch.summarise([talking("10.0.0.1", 1, rtos=4)], 1.5)["10.0.0.1"].timeouts == 0
+    assert watch.summarise([talking("10.0.0.1", 1, rtos=0)], 1.75)["10.0.0.1"].timeouts == 0
+    seen = watch.summarise([talking("10.0.0.1", 1, rtos=3)], 2.0)["10.0.0.1"]
+    assert (seen.timeouts, seen.stalls) == (1, 0)
+
+
+def test_a_stalled_transfer_counts_as_one_failure_as_a_failed_probe_does() -> None:
+    t = table()
+    first = t.get("local", "10.0.0.1")
+    assert first is not None
+    assert t.passive({"10.0.0.1": Traffic(connections=1, timeouts=1)}, 1.0) == []
+    assert (first.state, first.failures) == (HEALTHY, 1)
+    t.probed(first, True, 0.001, 2.0)  # a good probe in between: not in a row
+    t.passive({"10.0.0.1": Traffic(connections=1, timeouts=1)}, 3.0)
+    assert first.state == HEALTHY
+    assert [e for e, _ in t.passive({"10.0.0.1": Traffic(connections=1, timeouts=1)}, 3.25)] == [
+        first
+    ]
+    assert first.state == UNHEALTHY and t.passive_demotions == {"local": 1}
 
 
 def test_latency_is_the_kernel_rtt_plus_the_rto_share_of_lost_segments() -> None:
