@@ -24,32 +24,29 @@ from sidecar.discovery.sock_diag import (
     AF_INET6,
     NETLINK_SOCK_DIAG,
     TcpSocket,
+    destination_key,
     dump_request,
     parse_dump,
 )
 
-Destination = tuple[str, int | None]  # endpoint address, port (None: any)
+Destination = tuple[str, int]  # endpoint address, port
 
 
 def dump(destinations: set[Destination], max_sockets: int) -> list[TcpSocket]:
     """The TCP sockets of this namespace connected or connecting to `destinations`, at most
     `max_sockets`. Raises OSError (or sock_diag.DumpError) where socket diagnostics fail."""
     found: list[TcpSocket] = []
+    keys = {destination_key(address, port) for address, port in destinations}
     for family, version in ((AF_INET, 4), (AF_INET6, 6)):
         wanted = [d for d in destinations if (":" in d[0]) == (version == 6)]
         if not wanted:
             continue
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
-            sock.send(dump_request(family, wanted, seq=1))
+            sock.send(dump_request(family, list(wanted), seq=1))
             done = False
             while not done and len(found) < max_sockets:
-                sockets, done = parse_dump(sock.recv(1 << 16))
-                # Kernels that ignore the request's filter still send every socket: keep ours.
-                found += [
-                    s
-                    for s in sockets
-                    if (s.address, s.port) in destinations or (s.address, None) in destinations
-                ]
+                sockets, done = parse_dump(sock.recv(1 << 16), keys)
+                found += sockets
     return found[:max_sockets]
 
 

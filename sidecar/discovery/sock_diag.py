@@ -14,10 +14,11 @@ truncated reply message is skipped, never raised.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Container, Iterable, Iterator
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -36,18 +37,20 @@ REQUEST = struct.Struct("=BBBBI48s")
 # family, state, timer, retrans, sport, dport (network order), src, dst, if, cookie, expires,
 # rqueue, wqueue, uid, inode
 MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+MESSAGE_FIELDS = struct.Struct("=BB4x2s16x16s4x8s")  # family, state, dport, dst, cookie
 ATTRIBUTE = struct.Struct("=HH")
 BC_OP = struct.Struct("=BBH")  # code, yes, no: jump lengths in bytes
 U32, I32 = struct.Struct("=I"), struct.Struct("=i")
 HOSTCOND = struct.Struct("=BBxxi")  # family, prefix_len, port (-1: any)
 # struct tcp_info offsets (linux/tcp.h): fields added since 2.6 are read only when present
-TCPI_STATE, TCPI_RETRANSMITS, TCPI_RTO, TCPI_RTT, TCPI_TOTAL_RETRANS = 0, 2, 8, 68, 100
+# tcpi_retransmits, tcpi_rto, tcpi_rtt, tcpi_total_retrans: the fields present since 2.6
+TCP_INFO_HEAD = struct.Struct("=2xB5xI56xI28xI")
 TCPI_DATA_SEGS_OUT = 156  # Linux 4.6+
 
 
-@dataclass(frozen=True, slots=True)
-class TcpSocket:
-    """One of the application's TCP connections, as the kernel reports it."""
+class TcpSocket(NamedTuple):
+    """One of the application's TCP connections, as the kernel reports it (a tuple: a dump
+    makes thousands of them, four times a second)."""
 
     address: str  # destination address, as the endpoint table spells it
     port: int
@@ -97,69 +100,90 @@ class DumpError(Exception):
     """The kernel refused the dump (an NLMSG_ERROR): errno in args[0]."""
 
 
-def _tcp_socket(message: bytes) -> TcpSocket | None:
-    if len(message) < MESSAGE.size:
-        return None
-    family, state, _timer, _retrans, _sport, dport, _src, dst, _if, cookie, *_ = (
-        MESSAGE.unpack_from(message)
-    )
+def destination_key(address: str, port: int) -> tuple[bytes, int]:
+    """How a reply spells a destination before parsing (see parse_dump's `wanted`): the packed
+    address (IPv4 in the first 4 of 16 bytes, as inet_diag_sockid holds it) and the port."""
+    return ipaddress.ip_address(address).packed.ljust(16, b"\0"), port
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(family: int, dst: bytes) -> str | None:
     if family == AF_INET:
-        address = str(ipaddress.IPv4Address(dst[:4]))
-    elif family == AF_INET6:
+        return str(ipaddress.IPv4Address(dst[:4]))
+    if family == AF_INET6:
         v6 = ipaddress.IPv6Address(dst)
-        address = str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
-    else:
+        return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
+    return None
+
+
+def _tcp_socket(
+    data: bytes, start: int, end: int, wanted: Container[tuple[bytes, int]] | None
+) -> TcpSocket | None:
+    """The socket in data[start:end] (one inet_diag_msg and its attributes), or None."""
+    if end - start < MESSAGE.size:
         return None
-    info = b""
-    offset = MESSAGE.size
-    while offset + ATTRIBUTE.size <= len(message):
-        length, kind = ATTRIBUTE.unpack_from(message, offset)
-        if length < ATTRIBUTE.size or offset + length > len(message):
+    family, state, port_bytes, dst, cookie = MESSAGE_FIELDS.unpack_from(data, start)
+    dport = int.from_bytes(port_bytes, "big")
+    if family == AF_INET:
+        dst = dst[:4] + bytes(12)  # the rest of the field is not the address's
+    # Kernels that ignore the request's filter send every socket: the cheap test comes first.
+    if wanted is not None and (dst, dport) not in wanted:
+        return None
+    address = _address_text(family, dst)
+    if address is None:
+        return None
+    offset = start + MESSAGE.size
+    while offset + ATTRIBUTE.size <= end:
+        length, kind = ATTRIBUTE.unpack_from(data, offset)
+        if length < ATTRIBUTE.size or offset + length > end:
             return None
         if kind == INET_DIAG_INFO:
-            info = message[offset + ATTRIBUTE.size : offset + length]
+            break
         offset += (length + 3) & ~3
-    if len(info) < TCPI_TOTAL_RETRANS + 4:
+    else:
         return None
-    rtt_us = U32.unpack_from(info, TCPI_RTT)[0]
+    info, size = offset + ATTRIBUTE.size, length - ATTRIBUTE.size
+    if size < TCP_INFO_HEAD.size:
+        return None
+    retransmits, rto_us, rtt_us, total_retrans = TCP_INFO_HEAD.unpack_from(data, info)
     segs = (
-        U32.unpack_from(info, TCPI_DATA_SEGS_OUT)[0]
-        if len(info) >= TCPI_DATA_SEGS_OUT + 4
+        U32.unpack_from(data, info + TCPI_DATA_SEGS_OUT)[0]
+        if size >= TCPI_DATA_SEGS_OUT + 4
         else None
     )
     return TcpSocket(
-        address=address,
-        port=int.from_bytes(dport, "big"),
-        cookie=cookie,
-        state=state,
-        retransmits=info[TCPI_RETRANSMITS],
-        rtt=rtt_us / 1e6 if rtt_us else None,
-        rto=U32.unpack_from(info, TCPI_RTO)[0] / 1e6,
-        total_retrans=U32.unpack_from(info, TCPI_TOTAL_RETRANS)[0],
-        data_segs_out=segs,
-    )
+        address, dport, cookie, state, retransmits, rtt_us / 1e6 if rtt_us else None,
+        rto_us / 1e6, total_retrans, segs,
+    )  # fmt: skip
 
 
-def parse_dump(data: bytes) -> tuple[list[TcpSocket], bool]:
-    """The sockets in one read of the dump, and whether the dump is complete (NLMSG_DONE).
-    Raises DumpError when the kernel answers with an error."""
+def parse_dump(
+    data: bytes, wanted: Container[tuple[bytes, int]] | None = None
+) -> tuple[list[TcpSocket], bool]:
+    """The sockets in one read of the dump (only those whose destination_key is in `wanted`,
+    when given), and whether the dump is complete (NLMSG_DONE). Raises DumpError when the
+    kernel answers with an error."""
     sockets: list[TcpSocket] = []
-    for kind, payload in _messages(data):
+    for kind, start, end in _messages(data):
         if kind == NLMSG_DONE:
             return sockets, True
         if kind == NLMSG_ERROR:
-            errno = -I32.unpack_from(payload)[0] if len(payload) >= 4 else 0
+            errno = -I32.unpack_from(data, start)[0] if end - start >= 4 else 0
             raise DumpError(errno)
-        if kind == SOCK_DIAG_BY_FAMILY and (found := _tcp_socket(payload)) is not None:
+        if (
+            kind == SOCK_DIAG_BY_FAMILY
+            and (found := _tcp_socket(data, start, end, wanted)) is not None
+        ):
             sockets.append(found)
     return sockets, False
 
 
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end) of each netlink message's payload in data."""
     offset = 0
     while offset + NLMSG_HEADER.size <= len(data):
         length, kind, _flags, _seq, _pid = NLMSG_HEADER.unpack_from(data, offset)
         if length < NLMSG_HEADER.size or offset + length > len(data):
             return
-        yield kind, data[offset + NLMSG_HEADER.size : offset + length]
+        yield kind, offset + NLMSG_HEADER.size, offset + length
         offset += (length + 3) & ~3

@@ -141,3 +141,12 @@ def test_an_error_reply_raises_dump_error_with_the_errno() -> None:
     with pytest.raises(d.DumpError) as raised:
         d.parse_dump(error)
     assert raised.value.args == (22,)
+
+
+def test_only_wanted_destinations_are_parsed() -> None:
+    info = tcp_info(1, 0, 204_000, 1500, 0, 1)
+    data = reply("10.0.0.1", 80, 1, info) + reply("10.0.0.2", 80, 2, info)
+    data += reply("10.0.0.1", 81, 3, info) + reply("fd00::1", 80, 4, info, d.AF_INET6)
+    wanted = {d.destination_key("10.0.0.1", 80), d.destination_key("fd00::1", 80)}
+    sockets, _ = d.parse_dump(data, wanted)
+    assert [(s.address, s.port) for s in sockets] == [("10.0.0.1", 80), ("fd00::1", 80)]
