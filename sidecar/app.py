@@ -24,8 +24,10 @@ from sidecar.core.counters import Counters, Snapshot
 from sidecar.core.rotation import Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.discovery import passive_reader
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
+from sidecar.discovery.passive import PROBE_STRETCH, PassiveSettings
 from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import Shaper, ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
@@ -75,6 +77,14 @@ def probe_settings(config: Config) -> ProbeSettings:
         fall=config.discovery.fall,
         forget_after=config.discovery.forget_after,
         max_endpoints=config.discovery.max_endpoints,
+        stretch=PROBE_STRETCH if config.discovery.passive_health == "on" else 1.0,
+    )
+
+
+def passive_settings(config: Config) -> PassiveSettings:
+    return PassiveSettings(
+        interval=config.discovery.passive_interval,
+        connect_timeout=config.discovery.passive_connect_timeout,
     )
 
 
@@ -130,7 +140,11 @@ def build_resolver(
     else:
         cache.limits = config.cache
     if endpoints is None:
-        endpoints = EndpointTable(probe_settings(config), probes=metrics.endpoint_probes)
+        endpoints = EndpointTable(
+            probe_settings(config),
+            probes=metrics.endpoint_probes,
+            passive_demotions=metrics.endpoint_passive_demotions,
+        )
     else:
         endpoints.settings = probe_settings(config)
     return Resolver(
@@ -288,6 +302,16 @@ class Server:
                     clock=resolver.clock,
                 )
             )
+        if checks and config.discovery.passive_health == "on":
+            why_not = passive_reader.unavailable()
+            if why_not is None:
+                work.append(
+                    passive_reader.run_passive_health(
+                        resolver.endpoints, checks, passive_settings(config), resolver.clock
+                    )
+                )
+            else:
+                logs.get().warning("passive health off", extra={"fields": {"reason": why_not}})
         for source in self.cloudmap.values():
             work.append(
                 run_cloudmap(

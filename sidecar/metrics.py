@@ -165,6 +165,14 @@ class SidecarCollector(Collector):
         for (zone, result), count in sorted(m.endpoint_probes.items()):
             probes.add_metric([zone, result], count)
         yield probes
+        demotions = CounterMetricFamily(
+            _name("endpoint_passive_demotions"),
+            "Discovery endpoints made unhealthy by the application's stalled connections.",
+            labels=["zone"],
+        )
+        for zone, count in sorted(m.endpoint_passive_demotions.items()):
+            demotions.add_metric([zone], count)
+        yield demotions
         shaped = CounterMetricFamily(
             _name("answers_shaped"),
             "Discovery answers shaped, by what was done to them.",

@@ -88,6 +88,9 @@ class DiscoverySettings:
     max_probes: int = 64
     max_endpoints: int = 4096
     cloudmap_interval: float = 10.0
+    passive_health: str = "on"  # "on" | "off"
+    passive_interval: float = 0.25
+    passive_connect_timeout: float = 1.0
 
 
 # The settings groups: a dotted key "group.name" is field "name" of Config.group, whose type

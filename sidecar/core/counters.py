@@ -93,6 +93,7 @@ class Counters:
     )
     answers_shaped: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, action)
     endpoint_probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result)
+    endpoint_passive_demotions: dict[str, int] = field(default_factory=dict)  # zone
 
     def answered(self, source: str, reply: bytes, seconds: float) -> None:
         self.responses[source][reply[3] & 0x0F] += 1

@@ -11,6 +11,14 @@ Theory of operation
   starts with Cloud Map's word instead of waiting for the next one.
 - Latency is the smoothed probe round trip: an EWMA with weight 0.3, so a step change shows
   within a few probes.
+- Passive health (discovery/passive.py) reports the application's own connections through
+  `passive()`: a stalled connect counts as `fall` failures at once (the application has
+  already waited `connect_timeout` for it), so the endpoint is left out of answers within a
+  dump of the stall, fail-open included; a stalled transfer (repeated retransmission timeouts)
+  counts as one failure, as a failed probe does. While the application has connections with RTT
+  samples, the published latency is the kernel's (loss included) weighted 0.8 over the probe's;
+  and an endpoint healthy with recent traffic is probed `stretch` times less often. Probes alone
+  bring a demoted endpoint back (rise), as they do after a probe failure.
 - An endpoint not seen in any answer for `forget_after` seconds is dropped; the table holds at
   most `max_endpoints` (the least recently seen go first), so memory is bounded whatever the
   upstream returns.
@@ -24,11 +32,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from sidecar.discovery.passive import Traffic
 
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
 LATENCY_WEIGHT = 0.3
+KERNEL_WEIGHT = 0.8  # share of the kernel's RTT in the latency while the application has traffic
 JITTER = 0.2
 
 
@@ -40,6 +51,7 @@ class ProbeSettings:
     fall: int = 2
     forget_after: float = 300.0
     max_endpoints: int = 4096
+    stretch: float = 1.0  # probe interval multiplier while healthy traffic is seen (passive)
 
 
 @dataclass(slots=True)
@@ -49,7 +61,13 @@ class Endpoint:
     state: str = UNKNOWN
     successes: int = 0  # in a row
     failures: int = 0  # in a row
-    latency: float | None = None  # seconds, smoothed
+    latency: float | None = None  # seconds, what shaping uses: probe's, or kernel's mixed in
+    probe_latency: float | None = None  # seconds, smoothed probe round trip
+    kernel_latency: float | None = None  # seconds, smoothed, from the application's connections
+    traffic_at: float | None = None  # last dump with a healthy connection of the application
+    connections: int = 0  # the application's open connections, as of the last dump
+    stalls: int = 0  # the application's stalled connections, all time
+    retransmits: int = 0  # retransmitted segments of the open connections, last dump
     last_seen: float = 0.0
     last_probe: float | None = None
     next_probe: float = 0.0
@@ -86,12 +104,41 @@ class Endpoint:
             "probe_state": self.state,
             "cloudmap": self.cloudmap,
             "health_source": self.health_source,
-            "latency_ms": None if self.latency is None else round(self.latency * 1000, 3),
+            "latency_ms": _ms(self.latency),
+            "probe_latency_ms": _ms(self.probe_latency),
             "last_probe_ago_s": None
             if self.last_probe is None
             else round(now - self.last_probe, 3),
             "last_seen_ago_s": round(now - self.last_seen, 3),
+            "passive": {
+                "connections": self.connections,
+                "stalls": self.stalls,
+                "retransmits": self.retransmits,
+                "kernel_rtt_ms": _ms(self.kernel_latency),
+                "traffic_ago_s": None
+                if self.traffic_at is None
+                else round(now - self.traffic_at, 3),
+            },
         }
+
+    def mix_latency(self, now: float, recent: float) -> None:
+        """The published latency: the kernel's, weighted over the probe's, while the application
+        had traffic within `recent` seconds; the probe's alone otherwise."""
+        kernel, probe = self.kernel_latency, self.probe_latency
+        if kernel is None or self.traffic_at is None or now - self.traffic_at > recent:
+            self.latency = probe
+        elif probe is None:
+            self.latency = kernel
+        else:
+            self.latency = KERNEL_WEIGHT * kernel + (1 - KERNEL_WEIGHT) * probe
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _smoothed(old: float | None, sample: float) -> float:
+    return sample if old is None else old + LATENCY_WEIGHT * (sample - old)
 
 
 def latency_band(latency: float) -> int:
@@ -113,6 +160,10 @@ class EndpointTable:
     probes: dict[tuple[str, str], int] = field(default_factory=dict)
     # zone -> address -> HEALTHY/UNHEALTHY, as of the last Cloud Map refresh of that zone
     cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
+    # zone -> count; the process's Counters.endpoint_passive_demotions when served
+    passive_demotions: dict[str, int] = field(default_factory=dict)
+    # called when an endpoint is added to an empty table: the passive reader sleeps until then
+    on_first: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         states: dict[str, int] = {}
@@ -129,6 +180,8 @@ class EndpointTable:
             key = (zone, address)
             endpoint = self.endpoints.get(key)
             if endpoint is None:
+                if not self.endpoints and self.on_first is not None:
+                    self.on_first()
                 endpoint = self.endpoints[key] = Endpoint(zone, address, next_probe=now)
                 endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
                 self.version += 1
@@ -153,8 +206,11 @@ class EndpointTable:
         s = self.settings
         endpoint.probing = False
         endpoint.last_probe = now
-        spread = s.interval * JITTER
-        endpoint.next_probe = now + s.interval + self.rng.uniform(-spread, spread)
+        interval = s.interval
+        if endpoint.healthy and self._recent_traffic(endpoint, now):
+            interval *= s.stretch
+        spread = interval * JITTER
+        endpoint.next_probe = now + interval + self.rng.uniform(-spread, spread)
         self.probes[(endpoint.zone, "success" if ok else "failure")] = (
             self.probes.get((endpoint.zone, "success" if ok else "failure"), 0) + 1
         )
@@ -163,11 +219,8 @@ class EndpointTable:
             endpoint.successes += 1
             endpoint.failures = 0
             if rtt is not None:
-                endpoint.latency = (
-                    rtt
-                    if endpoint.latency is None
-                    else endpoint.latency + LATENCY_WEIGHT * (rtt - endpoint.latency)
-                )
+                endpoint.probe_latency = _smoothed(endpoint.probe_latency, rtt)
+                endpoint.mix_latency(now, s.interval * s.stretch)
             # The first probe of an unknown endpoint decides at once (new endpoints must not
             # be handed out dead while rise/fall counts up); after that, hysteresis.
             if endpoint.state == UNKNOWN or (
@@ -181,12 +234,50 @@ class EndpointTable:
                 endpoint.state == HEALTHY and endpoint.failures >= s.fall
             ):
                 endpoint.state = UNHEALTHY
+        return self._settle(endpoint, before)
+
+    def _settle(self, endpoint: Endpoint, before: bool | None) -> bool:
+        """Publish a change of health or latency band in `version`; True if health changed."""
         changed = endpoint.healthy != before
         band = None if endpoint.latency is None else latency_band(endpoint.latency)
         if changed or band != endpoint.band:
             endpoint.band = band
             self.version += 1
         return changed
+
+    def _recent_traffic(self, endpoint: Endpoint, now: float) -> bool:
+        s = self.settings
+        return (
+            endpoint.traffic_at is not None and now - endpoint.traffic_at <= s.interval * s.stretch
+        )
+
+    def passive(self, traffic: dict[str, Traffic], now: float) -> list[tuple[Endpoint, str]]:
+        """Apply one dump of the application's connections (address -> Traffic) to every
+        endpoint; the endpoints demoted, with why."""
+        s = self.settings
+        demoted = []
+        for endpoint in self.endpoints.values():
+            seen = traffic.get(endpoint.address)
+            before = endpoint.healthy
+            endpoint.connections = seen.connections if seen else 0
+            endpoint.retransmits = seen.retransmits if seen else 0
+            if seen is not None and seen.latency is not None:
+                endpoint.kernel_latency = _smoothed(endpoint.kernel_latency, seen.latency)
+                endpoint.traffic_at = now
+            if seen is not None and (seen.stalls or seen.timeouts):
+                endpoint.stalls += seen.stalls + seen.timeouts
+                endpoint.successes = 0
+                endpoint.failures += seen.timeouts
+                if seen.stalls:
+                    endpoint.failures = max(endpoint.failures + 1, s.fall)
+                if endpoint.state == UNKNOWN or endpoint.failures >= s.fall:
+                    endpoint.state = UNHEALTHY
+            endpoint.mix_latency(now, s.interval * s.stretch)
+            if self._settle(endpoint, before) and before is not False:
+                zone = endpoint.zone
+                self.passive_demotions[zone] = self.passive_demotions.get(zone, 0) + 1
+                demoted.append((endpoint, seen.reason if seen else ""))
+        return demoted
 
     def set_cloudmap(self, zone: str, statuses: dict[str, str]) -> list[Endpoint]:
         """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) to known endpoints of a zone,
