@@ -94,6 +94,7 @@ async def run_passive_health(
                     endpoint.zone,
                     endpoint.address,
                     endpoint.health_name,
+                    now,
                     source="passive",
                     reason=reason,
                 )
