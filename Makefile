@@ -30,10 +30,10 @@ integration: $(STAMP)
 	$(BIN)/pytest -m integration -q
 
 # The Debian packages the tests run (nsd as the upstream; dig, kdig, drill as clients; promtool;
-# ip and unshare for network namespaces): installed as root with apt-get when missing, else
-# `make test` stops at once naming them.
+# ip and unshare for network namespaces, nft for the faults in them): installed as root with
+# apt-get when missing, else `make test` stops at once naming them.
 TEST_DEPS := nsd=nsd dig=dnsutils kdig=knot-dnsutils drill=ldnsutils promtool=prometheus \
-	ip=iproute2 unshare=util-linux
+	ip=iproute2 unshare=util-linux nft=nftables
 
 test-deps:
 	bash .ci/install-deps.sh test $(TEST_DEPS)
