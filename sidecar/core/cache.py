@@ -30,6 +30,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -132,14 +133,7 @@ class Entry:
         # The flags a client sees: its own RD and CD (RFC 4035 3.2.2: copied); RA since we
         # recurse for it; AA cleared, because an answer from a cache is not authoritative
         # (RFC 1035 6.2); Z always clear. Indexed by RD | CD << 1 of the query.
-        byte2 = msg[2] & ~(wire.RD | wire.TC | wire.AA) & 0xFF
-        byte3 = (msg[3] & ~(wire.Z | wire.CD) & 0xFF) | wire.RA
-        self.flags = _shared(
-            tuple(
-                bytes((byte2 | (bits & wire.RD), byte3 | (wire.CD if bits & 2 else 0)))
-                for bits in range(4)
-            )
-        )
+        self.flags = _flags(msg[2], msg[3])
         self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
         self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
         self.opt = OPT_RECORDS[do]
@@ -189,6 +183,17 @@ class Entry:
                 (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, opt)
             )
         return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
+
+
+@functools.lru_cache(maxsize=256)
+def _flags(byte2: int, byte3: int) -> tuple[bytes, ...]:
+    """The four header flag pairs of an entry whose upstream reply had flags `byte2, byte3`,
+    by RD | CD << 1 of the query (one tuple for all entries alike: few flag sets occur)."""
+    byte2 &= ~(wire.RD | wire.TC | wire.AA) & 0xFF
+    byte3 = (byte3 & ~(wire.Z | wire.CD) & 0xFF) | wire.RA
+    return tuple(
+        bytes((byte2 | (bits & wire.RD), byte3 | (wire.CD if bits & 2 else 0))) for bits in range(4)
+    )
 
 
 def pool_cost(variants: Sequence[Entry]) -> int:
