@@ -38,7 +38,7 @@ def local_reply(query: bytes, q: wire.Query) -> bytes:
     text = _NAMES.get(wire_to_name(q.key[:-5]))
     qend = q.question_end
     if text is None or q.qtype not in (TYPE_TXT, wire.TYPE_ANY):
-        return wire.error_reply(query, qend, wire.REFUSED, q.edns_size, do=q.do)
+        return wire.rcode_reply(query, q, wire.REFUSED)
     data = text().encode("utf-8", "replace")[:255]
     rdata = bytes((len(data),)) + data
     record = b"\xc0\x0c" + struct.pack("!HHIH", TYPE_TXT, 3, 0, len(rdata)) + rdata

@@ -209,9 +209,7 @@ class Resolver:
             return local_reply(query, q), "local"
         if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
             self.metrics.dropped["refused"] += 1
-            return wire.error_reply(
-                query, q.question_end, wire.REFUSED, q.edns_size, do=q.do
-            ), "local"
+            return wire.rcode_reply(query, q, wire.REFUSED), "local"
         if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
             return wire.any_reply(query, q), "local"
         self.metrics.cache_misses += 1
@@ -220,9 +218,7 @@ class Resolver:
             self.loops_seen.append(path)
             if self.on_loop is not None:
                 self.on_loop(path)
-            return wire.error_reply(
-                query, q.question_end, wire.REFUSED, q.edns_size, do=q.do
-            ), "local"
+            return wire.rcode_reply(query, q, wire.REFUSED), "local"
         stale = self.cache.get_stale(q.key, now)
         if self.cache.failed_recently(q.key, now):  # no error at hand: no authority reached
             ede = wire.EDE_NO_REACHABLE_AUTHORITY
@@ -272,7 +268,7 @@ class Resolver:
                 now = self.clock()
                 return shaped.render(query, q, now, limit, self.stale_ttl, stale=True), "stale"
             return stale.render_with_ttl(query, q, self.stale_ttl, limit, stale=True), "stale"
-        servfail = wire.error_reply(query, q.question_end, wire.SERVFAIL, q.edns_size, ede, do=q.do)
+        servfail = wire.rcode_reply(query, q, wire.SERVFAIL, ede)
         return servfail, source
 
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from sidecar.core import wire
 from sidecar.core.cache import Entry, pool_cost
 
-ADDRESS_TYPES = (1, 28)  # A, AAAA
 MAX_ORDERS = 8
 SHIFT_EVERY = 1.0  # seconds between moves of a pool of more than MAX_ORDERS addresses
 NO_TTL_CAP = 2**31 - 1  # rotated answers show the entry's own TTL
@@ -46,7 +45,7 @@ def address_rrset(msg: bytes, reply: wire.Reply) -> tuple[int, int] | None:
     if len(answers) < 2:
         return None
     rtype = answers[-1].rtype
-    if rtype not in ADDRESS_TYPES:
+    if rtype not in wire.ADDRESS_TYPES:
         return None
     first = len(answers) - 1
     while first > 0 and answers[first - 1].rtype == rtype:

@@ -54,6 +54,9 @@ EDE_PROHIBITED = 18
 EDE_NO_REACHABLE_AUTHORITY = 22
 EDE_NETWORK_ERROR = 23
 
+TYPE_A = 1
+TYPE_AAAA = 28
+ADDRESS_TYPES = (TYPE_A, TYPE_AAAA)
 TYPE_SOA = 6
 TYPE_HINFO = 13
 TYPE_OPT = 41
@@ -102,6 +105,11 @@ class ClientError(Exception):
         self.reason = reason
         self.edns_size = edns_size  # the client's OPT was readable: the reply carries one too
         self.do = do  # its DO bit, echoed
+
+    def reply(self, query: bytes) -> bytes:
+        """The error reply to `query` (only when `rcode` is not None)."""
+        assert self.rcode is not None
+        return error_reply(query, self.question_end, self.rcode, self.edns_size, do=self.do)
 
 
 def walk_name(
@@ -360,6 +368,11 @@ def error_reply(
         + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
     )
     return header + query[HEADER_SIZE:question_end] + opt
+
+
+def rcode_reply(query: bytes, q: Query, rcode: int, ede: int | None = None) -> bytes:
+    """`error_reply` to a parsed query: its question, OPT and DO bit as the client sent them."""
+    return error_reply(query, q.question_end, rcode, q.edns_size, ede, do=q.do)
 
 
 def any_reply(query: bytes, q: Query) -> bytes:

@@ -40,7 +40,6 @@ from sidecar.core import wire
 from sidecar.core.cache import Entry, pool_cost
 from sidecar.discovery.endpoints import EndpointTable
 
-ADDRESS_TYPES = (1, 28)  # A, AAAA
 # Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
 # per answer record its walked record, its address text and its slot.
 POOL_OVERHEAD = 600
@@ -281,7 +280,7 @@ def shape(
     if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
         return None
     qend = reply.question_end
-    if int.from_bytes(msg[qend - 4 : qend - 2], "big") not in ADDRESS_TYPES:  # the QTYPE
+    if int.from_bytes(msg[qend - 4 : qend - 2], "big") not in wire.ADDRESS_TYPES:  # the QTYPE
         return None
     answers = tuple(r for r in reply.records if r.section == 0)
     address_of = {}

@@ -185,13 +185,7 @@ class TcpListener:
                 self.metrics.dropped["malformed"] += 1
                 if exc.rcode is None:
                     return  # not a query we would ever answer: close the connection
-                writer.write(
-                    wire.frame(
-                        wire.error_reply(
-                            data, exc.question_end, exc.rcode, exc.edns_size, do=exc.do
-                        )
-                    )
-                )
+                writer.write(wire.frame(exc.reply(data)))
                 continue
             self.requests[q.qtype] += 1
             reply = self.resolver.answer(data, q, TCP_LIMIT)
@@ -216,7 +210,7 @@ class TcpListener:
         except Exception:
             log.exception("query failed")
             reply, source = (
-                wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size, do=q.do),
+                wire.rcode_reply(data, q, wire.SERVFAIL),
                 "local",
             )
         if not writer.is_closing():

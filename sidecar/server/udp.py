@@ -218,9 +218,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 q = wire.parse_query(data)
             except wire.ClientError:
                 return False
-            reply = wire.error_reply(
-                data, q.question_end, wire.REFUSED, q.edns_size, wire.EDE_PROHIBITED, do=q.do
-            )
+            reply = wire.rcode_reply(data, q, wire.REFUSED, wire.EDE_PROHIBITED)
             self.sendto(reply, addr)
             self.metrics.answered("local", reply, 0.0)
             return False
@@ -249,7 +247,7 @@ class UdpListener(asyncio.DatagramProtocol):
             self.metrics.dropped["malformed"] += 1
             if exc.rcode is not None:
                 self.sendto(
-                    wire.error_reply(data, exc.question_end, exc.rcode, exc.edns_size, do=exc.do),
+                    exc.reply(data),
                     addr,
                 )
             return None
@@ -268,7 +266,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if len(self._pending) >= self.max_pending:
             # Bounded work: a fast SERVFAIL beats a queue that grows until the deadline passes.
             self.metrics.dropped["overload"] += 1
-            reply = wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size, do=q.do)
+            reply = wire.rcode_reply(data, q, wire.SERVFAIL)
             self.sendto(reply, addr)
             self.metrics.answered("local", reply, self._clock() - now)
             return None
@@ -284,7 +282,7 @@ class UdpListener(asyncio.DatagramProtocol):
             reply, source = await self._resolver.resolve(data, q, limit)
         except Exception:
             log.exception("query failed", extra={"fields": {"client": str(addr[0])}})
-            reply = wire.error_reply(data, q.question_end, wire.SERVFAIL, q.edns_size, do=q.do)
+            reply = wire.rcode_reply(data, q, wire.SERVFAIL)
             source = "local"
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
