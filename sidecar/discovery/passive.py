@@ -15,6 +15,9 @@ Theory of operation
 - The latency a connection shows is the kernel's smoothed RTT plus its RTO times the share of
   its data segments that had to be retransmitted: a lost segment costs the application an RTO,
   which the smoothed RTT alone (Karn's rule leaves retransmitted segments out) never shows.
+- A dump is complete (every state) or of connects only (the reader reads established
+  connections less often: see discovery/passive_reader.py); after a connects-only dump the
+  established sockets of the last complete one stand in for the current ones.
 - Sockets gone from the dump are forgotten, so memory follows the application's connections,
   capped by the reader's `max_sockets`.
 Time comes in as `now`; no I/O here.
@@ -55,9 +58,18 @@ class PassiveWatch:
     settings: PassiveSettings = field(default_factory=PassiveSettings)
     first_seen: dict[bytes, float] = field(default_factory=dict)  # cookie -> now
     stalled: set[bytes] = field(default_factory=set)  # cookies already counted
+    established: list[TcpSocket] = field(default_factory=list)  # of the last complete dump
 
-    def summarise(self, sockets: list[TcpSocket], now: float) -> dict[str, Traffic]:
-        """Per endpoint address, what this dump shows; forgets sockets no longer present."""
+    def summarise(
+        self, sockets: list[TcpSocket], now: float, *, complete: bool = True
+    ) -> dict[str, Traffic]:
+        """Per endpoint address, what this dump shows (with `complete` False: a dump of
+        connects only, the last complete dump's established sockets standing in for the rest);
+        forgets sockets no longer present."""
+        if complete:
+            self.established = [s for s in sockets if s.state == TCP_ESTABLISHED]
+        else:
+            sockets = sockets + self.established
         first_seen = {s.cookie: self.first_seen.get(s.cookie, now) for s in sockets}
         self.first_seen = first_seen
         self.stalled &= first_seen.keys()

@@ -2,11 +2,14 @@
 
 What `ss -ti` reads (netlink NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY; linux/inet_diag.h,
 linux/sock_diag.h, linux/tcp.h). No privilege is needed to dump the sockets of one's own network
-namespace. The request asks for TCP sockets in SYN_SENT or ESTABLISHED with a destination among
-the given (address, port) pairs: the kernel runs that filter (an INET_DIAG_REQ_BYTECODE program
-of D_COND tests, one per destination), so only the application's connections to known endpoints
-cross into user space. Each reply carries `struct tcp_info` (INET_DIAG_INFO): the state, the
-retransmission timeouts in a row, the smoothed RTT, the RTO and the segment counts.
+namespace. The request asks for TCP sockets in some states (SYN_SENT, ESTABLISHED) with a
+destination among the given (address, port) pairs. Two kernel-side filters carry that: the
+request's destination port (inet_diag_sockid.idiag_dport: a dump skips sockets of any other
+port), and an INET_DIAG_REQ_BYTECODE program of D_COND tests, one per destination. The test
+machine's kernel (6.18) honours the states and the port and ignores the program, so replies are
+also matched on their destination in user space (parse_dump's `wanted`). Each reply carries
+`struct tcp_info` (INET_DIAG_INFO): the state, the retransmission timeouts in a row, the
+smoothed RTT, the RTO and the segment counts.
 
 Plain bytes in and out; the socket is opened in discovery/passive_reader.py. A malformed or
 truncated reply message is skipped, never raised.
@@ -27,6 +30,8 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 AF_INET, AF_INET6 = 2, 10
 IPPROTO_TCP = 6
 TCP_ESTABLISHED, TCP_SYN_SENT = 1, 2
+CONNECTING = 1 << TCP_SYN_SENT  # idiag_states bits
+CONNECTED = 1 << TCP_ESTABLISHED
 INET_DIAG_INFO = 2  # reply attribute: struct tcp_info; also bit (INET_DIAG_INFO - 1) of idiag_ext
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_JMP, INET_DIAG_BC_D_COND = 1, 4
@@ -84,11 +89,19 @@ def _bytecode(destinations: Iterable[tuple[str, int | None]]) -> bytes:
     return bytes(out)
 
 
-def dump_request(family: int, destinations: Iterable[tuple[str, int | None]], seq: int) -> bytes:
-    """A dump request for TCP sockets of `family` in SYN_SENT or ESTABLISHED whose destination
-    is one of `destinations` ((address, port or None for any port), all of that family)."""
-    states = (1 << TCP_SYN_SENT) | (1 << TCP_ESTABLISHED)
-    body = REQUEST.pack(family, IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0, states, bytes(48))
+def dump_request(
+    family: int,
+    destinations: Iterable[tuple[str, int | None]],
+    seq: int,
+    *,
+    states: int = CONNECTING | CONNECTED,
+    port: int | None = None,
+) -> bytes:
+    """A dump request for TCP sockets of `family` in `states` whose destination is one of
+    `destinations` ((address, port or None for any port), all of that family), and, when
+    `port` is given, whose destination port is `port`."""
+    sockid = (port or 0).to_bytes(4, "big") + bytes(44)  # sport 0 (any), dport
+    body = REQUEST.pack(family, IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0, states, sockid)
     program = _bytecode(destinations)
     attribute = ATTRIBUTE.pack(ATTRIBUTE.size + len(program), INET_DIAG_REQ_BYTECODE) + program
     length = NLMSG_HEADER.size + len(body) + len(attribute)

@@ -156,3 +156,15 @@ def test_the_debug_view_shows_the_passive_state() -> None:
         "traffic_ago_s": 1.0,
     }  # fmt: skip
     assert row["probe_latency_ms"] == 1.0
+
+
+def test_between_complete_dumps_the_last_established_sockets_stand_in() -> None:
+    watch = PassiveWatch()
+    complete = watch.summarise([talking("10.0.0.1", 1, rtt=0.004), connecting("10.0.0.2", 2)], 1.0)
+    assert (complete["10.0.0.1"].connections, complete["10.0.0.1"].latency) == (1, 0.004)
+    partial = watch.summarise([connecting("10.0.0.2", 2)], 1.25, complete=False)
+    assert partial["10.0.0.1"].latency == 0.004  # stood in
+    assert partial["10.0.0.2"].connections == 1
+    assert watch.summarise([connecting("10.0.0.2", 2)], 2.0, complete=False)["10.0.0.2"].stalls == 1
+    assert "10.0.0.1" not in watch.summarise([], 2.25)  # a complete dump without it: gone
+    assert watch.summarise([], 2.5, complete=False) == {}

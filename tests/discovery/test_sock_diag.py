@@ -73,6 +73,14 @@ def test_a_one_destination_filter_and_the_request_header() -> None:
     assert not run_filter(program, "fd00::6", 443)
 
 
+def test_the_request_carries_the_states_and_the_destination_port() -> None:
+    request = d.dump_request(d.AF_INET, [("10.0.0.1", 8080)], 1, states=d.CONNECTING, port=8080)
+    *_, states, sockid = d.REQUEST.unpack_from(request, d.NLMSG_HEADER.size)
+    assert states == 1 << d.TCP_SYN_SENT
+    assert struct.unpack_from("!HH", sockid) == (0, 8080)  # any source port, this destination
+    assert sockid[4:] == bytes(44)
+
+
 def tcp_info(
     state: int, retransmits: int, rto_us: int, rtt_us: int, retrans: int, segs: int
 ) -> bytes:
