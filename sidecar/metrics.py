@@ -15,15 +15,6 @@ import platform
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 from sidecar import __version__
 from sidecar.core.counters import (
     DROP_REASONS,
@@ -32,6 +23,15 @@ from sidecar.core.counters import (
     SOURCES,
     Counters,
     Snapshot,
+)
+from sidecar.prometheus_lean import (
+    Collector,
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    ProcessCollector,
 )
 
 NAMESPACE = "dns_sidecar"

@@ -11,8 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
+from sidecar.prometheus_lean import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sidecar.server import sockets
 
 MAX_REQUEST = 8192

@@ -1,0 +1,64 @@
+"""prometheus_client loaded without its HTTP servers (sidecar/prometheus_lean.py's invariants),
+each case in a fresh interpreter: what a sidecar process imports is what is checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SERVER_MODULES = ("http.server", "urllib.request", "wsgiref.simple_server")
+
+
+def run(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_sidecar_loads_none_of_the_server_modules_and_still_exposes_metrics() -> None:
+    out = run(
+        "import sys\n"
+        "import sidecar.app\n"
+        "from sidecar.prometheus_lean import CollectorRegistry, generate_latest\n"
+        "from prometheus_client import Counter\n"
+        "registry = CollectorRegistry()\n"
+        "Counter('lean_total', 'a test', registry=registry).inc()\n"
+        f"print([m in sys.modules for m in {SERVER_MODULES!r}])\n"
+        "print(generate_latest(registry).decode().count('lean_total 1.0'))\n"
+    )
+    assert out.splitlines() == ["[False, False, False]", "1"]
+
+
+def test_a_later_import_gets_the_real_modules() -> None:
+    out = run(
+        "import sidecar.prometheus_lean, http.server, urllib.request, wsgiref.simple_server\n"
+        "print(http.server.BaseHTTPRequestHandler.__module__, urllib.request.Request.__module__,"
+        " wsgiref.simple_server.WSGIServer.__module__)\n"
+    )
+    assert out == "http.server urllib.request wsgiref.simple_server"
+
+
+def test_prometheus_clients_own_servers_say_why_they_do_not_work() -> None:
+    out = run(
+        "import sidecar.prometheus_lean, prometheus_client\n"
+        "try:\n"
+        "    prometheus_client.start_http_server(0, addr='127.0.0.1')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    assert "not loaded in the sidecar" in out
+
+
+@pytest.mark.parametrize("first", SERVER_MODULES)
+def test_modules_loaded_before_are_left_alone(first: str) -> None:
+    out = run(
+        f"import {first}, sys\n"
+        f"real = sys.modules[{first!r}]\n"
+        "import sidecar.prometheus_lean\n"
+        f"print(sys.modules[{first!r}] is real)\n"
+    )
+    assert out == "True"
