@@ -226,7 +226,9 @@ async def probe_down_upstreams(
     question: bytes,
     interval: float,
 ) -> None:
-    """Forever: every `interval`, ask each down upstream `question`; an answer marks it up."""
+    """Forever: every `interval` while some upstream is down, ask each down upstream
+    `question`; an answer marks it up. With none down it waits, with no timer, to be told."""
+    some_down = asyncio.Event()
 
     async def probe_one(upstreams: UpstreamSet[HostPort], server: HostPort) -> None:
         try:
@@ -236,8 +238,18 @@ async def probe_down_upstreams(
         if upstreams.answered(server, rtt):
             log.info("upstream up", extra={"fields": {"upstream": str(server), "by": "probe"}})
 
-    while True:
-        await asyncio.sleep(interval)
-        probes = [probe_one(ups, server) for ups in sets for server in ups.down()]
-        if probes:
-            await asyncio.gather(*probes)
+    for ups in sets:
+        ups.on_down = some_down.set
+    try:
+        while True:
+            if not any(ups.down() for ups in sets):
+                some_down.clear()
+                await some_down.wait()
+            await asyncio.sleep(interval)
+            probes = [probe_one(ups, server) for ups in sets for server in ups.down()]
+            if probes:
+                await asyncio.gather(*probes)
+    finally:
+        for ups in sets:
+            if ups.on_down == some_down.set:
+                ups.on_down = None

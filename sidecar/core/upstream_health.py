@@ -16,7 +16,7 @@ Time comes in as arguments; randomness from an injectable `random.Random`.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -54,6 +54,7 @@ class UpstreamSet(Generic[Upstream]):
         self.state = {upstream: UpstreamState() for upstream in self.upstreams}
         self._rng = rng or random.Random()
         self._down = 0  # how many are down: while none, order() reads no state
+        self.on_down: Callable[[], None] | None = None  # told when an upstream goes down
 
     def __repr__(self) -> str:
         parts = []
@@ -96,6 +97,8 @@ class UpstreamSet(Generic[Upstream]):
         if not state.down and state.failures >= self.max_fails:
             state.down = True
             self._down += 1
+            if self.on_down is not None:
+                self.on_down()
             return True
         return False
 
