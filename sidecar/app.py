@@ -468,6 +468,11 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
+    # What start-up made lives as long as the process: out of the collector's sight, so that
+    # a full collection walks only what serving made since (4 ms for start-up's objects alone,
+    # a pause every answer waiting behind it would show).
+    gc.collect()
+    gc.freeze()
     log.info("started", extra={"fields": {**config.describe(), "worker": worker}})
     if config.udp_reader_thread and not datagram_batch.available():
         log.warning("udp_reader_thread: no recvmmsg here (not Linux); the event loop reads UDP")
