@@ -122,6 +122,7 @@ def build_resolver(
             zone.name: DiscoveryZone(
                 ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery.answer_ttl),
                 cloudmap[zone.name].add_service if zone.name in cloudmap else None,
+                negative_ttl=config.discovery.negative_ttl,
             )
             for zone in config.zones
             if zone.health_check is not None

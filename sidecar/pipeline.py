@@ -62,6 +62,9 @@ class DiscoveryZone:
     shaping: ShapeSettings
     # With Cloud Map: called with each service name asked for (the label below the zone).
     asked: Callable[[str], object] | None = None
+    # NXDOMAIN and NODATA are cached at most this long here (the VPC resolver keeps a private
+    # zone's NXDOMAIN 300 s; a service with no records for a moment of a deploy comes back).
+    negative_ttl: int = 5
 
 
 def service_label(wire_name: bytes, zone: str) -> str:
@@ -322,8 +325,9 @@ class Resolver:
         answer_order says so); the entry."""
         question = q.key[:-1]
         now = self.clock()
-        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route))
         zone_name, zone = self.discovery.route(question[:-4])
+        max_negative = None if zone is None else zone.negative_ttl
+        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route), max_negative)
         if zone is not None and zone.asked is not None:
             zone.asked(service_label(question[:-4], zone_name))
         if entry.ttl > 0:

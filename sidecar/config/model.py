@@ -85,6 +85,7 @@ class DiscoverySettings:
     fall: int = 2
     forget_after: float = 300.0
     answer_ttl: int = 5
+    negative_ttl: int = 5
     max_probes: int = 64
     max_endpoints: int = 4096
     cloudmap_interval: float = 10.0

@@ -157,6 +157,9 @@ SETTINGS: tuple[Setting, ...] = (
             "forget an endpoint no answer has mentioned for this many seconds"),
     Setting("discovery.answer_ttl", "--answer-ttl", IntRange(1, 3600), 5,
             "TTL cap of shaped answers, so clients follow health changes"),
+    Setting("discovery.negative_ttl", "--discovery-negative-ttl", IntRange(0, 3600), 5,
+            "discovery zones: cap on caching NXDOMAIN and empty answers (0: not cached), so a "
+            "service that briefly had no records during a deploy is found again soon"),
     Setting("discovery.max_probes", "--max-endpoint-probes", IntRange(1, 4096), 64,
             "endpoint probes running at once"),
     Setting("discovery.max_endpoints", "--max-endpoints", IntRange(1, 100_000), 4096,

@@ -206,8 +206,11 @@ def opt_is_last(msg: bytes, reply: wire.Reply) -> bool:
     return reply.opt is None or reply.opt.end == len(msg)
 
 
-def lifetime(msg: bytes, reply: wire.Reply, limits: CacheSettings) -> tuple[int, bool] | None:
-    """How long a reply may be cached and whether it is negative; None: do not cache it."""
+def lifetime(
+    msg: bytes, reply: wire.Reply, limits: CacheSettings, max_negative: int | None = None
+) -> tuple[int, bool] | None:
+    """How long a reply may be cached and whether it is negative; None: do not cache it.
+    `max_negative`: a lower cap than the settings' on negative answers (a discovery zone's)."""
     if reply.truncated or not opt_is_last(msg, reply):
         return None
     if reply.rcode == wire.NOERROR and any(r.section == 0 for r in reply.records):
@@ -217,7 +220,10 @@ def lifetime(msg: bytes, reply: wire.Reply, limits: CacheSettings) -> tuple[int,
         negative = wire.soa_negative_ttl(msg, reply)
         if negative is None:
             return None  # a referral or a negative answer without SOA: RFC 2308 says no
-        return min(negative, limits.max_negative_ttl), True
+        cap = limits.max_negative_ttl
+        if max_negative is not None:
+            cap = min(cap, max_negative)
+        return min(negative, cap), True
     return None
 
 
@@ -280,10 +286,12 @@ class TtlCache:
         now: float,
         do: bool,
         zone: bytes = bailiwick.ROOT,
+        max_negative: int | None = None,
     ) -> Entry:
         """Make an entry from an upstream reply; cache it when its lifetime allows and all its
-        records belong to the question (`zone`: the wire name of the zone it was routed by)."""
-        life = lifetime(msg, reply, self.limits)
+        records belong to the question (`zone`: the wire name of the zone it was routed by;
+        `max_negative`: a lower cap on a negative answer's lifetime)."""
+        life = lifetime(msg, reply, self.limits, max_negative)
         if life is not None and not bailiwick.in_bailiwick(msg, reply, key[:-5], zone):
             life = None
         if life is None or life[0] <= 0:

@@ -214,6 +214,26 @@ def test_nxdomain_reaches_upstream_once_and_carries_soa(
         assert 0 < soa.ttl <= 20
 
 
+@pytest.mark.parametrize("discovery", [True, False], ids=["discovery", "plain"])
+def test_a_discovery_zone_keeps_negative_answers_only_negative_ttl(
+    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, discovery: bool
+) -> None:
+    up = scripted_upstream
+    up.set("gone.svc.test.", NxDomain(soa_ttl=300, minimum=300, zone="svc.test."))
+    check = ["--health-check", "svc.test=tcp:1"] if discovery else []
+    sc = fast_sidecar("--upstream", up.address, "--zone", f"svc.test={up.address}", *check)
+
+    first = ask(sc, "gone.svc.test.")
+    assert first.rcode() == dns.rcode.NXDOMAIN
+    (soa,) = first.authority
+    assert soa.ttl == (5 if discovery else 60)  # discovery.negative_ttl, else max_negative_ttl
+    assert ask(sc, "gone.svc.test.").rcode() == dns.rcode.NXDOMAIN
+    assert up.count("gone.svc.test.") == 1
+    time.sleep(5.3)
+    assert ask(sc, "gone.svc.test.").rcode() == dns.rcode.NXDOMAIN
+    assert up.count("gone.svc.test.") == (2 if discovery else 1)
+
+
 def test_nxdomain_from_nsd_through_dig(routed: Sidecar, dig: Dig) -> None:
     result = dig(routed.addr, routed.port, "nothing-here.local.", "A")
     assert result.status == "NXDOMAIN", result.output
