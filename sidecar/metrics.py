@@ -131,6 +131,22 @@ class SidecarCollector(Collector):
         for (server, reason), count in sorted(m.upstream_errors.items()):
             errors.add_metric([server, reason], count)
         yield errors
+        packets = CounterMetricFamily(
+            _name("upstream_packets_sent"),
+            "Packets sent to each upstream (a TCP query counts as 5), the packet budget's count.",
+            labels=["upstream"],
+        )
+        for server, count in sorted(m.upstream_packets.items()):
+            packets.add_metric([server], count)
+        yield packets
+        denials = CounterMetricFamily(
+            _name("upstream_budget_denials"),
+            "Upstream attempts not sent: the packet budget was spent (client or background).",
+            labels=["work"],
+        )
+        for work, count in m.budget_denials.items():
+            denials.add_metric([work], count)
+        yield denials
         healthy = GaugeMetricFamily(
             _name("upstream_healthy"),
             "1 while an upstream is up, 0 while down.",
