@@ -21,6 +21,7 @@ from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
 from sidecar.core.cache import TtlCache
 from sidecar.core.counters import Counters, Snapshot
+from sidecar.core.packet_budget import PacketBudget
 from sidecar.core.rotation import Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
@@ -96,6 +97,7 @@ def build_resolver(
     cloudmap: Mapping[str, CloudMapSource] | None = None,
     shaper: Shaper | None = None,
     rotator: Rotator | None = None,
+    budget: PacketBudget | None = None,
 ) -> Resolver:
     """The query path for `config`; a reload passes the cache (with its shaped and rotated
     pools) and the endpoints to keep."""
@@ -148,6 +150,12 @@ def build_resolver(
         )
     else:
         endpoints.settings = probe_settings(config)
+    # The upstream packet budget: one per process, kept across reloads, each worker a share.
+    rate = config.upstream.max_packets_per_second / config.workers
+    if budget is None:
+        budget = PacketBudget(rate, CLOCK())
+    else:
+        budget.resize(rate, CLOCK())
     return Resolver(
         cache,
         router,
@@ -156,6 +164,7 @@ def build_resolver(
             metrics,
             attempt_timeout=config.attempt_timeout,
             clock=CLOCK,
+            budget=budget,
         ),
         metrics,
         query_timeout=config.query_timeout,
@@ -359,6 +368,7 @@ class Server:
             self.resolver.rotator
             if keep and answer_orders(self.config) == answer_orders(config)
             else None,
+            old.forwarder.budget,
         )
         self.watch_loops(old.loop_token)
         old.fast.clear()  # its rows may answer differently now; their counts are kept

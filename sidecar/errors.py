@@ -2,7 +2,8 @@
 
 - ConfigError: the operator's configuration is wrong (exit 2 at start).
 - FormError: a client sent bytes we cannot read as a DNS query.
-- UpstreamError and its kinds: the upstream did not give a usable answer.
+- UpstreamError and its kinds: the upstream did not give a usable answer (or, for
+  PacketBudgetSpent, was not asked: the sidecar's own packet budget was spent).
 """
 
 
@@ -34,6 +35,13 @@ class UpstreamError(Exception):
 class UpstreamTimeout(UpstreamError):
     reason = "timeout"
     timed_out_only = True
+
+
+class PacketBudgetSpent(UpstreamError):
+    """No packet was sent: the upstream packet budget (core/packet_budget.py) had no token
+    left. No fault of any upstream's: not counted against one, nor remembered as a failure."""
+
+    reason = "budget"
 
 
 class UpstreamUnreachable(UpstreamError):

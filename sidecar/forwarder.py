@@ -11,6 +11,10 @@ UpstreamError (at once, or when `timeout` seconds pass), or raises one when it c
 Cancelling the future abandons the exchange and frees what it held. With `late` given, a
 timed-out UDP exchange keeps its ID and socket `linger` seconds more, and a reply that comes
 then is passed to `late` (once), so a slow upstream still answers the question.
+
+Every exchange, of every question and probe, first takes its packets from the one
+`PacketBudget` (core/packet_budget.py) here, as background work when the question is a
+prefetch or a probe; a denied attempt is not sent and ends its question (`Forwarding.denied`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
 from sidecar.core.forwarding import Attempt, Forwarding
+from sidecar.core.packet_budget import TCP_PACKETS, PacketBudget
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError
 
@@ -66,12 +71,28 @@ class _Question:
     reply (`late`), and a late truncated reply starts its TCP retry beside the current
     attempt; once the question is settled, what is still under way is cancelled."""
 
-    __slots__ = ("cd", "do", "exchanges", "forwarder", "forwarding", "question", "result")
+    __slots__ = (
+        "background",
+        "cd",
+        "do",
+        "exchanges",
+        "forwarder",
+        "forwarding",
+        "question",
+        "result",
+    )
 
     def __init__(
-        self, forwarder: Forwarder, forwarding: Forwarding, question: bytes, cd: bool, do: bool
+        self,
+        forwarder: Forwarder,
+        forwarding: Forwarding,
+        question: bytes,
+        cd: bool,
+        do: bool,
+        background: bool,
     ) -> None:
         self.forwarder = forwarder
+        self.background = background
         self.forwarding = forwarding
         self.question = question
         self.cd = cd
@@ -83,6 +104,9 @@ class _Question:
         """Start `attempt`, or the ones after it when it cannot start; settle when done."""
         forwarder, forwarding = self.forwarder, self.forwarding
         while attempt is not None:
+            if not self.spend(attempt):
+                forwarding.denied(attempt)
+                break
             try:
                 exchange = forwarder.exchanges.exchange(
                     attempt.server,
@@ -101,6 +125,16 @@ class _Question:
             exchange.add_done_callback(functools.partial(self.exchanged, attempt))
             return
         self.settle()
+
+    def spend(self, attempt: Attempt) -> bool:
+        """Take `attempt`'s packets from the budget (counted as sent), or count the denial."""
+        forwarder, background = self.forwarder, self.background
+        packets = TCP_PACKETS if attempt.tcp else 1
+        if forwarder.budget.take(packets, forwarder.clock(), background=background):
+            forwarder.counters.upstream_packets[str(attempt.server)] += packets
+            return True
+        forwarder.counters.budget_denials["background" if background else "client"] += 1
+        return False
 
     def settle(self) -> None:
         """Once the decisions are done: the result, and what is under way cancelled."""
@@ -161,8 +195,11 @@ class Forwarder:
         attempt_timeout: float,
         clock: Callable[[], float],
         on_health: Callable[[HostPort, bool, str], None] = log_health,
+        budget: PacketBudget | None = None,
     ) -> None:
         self.exchanges = exchanges
+        # Packets to the upstreams, shared by every question and probe (off when not given).
+        self.budget = budget if budget is not None else PacketBudget(0, clock())
         self.counters = counters
         self.attempt_timeout = attempt_timeout
         self.clock = clock
@@ -179,9 +216,11 @@ class Forwarder:
         deadline: float,
         order: Sequence[HostPort] | None = None,
         judge: bool = True,
+        background: bool = False,
     ) -> asyncio.Future[Outcome]:
         """The future of the question's outcome: the reply taken and its walk, or the
-        UpstreamError that ended it. `deadline` is on the forwarder's clock."""
+        UpstreamError that ended it. `deadline` is on the forwarder's clock. `background`:
+        no client waits (a prefetch, a probe), so the packet budget denies it first."""
         forwarding = Forwarding(
             upstreams,
             self.counters,
@@ -193,7 +232,7 @@ class Forwarder:
         )
         if self.stopped:
             forwarding.stop()
-        asked = _Question(self, forwarding, question, cd, do)
+        asked = _Question(self, forwarding, question, cd, do, background)
         asked.run(forwarding.first(self.clock()))
         return asked.result
 
@@ -209,6 +248,7 @@ class Forwarder:
             deadline=sent + self.attempt_timeout,
             order=(server,),
             judge=False,
+            background=True,
         )
         return self.clock() - sent
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from sidecar import __version__
 from sidecar.core.counters import (
@@ -39,6 +39,16 @@ NAMESPACE = "dns_sidecar"
 
 def _name(short: str) -> str:
     return f"{NAMESPACE}_{short}"
+
+
+def _counter(
+    short: str, documentation: str, labels: list[str], counts: Iterable[tuple[object, int]]
+) -> CounterMetricFamily:
+    """A labelled counter family from (label value or tuple of them, count) pairs, sorted."""
+    family = CounterMetricFamily(_name(short), documentation, labels=labels)
+    for key, count in sorted(counts, key=lambda item: str(item[0])):
+        family.add_metric(list(key) if isinstance(key, tuple) else [str(key)], count)
+    return family
 
 
 class SidecarCollector(Collector):
@@ -123,14 +133,24 @@ class SidecarCollector(Collector):
                 [server, rcode_name], histogram.buckets(), histogram.total
             )
         yield upstream_durations
-        errors = CounterMetricFamily(
-            _name("upstream_errors"),
+        yield _counter(
+            "upstream_errors",
             "Upstream attempts that failed, and replies ignored.",
-            labels=["upstream", "reason"],
+            ["upstream", "reason"],
+            m.upstream_errors.items(),
         )
-        for (server, reason), count in sorted(m.upstream_errors.items()):
-            errors.add_metric([server, reason], count)
-        yield errors
+        yield _counter(
+            "upstream_packets_sent",
+            "Packets sent to each upstream (a TCP query counts as 5), the packet budget's count.",
+            ["upstream"],
+            m.upstream_packets.items(),
+        )
+        yield _counter(
+            "upstream_budget_denials",
+            "Upstream attempts not sent: the packet budget was spent (client or background).",
+            ["work"],
+            m.budget_denials.items(),
+        )
         healthy = GaugeMetricFamily(
             _name("upstream_healthy"),
             "1 while an upstream is up, 0 while down.",
@@ -157,30 +177,24 @@ class SidecarCollector(Collector):
                 endpoint_latency.add_metric([zone, address], latency)
         yield endpoint_healthy
         yield endpoint_latency
-        probes = CounterMetricFamily(
-            _name("endpoint_probes"),
+        yield _counter(
+            "endpoint_probes",
             "Health probes of discovery endpoints.",
-            labels=["zone", "result"],
+            ["zone", "result"],
+            m.endpoint_probes.items(),
         )
-        for (zone, result), count in sorted(m.endpoint_probes.items()):
-            probes.add_metric([zone, result], count)
-        yield probes
-        demotions = CounterMetricFamily(
-            _name("endpoint_passive_demotions"),
+        yield _counter(
+            "endpoint_passive_demotions",
             "Discovery endpoints made unhealthy by the application's stalled connections.",
-            labels=["zone"],
+            ["zone"],
+            m.endpoint_passive_demotions.items(),
         )
-        for zone, count in sorted(m.endpoint_passive_demotions.items()):
-            demotions.add_metric([zone], count)
-        yield demotions
-        shaped = CounterMetricFamily(
-            _name("answers_shaped"),
+        yield _counter(
+            "answers_shaped",
             "Discovery answers shaped, by what was done to them.",
-            labels=["zone", "action"],
+            ["zone", "action"],
+            m.answers_shaped.items(),
         )
-        for (zone, action), count in sorted(m.answers_shaped.items()):
-            shaped.add_metric([zone, action], count)
-        yield shaped
 
         dropped = CounterMetricFamily(
             _name("dropped"), "Queries dropped or refused before any lookup.", labels=["reason"]

@@ -50,7 +50,7 @@ from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import ShapedAnswer, Shaper, ShapeSettings
-from sidecar.errors import UpstreamError
+from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
 
@@ -74,9 +74,17 @@ def service_label(wire_name: bytes, zone: str) -> str:
     return labels[-depth - 1] if len(labels) > depth else ""
 
 
+# RFC 8914 4.1. No code says "rate limited"; Not Ready (14) would send an operator looking
+# for a start-up problem, so a spent packet budget is Other.
+EDE_OTHER = 0
+
+
 def failure_ede(exc: Exception) -> int:
     """The Extended DNS Error of a SERVFAIL after a failed fetch: every attempt timed out, no
-    reachable authority (22); anything else the upstreams did or sent, network error (23)."""
+    reachable authority (22); the upstream packet budget spent, other (0); anything else the
+    upstreams did or sent, network error (23)."""
+    if isinstance(exc, PacketBudgetSpent):
+        return EDE_OTHER
     timed_out_only = exc.timed_out_only if isinstance(exc, UpstreamError) else True
     return wire.EDE_NO_REACHABLE_AUTHORITY if timed_out_only else wire.EDE_NETWORK_ERROR
 
@@ -196,7 +204,7 @@ class Resolver:
         if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
             return
         self.metrics.prefetches += 1
-        fetch = self._start_fetch(q)
+        fetch = self._start_fetch(q, background=True)
         self._background.add(fetch)  # keep a reference until it is done
         fetch.add_done_callback(self._background.discard)
 
@@ -282,15 +290,20 @@ class Resolver:
             return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
 
-    def _start_fetch(self, q: wire.Query) -> asyncio.Future[Entry]:
+    def _start_fetch(self, q: wire.Query, *, background: bool = False) -> asyncio.Future[Entry]:
         """Forward `q` to its zone's upstreams; the future of the entry then stored. No task:
-        the forwarder's future calls `_fetched` when it is done."""
+        the forwarder's future calls `_fetched` when it is done. `background`: a prefetch."""
         question = q.key[:-1]  # lowercased name + qtype + qclass
         route, upstreams = self.router.route(question[:-4])
         fetch: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._inflight[q.key] = fetch
         forwarded = self.forwarder.start(
-            question, upstreams, cd=q.cd, do=q.do, deadline=self.clock() + self.query_timeout
+            question,
+            upstreams,
+            cd=q.cd,
+            do=q.do,
+            deadline=self.clock() + self.query_timeout,
+            background=background,
         )
         forwarded.add_done_callback(functools.partial(self._fetched, q, route, fetch))
         return fetch
@@ -308,7 +321,10 @@ class Resolver:
             msg, reply = forwarded.result()
             entry = self._fetch(q, route, msg, reply)
         except UpstreamError as exc:
-            self.cache.remember_failure(q.key, self.clock())
+            # A spent packet budget asked no upstream: nothing to remember about the name, and
+            # its next miss may find a token (the denial itself costs the upstream nothing).
+            if not isinstance(exc, PacketBudgetSpent):
+                self.cache.remember_failure(q.key, self.clock())
             fetch.set_exception(exc)
         except asyncio.CancelledError:
             fetch.cancel()

@@ -1,7 +1,8 @@
 """The query path in-process: the resolver, the real forwarding decisions and their driver,
 over a scripted in-memory transport (tests/fakes/scripted_exchanges.py) and one fake clock.
 Failover, the round rule, the one failure rule, late replies, TCP after truncation, deadlines,
-stale answers, coalescing, the bound on fetches, failure memory and loop probes, no socket."""
+stale answers, coalescing, the bound on fetches, failure memory, loop probes and the upstream
+packet budget, no socket."""
 
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.cache import CacheSettings, TtlCache
 from sidecar.core.counters import Counters
+from sidecar.core.packet_budget import TCP_PACKETS, PacketBudget
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.shaping import ShapeSettings
-from sidecar.errors import BadUpstreamReply, UpstreamUnreachable
+from sidecar.errors import BadUpstreamReply, PacketBudgetSpent, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
-from sidecar.pipeline import DiscoveryZone, Resolver
+from sidecar.pipeline import EDE_OTHER, DiscoveryZone, Resolver
 from tests.fakes.scripted_exchanges import (
     FakeClock,
     ScriptedExchanges,
@@ -48,6 +50,7 @@ class Path:
         stale_answer_after: float = 1.8,
         cache: CacheSettings | None = None,
         discovery_zone: str | None = None,
+        packets_per_second: int = 0,
     ) -> None:
         self.clock = FakeClock()
         self.counters = Counters()
@@ -59,6 +62,7 @@ class Path:
             attempt_timeout=attempt_timeout,
             clock=self.clock,
             on_health=lambda server, up, reason: self.health.append((server, up, reason)),
+            budget=PacketBudget(packets_per_second, self.clock()),
         )
         self.upstreams = UpstreamSet([FIRST, SECOND], max_fails=1)
         self.resolver = Resolver(
@@ -370,5 +374,67 @@ def test_at_shutdown_what_is_in_flight_fails_without_blaming_the_upstream() -> N
         assert answer.header.rcode == RCODE.SERVFAIL
         assert len(p.transport.asked) == 1  # no further attempt
         assert not p.counters.upstream_errors and not p.health
+
+    run(test)
+
+
+def test_a_spent_packet_budget_gets_servfail_at_once_blames_no_upstream_and_is_not_remembered() -> (
+    None
+):
+    async def test() -> None:
+        p = Path(packets_per_second=100)  # a bucket of 10 packets
+        for number in range(11):
+            p.transport.add(FIRST, Step(reply_to(f"n{number}.example")))
+        for number in range(10):
+            answer, _ = await p.ask(f"n{number}.example")
+            assert answer.header.rcode == RCODE.NOERROR
+        started = p.clock()
+        query = DNSRecord.question("n10.example")
+        query.add_ar(EDNS0(udp_len=1232))
+        data = bytes(query.pack())
+        reply, source = await p.resolver.resolve(data, wire.parse_query(data), 1232)
+        assert (DNSRecord.parse(reply).header.rcode, source) == (RCODE.SERVFAIL, "upstream")
+        assert wire.ede_option(EDE_OTHER) in reply
+        assert p.clock() == started and len(p.transport.asked) == 10  # at once, nothing sent
+        assert not p.counters.upstream_errors and not p.health
+        assert p.counters.budget_denials == {"client": 1, "background": 0}
+        assert p.counters.upstream_packets == {str(FIRST): 10}
+        p.clock.advance(0.01)  # one packet's worth: the name is asked, not remembered as failed
+        answer, source = await p.ask("n10.example")
+        assert (answer.header.rcode, source) == (RCODE.NOERROR, "upstream")
+
+    run(test)
+
+
+def test_a_denied_miss_gets_the_stale_answer() -> None:
+    async def test() -> None:
+        p = Path(packets_per_second=100, stale_answer_after=10.0)
+        p.transport.add(FIRST, Step(reply_to("s.example", addresses=("192.0.2.7",), ttl=5)))
+        await p.ask("s.example")
+        p.clock.advance(6)  # expired; the bucket full again
+        assert p.forwarder.budget.take(10, p.clock())  # spent by others
+        answer, source = await p.ask("s.example")
+        assert source == "stale" and str(answer.rr[0].rdata) == "192.0.2.7"
+
+    run(test)
+
+
+def test_background_work_is_denied_before_a_client_miss_and_tcp_costs_more_packets() -> None:
+    async def test() -> None:
+        p = Path(packets_per_second=100)  # 10 packets; probes stop at the last 5
+        p.transport.add(
+            FIRST,
+            Step(reply_to("big.example", truncated=True)),
+            Step(reply_to("big.example")),
+            Step(reply_to(".")),
+            Step(reply_to("c.example")),
+        )
+        await p.ask("big.example")  # 1 UDP + 1 TCP query
+        assert p.counters.upstream_packets == {str(FIRST): 1 + TCP_PACKETS}
+        with pytest.raises(PacketBudgetSpent):  # 4 left, under the reserve
+            await p.forwarder.probe(FIRST, reply_to(".")[12:])
+        assert p.counters.budget_denials == {"client": 0, "background": 1}
+        answer, _ = await p.ask("c.example")  # a client may take the reserve
+        assert answer.header.rcode == RCODE.NOERROR
 
     run(test)

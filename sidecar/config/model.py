@@ -72,6 +72,7 @@ class UpstreamSettings:
     probe_name: str = "."
     probe_interval: float = 1.0
     max_inflight: int = 1000
+    max_packets_per_second: int = 900  # 0: no budget (core/packet_budget.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,6 +127,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between probes of a down upstream"),
     Setting("upstream.max_inflight", "--max-inflight", IntRange(1, 100_000), 1000,
             "most distinct upstream queries in flight; beyond, SERVFAIL at once"),
+    Setting("upstream.max_packets_per_second", "--max-packets-per-second",
+            IntRange(0, 1_000_000, "0 turns it off"), 900,
+            "packets per second sent to all upstreams, shared by the workers (the VPC "
+            "resolver drops above 1024 per network interface); beyond, stale or SERVFAIL"),
     Setting("max_pending", "--max-pending", IntRange(1, 1_000_000), 4096,
             "most client queries per listener waiting for an upstream; beyond, SERVFAIL"),
     Setting("udp_reader_thread", "--udp-reader-thread", Bool(), True,

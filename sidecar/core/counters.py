@@ -21,6 +21,9 @@ UPSTREAM_ERRORS = (
     "timeout", "servfail", "refused", "notauth", "formerr", "notimp", "rcode", "unreadable",
     "unreachable", "network", "truncated", "mismatch",
 )  # fmt: skip
+# Whose attempt the packet budget denied: a client's miss, or background work (prefetch,
+# refresh ahead, probes of down upstreams), which is denied first.
+BUDGET_WORK = ("client", "background")
 # Cache hits take microseconds, misses milliseconds to seconds: one set of buckets for both.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -91,6 +94,10 @@ class Counters:
     upstream_errors: defaultdict[tuple[str, str], int] = field(
         default_factory=lambda: defaultdict(int)
     )
+    # Packets sent to each upstream (core/packet_budget.py's count: a TCP query is several).
+    upstream_packets: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Attempts the packet budget denied, by the work they were for.
+    budget_denials: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BUDGET_WORK, 0))
     answers_shaped: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, action)
     endpoint_probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result)
     endpoint_passive_demotions: dict[str, int] = field(default_factory=dict)  # zone

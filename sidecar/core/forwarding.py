@@ -29,6 +29,9 @@ The rules
 - A probe (`judge=False`) asks one upstream once: any readable reply is its outcome; nothing is
   counted or judged, the caller decides what the answer means.
 - Shutting down (`stop()`): no new attempt, and failures are no fault of the upstream's.
+- An attempt the packet budget denies (`denied`, core/packet_budget.py) ends the question at
+  once with PacketBudgetSpent: nothing was sent, so nothing is counted or judged against the
+  upstream, and waiting for a token would only make the client wait.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import (
     BadUpstreamReply,
     FormError,
+    PacketBudgetSpent,
     UpstreamError,
     UpstreamRcode,
     UpstreamTimeout,
@@ -171,6 +175,11 @@ class Forwarding:
         if attempt.number != self.attempts:
             return None  # an earlier attempt, late: the current one goes on
         return self._next(now)
+
+    def denied(self, attempt: Attempt) -> None:
+        """The packet budget had no token for `attempt` (not sent): the question is over."""
+        if not self.done:
+            self.error = PacketBudgetSpent(f"{attempt.server}: upstream packet budget spent")
 
     def stop(self) -> None:
         """Shutting down: no further attempt; failures from now on are not the upstream's."""

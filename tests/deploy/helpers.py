@@ -21,6 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TASK_DEF = REPO_ROOT / "ecs-task-def.json"
 TASK_DEF_AWSVPC = REPO_ROOT / "config" / "ecs-task-def-awsvpc.json"
 SERVICE_DEF = REPO_ROOT / "config" / "ecs-service.json"
+# Bridge mode: one sidecar per instance (a DAEMON service), the tasks' containers point at it.
+TASK_DEF_DAEMON = REPO_ROOT / "config" / "ecs-task-def-daemon.json"
+SERVICE_DAEMON = REPO_ROOT / "config" / "ecs-service-daemon.json"
+TASK_DEF_BRIDGE_APP = REPO_ROOT / "config" / "ecs-task-def-bridge-app.json"
 IAM_POLICY = REPO_ROOT / "config" / "iam-task-role-policy.json"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 SIDECAR = "dns-sidecar"  # the container name in both task definitions

@@ -1,4 +1,5 @@
-"""The ECS task definitions (host mode and awsvpc/Fargate), the service and the IAM policy.
+"""The ECS task definitions (host mode, awsvpc/Fargate, and the bridge-mode daemon with a bridge
+application), the services and the IAM policy.
 
 Checked three ways: against the ECS API model that botocore ships (types, required and unknown
 keys by ParamValidator, plus the enums it does not check), by registering them in moto, and by
@@ -24,10 +25,13 @@ from sidecar.config import ECS_METADATA_ENV, ECS_RESOLVER, load
 from tests.deploy.helpers import (
     IAM_POLICY,
     REPO_ROOT,
+    SERVICE_DAEMON,
     SERVICE_DEF,
     SIDECAR,
     TASK_DEF,
     TASK_DEF_AWSVPC,
+    TASK_DEF_BRIDGE_APP,
+    TASK_DEF_DAEMON,
     container,
     container_argv,
     environment,
@@ -375,5 +379,60 @@ def test_promtool_accepts_the_scrape_examples(tmp_path: Path) -> None:
 
 
 def test_json_files_are_formatted_as_json() -> None:
-    for path in [TASK_DEF, TASK_DEF_AWSVPC, SERVICE_DEF, IAM_POLICY]:
+    for path in [TASK_DEF, TASK_DEF_AWSVPC, SERVICE_DEF, IAM_POLICY, *BRIDGE_MODE.values()]:
         json.loads(path.read_text())
+
+
+# --- bridge mode: the per-instance daemon ------------------------------------------------------
+
+BRIDGE_MODE = {
+    "daemon": TASK_DEF_DAEMON,
+    "bridge-app": TASK_DEF_BRIDGE_APP,
+    "daemon-service": SERVICE_DAEMON,
+}
+DOCKER0 = "172.17.0.1"  # the docker0 bridge's address on the instance: bridge tasks' gateway
+
+
+@pytest.mark.parametrize("name", ["daemon", "bridge-app"])
+def test_bridge_mode_task_definitions_match_the_ecs_model_and_register(
+    ecs_model: Any, ecs_client: Any, name: str
+) -> None:
+    params = load_json(BRIDGE_MODE[name])
+    assert validate(ecs_model, "RegisterTaskDefinition", params) == []
+    registered = ecs_client.register_task_definition(**params)["taskDefinition"]
+    assert registered["networkMode"] == params["networkMode"]
+
+
+def test_the_daemon_service_matches_the_ecs_model_and_is_created(
+    ecs_model: Any, ecs_client: Any
+) -> None:
+    params = load_json(SERVICE_DAEMON)
+    assert validate(ecs_model, "CreateService", params) == []
+    ecs_client.create_cluster(clusterName="default")
+    ecs_client.register_task_definition(**load_json(TASK_DEF_DAEMON))
+    service = ecs_client.create_service(**params)["service"]
+    assert service["schedulingStrategy"] == "DAEMON"
+
+
+def test_bridge_mode_wiring(tmp_path: Path) -> None:
+    daemon_def, app_def = load_json(TASK_DEF_DAEMON), load_json(TASK_DEF_BRIDGE_APP)
+    service = load_json(SERVICE_DAEMON)
+    # One sidecar per instance, on the instance's own network: a DAEMON service of a host-mode
+    # task, no desired count, and no second copy waiting for port 53 during a deployment.
+    assert daemon_def["networkMode"] == "host" and daemon_def["requiresCompatibilities"] == ["EC2"]
+    assert service["schedulingStrategy"] == "DAEMON" and "desiredCount" not in service
+    assert service["taskDefinition"] == daemon_def["family"]
+    assert service["deploymentConfiguration"]["maximumPercent"] <= 100
+    [sidecar] = daemon_def["containerDefinitions"]
+    assert sidecar["name"] == SIDECAR and sidecar["essential"]
+    # Bridge containers resolve through the docker0 gateway address, where the daemon listens
+    # (and on 127.0.0.1, for the instance itself), and their network is allowed.
+    app = container(app_def, "app")
+    assert app_def["networkMode"] == "bridge" and app["dnsServers"] == [DOCKER0]
+    config = load_sidecar_config(TASK_DEF_DAEMON, tmp_path)
+    assert set(config.listen) == {HostPort(DOCKER0, 53), HostPort("127.0.0.1", 53)}
+    bridge = ipaddress.ip_network("172.17.0.0/16")
+    assert any(bridge.subnet_of(net) for net in config.allow if net.version == 4)
+    assert config.upstreams == (HostPort(ECS_RESOLVER, 53),)
+    # The instance's one packet budget towards the VPC resolver, below its 1024 per second.
+    assert 0 < config.upstream.max_packets_per_second < 1024

@@ -11,6 +11,10 @@ query's name (or the default behaviour). Behaviours can be changed while it runs
         up.default = Silent()
         ...
         assert up.count("a.example.", proto="tcp") == 1
+
+`max_packets_per_second` plays the VPC resolver's packet limit (1024 per network interface):
+a query arriving when that many arrived in the second before it is logged as `dropped` and
+never answered.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -163,6 +168,7 @@ class QueryRecord:
     rd: bool
     raw: bytes
     at: float  # time.monotonic() on receipt
+    dropped: bool = False  # over max_packets_per_second: not answered
 
 
 class QueryLog:
@@ -379,6 +385,8 @@ class ScriptedUpstream:
         self.errors: list[Exception] = []  # exceptions of the fake while answering (its bugs)
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.max_packets_per_second: int | None = None  # None: no limit
+        self._taken: deque[float] = deque()  # arrival times of the packets taken, last second
 
     # behaviour --------------------------------------------------------------------------------
 
@@ -542,14 +550,28 @@ class ScriptedUpstream:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _over_limit(self, now: float) -> bool:
+        """A packet arriving `now` is over max_packets_per_second (any one-second window)."""
+        limit, taken = self.max_packets_per_second, self._taken
+        if limit is None:
+            return False
+        while taken and taken[0] <= now - 1.0:
+            taken.popleft()
+        if len(taken) >= limit:
+            return True
+        taken.append(now)
+        return False
+
     def _receive(self, data: bytes, proto: Proto) -> DNSRecord | None:
+        at = time.monotonic()
+        dropped = self._over_limit(at)
         try:
             query = DNSRecord.parse(data)
         except Exception:
             query = None
         if query is None or not query.questions:
             self.log.add(
-                QueryRecord(proto, "", "", 0, False, None, False, bytes(data), time.monotonic())
+                QueryRecord(proto, "", "", 0, False, None, False, bytes(data), at, dropped)
             )
             return None
         opt = [rr for rr in query.ar if rr.rtype == QTYPE.OPT]
@@ -563,10 +585,11 @@ class ScriptedUpstream:
                 payload=opt[0].rclass if opt else None,
                 rd=bool(query.header.rd),
                 raw=bytes(data),
-                at=time.monotonic(),
+                at=at,
+                dropped=dropped,
             )
         )
-        return query
+        return None if dropped else query
 
     def _on_udp(
         self, transport: asyncio.DatagramTransport, data: bytes, addr: tuple[str, int]

@@ -291,3 +291,20 @@ def test_scripted_nodata_for_the_root_name(scripted_upstream: ScriptedUpstream) 
     assert not reply.answer
     assert [rrset.name.to_text() for rrset in reply.authority] == ["."]
     assert scripted_upstream.errors == []
+
+
+def test_scripted_upstream_drops_what_goes_over_its_packet_limit() -> None:
+    with ScriptedUpstream() as up:
+        up.max_packets_per_second = 5
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((up.host, up.port))
+            for number in range(8):
+                sock.send(dns.message.make_query(f"n{number}.example.", "A").to_wire())
+            assert up.wait_for(8)
+            sock.settimeout(1.0)
+            answered = {dns.message.from_wire(sock.recv(512)).question[0].name for _ in range(5)}
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(512)
+        assert [r.dropped for r in up.queries()] == [False] * 5 + [True] * 3
+        assert len(answered) == 5
