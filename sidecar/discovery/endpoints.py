@@ -162,8 +162,9 @@ class EndpointTable:
     cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
     # zone -> count; the process's Counters.endpoint_passive_demotions when served
     passive_demotions: dict[str, int] = field(default_factory=dict)
-    # called when an endpoint is added to an empty table: the passive reader sleeps until then
-    on_first: Callable[[], None] | None = None
+    # called when an endpoint is added to an empty table: the probe loop and the passive reader
+    # sleep, with no timer, until then
+    on_first: list[Callable[[], None]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         states: dict[str, int] = {}
@@ -180,8 +181,9 @@ class EndpointTable:
             key = (zone, address)
             endpoint = self.endpoints.get(key)
             if endpoint is None:
-                if not self.endpoints and self.on_first is not None:
-                    self.on_first()
+                if not self.endpoints:
+                    for wake in self.on_first:
+                        wake()
                 endpoint = self.endpoints[key] = Endpoint(zone, address, next_probe=now)
                 endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
                 self.version += 1
@@ -200,6 +202,10 @@ class EndpointTable:
                 endpoint.probing = True
                 out.append(endpoint)
         return out
+
+    def next_due(self) -> float | None:
+        """The earliest next probe of an endpoint not being probed now; None if there is none."""
+        return min((e.next_probe for e in self.endpoints.values() if not e.probing), default=None)
 
     def probed(self, endpoint: Endpoint, ok: bool, rtt: float | None, now: float) -> bool:
         """Record a probe result; True when the endpoint's health changed."""

@@ -99,7 +99,7 @@ async def run_passive_health(
     check port) every `settings.interval` and apply them; demotions are logged."""
     watch = PassiveWatch(settings)
     endpoints_added = asyncio.Event()
-    table.on_first = endpoints_added.set
+    table.on_first.append(endpoints_added.set)
     rounds = 0
     gate = DumpGate()
     try:
@@ -141,4 +141,4 @@ async def run_passive_health(
                 )
             await asyncio.sleep(settings.interval)
     finally:
-        table.on_first = None
+        table.on_first.remove(endpoints_added.set)

@@ -14,9 +14,10 @@ from time import monotonic
 
 from sidecar import logs
 from sidecar.config import HealthCheck
-from sidecar.discovery.endpoints import Endpoint, EndpointTable
+from sidecar.discovery.endpoints import JITTER, Endpoint, EndpointTable
 
-TICK = 0.05  # how often due probes are looked for; well under any probe interval
+TICK = 0.05  # the shortest sleep between two looks for due probes
+MAX_SLEEP = 1.0  # the longest, while there are endpoints (log summaries, forgetting)
 
 
 async def probe(
@@ -61,8 +62,14 @@ async def run_probes(
     clock: Callable[[], float] = monotonic,
 ) -> None:
     """Forever: start the probes that are due, at most `max_concurrent` at a time; forget
-    endpoints no answer has mentioned for a while. Health transitions are logged."""
+    endpoints no answer has mentioned for a while. Health transitions are logged. It sleeps
+    until the next probe is due (a probe under way is due again no sooner than the shortest
+    jittered interval), and with no endpoint, with no timer, until one is added."""
     running: set[asyncio.Task[None]] = set()
+    endpoints_added = asyncio.Event()
+    table.on_first.append(endpoints_added.set)
+    # A probe finishing now is due again no sooner than this.
+    soonest = max(TICK, min(MAX_SLEEP, table.settings.interval * (1 - JITTER)))
     slots = asyncio.Semaphore(max_concurrent)
 
     async def one(endpoint: Endpoint, check: HealthCheck) -> None:
@@ -99,7 +106,14 @@ async def run_probes(
             if now - last_forget > 10.0:
                 last_forget = now
                 table.forget(now)
-            await asyncio.sleep(TICK)
+            if not table.endpoints and not running:
+                endpoints_added.clear()
+                await endpoints_added.wait()
+                continue
+            due = table.next_due()
+            wait = soonest if due is None else min(max(due - clock(), TICK), soonest)
+            await asyncio.sleep(wait)
     finally:
+        table.on_first.remove(endpoints_added.set)
         for task in running:
             task.cancel()

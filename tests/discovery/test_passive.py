@@ -141,7 +141,7 @@ def test_without_traffic_the_probe_schedule_is_not_stretched() -> None:
 def test_the_first_endpoint_wakes_the_reader() -> None:
     t = EndpointTable()
     woken: list[int] = []
-    t.on_first = lambda: woken.append(1)
+    t.on_first.append(lambda: woken.append(1))
     t.seen("local", ["10.0.0.1", "10.0.0.2"], 0.0)
     t.seen("local", ["10.0.0.3"], 0.0)
     assert woken == [1]
