@@ -207,8 +207,13 @@ class EndpointTable:
         """The earliest next probe of an endpoint not being probed now; None if there is none."""
         return min((e.next_probe for e in self.endpoints.values() if not e.probing), default=None)
 
-    def probed(self, endpoint: Endpoint, ok: bool, rtt: float | None, now: float) -> bool:
-        """Record a probe result; True when the endpoint's health changed."""
+    def probed(
+        self, endpoint: Endpoint, ok: bool, rtt: float | None, now: float, *, definite: bool = False
+    ) -> bool:
+        """Record a probe result; True when the endpoint's health changed. `definite`: a failure
+        the endpoint answered itself (refused, or an HTTP 503 while it drains), which demotes it
+        at once instead of after `fall` failures in a row (those are for timeouts: a lost packet
+        is no verdict)."""
         s = self.settings
         endpoint.probing = False
         endpoint.last_probe = now
@@ -236,6 +241,8 @@ class EndpointTable:
         else:
             endpoint.failures += 1
             endpoint.successes = 0
+            if definite:
+                endpoint.failures = max(endpoint.failures, s.fall)
             if endpoint.state == UNKNOWN or (
                 endpoint.state == HEALTHY and endpoint.failures >= s.fall
             ):

@@ -20,10 +20,22 @@ TICK = 0.05  # the shortest sleep between two looks for due probes
 MAX_SLEEP = 1.0  # the longest, while there are endpoints (log summaries, forgetting)
 
 
+class EndpointSaidNo(OSError):
+    """The endpoint answered, and the answer is no: an HTTP status other than 2xx/3xx (a 503
+    while it drains). Like a refused connection, a definite failure, not a lost packet."""
+
+
+def definite(error: Exception) -> bool:
+    """Whether a probe failure is the endpoint's own answer (it refused the connection or said
+    no), which demotes it at once, rather than silence (a timeout), which counts toward fall."""
+    return isinstance(error, (ConnectionRefusedError, EndpointSaidNo))
+
+
 async def probe(
     check: HealthCheck, address: str, timeout: float, clock: Callable[[], float] = monotonic
 ) -> float:
-    """The round trip of one probe in seconds; raises OSError or TimeoutError on failure."""
+    """The round trip of one probe in seconds; raises OSError (EndpointSaidNo for an HTTP
+    status other than 2xx/3xx) or TimeoutError on failure."""
     start = clock()
     writer: asyncio.StreamWriter | None = None
     try:
@@ -46,7 +58,7 @@ async def probe(
                         b"3",
                     )
                 ):
-                    raise OSError(f"HTTP status {status_line[:40]!r}")
+                    raise EndpointSaidNo(f"HTTP status {status_line[:40]!r}")
         return clock() - start
     finally:
         if writer is not None:
@@ -74,13 +86,14 @@ async def run_probes(
 
     async def one(endpoint: Endpoint, check: HealthCheck) -> None:
         async with slots:
+            said_no = False
             try:
                 rtt: float | None = await probe(check, endpoint.address, timeout, clock)
                 ok = True
-            except (OSError, TimeoutError):
-                rtt, ok = None, False
+            except (OSError, TimeoutError) as error:
+                rtt, ok, said_no = None, False, definite(error)
             now = clock()
-            if table.probed(endpoint, ok, rtt, now):
+            if table.probed(endpoint, ok, rtt, now, definite=said_no):
                 logs.endpoint_changed(
                     endpoint.zone,
                     endpoint.address,

@@ -34,6 +34,17 @@ def test_first_probe_decides_then_rise_and_fall() -> None:
     assert e.healthy is False
 
 
+def test_a_definite_failure_demotes_at_once_a_timeout_needs_fall() -> None:
+    t = table(rise=1, fall=3)
+    t.seen("local", ["a"], 0.0)
+    (e,) = t.due(0.0)
+    assert t.probed(e, True, 0.001, 0.0)
+    assert not t.probed(e, False, None, 1.0)  # a timeout: one of three
+    assert e.healthy is True
+    assert t.probed(e, False, None, 2.0, definite=True)  # refused, or a 503: at once
+    assert e.healthy is False
+
+
 def test_next_probe_is_interval_with_jitter() -> None:
     t = table(interval=1.0)
     t.seen("local", ["a"], 0.0)

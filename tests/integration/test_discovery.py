@@ -348,6 +348,26 @@ def test_endpoint_that_dies_is_not_first_after_4s_and_all_dead_fails_open(
         assert sorted(addresses(reply)) == everyone, [fleet.name(a) for a in addresses(reply)]
 
 
+def test_an_endpoint_answering_503_leaves_the_answers_within_one_probe_interval(
+    sidecar: StartSidecar, fleet: Fleet
+) -> None:
+    """Draining: a definite "no" from the health check (an HTTP 503, a refused connection)
+    demotes at once, not after `fall` (2) failures in a row as a timeout does."""
+    d = start_discovery(sidecar, fleet)  # default interval 1 s (+-20%), fall 2
+    warm_up(d, fleet)
+    c = fleet.addr("C")
+    assert any(c in addresses(ask(d.sc)) for _ in range(20))
+    drained = time.monotonic()
+    fleet.backends["C"].status = 503
+    last_seen = 0.0
+    while (now := time.monotonic()) < drained + 3.0:
+        if c in addresses(ask(d.sc)):
+            last_seen = now - drained
+        time.sleep(0.02)
+    print(f"\n[503 from C] last in an answer {last_seen:.2f} s after it began to answer 503")
+    assert last_seen <= 1.2 + 0.5  # one jittered interval, a probe and the redraw
+
+
 # --- 3. one answer per response -----------------------------------------------------------------
 
 
