@@ -122,7 +122,11 @@ def build_resolver(
         None,
         {
             zone.name: DiscoveryZone(
-                ShapeSettings(max_answers=zone.max_answers, answer_ttl=config.discovery.answer_ttl),
+                ShapeSettings(
+                    max_answers=zone.max_answers,
+                    answer_ttl=config.discovery.answer_ttl,
+                    slow_start=config.discovery.slow_start,
+                ),
                 cloudmap[zone.name].add_service if zone.name in cloudmap else None,
                 negative_ttl=config.discovery.negative_ttl,
             )

@@ -87,6 +87,7 @@ class DiscoverySettings:
     forget_after: float = 300.0
     answer_ttl: int = 5
     negative_ttl: int = 5
+    slow_start: float = 0.0
     max_probes: int = 64
     max_endpoints: int = 4096
     cloudmap_interval: float = 10.0

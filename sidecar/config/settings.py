@@ -161,6 +161,9 @@ SETTINGS: tuple[Setting, ...] = (
             "forget an endpoint no answer has mentioned for this many seconds"),
     Setting("discovery.answer_ttl", "--answer-ttl", IntRange(1, 3600), 5,
             "TTL cap of shaped answers, so clients follow health changes"),
+    Setting("discovery.slow_start", "--slow-start", FloatRange(0, 3600), 0.0,
+            "discovery zones: seconds over which a newly named endpoint's share of first "
+            "places ramps up (0: off); endpoints named together ramp together"),
     Setting("discovery.negative_ttl", "--discovery-negative-ttl", IntRange(0, 3600), 5,
             "discovery zones: cap on caching NXDOMAIN and empty answers (0: not cached), so a "
             "service that briefly had no records during a deploy is found again soon"),

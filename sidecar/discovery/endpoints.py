@@ -69,6 +69,7 @@ class Endpoint:
     stalls: int = 0  # the application's stalled connections, all time
     retransmits: int = 0  # retransmitted segments of the open connections, last dump
     last_seen: float = 0.0
+    first_seen: float = 0.0  # when an answer first named it (slow start counts from here)
     last_probe: float | None = None
     next_probe: float = 0.0
     probing: bool = False
@@ -184,7 +185,9 @@ class EndpointTable:
                 if not self.endpoints:
                     for wake in self.on_first:
                         wake()
-                endpoint = self.endpoints[key] = Endpoint(zone, address, next_probe=now)
+                endpoint = self.endpoints[key] = Endpoint(
+                    zone, address, next_probe=now, first_seen=now
+                )
                 endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
                 self.version += 1
             else:  # most recently seen last, for eviction order

@@ -13,6 +13,12 @@ Theory of operation
   is (5 ms / (excess + 5 ms)) ** 3. So endpoints within the slack share first place equally
   (no herd, unlike "fastest first"), one 20 ms slower than the best has weight 0.06 and one
   80 ms slower 0.0003. Unknown endpoints (not probed yet) get the median of the known ones.
+- Slow start (`slow_start` seconds, 0 = off): an endpoint's weight is scaled by the share of
+  that time since an answer first named it (at least MIN_RAMP), so a task added by a deploy
+  takes its share of first places gradually. Endpoints first named together ramp together,
+  which leaves their shares as they are: the sidecar's own cold start, or a name asked for
+  the first time, ramps nothing. While some endpoint ramps, the pool is redrawn as latency
+  changes are (at most every `latency_redraw` seconds).
 - `max_answers` keeps only the first N after shaping: with N = 1 client-side re-sorting has
   nothing to re-sort.
 - The shaped TTL is capped (`answer_ttl`, default 5 s) so clients come back soon enough to
@@ -38,13 +44,14 @@ from dataclasses import dataclass, field
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry, pool_cost
-from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.endpoints import Endpoint, EndpointTable
 
 # Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
 # per answer record its walked record, its address text and its slot.
 POOL_OVERHEAD = 600
 PER_ANSWER = 100
 HOLDER = "shaped"  # its name among an entry's charges
+MIN_RAMP = 0.05  # a slow-starting endpoint's weight is at least this share of its full one
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,7 @@ class ShapeSettings:
     # health at once. Under load probe round trips jitter (they include our own event loop's
     # lag), and redrawing on every jitter cost a loaded sidecar a quarter of its CPU.
     latency_redraw: float = 2.0
+    slow_start: float = 0.0  # seconds over which a new endpoint's weight ramps up; 0: off
 
 
 def weights(
@@ -148,6 +156,7 @@ class ShapedAnswer:
     signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
     charge: Callable[[int], None] | None = None  # told the pool's bytes at every draw
+    ramping_until: float = -math.inf  # while some endpoint slow-starts, redraw as time goes
 
     @property
     def addresses(self) -> list[str]:
@@ -167,6 +176,8 @@ class ShapedAnswer:
         s = self.settings
         latencies = [e.latency if (e := endpoints[i]) is not None else None for i in usable]
         w = weights(latencies, s.slack, s.scale, s.steepness)
+        if s.slow_start > 0:
+            w = self._ramped(w, [endpoints[i] for i in usable], now)
         signature = (tuple(usable), tuple(dead), tuple(round(x, 1) for x in w))
         if signature == self.signature and self.variants:
             return  # another answer's endpoint changed, or this one's did not matter
@@ -210,6 +221,21 @@ class ShapedAnswer:
             cost = POOL_OVERHEAD + len(self.msg) + PER_ANSWER * len(self.answers)
             self.charge(cost + pool_cost(variants))
 
+    def _ramped(self, w: list[float], usable: list[Endpoint | None], now: float) -> list[float]:
+        """`w` scaled by each endpoint's slow-start ramp (see the module's notes)."""
+        slow_start = self.settings.slow_start
+        firsts = [e.first_seen for e in usable if e is not None]
+        if not firsts or now == math.inf:
+            return w
+        until = max(firsts) + slow_start
+        self.ramping_until = until if now < until else -math.inf  # once over, no more redraws
+        return [
+            weight
+            if e is None
+            else weight * max(MIN_RAMP, min(1.0, (now - e.first_seen) / slow_start))
+            for weight, e in zip(w, usable, strict=True)
+        ]
+
     def _message(self, indexes: list[int]) -> Entry:
         """The reply with these answer records, in this order."""
         msg = self.msg
@@ -245,7 +271,10 @@ class ShapedAnswer:
         if now - self.seen_at > 10.0:  # keep the endpoints of cached answers from being forgotten
             self.seen_at = now
             self.table.seen(self.zone, self.addresses, now)
-        if self.version != self.table.version:
+        if self.version != self.table.version or (
+            self.drawn_at < self.ramping_until  # drawn while some endpoint was ramping
+            and now - self.drawn_at >= self.settings.latency_redraw
+        ):
             self.rebuild(now)
 
     def count(self, answers: int) -> None:

@@ -281,3 +281,53 @@ def test_a_name_points_below_a_limit_or_ends_in_the_root() -> None:
     assert wire.name_points_below(msg, first_at, first_at)  # written out, root-terminated
     assert not wire.name_points_below(msg, second_at, first_at)  # points at the first record
     assert wire.name_points_below(msg, second_at, first_at + 1)
+
+
+def first_shares(shaped: ShapedAnswer, q: wire.Query, query: bytes, now: float) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(640):
+        answer = DNSRecord.parse(shaped.render(query, q, now, 4096, 59))
+        seen[next(str(rr.rdata) for rr in answer.rr if rr.rtype == QTYPE.A)] += 1
+    return seen
+
+
+def test_slow_start_ramps_a_newly_named_endpoint_and_not_a_cold_start() -> None:
+    table = EndpointTable(rng=random.Random(2))
+    settings = ShapeSettings(slow_start=10.0, latency_redraw=0.0)
+    shaped, q, query = shaped_answer(table, settings, reply(ADDRESSES[:3]))
+    for endpoint in table.due(100.0):
+        table.probed(endpoint, True, 0.001, 100.0)
+    cold = first_shares(shaped, q, query, 101.0)
+    assert min(cold.values()) >= 160  # named together at the cold start: ramped together
+
+    # A deploy adds 10.0.0.4 at 200 s: the new answer names it for the first time.
+    msg = reply(ADDRESSES)
+    walked = wire.parse_reply(msg)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, walked, 200.0, False)
+    deployed = shape(
+        entry, msg, walked, "local", False, table, settings, random.Random(4), {}, 200.0
+    )
+    assert deployed is not None
+    for endpoint in table.due(200.0):
+        table.probed(endpoint, True, 0.001, 200.0)
+    early = first_shares(deployed, q, query, 201.0)  # 10% of its weight: ~3% of first places
+    late = first_shares(deployed, q, query, 211.0)  # ramped: a quarter
+    assert early["10.0.0.4"] <= 640 * 0.06, early
+    assert late["10.0.0.4"] >= 640 * 0.2, late
+
+
+def test_without_slow_start_a_new_endpoint_takes_its_share_at_once() -> None:
+    table = EndpointTable(rng=random.Random(2))
+    _, q, query = shaped_answer(table, ShapeSettings(), reply(ADDRESSES[:3]))
+    for endpoint in table.due(100.0):
+        table.probed(endpoint, True, 0.001, 100.0)
+    msg = reply(ADDRESSES)
+    walked = wire.parse_reply(msg)
+    entry = TtlCache(CacheSettings()).store(q.key, msg, walked, 200.0, False)
+    deployed = shape(
+        entry, msg, walked, "local", False, table, ShapeSettings(), random.Random(4), {}, 200.0
+    )
+    assert deployed is not None
+    for endpoint in table.due(200.0):
+        table.probed(endpoint, True, 0.001, 200.0)
+    assert first_shares(deployed, q, query, 201.0)["10.0.0.4"] >= 640 * 0.2
