@@ -79,6 +79,7 @@ def probe_settings(config: Config) -> ProbeSettings:
         forget_after=config.discovery.forget_after,
         max_endpoints=config.discovery.max_endpoints,
         stretch=PROBE_STRETCH if config.discovery.passive_health == "on" else 1.0,
+        max_per_second=config.discovery.max_probes_per_second,
     )
 
 

@@ -89,6 +89,7 @@ class DiscoverySettings:
     negative_ttl: int = 5
     slow_start: float = 0.0
     max_probes: int = 64
+    max_probes_per_second: float = 200.0
     max_endpoints: int = 4096
     cloudmap_interval: float = 10.0
     passive_health: str = "on"  # "on" | "off"

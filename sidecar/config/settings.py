@@ -169,6 +169,10 @@ SETTINGS: tuple[Setting, ...] = (
             "service that briefly had no records during a deploy is found again soon"),
     Setting("discovery.max_probes", "--max-endpoint-probes", IntRange(1, 4096), 64,
             "endpoint probes running at once"),
+    Setting("discovery.max_probes_per_second", "--max-endpoint-probes-per-second",
+            FloatRange(0, 100_000), 200.0,
+            "endpoint probes started per second at most (0: no limit); beyond it endpoints "
+            "are probed less often than probe_interval"),
     Setting("discovery.max_endpoints", "--max-endpoints", IntRange(1, 100_000), 4096,
             "endpoints tracked at most (least recently seen forgotten first)"),
     Setting("discovery.cloudmap_interval", "--cloudmap-interval", FloatRange(1, 3600), 10.0,

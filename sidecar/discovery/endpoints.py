@@ -41,6 +41,10 @@ UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
 LATENCY_WEIGHT = 0.3
 KERNEL_WEIGHT = 0.8  # share of the kernel's RTT in the latency while the application has traffic
 JITTER = 0.2
+# An endpoint no answer served for this long (its names not asked) is probed UNASKED_STRETCH
+# times less often: it is kept in case they come back, and until forget_after.
+UNASKED_AFTER = 30.0
+UNASKED_STRETCH = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class ProbeSettings:
     forget_after: float = 300.0
     max_endpoints: int = 4096
     stretch: float = 1.0  # probe interval multiplier while healthy traffic is seen (passive)
+    max_per_second: float = 0.0  # probes started per second at most (a token bucket); 0: off
 
 
 @dataclass(slots=True)
@@ -163,6 +168,9 @@ class EndpointTable:
     cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
     # zone -> count; the process's Counters.endpoint_passive_demotions when served
     passive_demotions: dict[str, int] = field(default_factory=dict)
+    # The probe rate budget: tokens left (up to one second's worth), as of `budget_at`.
+    budget: float = math.inf
+    budget_at: float = 0.0
     # called when an endpoint is added to an empty table: the probe loop and the passive reader
     # sleep, with no timer, until then
     on_first: list[Callable[[], None]] = field(default_factory=list)
@@ -198,13 +206,27 @@ class EndpointTable:
             self.version += 1
 
     def due(self, now: float) -> list[Endpoint]:
-        """Endpoints whose probe is due and not already running; marks them running."""
-        out = []
-        for endpoint in self.endpoints.values():
-            if not endpoint.probing and endpoint.next_probe <= now:
-                endpoint.probing = True
-                out.append(endpoint)
-        return out
+        """Endpoints whose probe is due and not already running, as many as the probe rate
+        budget allows (the rest stay due, most overdue first next time); marks them running."""
+        allowed = self._allowance(now)
+        ready = [e for e in self.endpoints.values() if not e.probing and e.next_probe <= now]
+        if len(ready) > allowed:
+            ready = sorted(ready, key=lambda e: e.next_probe)[: int(allowed)]
+        if self.settings.max_per_second:
+            self.budget -= len(ready)
+        for endpoint in ready:
+            endpoint.probing = True
+        return ready
+
+    def _allowance(self, now: float) -> float:
+        """Probes that may start now: the token bucket of `max_per_second`, refilled."""
+        rate = self.settings.max_per_second
+        if not rate:
+            return math.inf
+        capacity = max(rate, 1.0)  # a second's worth: a burst of new endpoints goes at once
+        self.budget = min(capacity, self.budget + (now - self.budget_at) * rate)
+        self.budget_at = now
+        return max(self.budget, 0.0) // 1
 
     def next_due(self) -> float | None:
         """The earliest next probe of an endpoint not being probed now; None if there is none."""
@@ -223,6 +245,8 @@ class EndpointTable:
         interval = s.interval
         if endpoint.healthy and self._recent_traffic(endpoint, now):
             interval *= s.stretch
+        if now - endpoint.last_seen > UNASKED_AFTER:
+            interval *= UNASKED_STRETCH
         spread = interval * JITTER
         endpoint.next_probe = now + interval + self.rng.uniform(-spread, spread)
         self.probes[(endpoint.zone, "success" if ok else "failure")] = (

@@ -106,3 +106,37 @@ def test_forgotten_when_not_seen_and_bounded_in_size() -> None:
     assert [e.address for e in t.forget(350.0)] == ["a"]
     t.seen("local", ["c", "d", "e"], 400.0)
     assert sorted(addr for _z, addr in t.endpoints) == ["c", "d", "e"]  # b, least recent, went
+
+
+def test_the_probe_rate_budget_starts_at_most_its_rate_most_overdue_first() -> None:
+    t = EndpointTable(ProbeSettings(interval=1.0, max_per_second=10.0), rng=random.Random(1))
+    t.seen("local", [f"10.0.{i // 250}.{i % 250}" for i in range(100)], 0.0)
+    assert len(t.due(0.0)) == 10  # a second's worth at once
+    assert t.due(0.0) == []
+    started = 0
+    for step in range(1, 41):  # 4 s at 10 looks a second
+        now = step * 0.1
+        batch = t.due(now)
+        started += len(batch)
+        for endpoint in batch:
+            t.probed(endpoint, True, 0.001, now)
+    assert 38 <= started <= 41  # 10 a second
+    overdue = min(e.next_probe for e in t.endpoints.values() if not e.probing)
+    batch = t.due(4.25)  # two tokens more
+    assert len(batch) == 2 and min(e.next_probe for e in batch) == overdue
+
+
+def test_without_a_budget_every_due_endpoint_starts() -> None:
+    t = EndpointTable(ProbeSettings(max_per_second=0.0))
+    t.seen("local", [f"10.0.0.{i}" for i in range(50)], 0.0)
+    assert len(t.due(0.0)) == 50
+
+
+def test_endpoints_of_names_not_asked_are_probed_less_often() -> None:
+    t = EndpointTable(ProbeSettings(interval=1.0), rng=random.Random(1))
+    t.seen("local", ["a"], 0.0)
+    (e,) = t.due(0.0)
+    t.probed(e, True, 0.001, 10.0)  # named 10 s ago: asked recently
+    assert 10.8 <= e.next_probe <= 11.2
+    t.probed(e, True, 0.001, 40.0)  # no answer named it for 40 s
+    assert 44.0 <= e.next_probe <= 46.0
