@@ -334,6 +334,7 @@ class Server:
                     resolver.endpoints,
                     interval=config.discovery.cloudmap_interval,
                     clock=resolver.clock,
+                    forget_after=config.discovery.forget_after,
                 )
             )
         self.background = [asyncio.ensure_future(coro) for coro in work]

@@ -6,16 +6,25 @@ Theory of operation
   (`resource-server` for `resource-server.local`); only those services are ever looked up.
   Names Cloud Map does not know (ServiceNotFound) are dropped and not taken back for a minute,
   and at most MAX_SERVICES are tracked, so stray lookups cannot grow the work without bound.
-- `run_cloudmap` calls DiscoverInstances(HealthStatus=ALL) for each service every `interval`
-  seconds, in a worker thread (boto3 blocks), and hands the zone's merged statuses to
-  EndpointTable.set_cloudmap. A service asked for the first time is looked up at once rather
-  than at the next tick. If one service's call fails, its previous statuses are kept.
+- `run_cloudmap` looks at each service every `interval` seconds (+-20% jitter each round, so a
+  fleet deployed at once does not poll in lockstep), in a worker thread (boto3 blocks), and
+  hands the zone's merged statuses to EndpointTable.set_cloudmap. A round asks
+  DiscoverInstancesRevision first and calls DiscoverInstances(HealthStatus=ALL) only when the
+  revision moved, or every HEALTH_EVERY-th round (health changes do not move the revision;
+  Cloud Map applies them after 30 s anyway). A service asked for the first time is looked up
+  at once rather than at the next tick. If one service's call fails, its previous statuses
+  are kept. A service no lookup asked for within `forget_after` seconds is no longer polled.
 - An instance counts by its AWS_INSTANCE_IPV4 / AWS_INSTANCE_IPV6 attribute and HealthStatus;
   UNKNOWN (no health check, or not decided yet) says nothing and is left out. If an address
   is listed twice with different statuses, UNHEALTHY wins.
 - Throttling (ThrottlingException, RequestLimitExceeded, TooManyRequestsException) doubles the
-  wait, up to 5 minutes; a round without throttling brings it back to `interval`. Other errors
-  are logged at most once a minute per distinct message, and the loop goes on.
+  wait, up to 5 minutes; each round without throttling halves it, back down to `interval`
+  (up fast, down slowly: the account's bucket is shared by every caller). Other errors are
+  logged at most once a minute per distinct message, and the loop goes on.
+- Calls: per service, 6 a minute at the default 10 s (4 revisions and 2 full lookups), about
+  the same as jitter leaves them on average. DiscoverInstances is throttled per account and
+  Region at a refill of 1,000 a second (a bucket of 2,000), shared by every caller: if both
+  APIs count against it, 10,000 service pollers fit, e.g. 2,000 tasks with 5 services each.
 
 AWS side
 - boto3 is imported only when a client is first needed, so the sidecar runs without it unless
@@ -29,7 +38,8 @@ AWS side
   the client is made with Config(inject_host_prefix=False).
 - NamespaceName is the namespace's HttpName, which for a private DNS namespace is normally its
   name (`local`).
-- The IAM permission needed is servicediscovery:DiscoverInstances.
+- The IAM permissions needed are servicediscovery:DiscoverInstances and
+  servicediscovery:DiscoverInstancesRevision.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -50,6 +61,9 @@ from sidecar.discovery.endpoints import HEALTHY, UNHEALTHY, EndpointTable
 log = logging.getLogger("dns_sidecar")
 
 DEFAULT_INTERVAL = 10.0
+DEFAULT_FORGET_AFTER = 300.0
+HEALTH_EVERY = 3  # rounds between two full lookups of a service whose revision stood still
+JITTER = 0.2  # each round's wait is the interval times 1 +- this
 MAX_BACKOFF = 300.0
 ERROR_LOG_EVERY = 60.0  # seconds between two logs of the same error message
 NOT_FOUND_HOLD = 60.0  # a service Cloud Map does not know is not taken back for this long
@@ -68,6 +82,8 @@ class DiscoveryClient(Protocol):
     """The part of a boto3 servicediscovery client used here (tests inject fakes)."""
 
     def discover_instances(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+    def discover_instances_revision(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -177,6 +193,9 @@ class CloudMapSource:
         self._client = client
         self._client_lock = threading.Lock()
         self._services: dict[str, str] = {}  # lowercased -> the name as first asked
+        self._asked_at: dict[str, float] = {}  # lowercased -> when a lookup last asked for it
+        self.revisions: dict[str, int] = {}  # service -> InstancesRevision of its last lookup
+        self.rounds: dict[str, int] = {}  # service -> rounds since its last full lookup
         self._fetched: set[str] = set()  # services looked up at least once (lowercased)
         self._not_found: dict[str, float] = {}  # lowercased -> when it may be taken back
         self.statuses: dict[str, dict[str, str]] = {}  # service -> address -> status
@@ -193,7 +212,10 @@ class CloudMapSource:
     def add_service(self, name: str) -> bool:
         """Record a service that has been asked for; True when it is new (then looked up soon)."""
         key = name.strip().rstrip(".").lower()
-        if not key or key in self._services:
+        if not key:
+            return False
+        if key in self._services:
+            self._asked_at[key] = self.clock()
             return False
         hold = self._not_found.get(key)
         if hold is not None:
@@ -203,6 +225,7 @@ class CloudMapSource:
         if len(self._services) >= MAX_SERVICES:
             return False
         self._services[key] = name.strip().rstrip(".")
+        self._asked_at[key] = self.clock()
         if self.wake is not None:
             self.wake.set()
         return True
@@ -214,12 +237,27 @@ class CloudMapSource:
         """Services asked for but not looked up yet."""
         return [name for key, name in self._services.items() if key not in self._fetched]
 
-    def drop_service(self, name: str) -> None:
-        """Forget a service Cloud Map does not know; it is not taken back for a while."""
+    def forget_unasked(self, forget_after: float) -> list[str]:
+        """Stop polling the services no lookup asked for within `forget_after` seconds."""
+        limit = self.clock() - forget_after
+        gone = [name for key, name in self._services.items() if self._asked_at[key] < limit]
+        for name in gone:
+            self._forget(name)
+        return gone
+
+    def _forget(self, name: str) -> None:
         key = name.lower()
         self._services.pop(key, None)
+        self._asked_at.pop(key, None)
         self._fetched.discard(key)
         self.statuses.pop(name, None)
+        self.revisions.pop(name, None)
+        self.rounds.pop(name, None)
+
+    def drop_service(self, name: str) -> None:
+        """Forget a service Cloud Map does not know; it is not taken back for a while."""
+        self._forget(name)
+        key = name.lower()
         self._not_found[key] = self.clock() + NOT_FOUND_HOLD
         if len(self._not_found) > 4 * MAX_SERVICES:  # bounded: drop the expired holds
             now = self.clock()
@@ -258,14 +296,34 @@ class CloudMapSource:
             return self._client
 
     def discover(self, service: str) -> dict[str, str]:
-        """{address: HEALTHY|UNHEALTHY} of the service's instances (blocking)."""
+        """{address: HEALTHY|UNHEALTHY} of the service's instances (blocking); notes the
+        instances' revision."""
         response = self.client().discover_instances(
             NamespaceName=self.namespace,
             ServiceName=service,
             HealthStatus="ALL",
             MaxResults=MAX_RESULTS,
         )
+        revision = response.get("InstancesRevision")
+        if isinstance(revision, int):
+            self.revisions[service] = revision
         return statuses_of(response.get("Instances") or [])
+
+    def revision_moved(self, service: str) -> bool:
+        """Whether the service's instances changed since its last full lookup (blocking)."""
+        response = self.client().discover_instances_revision(
+            NamespaceName=self.namespace, ServiceName=service
+        )
+        return response.get("InstancesRevision") != self.revisions.get(service)
+
+    def full_lookup_due(self, service: str) -> bool:
+        """Whether this round must call DiscoverInstances without asking the revision first:
+        never looked up, no revision known, or HEALTH_EVERY rounds since the last one."""
+        return (
+            service not in self.statuses
+            or service not in self.revisions
+            or (self.rounds.get(service, 0) + 1 >= HEALTH_EVERY)
+        )
 
 
 class _ErrorLog:
@@ -295,7 +353,13 @@ async def _refresh(
     for service in services:
         source.mark_fetched(service)
         try:
+            if not source.full_lookup_due(service) and not await asyncio.to_thread(
+                source.revision_moved, service
+            ):
+                source.rounds[service] = source.rounds.get(service, 0) + 1
+                continue
             statuses = await asyncio.to_thread(source.discover, service)
+            source.rounds[service] = 0
         except Exception as exc:
             code = error_code(exc)
             fields: dict[str, object] = {
@@ -337,11 +401,15 @@ async def run_cloudmap(
     interval: float = DEFAULT_INTERVAL,
     clock: Callable[[], float] = time.monotonic,
     max_backoff: float = MAX_BACKOFF,
+    forget_after: float = DEFAULT_FORGET_AFTER,
+    rng: random.Random | None = None,
 ) -> None:
     """Forever: refresh the Cloud Map health of the services asked for every `interval`
-    seconds (services new since the last round at once), backing off on throttling."""
+    seconds, jittered (services new since the last round at once), backing off on
+    throttling; services not asked for within `forget_after` seconds are dropped."""
     if interval <= 0:
         raise ValueError("the Cloud Map refresh interval must be positive")
+    rng = rng or random.Random()
     errors = _ErrorLog(clock)
     wake = source.wake = asyncio.Event()
     wait = interval
@@ -351,17 +419,19 @@ async def run_cloudmap(
             now = clock()
             backing_off = wait > interval
             if now >= next_round:
+                source.forget_unasked(forget_after)
                 batch, full = source.services(), True
             else:
                 batch, full = ([] if backing_off else source.pending()), False
             if batch:
                 if await _refresh(source, table, batch, errors):
                     wait = min(wait * 2, max_backoff)
-                    next_round = clock() + wait
+                    next_round = clock() + wait * rng.uniform(1 - JITTER, 1 + JITTER)
                     continue
-                wait = interval
+                if full:
+                    wait = max(interval, wait / 2)  # up fast, down slowly
             if full:
-                next_round = now + wait
+                next_round = now + wait * rng.uniform(1 - JITTER, 1 + JITTER)
             wake.clear()
             if source.pending() and not backing_off:
                 continue  # asked for while the round ran

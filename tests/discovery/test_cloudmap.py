@@ -95,3 +95,17 @@ def test_services_asked_for_are_deduplicated_bounded_and_held_when_unknown() -> 
     for i in range(1000):
         source.add_service(f"s{i}")
     assert len(source.services()) == 256
+
+
+def test_services_not_asked_within_forget_after_are_no_longer_polled() -> None:
+    now = [0.0]
+    source = CloudMapSource("local", "local", clock=lambda: now[0])
+    assert source.add_service("a") and source.add_service("b")
+    now[0] = 200.0
+    assert not source.add_service("a")  # asked again: known, its time renewed
+    now[0] = 350.0
+    assert source.forget_unasked(300.0) == ["b"]
+    assert source.services() == ["a"]
+    now[0] = 501.0
+    assert source.forget_unasked(300.0) == ["a"]
+    assert source.add_service("a")  # asked again later: polled again

@@ -30,7 +30,12 @@ from typing import Any
 
 import pytest
 
-from sidecar.discovery.cloudmap import CloudMapSource, resolve_region, run_cloudmap
+from sidecar.discovery.cloudmap import (
+    HEALTH_EVERY,
+    CloudMapSource,
+    resolve_region,
+    run_cloudmap,
+)
 from sidecar.discovery.endpoints import EndpointTable
 from tests.fakes.nsd import free_port
 
@@ -272,12 +277,14 @@ def test_run_cloudmap_applies_health_within_one_refresh(
             table.seen("local", ["127.0.5.3"], time.monotonic())
             assert health("127.0.5.3") is True
 
-            # A task Cloud Map marks UNHEALTHY is unhealthy within one refresh period.
+            # A task Cloud Map marks UNHEALTHY is unhealthy within HEALTH_EVERY refresh
+            # periods (a health change does not move the revision; jitter +-20%).
             await asyncio.to_thread(cloudmap.set_health, "task-1", "UNHEALTHY")
-            took = await until(lambda: health("127.0.5.1") is False, INTERVAL + 1.0)
-            assert took <= INTERVAL + 0.4
+            within = HEALTH_EVERY * INTERVAL * 1.2 + 0.4
+            took = await until(lambda: health("127.0.5.1") is False, within + 1.0)
+            assert took <= within
             await asyncio.to_thread(cloudmap.set_health, "task-2", "HEALTHY")
-            await until(lambda: health("127.0.5.2") is True, INTERVAL + 1.0)
+            await until(lambda: health("127.0.5.2") is True, within + 1.0)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -293,6 +300,52 @@ def test_run_cloudmap_applies_health_within_one_refresh(
         ("127.0.5.2", "healthy"),
     ]  # 127.0.5.3 was born knowing: no transition
     assert fields(records, "cloudmap refresh failed") == []
+
+
+class CountingClient:
+    """The real boto3 client (to moto), with its calls counted by API."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[str] = []
+
+    def discover_instances(self, **kwargs: Any) -> Any:
+        self.calls.append("full")
+        return self.client.discover_instances(**kwargs)
+
+    def discover_instances_revision(self, **kwargs: Any) -> Any:
+        self.calls.append("revision")
+        return self.client.discover_instances_revision(**kwargs)
+
+
+def test_the_revision_is_asked_first_and_a_change_of_instances_is_looked_up_at_once(
+    cloudmap: CloudMap,
+) -> None:
+    table = EndpointTable()
+    real = CloudMapSource("local", "local", endpoint_url=cloudmap.url, region=REGION).client()
+    counting = CountingClient(real)
+    source = CloudMapSource("local", "local", client=counting)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run_cloudmap(source, table, interval=0.2))
+        try:
+            source.add_service(SERVICE)
+            await asyncio.sleep(2.0)  # ~10 rounds
+            before = list(counting.calls)
+            await asyncio.to_thread(cloudmap.register, "task-9", {"AWS_INSTANCE_IPV4": "127.0.5.9"})
+            await until(lambda: "127.0.5.9" in source.statuses.get(SERVICE, {}), 0.5)
+            counting.calls.append("registered")
+            assert before[0] == "full"  # the first lookup
+            rounds = before[1:]
+            # Between full lookups (every HEALTH_EVERY-th round), revisions only.
+            assert rounds.count("full") <= len(rounds) // HEALTH_EVERY + 1, rounds
+            assert rounds.count("revision") >= len(rounds) // 2, rounds
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
 
 
 def test_unknown_services_are_dropped_and_held(cloudmap: CloudMap) -> None:
@@ -326,6 +379,12 @@ class ScriptedClient:
         self.script = script
         self.then = then
         self.calls: list[float] = []
+        self.revisions = 0
+
+    def discover_instances_revision(self, **kwargs: Any) -> dict[str, Any]:
+        """A revision that always moved: every round goes on to the scripted lookup."""
+        self.revisions += 1
+        return {"InstancesRevision": -self.revisions}
 
     def discover_instances(self, **kwargs: Any) -> dict[str, Any]:
         assert kwargs["NamespaceName"] == "local" and kwargs["HealthStatus"] == "ALL"
@@ -373,7 +432,7 @@ def run_for(
     asyncio.run(scenario())
 
 
-def test_throttling_doubles_the_wait_up_to_the_cap_then_back_to_interval(
+def test_throttling_doubles_the_wait_up_to_the_cap_then_halves_it_back_to_interval(
     records: list[logging.LogRecord],
 ) -> None:
     fake = ScriptedClient(
@@ -391,10 +450,12 @@ def test_throttling_doubles_the_wait_up_to_the_cap_then_back_to_interval(
     run_for(source, table, 1.5, interval=0.1, max_backoff=0.4)
     gaps = [b - a for a, b in zip(fake.calls, fake.calls[1:], strict=False)]
     assert len(gaps) >= 5, gaps
-    assert 0.19 <= gaps[0] < 0.35  # 2 x interval
-    assert 0.39 <= gaps[1] < 0.6  # 4 x interval = the cap
-    assert 0.39 <= gaps[2] < 0.6  # capped
-    assert all(0.09 <= gap < 0.3 for gap in gaps[3:5])  # a success: back to the interval
+    # Each wait +-20% (jitter), the rest being the calls' own time.
+    assert 0.15 <= gaps[0] < 0.35  # 2 x interval
+    assert 0.31 <= gaps[1] < 0.6  # 4 x interval = the cap
+    assert 0.31 <= gaps[2] < 0.6  # capped
+    assert 0.15 <= gaps[3] < 0.35  # a success: halved, down slowly
+    assert 0.07 <= gaps[4] < 0.2  # halved again: the interval
     endpoint = table.get("local", "10.1.0.1")
     assert endpoint is not None and endpoint.cloudmap == "UNHEALTHY"
     assert len(fields(records, "cloudmap throttled")) == 1  # once a minute
@@ -480,8 +541,9 @@ def test_importing_the_sidecar_does_not_import_boto3() -> None:
 def test_sidecar_leaves_out_what_cloudmap_calls_unhealthy(
     cloudmap: CloudMap, moto_url: str, tmp_path: Path
 ) -> None:
-    """Probes say every endpoint is fine; Cloud Map says task-2 is not: within one refresh
-    period (1 s here) task-2's address is no longer handed out, and comes back after."""
+    """Probes say every endpoint is fine; Cloud Map says task-2 is not: within HEALTH_EVERY
+    refresh periods (1 s here, +-20%: health does not move the revision, so it is read at the
+    periodic full lookup) task-2's address is no longer handed out, and comes back after."""
     import dns.exception
     import dns.message
     import dns.query
@@ -536,16 +598,17 @@ def test_sidecar_leaves_out_what_cloudmap_calls_unhealthy(
                     time.sleep(0.1)
                 cloudmap.set_health("task-2", "UNHEALTHY")
                 marked = time.monotonic()
+                limit = HEALTH_EVERY * 1.2 + 1.0  # full lookups' period plus a probe tick
                 while "127.0.5.2" in addresses():
-                    assert time.monotonic() - marked < 2.5, "still handed out after 2.5 s"
+                    assert time.monotonic() - marked < limit, f"still handed out after {limit}"
                     time.sleep(0.05)
                 left_out_after = time.monotonic() - marked
-                assert left_out_after < 2.5  # one refresh period (1 s) plus a probe tick
+                assert left_out_after < limit
                 assert all("127.0.5.2" not in addresses() for _ in range(50))
                 cloudmap.set_health("task-2", "HEALTHY")
                 marked = time.monotonic()
                 while "127.0.5.2" not in addresses():
-                    assert time.monotonic() - marked < 2.5, "not back after 2.5 s"
+                    assert time.monotonic() - marked < limit, f"not back after {limit}"
                     time.sleep(0.05)
             finally:
                 proc.terminate()
