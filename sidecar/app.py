@@ -29,8 +29,9 @@ from sidecar.discovery import passive_reader
 from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
 from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.passive import PROBE_STRETCH, PassiveSettings
+from sidecar.discovery.pools import Shaper
 from sidecar.discovery.probes import run_probes
-from sidecar.discovery.shaping import Shaper, ShapeSettings
+from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.forwarder import Forwarder, probe_down_upstreams
 from sidecar.metrics import registry

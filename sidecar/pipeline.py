@@ -49,7 +49,9 @@ from sidecar.core.rotation import RotatedAnswer, Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
-from sidecar.discovery.shaping import ShapedAnswer, Shaper, ShapeSettings
+from sidecar.discovery.pools import Shaper
+from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
+from sidecar.discovery.srv_shaping import ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
@@ -162,7 +164,7 @@ class Resolver:
                 for server in upstreams.upstreams
             ],
             endpoints=[
-                (e.zone, e.address, e.healthy, e.latency)
+                (e.zone, e.name, e.healthy, e.latency)
                 for e in list(self.endpoints.endpoints.values())
             ],
         )
@@ -170,7 +172,7 @@ class Resolver:
     def prefetching(self, key: bytes) -> bool:
         return key in self._prefetched
 
-    def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | RotatedAnswer | None:
+    def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | ShapedSrv | RotatedAnswer | None:
         """The pool served instead of `entry`: shaped (discovery zones) or rotated."""
         return self.shaper.of(key, entry) or self.rotator.of(key, entry)
 

@@ -384,7 +384,7 @@ async def _refresh(
     for endpoint in table.set_cloudmap(source.zone, source.zone_statuses()):
         logs.endpoint_changed(
             endpoint.zone,
-            endpoint.address,
+            endpoint.name,
             endpoint.health_name,
             now,
             source="cloudmap",

@@ -63,6 +63,7 @@ class ProbeSettings:
 class Endpoint:
     zone: str
     address: str
+    port: int | None = None  # an SRV target's port; None: the zone's health check port
     state: str = UNKNOWN
     successes: int = 0  # in a row
     failures: int = 0  # in a row
@@ -93,6 +94,17 @@ class Endpoint:
         return None
 
     @property
+    def name(self) -> str:
+        """How logs and metrics name it: the address, with the port of an SRV target."""
+        if self.port is None:
+            return self.address
+        return (
+            f"[{self.address}]:{self.port}"
+            if ":" in self.address
+            else f"{self.address}:{self.port}"
+        )
+
+    @property
     def health_name(self) -> str:
         return {True: HEALTHY, False: UNHEALTHY, None: UNKNOWN}[self.healthy]
 
@@ -106,6 +118,7 @@ class Endpoint:
         return {
             "zone": self.zone,
             "address": self.address,
+            "port": self.port,
             "health": self.health_name,
             "probe_state": self.state,
             "cloudmap": self.cloudmap,
@@ -160,7 +173,8 @@ def latency_band(latency: float) -> int:
 class EndpointTable:
     settings: ProbeSettings = field(default_factory=ProbeSettings)
     rng: random.Random = field(default_factory=random.Random)
-    endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
+    # (zone, address, port or None) -> endpoint; a port for SRV targets only
+    endpoints: dict[tuple[str, str, int | None], Endpoint] = field(default_factory=dict)
     version: int = 0
     # (zone, result) -> count; the process's Counters.endpoint_probes when served
     probes: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -181,20 +195,23 @@ class EndpointTable:
             states[endpoint.health_name] = states.get(endpoint.health_name, 0) + 1
         return f"<EndpointTable {len(self.endpoints)} endpoints {states} version={self.version}>"
 
-    def get(self, zone: str, address: str) -> Endpoint | None:
-        return self.endpoints.get((zone, address))
+    def get(self, zone: str, address: str, port: int | None = None) -> Endpoint | None:
+        return self.endpoints.get((zone, address, port))
 
-    def seen(self, zone: str, addresses: Iterable[str], now: float) -> None:
-        """Addresses that appeared in an answer: new ones are added and due for a probe now."""
+    def seen(
+        self, zone: str, addresses: Iterable[str], now: float, port: int | None = None
+    ) -> None:
+        """Addresses that appeared in an answer (with `port`: as SRV targets at that port):
+        new ones are added and due for a probe now."""
         for address in addresses:
-            key = (zone, address)
+            key = (zone, address, port)
             endpoint = self.endpoints.get(key)
             if endpoint is None:
                 if not self.endpoints:
                     for wake in self.on_first:
                         wake()
                 endpoint = self.endpoints[key] = Endpoint(
-                    zone, address, next_probe=now, first_seen=now
+                    zone, address, port, next_probe=now, first_seen=now
                 )
                 endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
                 self.version += 1
@@ -324,7 +341,7 @@ class EndpointTable:
         and remember it for endpoints seen later; the endpoints whose health changed."""
         self.cloudmap_status[zone] = dict(statuses)
         changed = []
-        for (ep_zone, address), endpoint in self.endpoints.items():
+        for (ep_zone, address, _port), endpoint in self.endpoints.items():
             if ep_zone != zone or address not in statuses:
                 continue
             before = endpoint.healthy
@@ -340,7 +357,7 @@ class EndpointTable:
         limit = now - self.settings.forget_after
         gone = [e for e in self.endpoints.values() if e.last_seen < limit]
         for endpoint in gone:
-            del self.endpoints[(endpoint.zone, endpoint.address)]
+            del self.endpoints[(endpoint.zone, endpoint.address, endpoint.port)]
         if gone:
             self.version += 1
         return gone

@@ -109,7 +109,7 @@ async def run_passive_health(
                 await endpoints_added.wait()
                 continue
             destinations = frozenset(
-                (e.address, check.port)
+                (e.address, check.port if e.port is None else e.port)
                 for e in table.endpoints.values()
                 if (check := checks.get(e.zone)) is not None
             )
@@ -133,7 +133,7 @@ async def run_passive_health(
             for endpoint, reason in table.passive(traffic, now):
                 logs.endpoint_changed(
                     endpoint.zone,
-                    endpoint.address,
+                    endpoint.name,
                     endpoint.health_name,
                     now,
                     source="passive",

@@ -32,19 +32,25 @@ def definite(error: Exception) -> bool:
 
 
 async def probe(
-    check: HealthCheck, address: str, timeout: float, clock: Callable[[], float] = monotonic
+    check: HealthCheck,
+    address: str,
+    timeout: float,
+    clock: Callable[[], float] = monotonic,
+    port: int | None = None,
 ) -> float:
     """The round trip of one probe in seconds; raises OSError (EndpointSaidNo for an HTTP
-    status other than 2xx/3xx) or TimeoutError on failure."""
+    status other than 2xx/3xx) or TimeoutError on failure. `port`: an SRV target's, in place
+    of the check's."""
+    port = check.port if port is None else port
     start = clock()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address, check.port)
+            reader, writer = await asyncio.open_connection(address, port)
             if check.kind == "http":
                 host = f"[{address}]" if ":" in address else address
                 writer.write(
-                    f"GET {check.path} HTTP/1.1\r\nHost: {host}:{check.port}\r\n"
+                    f"GET {check.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                     "User-Agent: dns-sidecar\r\nConnection: close\r\n\r\n".encode()
                 )
                 status_line = await reader.readline()
@@ -88,7 +94,9 @@ async def run_probes(
         async with slots:
             said_no = False
             try:
-                rtt: float | None = await probe(check, endpoint.address, timeout, clock)
+                rtt: float | None = await probe(
+                    check, endpoint.address, timeout, clock, endpoint.port
+                )
                 ok = True
             except (OSError, TimeoutError) as error:
                 rtt, ok, said_no = None, False, definite(error)
@@ -96,7 +104,7 @@ async def run_probes(
             if table.probed(endpoint, ok, rtt, now, definite=said_no):
                 logs.endpoint_changed(
                     endpoint.zone,
-                    endpoint.address,
+                    endpoint.name,
                     endpoint.health_name,
                     now,
                     source="probe",

@@ -35,7 +35,6 @@ No I/O here: time comes in as `now`.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
 import random
@@ -329,52 +328,3 @@ def shape(
     shaped.seen_at = now
     table.seen(zone, shaped.addresses, now)
     return shaped
-
-
-class Shaper:
-    """The shaped pools of discovery answers, by cache key: their one owner."""
-
-    def __init__(
-        self,
-        table: EndpointTable,
-        rng: random.Random,
-        counts: dict[tuple[str, str], int],
-        charge: Callable[[bytes, str, int], None] | None = None,
-    ) -> None:
-        self.table = table
-        self.rng = rng
-        self.pools: dict[bytes, ShapedAnswer] = {}
-        self.counts = counts  # (zone, action) -> shaped answers served (Counters)
-        self.charge = charge  # TtlCache.charge: the pools' bytes count against max_bytes
-
-    def __len__(self) -> int:
-        return len(self.pools)
-
-    def shape(
-        self,
-        key: bytes,
-        entry: Entry,
-        msg: bytes,
-        reply: wire.Reply,
-        zone: str,
-        do: bool,
-        settings: ShapeSettings,
-        now: float,
-    ) -> ShapedAnswer | None:
-        """Prepare the pool of the entry just cached under `key`, if it is an address answer."""
-        pool = shape(entry, msg, reply, zone, do, self.table, settings, self.rng, self.counts, now)
-        if pool is not None:
-            self.pools[key] = pool
-            if self.charge is not None:
-                pool.charge = functools.partial(self.charge, key, HOLDER)
-        return pool
-
-    def of(self, key: bytes, entry: Entry) -> ShapedAnswer | None:
-        """The pool drawn from `entry`, cached under `key`; None for any other entry (one the
-        cache did not keep, served once as it came, while an older one stays for stale)."""
-        pool = self.pools.get(key)
-        return pool if pool is not None and pool.base is entry else None
-
-    def retire(self, key: bytes) -> None:
-        """The cache let the entry under `key` go."""
-        self.pools.pop(key, None)

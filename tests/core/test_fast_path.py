@@ -22,7 +22,8 @@ from sidecar.core.fast_path import (
 )
 from sidecar.core.rotation import Rotator
 from sidecar.discovery.endpoints import EndpointTable
-from sidecar.discovery.shaping import Shaper, ShapeSettings
+from sidecar.discovery.pools import Shaper
+from sidecar.discovery.shaping import ShapeSettings
 
 NAME = "a.example"
 

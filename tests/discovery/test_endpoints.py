@@ -105,7 +105,11 @@ def test_forgotten_when_not_seen_and_bounded_in_size() -> None:
     t.seen("local", ["b"], 200.0)
     assert [e.address for e in t.forget(350.0)] == ["a"]
     t.seen("local", ["c", "d", "e"], 400.0)
-    assert sorted(addr for _z, addr in t.endpoints) == ["c", "d", "e"]  # b, least recent, went
+    assert sorted(addr for _z, addr, _port in t.endpoints) == [
+        "c",
+        "d",
+        "e",
+    ]  # b, least recent, went
 
 
 def test_the_probe_rate_budget_starts_at_most_its_rate_most_overdue_first() -> None:
