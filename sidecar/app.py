@@ -131,6 +131,7 @@ def build_resolver(
                 ),
                 cloudmap[zone.name].add_service if zone.name in cloudmap else None,
                 negative_ttl=config.discovery.negative_ttl,
+                synthesize_a=bool(zone.synthesize_a),
             )
             for zone in config.zones
             if zone.health_check is not None

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import math
 import os
 import random
@@ -51,10 +52,12 @@ from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.pools import Shaper
 from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
-from sidecar.discovery.srv_shaping import ShapedSrv
+from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
+
+TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class DiscoveryZone:
     shaping: ShapeSettings
     # With Cloud Map: called with each service name asked for (the label below the zone).
     asked: Callable[[str], object] | None = None
+    # An A/AAAA question of a name with only SRV records is answered with the addresses of
+    # its live SRV targets (host mode, fixed ports): see Resolver._synthesize_address.
+    synthesize_a: bool = False
     # NXDOMAIN and NODATA are cached at most this long here (the VPC resolver keeps a private
     # zone's NXDOMAIN 300 s; a service with no records for a moment of a deploy comes back).
     negative_ttl: int = 5
@@ -321,6 +327,8 @@ class Resolver:
         del self._inflight[q.key]
         try:
             msg, reply = forwarded.result()
+            if self._synthesize_address(q, route, fetch, msg, reply):
+                return
             entry = self._fetch(q, route, msg, reply)
         except UpstreamError as exc:
             # A spent packet budget asked no upstream: nothing to remember about the name, and
@@ -337,6 +345,68 @@ class Resolver:
             fetch.set_result(entry)
             return
         fetch.exception()  # retrieved here so a fetch nobody waits for any more is quiet
+
+    def _synthesize_address(
+        self,
+        q: wire.Query,
+        route: str,
+        fetch: asyncio.Future[Entry],
+        msg: bytes,
+        reply: wire.Reply,
+    ) -> bool:
+        """`synthesize_a`: an A/AAAA question of a discovery zone that the upstream answered
+        with no record (NODATA) gets the live SRV targets' addresses of the same name instead,
+        from the SRV answer cached or fetched now; without any, the NODATA as it came. True
+        when this settles `fetch` (now or once the SRV answer comes)."""
+        if q.qtype not in wire.ADDRESS_TYPES or reply.rcode != wire.NOERROR:
+            return False
+        if any(record.section == 0 for record in reply.records):
+            return False
+        name = q.key[:-5]
+        zone = self.discovery.route(name)[1]
+        if zone is None or not zone.synthesize_a:
+            return False
+        srv_key = name + TYPE_SRV_BYTES + q.key[-3:]
+
+        def finish(srv_entry: Entry | None) -> None:
+            try:
+                made = self._address_reply(q, msg, reply, srv_key, srv_entry)
+                fetch.set_result(self._fetch(q, route, *(made or (msg, reply))))
+            except Exception as exc:  # a bug: each waiter logs it and answers SERVFAIL
+                fetch.set_exception(exc)
+
+        srv_entry = self.cache.get(srv_key, self.clock())
+        if srv_entry is not None:
+            finish(srv_entry)
+            return True
+        srv_fetch = self._inflight.get(srv_key) or self._start_fetch(
+            wire.Query(srv_key, 0, TYPE_SRV, 0, q.do, q.cd)
+        )
+        srv_fetch.add_done_callback(
+            lambda done: finish(None if done.cancelled() or done.exception() else done.result())
+        )
+        return True
+
+    def _address_reply(
+        self, q: wire.Query, msg: bytes, reply: wire.Reply, srv_key: bytes, srv: Entry | None
+    ) -> tuple[bytes, wire.Reply] | None:
+        """The upstream's NODATA reply `msg` with the live SRV targets' addresses as its
+        answer (TTL: the SRV answer's), or None when there are none."""
+        pool = None if srv is None else self.shaper.of(srv_key, srv)
+        if srv is None or not isinstance(pool, ShapedSrv):
+            return None
+        now = self.clock()
+        addresses = pool.live_addresses(q.qtype == wire.TYPE_AAAA, now)
+        if not addresses:
+            return None
+        ttl = max(1, math.ceil(srv.expires - now))
+        records = b"".join(
+            wire.address_record(q.qtype, ttl, ipaddress.ip_address(a).packed) for a in addresses
+        )
+        qend = reply.question_end
+        made = msg[:4] + wire.COUNTS.pack(1, len(addresses), 0, 0) + msg[wire.HEADER_SIZE : qend]
+        made += records
+        return made, wire.parse_reply(made)
 
     def _fetch(self, q: wire.Query, route: str, msg: bytes, reply: wire.Reply) -> Entry:
         """Store an upstream reply (shaped in a discovery zone, else rotated if its zone's

@@ -113,8 +113,10 @@ def _with_zone_options(
                 zone.cloudmap_namespace,
                 "Cloud Map needs boto3: pip install 'ecs-dns-sidecar[cloudmap]'",
             )
-        if zone.health_check is None and (zone.max_answers or zone.cloudmap_namespace):
-            key = options["max_answers" if zone.max_answers else "cloudmap_namespace"][1]
+        discovery_only = ("max_answers", "cloudmap_namespace", "synthesize_a")
+        given = [name for name in discovery_only if getattr(zone, name)]
+        if zone.health_check is None and given:
+            key = options[given[0]][1]
             raise ConfigError(
                 key, zone.name, "only for a discovery zone: give it a health check too"
             )
@@ -166,6 +168,7 @@ def build(layers: Sequence[Layer], env: Mapping[str, str], resolv_conf: str) -> 
             "health_check": (values["health_checks"], source["health_checks"]),
             "max_answers": (values["max_answers"], source["max_answers"]),
             "cloudmap_namespace": (values["cloudmap"], source["cloudmap"]),
+            "synthesize_a": (values["synthesize_a"], source["synthesize_a"]),
         },
     )
     fields: dict[str, Any] = {

@@ -44,10 +44,14 @@ class Zone:
     health_check: HealthCheck | None = None  # set: a discovery zone, its answers are shaped
     max_answers: int | None = None  # discovery zones: keep only the first N after shaping
     cloudmap_namespace: str | None = None  # discovery zones: also ask Cloud Map for health
+    synthesize_a: bool | None = None  # discovery zones: A/AAAA from the SRV targets' addresses
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {"upstreams": [str(hp) for hp in self.upstreams]}
-        for name in ("policy", "answer_order", "health_check", "max_answers", "cloudmap_namespace"):
+        for name in (
+            "policy", "answer_order", "health_check", "max_answers", "cloudmap_namespace",
+            "synthesize_a",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 out[name] = str(value) if isinstance(value, HealthCheck) else value

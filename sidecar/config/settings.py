@@ -35,6 +35,7 @@ from sidecar.config.zone_kinds import (
     HEALTH_CHECK,
     MAX_ANSWERS,
     POLICY,
+    SYNTHESIZE_A,
     PerZone,
     Zones,
 )
@@ -46,7 +47,7 @@ ECS_RESOLVER = "169.254.169.253"  # the Route 53 Resolver, from any VPC
 TTL_LIMIT = 2**31 - 1  # RFC 2181 section 8
 
 # Settings that are folded into the zones rather than being Config fields of their own.
-ZONE_OPTION_SETTINGS = ("health_checks", "max_answers", "cloudmap")
+ZONE_OPTION_SETTINGS = ("health_checks", "max_answers", "cloudmap", "synthesize_a")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
             repeat=True),
     Setting("max_answers", "--max-answers", PerZone(MAX_ANSWERS), {},
             "discovery zones: keep only the first N addresses after shaping", repeat=True),
+    Setting("synthesize_a", "--synthesize-a", PerZone(SYNTHESIZE_A), {},
+            "discovery zones: answer A/AAAA for a name that has only SRV records with its "
+            "live targets' addresses (host mode, fixed ports)", repeat=True),
     Setting("cloudmap", "--cloudmap", PerZone(CLOUDMAP), {},
             "discovery zones: merge Cloud Map health of NAMESPACE (needs boto3)", repeat=True),
     Setting("discovery.probe_interval", "--endpoint-probe-interval", FloatRange(0.1, 60), 1.0,

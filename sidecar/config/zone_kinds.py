@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.addresses import DNS_PORT
-from sidecar.config.kinds import AddressList, Choice, IntRange, Kind
+from sidecar.config.kinds import AddressList, Bool, Choice, IntRange, Kind
 from sidecar.config.model import HealthCheck, Zone
 from sidecar.config.names import normalize_zone_name, unknown_key
 from sidecar.errors import ConfigError
@@ -100,6 +100,7 @@ CLOUDMAP = CloudMapNamespace()
 ZONE_UPSTREAMS = AddressList(DNS_PORT, upstream=True)
 POLICY = Choice("sequential", "random", "fastest")
 ANSWER_ORDER = Choice("rotate", "upstream")
+SYNTHESIZE_A = Bool()
 
 # The keys of a [zones.NAME] table: one row per key, so zone tables can grow (health_check...).
 ZONE_KEYS: dict[str, Kind] = {
@@ -109,6 +110,7 @@ ZONE_KEYS: dict[str, Kind] = {
     "health_check": HEALTH_CHECK,
     "max_answers": MAX_ANSWERS,
     "cloudmap": CLOUDMAP,
+    "synthesize_a": SYNTHESIZE_A,
 }
 # zone table key -> Zone field, where they differ
 ZONE_FIELDS: dict[str, str] = {"cloudmap": "cloudmap_namespace"}

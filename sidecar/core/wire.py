@@ -418,3 +418,9 @@ def reply_matches(msg: bytes, qid: bytes, question: bytes) -> bool:
         and msg[HEADER_SIZE : qend - 4].lower() == question[:-4]
         and msg[qend - 4 : qend] == question[-4:]
     )
+
+
+def address_record(rtype: int, ttl: int, packed: bytes) -> bytes:
+    """An A or AAAA record of the question's name (a pointer to it at offset 12): `packed` is
+    the address's 4 or 16 bytes."""
+    return b"\xc0\x0c" + _RR_FIXED.pack(rtype, 1, ttl, len(packed)) + packed

@@ -75,6 +75,7 @@ class ShapedSrv:
     signature: tuple[object, ...] = ()
     seen_at: float = -math.inf
     charge: Callable[[int], None] | None = None
+    kept: dict[int, int] = field(default_factory=dict)  # record index -> weight, as drawn
 
     @property
     def answer_ttl(self) -> int:
@@ -113,6 +114,7 @@ class ShapedSrv:
         if signature == self.signature and self.variants:
             return
         self.signature = signature
+        self.kept = kept
         self.action = (
             "failed_open"
             if not live
@@ -162,6 +164,20 @@ class ShapedSrv:
             self.targets_seen(now)
         if self.version != self.table.version:
             self.rebuild()
+
+    def live_addresses(self, ipv6: bool, now: float) -> list[str]:
+        """The addresses of the targets kept (IPv6 or IPv4), heaviest target first: what
+        `synthesize_a` answers an A/AAAA question of the SRV name with."""
+        self.refresh(now)
+        out: list[str] = []
+        heaviest = sorted(self.records, key=lambda r: (r.priority, -self.kept.get(r.index, 0)))
+        for record in heaviest:
+            if record.index not in self.kept:
+                continue
+            for _, address in self.addresses.get(record.target, []):
+                if (":" in address) == ipv6 and address not in out:
+                    out.append(address)
+        return out
 
     def count(self, answers: int) -> None:
         key = (self.zone, self.action)

@@ -125,6 +125,7 @@ def test_env_names_are_the_documented_ones() -> None:
         "DNS_SIDECAR_HEALTH_CHECKS",
         "DNS_SIDECAR_MAX_ANSWERS",
         "DNS_SIDECAR_CLOUDMAP",
+        "DNS_SIDECAR_SYNTHESIZE_A",
         "DNS_SIDECAR_DISCOVERY_PROBE_INTERVAL",
         "DNS_SIDECAR_DISCOVERY_PROBE_TIMEOUT",
         "DNS_SIDECAR_DISCOVERY_RISE",
@@ -660,6 +661,8 @@ def test_discovery_settings_from_env() -> None:
         (["--max-answers", "local=0"], "--max-answers"),
         (["--max-answers", "local=1"], "--max-answers"),  # not a discovery zone
         (["--cloudmap", "local=local"], "--cloudmap"),  # not a discovery zone
+        (["--synthesize-a", "local=true"], "--synthesize-a"),  # not a discovery zone
+        (["--health-check", "local=tcp:80", "--synthesize-a", "local=maybe"], "--synthesize-a"),
     ],
 )
 def test_bad_discovery_settings(argv: list[str], key: str) -> None:

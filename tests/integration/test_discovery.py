@@ -473,7 +473,8 @@ class GlibcLab:
     longest common prefix (10.77.0.11 first), and the sidecar probes them over the veth.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, zone: str | None = None) -> None:
+        self.zone = zone if zone is not None else local_zone(NS_ORDER)
         tag = f"{os.getpid() % 100000}"
         self.ns_client = f"dsc-gai-c{tag}"
         self.ns_backends = f"dsc-gai-b{tag}"
@@ -554,7 +555,7 @@ class GlibcLab:
 
         nsd_dir = self.workdir / "nsd"
         nsd_dir.mkdir()
-        conf = _nsd_config(nsd_dir, {"local.": local_zone(NS_ORDER)})
+        conf = _nsd_config(nsd_dir, {"local.": self.zone})
         self.popen(c, "nsd", NSD_BINARY, "-d", "-c", str(conf))
         deadline = time.monotonic() + 10
         while True:
@@ -688,6 +689,38 @@ def _nsd_config(workdir: Path, zones: dict[str, str]) -> Path:
     conf = workdir / "nsd.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
+
+
+def srv_only_zone(addresses: list[str], port: int) -> str:
+    """`resource-server.local` as ECS registers a host-mode service: SRV records only, each
+    target with an A record of its own."""
+    lines = ["$ORIGIN local.", f"$TTL {UPSTREAM_TTL}"]
+    lines += ["@ 30 IN SOA ns.local. hostmaster.local. 1 3600 600 86400 30"]
+    lines += ["@ 30 IN NS ns.local.", "ns 60 IN A 127.0.0.1"]
+    for i, address in enumerate(addresses):
+        lines += [f"resource-server IN SRV 1 1 {port} task{i}.resource-server.local."]
+        lines += [f"task{i}.resource-server IN A {address}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_synthesize_a_gives_glibc_only_the_live_srv_targets(tmp_path: Path) -> None:
+    why = _netns_usable()
+    if why is not None:
+        pytest.skip(why)
+    with GlibcLab(tmp_path, srv_only_zone(NS_ORDER, BACKEND_PORT)) as lab:
+        synthesized = lab.round(
+            "sidecar-synthesize",
+            "--health-check",
+            f"local=http:{BACKEND_PORT}/health",
+            "--synthesize-a",
+            "local=true",
+            "--endpoint-probe-interval",
+            "0.5",
+            probed=True,
+        )
+    print(f"\n[synthesize_a] glibc firsts {dict(Counter(o[0] for o in synthesized if o))}")
+    assert len(synthesized) == 100
+    assert all(sorted(o) == sorted(LIVE_ADDRS) for o in synthesized), synthesized[:3]
 
 
 def _netns_usable() -> str | None:
