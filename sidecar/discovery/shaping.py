@@ -126,6 +126,19 @@ def address_text(msg: bytes, record: wire.Record) -> str | None:
     return None
 
 
+def variant_entry(variant: bytes, base: Entry, do: bool) -> Entry:
+    """A prepared reply (`variant`, a message) as an entry living as long as `base`."""
+    return Entry(
+        variant,
+        wire.parse_reply(variant),
+        ttl=base.ttl,
+        expires=base.expires,
+        negative=False,
+        do=do,
+        patch_ttls=True,
+    )
+
+
 @dataclass
 class ShapedAnswer:
     """Prepared shaped replies for one cached answer; rebuilt when the endpoint table changes.
@@ -255,15 +268,7 @@ class ShapedAnswer:
             record.rr = [record.rr[i] for i in indexes]
             record.auth, record.ar = [], []
             variant = bytes(record.pack())
-        return Entry(
-            variant,
-            wire.parse_reply(variant),
-            ttl=self.base.ttl,
-            expires=self.base.expires,
-            negative=False,
-            do=self.do,
-            patch_ttls=True,
-        )
+        return variant_entry(variant, self.base, self.do)
 
     def refresh(self, now: float) -> None:
         """Bring the pool up to date with the endpoint table; before serving from it."""

@@ -38,6 +38,7 @@ from sidecar.discovery.shaping import (
     POOL_OVERHEAD,
     ShapeSettings,
     address_text,
+    variant_entry,
     weights,
 )
 
@@ -147,16 +148,7 @@ class ShapedSrv:
         record.rr = answers
         record.auth = []
         record.ar = [rr for i, rr in enumerate(record.ar) if i in keep_additional]
-        variant = bytes(record.pack())
-        return Entry(
-            variant,
-            wire.parse_reply(variant),
-            ttl=self.base.ttl,
-            expires=self.base.expires,
-            negative=False,
-            do=self.do,
-            patch_ttls=True,
-        )
+        return variant_entry(bytes(record.pack()), self.base, self.do)
 
     def refresh(self, now: float) -> None:
         """Bring the reply up to date with the endpoint table; before serving from it."""
