@@ -12,15 +12,17 @@ Cancelling the future abandons the exchange and frees what it held. With `late` 
 timed-out UDP exchange keeps its ID and socket `linger` seconds more, and a reply that comes
 then is passed to `late` (once), so a slow upstream still answers the question.
 
-Every exchange, of every question and probe, first takes its packets from the one
-`PacketBudget` (core/packet_budget.py) here, as background work when the question is a
-prefetch or a probe; a denied attempt is not sent and ends its question (`Forwarding.denied`).
+Every exchange, of every question and probe, to an upstream off this host's loopback first
+takes its packets from the one `PacketBudget` (core/packet_budget.py) here, as background
+work when the question is a prefetch or a probe; a denied attempt is not sent and ends its
+question (`Forwarding.denied`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -62,6 +64,13 @@ def log_health(server: HostPort, up: bool, reason: str) -> None:
         log.info("upstream up", extra={"fields": {"upstream": str(server)}})
     else:
         log.warning("upstream down", extra={"fields": {"upstream": str(server), "reason": reason}})
+
+
+@functools.lru_cache(maxsize=256)
+def on_loopback(server: HostPort) -> bool:
+    """Whether `server` is on this host's loopback: its packets never reach a network
+    interface, so the budget (the VPC resolver's per-interface limit) does not cover them."""
+    return ipaddress.ip_address(server.host).is_loopback
 
 
 class _Question:
@@ -130,7 +139,9 @@ class _Question:
         """Take `attempt`'s packets from the budget (counted as sent), or count the denial."""
         forwarder, background = self.forwarder, self.background
         packets = TCP_PACKETS if attempt.tcp else 1
-        if forwarder.budget.take(packets, forwarder.clock(), background=background):
+        if on_loopback(attempt.server) or forwarder.budget.take(
+            packets, forwarder.clock(), background=background
+        ):
             forwarder.counters.upstream_packets[str(attempt.server)] += packets
             return True
         forwarder.counters.budget_denials["background" if background else "client"] += 1

@@ -33,8 +33,10 @@ from tests.fakes.scripted_exchanges import (
     reply_to,
 )
 
-FIRST = HostPort("127.0.0.1", 5301)
-SECOND = HostPort("127.0.0.2", 5301)
+# Off loopback, as the VPC resolver is, so the packet budget covers them (forwarder.on_loopback);
+# the scripted transport opens no socket: nothing is ever sent to these.
+FIRST = HostPort("192.0.2.53", 5301)
+SECOND = HostPort("192.0.2.54", 5301)
 T = TypeVar("T")
 
 
@@ -415,6 +417,22 @@ def test_a_denied_miss_gets_the_stale_answer() -> None:
         assert p.forwarder.budget.take(10, p.clock())  # spent by others
         answer, source = await p.ask("s.example")
         assert source == "stale" and str(answer.rr[0].rdata) == "192.0.2.7"
+
+    run(test)
+
+
+def test_upstreams_on_loopback_are_not_budgeted() -> None:
+    async def test() -> None:
+        p = Path(packets_per_second=100)  # a bucket of 10 packets
+        local = HostPort("127.0.0.1", 5301)
+        p.resolver.router = ZoneRouter(UpstreamSet([local]), {})
+        for number in range(20):
+            p.transport.add(local, Step(reply_to(f"l{number}.example")))
+        for number in range(20):
+            answer, _ = await p.ask(f"l{number}.example")
+            assert answer.header.rcode == RCODE.NOERROR
+        assert p.counters.budget_denials == {"client": 0, "background": 0}
+        assert p.counters.upstream_packets == {str(local): 20}
 
     run(test)
 

@@ -4,8 +4,9 @@ upstream packet budget that keeps the instance under the VPC resolver's packet l
 Namespaces, all made here:
 - `host` plays the EC2 instance: a Linux bridge `br0` with 172.17.0.1/16 (docker0's address),
   the sidecar listening there and on 127.0.0.1 (the daemon's two listen addresses, `allow`
-  172.17.0.0/16), and a scripted upstream on its 127.0.0.1 that drops every packet above 1024
-  in any one second, as the VPC resolver does per network interface;
+  172.17.0.0/16), and a scripted upstream on 169.254.169.253 (an address of that namespace's
+  bridge) that drops every packet above 1024 in any one second, as the VPC resolver does
+  per network interface;
 - `c0`..`c3` play bridge-mode containers: a veth pair each, one end on the bridge, the other
   172.17.0.1x/16 in the container, which resolves through 172.17.0.1 (`dnsServers`).
 
@@ -38,6 +39,7 @@ from tests.integration.test_discovery import _check, _netns_env, _netns_usable, 
 pytestmark = pytest.mark.integration
 
 BRIDGE = "172.17.0.1"
+VPC_RESOLVER = "169.254.169.253"  # inside the test's own namespace only
 CONTAINERS = 4
 NAMES = 500  # the cold burst, shared by the containers
 VPC_LIMIT = 1024  # packets per second per network interface
@@ -76,7 +78,7 @@ class BridgeLab:
         self.workdir = workdir
         self.host = f"dsc-br-h{tag}"
         self.containers = [f"dsc-br-c{i}-{tag}" for i in range(CONTAINERS)]
-        self.upstream = ScriptedUpstream()
+        self.upstream = ScriptedUpstream(VPC_RESOLVER)
         self.sidecar: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> BridgeLab:
@@ -111,7 +113,10 @@ class BridgeLab:
             _check("ip", "-n", ns, "addr", "add", f"172.17.0.{10 + number}/16", "dev", "eth0")
             _check("ip", "-n", ns, "link", "set", "eth0", "up")
             _check("ip", "-n", host, "link", "set", veth, "master", "br0", "up")
-        with in_netns(host):  # the upstream's sockets on the instance's loopback
+        # The VPC resolver's address, on the instance's bridge here (only in this namespace):
+        # the budget covers upstreams off loopback.
+        _check("ip", "-n", host, "addr", "add", f"{VPC_RESOLVER}/32", "dev", "br0")
+        with in_netns(host):
             self.upstream.start()
         self.upstream.default = Answer(("A 192.0.2.1",), ttl=300)
         self.upstream.max_packets_per_second = VPC_LIMIT
