@@ -26,7 +26,7 @@ from sidecar.core.rotation import Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery import passive_reader
-from sidecar.discovery.cloudmap import CloudMapSource, run_cloudmap
+from sidecar.discovery.cloudmap import CloudMapSource, learn_local_az, run_cloudmap
 from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.passive import PROBE_STRETCH, PassiveSettings
 from sidecar.discovery.pools import Shaper
@@ -128,10 +128,12 @@ def build_resolver(
                     max_answers=zone.max_answers,
                     answer_ttl=config.discovery.answer_ttl,
                     slow_start=config.discovery.slow_start,
+                    zone_affinity=config.discovery.zone_affinity == "prefer",
                 ),
                 cloudmap[zone.name].add_service if zone.name in cloudmap else None,
                 negative_ttl=config.discovery.negative_ttl,
                 synthesize_a=bool(zone.synthesize_a),
+                registry=cloudmap.get(zone.name),
             )
             for zone in config.zones
             if zone.health_check is not None
@@ -163,7 +165,7 @@ def build_resolver(
         budget = PacketBudget(rate, CLOCK())
     else:
         budget.resize(rate, CLOCK())
-    return Resolver(
+    resolver = Resolver(
         cache,
         router,
         Forwarder(
@@ -185,6 +187,10 @@ def build_resolver(
         rotator=rotator,
         clock=CLOCK,
     )
+    for source in cloudmap.values():
+        source.calls = metrics.cloudmap_calls
+        source.on_change = resolver.registry_changed
+    return resolver
 
 
 @dataclass
@@ -329,6 +335,8 @@ class Server:
                 )
             else:
                 logs.get().warning("passive health off", extra={"fields": {"reason": why_not}})
+        if self.cloudmap and config.discovery.zone_affinity == "prefer":
+            work.append(learn_local_az(resolver.endpoints))
         for source in self.cloudmap.values():
             work.append(
                 run_cloudmap(

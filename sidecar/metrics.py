@@ -190,6 +190,28 @@ class SidecarCollector(Collector):
             m.endpoint_passive_demotions.items(),
         )
         yield _counter(
+            "registry_answers",
+            "Upstream replies in discovery zones replaced by an answer made from the Cloud Map "
+            "registry (merged: its addresses changed; negative_replaced: NXDOMAIN or empty "
+            "while Cloud Map lists live instances).",
+            ["zone", "kind"],
+            m.registry_answers.items(),
+        )
+        yield _counter(
+            "cloudmap_calls",
+            "Cloud Map calls by API and outcome (ok, throttled, not_found, error).",
+            ["zone", "api", "outcome"],
+            m.cloudmap_calls.items(),
+        )
+        registry_age = GaugeMetricFamily(
+            _name("cloudmap_refresh_age_seconds"),
+            "Seconds since Cloud Map last confirmed a service's instances (a good refresh).",
+            labels=["zone", "service"],
+        )
+        for zone, service, age in g.registry_ages:
+            registry_age.add_metric([zone, service], age)
+        yield registry_age
+        yield _counter(
             "answers_shaped",
             "Discovery answers shaped, by what was done to them.",
             ["zone", "action"],

@@ -40,6 +40,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
@@ -51,6 +52,7 @@ from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.pools import Shaper
+from sidecar.discovery.registry import Listing, registry_reply
 from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
 from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
@@ -58,6 +60,25 @@ from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
+
+
+class Registry(Protocol):
+    """A discovery zone's Cloud Map registry (discovery/cloudmap.py's CloudMapSource)."""
+
+    def listing(self, service: str, now: float) -> Listing | None: ...
+
+    def ages(self, now: float) -> list[tuple[str, float]]: ...
+
+
+class RegistryBase(NamedTuple):
+    """What an answer made from the registry was made of, to make it again when the
+    registry changes (Resolver.registry_changed)."""
+
+    q: wire.Query
+    route: str
+    msg: bytes  # the upstream's reply
+    zone: str
+    service: str
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,17 @@ class DiscoveryZone:
     # NXDOMAIN and NODATA are cached at most this long here (the VPC resolver keeps a private
     # zone's NXDOMAIN 300 s; a service with no records for a moment of a deploy comes back).
     negative_ttl: int = 5
+    # With Cloud Map: the registry whose instances answer for the zone's services
+    # (discovery/registry.py): all of them, none deregistered, none hidden by an NXDOMAIN.
+    registry: Registry | None = None
+
+
+def service_of(wire_name: bytes, zone: str) -> str | None:
+    """The service a wire name is the name of (`resource-server` for resource-server.local
+    in zone `local`); None for any other name (the zone itself, an instance's name)."""
+    labels = wire_to_name(wire_name).rstrip(".").split(".")
+    depth = 0 if zone == "." else zone.count(".") + 1
+    return labels[0] if len(labels) == depth + 1 and labels[0] else None
 
 
 def service_label(wire_name: bytes, zone: str) -> str:
@@ -141,6 +173,8 @@ class Resolver:
         self.fast = FastPath(metrics, self, min(cache.limits.max_entries, FAST_PATH_ROWS), self.rng)
         # Keys whose current entry's background refresh has been started (once per entry).
         self._prefetched: set[bytes] = set()
+        # Cache keys whose entry was made from a Cloud Map listing: what it was made of.
+        self._registry_bases: dict[bytes, RegistryBase] = {}
         cache.on_retire = self._retired
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
@@ -157,6 +191,7 @@ class Resolver:
         self.shaper.retire(key)
         self.rotator.retire(key)
         self._prefetched.discard(key)
+        self._registry_bases.pop(key, None)
 
     def snapshot(self) -> Snapshot:
         """The gauges, read from their owners; the fast path's counts flushed first."""
@@ -172,6 +207,12 @@ class Resolver:
             endpoints=[
                 (e.zone, e.name, e.healthy, e.latency)
                 for e in list(self.endpoints.endpoints.values())
+            ],
+            registry_ages=[
+                (zone_name, service, age)
+                for zone_name, zone in self.discovery.targets()
+                if zone is not None and zone.registry is not None
+                for service, age in zone.registry.ages(self.clock())
             ],
         )
 
@@ -415,15 +456,75 @@ class Resolver:
         now = self.clock()
         zone_name, zone = self.discovery.route(question[:-4])
         max_negative = None if zone is None else zone.negative_ttl
-        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route), max_negative)
         if zone is not None and zone.asked is not None:
             zone.asked(service_label(question[:-4], zone_name))
+        base = None
+        if zone is not None and zone.registry is not None:
+            service = service_of(question[:-4], zone_name)
+            if service is not None:
+                base = RegistryBase(q, route, msg, zone_name, service)
+                msg, reply = self._from_registry(base, zone, reply, now, zone.shaping.answer_ttl)
+        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route), max_negative)
+        if base is not None and entry.ttl > 0:
+            self._registry_bases[q.key] = base
         if entry.ttl > 0:
             if zone is not None:
                 self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
             elif self.rotate.route(question[:-4])[1]:
                 self.rotator.rotate(q.key, entry, msg, reply, q.do, now)
         return entry
+
+    def _from_registry(
+        self,
+        base: RegistryBase,
+        zone: DiscoveryZone,
+        reply: wire.Reply,
+        now: float,
+        negative_ttl: int,
+    ) -> tuple[bytes, wire.Reply]:
+        """The upstream reply `base.msg`, or the answer made from the service's Cloud Map
+        listing instead (discovery/registry.py); counted. The addresses the registry added
+        are held out of answers until their first probe."""
+        assert zone.registry is not None
+        listing = zone.registry.listing(base.service, now)
+        name = base.q.key[:-5]
+        made = registry_reply(base.msg, reply, base.q.qtype, name, listing, negative_ttl)
+        if made is None:
+            return base.msg, reply
+        key = (base.zone, made.kind)
+        self.metrics.registry_answers[key] = self.metrics.registry_answers.get(key, 0) + 1
+        for address, port in made.added:
+            self.endpoints.seen(base.zone, (address,), now, port, held=True)
+        return made.msg, wire.parse_reply(made.msg)
+
+    def registry_changed(self, zone_name: str, service: str) -> None:
+        """Cloud Map listed other instances for `service`: every answer cached for it that
+        was made from the registry is made again from the new listing, with the TTL it has
+        left (no upstream asked)."""
+        zone = self.discovery.route(name_to_wire(zone_name))[1]
+        if zone is None:
+            return
+        now = self.clock()
+        for key, base in list(self._registry_bases.items()):
+            if (base.zone, base.service) != (zone_name, service):
+                continue
+            entry = self.cache.get(key, now)
+            if entry is None:
+                continue
+            left = max(1, math.ceil(entry.expires - now))
+            msg = wire.cap_ttls(base.msg, wire.parse_reply(base.msg), left)
+            reply = wire.parse_reply(msg)
+            base = base._replace(msg=msg)
+            made, made_reply = self._from_registry(
+                base, zone, reply, now, min(left, zone.shaping.answer_ttl)
+            )
+            entry = self.cache.store(
+                key, made, made_reply, now, base.q.do, name_to_wire(base.route), zone.negative_ttl
+            )
+            if entry.ttl <= 0:
+                continue
+            self._registry_bases[key] = base
+            self.shaper.shape(key, entry, made, made_reply, zone_name, base.q.do, zone.shaping, now)
 
     def set_loop_token(self, token: str) -> None:
         self.loop_token = token

@@ -92,6 +92,7 @@ class DiscoverySettings:
     answer_ttl: int = 5
     negative_ttl: int = 5
     slow_start: float = 0.0
+    zone_affinity: str = "prefer"
     max_probes: int = 64
     max_probes_per_second: float = 200.0
     max_endpoints: int = 4096

@@ -168,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("discovery.slow_start", "--slow-start", FloatRange(0, 3600), 0.0,
             "discovery zones: seconds over which a newly named endpoint's share of first "
             "places ramps up (0: off); endpoints named together ramp together"),
+    Setting("discovery.zone_affinity", "--zone-affinity", Choice("off", "prefer"), "prefer",
+            "discovery zones with Cloud Map: first places to endpoints in the task's own "
+            "availability zone while it has enough live ones for its share (docs/discovery.md)"),
     Setting("discovery.negative_ttl", "--discovery-negative-ttl", IntRange(0, 3600), 5,
             "discovery zones: cap on caching NXDOMAIN and empty answers (0: not cached), so a "
             "service that briefly had no records during a deploy is found again soon"),

@@ -101,6 +101,11 @@ class Counters:
     answers_shaped: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, action)
     endpoint_probes: dict[tuple[str, str], int] = field(default_factory=dict)  # (zone, result)
     endpoint_passive_demotions: dict[str, int] = field(default_factory=dict)  # zone
+    # Answers made from the Cloud Map registry instead of the upstream's, by (zone, kind):
+    # merged (a positive answer's addresses changed), negative_replaced.
+    registry_answers: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Cloud Map calls by (zone, api, outcome)
+    cloudmap_calls: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def answered(self, source: str, reply: bytes, seconds: float) -> None:
         self.responses[source][reply[3] & 0x0F] += 1
@@ -126,3 +131,5 @@ class Snapshot:
     upstream_health: list[tuple[str, bool]]  # (upstream, up)
     # (zone, address, healthy or None while unknown, latency seconds or None)
     endpoints: list[tuple[str, str, bool | None, float | None]]
+    # (zone, service, seconds since Cloud Map last confirmed its instances)
+    registry_ages: list[tuple[str, str, float]] = field(default_factory=list)

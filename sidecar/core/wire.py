@@ -424,3 +424,12 @@ def address_record(rtype: int, ttl: int, packed: bytes) -> bytes:
     """An A or AAAA record of the question's name (a pointer to it at offset 12): `packed` is
     the address's 4 or 16 bytes."""
     return b"\xc0\x0c" + _RR_FIXED.pack(rtype, 1, ttl, len(packed)) + packed
+
+
+def cap_ttls(msg: bytes, reply: Reply, ttl: int) -> bytes:
+    """`msg` with every record's TTL at most `ttl` (the OPT record's field is no TTL)."""
+    out = bytearray(msg)
+    for record in reply.records:
+        if record.ttl > ttl:
+            _U32.pack_into(out, record.ttl_offset, ttl)
+    return bytes(out)

@@ -45,18 +45,24 @@ AWS side
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from sidecar import logs
-from sidecar.discovery.endpoints import HEALTHY, UNHEALTHY, EndpointTable
+from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.registry import (
+    Instance,
+    Listing,
+    availability_zones,
+    instances_of,
+    statuses,
+)
 
 log = logging.getLogger("dns_sidecar")
 
@@ -73,9 +79,13 @@ THROTTLING_CODES = frozenset(
     {"ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
 )
 NOT_FOUND_CODES = frozenset({"ServiceNotFound"})
-ADDRESS_ATTRIBUTES = ("AWS_INSTANCE_IPV4", "AWS_INSTANCE_IPV6")
-STATUSES = (HEALTHY.upper(), UNHEALTHY.upper())  # what Cloud Map says that counts
 METADATA_TIMEOUT = 2.0
+# A listing Cloud Map confirmed within this many intervals is believed over DNS (registry.py);
+# older (Cloud Map failing or throttling us), DNS answers stand as they come.
+FRESH_ROUNDS = 3
+DISCOVER = "DiscoverInstances"
+REVISION = "DiscoverInstancesRevision"
+OUTCOMES = ("ok", "throttled", "not_found", "error")
 
 
 class DiscoveryClient(Protocol):
@@ -113,17 +123,14 @@ def region_from_task_metadata(metadata: Mapping[str, Any]) -> str | None:
     return None
 
 
-def resolve_region(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
-    """The region to use (see the module docstring); None leaves it to boto3's configuration.
-    Reads the ECS task metadata over HTTP only when nothing else says."""
+def task_metadata(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The ECS task metadata (v4, `/task`) of the task we run in; None outside ECS or when it
+    cannot be read (logged). Blocking: call it in a worker thread."""
     env = os.environ if env is None else env
-    for region in (explicit, env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION")):
-        if region:
-            return region
     base = env.get("ECS_CONTAINER_METADATA_URI_V4")
     if not base:
         return None
-    import json  # lazy: only this rare path (Cloud Map, no region configured) needs them
+    import json  # lazy: only Cloud Map needs them, once
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # link-local: no proxy
@@ -132,41 +139,28 @@ def resolve_region(explicit: str | None, env: Mapping[str, str] | None = None) -
             metadata = json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.warning(
-            "cloudmap: no region from the ECS task metadata",
+            "cloudmap: the ECS task metadata could not be read",
             extra={"fields": {"error": str(exc)}},
         )
         return None
-    return region_from_task_metadata(metadata) if isinstance(metadata, dict) else None
+    return metadata if isinstance(metadata, dict) else None
 
 
-def statuses_of(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """{address: HEALTHY|UNHEALTHY} from DiscoverInstances' Instances; UNKNOWN is left out."""
-    out: dict[str, str] = {}
-    for instance in instances:
-        status = instance.get("HealthStatus")
-        if status not in STATUSES:
-            continue
-        attributes = instance.get("Attributes") or {}
-        for key in ADDRESS_ATTRIBUTES:
-            value = attributes.get(key)
-            if not value:
-                continue
-            try:
-                address = str(ipaddress.ip_address(value))  # the form answers are read in
-            except ValueError:
-                continue
-            if out.get(address) != "UNHEALTHY":
-                out[address] = status
-    return out
+def local_zone(metadata: Mapping[str, Any] | None) -> str | None:
+    """The task's availability zone, from its task metadata."""
+    zone = None if metadata is None else metadata.get("AvailabilityZone")
+    return zone if isinstance(zone, str) and zone else None
 
 
-def merge(per_service: Iterable[Mapping[str, str]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for statuses in per_service:
-        for address, status in statuses.items():
-            if out.get(address) != "UNHEALTHY":
-                out[address] = status
-    return out
+def resolve_region(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The region to use (see the module docstring); None leaves it to boto3's configuration.
+    Reads the ECS task metadata over HTTP only when nothing else says."""
+    env = os.environ if env is None else env
+    for region in (explicit, env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION")):
+        if region:
+            return region
+    metadata = task_metadata(env)
+    return None if metadata is None else region_from_task_metadata(metadata)
 
 
 class CloudMapSource:
@@ -184,6 +178,7 @@ class CloudMapSource:
         region: str | None = None,
         client: DiscoveryClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        calls: dict[tuple[str, str, str], int] | None = None,
     ) -> None:
         self.zone = zone
         self.namespace = namespace
@@ -198,8 +193,14 @@ class CloudMapSource:
         self.rounds: dict[str, int] = {}  # service -> rounds since its last full lookup
         self._fetched: set[str] = set()  # services looked up at least once (lowercased)
         self._not_found: dict[str, float] = {}  # lowercased -> when it may be taken back
-        self.statuses: dict[str, dict[str, str]] = {}  # service -> address -> status
+        self.listings: dict[str, Listing] = {}  # service -> its instances, last confirmed
         self.wake: asyncio.Event | None = None  # set by run_cloudmap while it runs
+        self.fresh_for = FRESH_ROUNDS * DEFAULT_INTERVAL  # set by run_cloudmap
+        # (zone, api, outcome) -> calls made; the process's Counters.cloudmap_calls when served
+        self.calls: dict[tuple[str, str, str], int] = {} if calls is None else calls
+        # Told (zone, service) when a service's instances change: the answers made from them
+        # are made again (the pipeline's Resolver.registry_changed).
+        self.on_change: Callable[[str, str], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -250,7 +251,7 @@ class CloudMapSource:
         self._services.pop(key, None)
         self._asked_at.pop(key, None)
         self._fetched.discard(key)
-        self.statuses.pop(name, None)
+        self.listings.pop(name, None)
         self.revisions.pop(name, None)
         self.rounds.pop(name, None)
 
@@ -268,7 +269,43 @@ class CloudMapSource:
 
     def zone_statuses(self) -> dict[str, str]:
         """Every service's last known statuses, merged (UNHEALTHY wins)."""
-        return merge(self.statuses.values())
+        return statuses(i for listing in self.listings.values() for i in listing.instances)
+
+    def zone_azs(self) -> dict[str, str]:
+        """Every listed address's availability zone."""
+        return availability_zones(
+            i for listing in self.listings.values() for i in listing.instances
+        )
+
+    def listing(self, service: str, now: float) -> Listing | None:
+        """The service's instances if Cloud Map confirmed them within `fresh_for` seconds
+        (`service` as asked: the label below the zone, any case); else None."""
+        name = self._services.get(service.lower())
+        listing = None if name is None else self.listings.get(name)
+        if listing is None or now - listing.confirmed_at > self.fresh_for:
+            return None
+        return listing
+
+    def listed(self, service: str, instances: tuple[Instance, ...]) -> bool:
+        """Cloud Map listed these instances now; True when they differ from the last ones."""
+        before = self.listings.get(service)
+        self.listings[service] = Listing(instances, self.clock())
+        return before is None or before.instances != instances
+
+    def confirmed(self, service: str) -> None:
+        """The revision did not move: the last listing is current."""
+        before = self.listings.get(service)
+        if before is not None:
+            self.listings[service] = Listing(before.instances, self.clock())
+
+    def count(self, api: str, outcome: str) -> None:
+        key = (self.zone, api, outcome)
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def ages(self, now: float) -> list[tuple[str, float]]:
+        """(service, seconds since Cloud Map last confirmed its instances) of every service
+        looked up at least once."""
+        return [(service, now - listing.confirmed_at) for service, listing in self.listings.items()]
 
     # --- AWS ----------------------------------------------------------------------------------
 
@@ -295,9 +332,8 @@ class CloudMapSource:
                 )
             return self._client
 
-    def discover(self, service: str) -> dict[str, str]:
-        """{address: HEALTHY|UNHEALTHY} of the service's instances (blocking); notes the
-        instances' revision."""
+    def discover(self, service: str) -> tuple[Instance, ...]:
+        """The service's instances (blocking); notes their revision."""
         response = self.client().discover_instances(
             NamespaceName=self.namespace,
             ServiceName=service,
@@ -307,7 +343,7 @@ class CloudMapSource:
         revision = response.get("InstancesRevision")
         if isinstance(revision, int):
             self.revisions[service] = revision
-        return statuses_of(response.get("Instances") or [])
+        return instances_of(response.get("Instances") or [])
 
     def revision_moved(self, service: str) -> bool:
         """Whether the service's instances changed since its last full lookup (blocking)."""
@@ -320,7 +356,7 @@ class CloudMapSource:
         """Whether this round must call DiscoverInstances without asking the revision first:
         never looked up, no revision known, or HEALTH_EVERY rounds since the last one."""
         return (
-            service not in self.statuses
+            service not in self.listings
             or service not in self.revisions
             or (self.rounds.get(service, 0) + 1 >= HEALTH_EVERY)
         )
@@ -348,17 +384,24 @@ class _ErrorLog:
 async def _refresh(
     source: CloudMapSource, table: EndpointTable, services: list[str], errors: _ErrorLog
 ) -> bool:
-    """Look up `services` and apply the zone's statuses; True when Cloud Map throttled us."""
+    """Look up `services`, apply the zone's statuses and tell who made answers from a listing
+    that changed; True when Cloud Map throttled us."""
     throttled = False
+    changed = []
     for service in services:
         source.mark_fetched(service)
+        api = REVISION
         try:
-            if not source.full_lookup_due(service) and not await asyncio.to_thread(
-                source.revision_moved, service
-            ):
-                source.rounds[service] = source.rounds.get(service, 0) + 1
-                continue
-            statuses = await asyncio.to_thread(source.discover, service)
+            if not source.full_lookup_due(service):
+                moved = await asyncio.to_thread(source.revision_moved, service)
+                source.count(REVISION, "ok")
+                if not moved:
+                    source.confirmed(service)
+                    source.rounds[service] = source.rounds.get(service, 0) + 1
+                    continue
+            api = DISCOVER
+            instances = await asyncio.to_thread(source.discover, service)
+            source.count(DISCOVER, "ok")
             source.rounds[service] = 0
         except Exception as exc:
             code = error_code(exc)
@@ -366,22 +409,27 @@ async def _refresh(
                 "zone": source.zone,
                 "namespace": source.namespace,
                 "service": service,
+                "api": api,
                 "error": str(exc),
                 "error_code": code or type(exc).__name__,
             }
             if code in THROTTLING_CODES:
+                source.count(api, "throttled")
                 throttled = True
                 errors.warning("cloudmap throttled", "throttled", fields)
                 break  # the rest of the round waits too
             if code in NOT_FOUND_CODES:
+                source.count(api, "not_found")
                 source.drop_service(service)
                 log.debug("cloudmap service not found", extra={"fields": fields})
                 continue
+            source.count(api, "error")
             errors.warning("cloudmap refresh failed", str(exc), fields)
             continue
-        source.statuses[service] = statuses
+        if source.listed(service, instances):
+            changed.append(service)
     now = source.clock()
-    for endpoint in table.set_cloudmap(source.zone, source.zone_statuses()):
+    for endpoint in table.set_cloudmap(source.zone, source.zone_statuses(), source.zone_azs()):
         logs.endpoint_changed(
             endpoint.zone,
             endpoint.name,
@@ -391,7 +439,17 @@ async def _refresh(
             cloudmap=endpoint.cloudmap,
         )
     logs.endpoint_summaries(now)
+    if source.on_change is not None:
+        for service in changed:
+            source.on_change(source.zone, service)
     return throttled
+
+
+async def learn_local_az(table: EndpointTable) -> None:
+    """Zone affinity: the task's availability zone from the ECS task metadata, once."""
+    az = local_zone(await asyncio.to_thread(task_metadata))
+    table.set_local_az(az)
+    log.info("zone affinity", extra={"fields": {"local_az": az}})
 
 
 async def run_cloudmap(
@@ -411,6 +469,7 @@ async def run_cloudmap(
         raise ValueError("the Cloud Map refresh interval must be positive")
     rng = rng or random.Random()
     errors = _ErrorLog(clock)
+    source.fresh_for = FRESH_ROUNDS * interval
     wake = source.wake = asyncio.Event()
     wait = interval
     next_round = clock()

@@ -80,6 +80,9 @@ class Endpoint:
     next_probe: float = 0.0
     probing: bool = False
     cloudmap: str | None = None  # HEALTHY / UNHEALTHY as Cloud Map says, None if not asked
+    az: str | None = None  # its availability zone, as Cloud Map lists it
+    # Put in answers by the Cloud Map registry, not by DNS: left out until its first probe.
+    held: bool = False
     band: int | None = None  # latency band last published in `version`
 
     @property
@@ -92,6 +95,11 @@ class Endpoint:
         if self.cloudmap == "HEALTHY":
             return True
         return None
+
+    @property
+    def usable(self) -> bool:
+        """Whether shaping may hand it out: not known unhealthy, nor held for its first probe."""
+        return self.healthy is not False and not (self.held and self.state == UNKNOWN)
 
     @property
     def name(self) -> str:
@@ -123,6 +131,8 @@ class Endpoint:
             "probe_state": self.state,
             "cloudmap": self.cloudmap,
             "health_source": self.health_source,
+            "availability_zone": self.az,
+            "held_for_first_probe": self.held and self.state == UNKNOWN,
             "latency_ms": _ms(self.latency),
             "probe_latency_ms": _ms(self.probe_latency),
             "last_probe_ago_s": None
@@ -180,6 +190,10 @@ class EndpointTable:
     probes: dict[tuple[str, str], int] = field(default_factory=dict)
     # zone -> address -> HEALTHY/UNHEALTHY, as of the last Cloud Map refresh of that zone
     cloudmap_status: dict[str, dict[str, str]] = field(default_factory=dict)
+    # zone -> address -> availability zone, as of the last Cloud Map refresh of that zone
+    cloudmap_az: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The availability zone this task runs in (ECS task metadata); None: unknown, no affinity
+    local_az: str | None = None
     # zone -> count; the process's Counters.endpoint_passive_demotions when served
     passive_demotions: dict[str, int] = field(default_factory=dict)
     # The probe rate budget: tokens left (up to one second's worth), as of `budget_at`.
@@ -199,10 +213,17 @@ class EndpointTable:
         return self.endpoints.get((zone, address, port))
 
     def seen(
-        self, zone: str, addresses: Iterable[str], now: float, port: int | None = None
+        self,
+        zone: str,
+        addresses: Iterable[str],
+        now: float,
+        port: int | None = None,
+        *,
+        held: bool = False,
     ) -> None:
         """Addresses that appeared in an answer (with `port`: as SRV targets at that port):
-        new ones are added and due for a probe now."""
+        new ones are added and due for a probe now; `held`: new ones are left out of answers
+        until that probe (the registry's additions)."""
         for address in addresses:
             key = (zone, address, port)
             endpoint = self.endpoints.get(key)
@@ -214,6 +235,8 @@ class EndpointTable:
                     zone, address, port, next_probe=now, first_seen=now
                 )
                 endpoint.cloudmap = self.cloudmap_status.get(zone, {}).get(address)
+                endpoint.az = self.cloudmap_az.get(zone, {}).get(address)
+                endpoint.held = held
                 self.version += 1
             else:  # most recently seen last, for eviction order
                 self.endpoints[key] = self.endpoints.pop(key)
@@ -270,6 +293,9 @@ class EndpointTable:
             self.probes.get((endpoint.zone, "success" if ok else "failure"), 0) + 1
         )
         before = endpoint.healthy
+        if endpoint.held:
+            endpoint.held = False
+            self.version += 1  # a first verdict: answers that held it out look again
         if ok:
             endpoint.successes += 1
             endpoint.failures = 0
@@ -336,21 +362,37 @@ class EndpointTable:
                 demoted.append((endpoint, seen.reason if seen else ""))
         return demoted
 
-    def set_cloudmap(self, zone: str, statuses: dict[str, str]) -> list[Endpoint]:
-        """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) to known endpoints of a zone,
-        and remember it for endpoints seen later; the endpoints whose health changed."""
+    def set_cloudmap(
+        self, zone: str, statuses: dict[str, str], azs: dict[str, str] | None = None
+    ) -> list[Endpoint]:
+        """Apply Cloud Map health (address -> HEALTHY/UNHEALTHY) and availability zones
+        (address -> AZ) to known endpoints of a zone, and remember them for endpoints seen
+        later; the endpoints whose health changed."""
         self.cloudmap_status[zone] = dict(statuses)
+        azs = self.cloudmap_az[zone] = dict(azs or {})
         changed = []
+        moved = False
         for (ep_zone, address, _port), endpoint in self.endpoints.items():
-            if ep_zone != zone or address not in statuses:
+            if ep_zone != zone:
+                continue
+            az = azs.get(address, endpoint.az)
+            if az != endpoint.az:
+                endpoint.az, moved = az, True
+            if address not in statuses:
                 continue
             before = endpoint.healthy
             endpoint.cloudmap = statuses[address]
             if endpoint.healthy != before:
                 changed.append(endpoint)
-        if changed:
+        if changed or moved:
             self.version += 1
         return changed
+
+    def set_local_az(self, az: str | None) -> None:
+        """The availability zone this task runs in (zone affinity, shaping.py)."""
+        if az != self.local_az:
+            self.local_az = az
+            self.version += 1
 
     def forget(self, now: float) -> list[Endpoint]:
         """Drop endpoints not seen in any answer for `forget_after` seconds."""

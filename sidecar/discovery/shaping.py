@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from sidecar.core import wire
 from sidecar.core.cache import Entry, pool_cost
 from sidecar.discovery.endpoints import Endpoint, EndpointTable
+from sidecar.discovery.zone_affinity import affinity_weights
 
 # Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
 # per answer record its walked record, its address text and its slot.
@@ -66,6 +67,7 @@ class ShapeSettings:
     # lag), and redrawing on every jitter cost a loaded sidecar a quarter of its CPU.
     latency_redraw: float = 2.0
     slow_start: float = 0.0  # seconds over which a new endpoint's weight ramps up; 0: off
+    zone_affinity: bool = False  # first places to the task's own AZ (discovery/zone_affinity.py)
 
 
 def weights(
@@ -183,13 +185,16 @@ class ShapedAnswer:
         self.version = self.table.version
         endpoints = {i: self.table.get(self.zone, a) for i, a in self.address_of.items()}
         # Unknown endpoints (never probed) are usable, with no latency yet.
-        usable = [i for i, e in endpoints.items() if e is None or e.healthy is not False]
+        usable = [i for i, e in endpoints.items() if e is None or e.usable]
         dead = [] if usable else list(endpoints)
         s = self.settings
         latencies = [e.latency if (e := endpoints[i]) is not None else None for i in usable]
         w = weights(latencies, s.slack, s.scale, s.steepness)
         if s.slow_start > 0:
             w = self._ramped(w, [endpoints[i] for i in usable], now)
+        if s.zone_affinity:
+            azs = [e.az if (e := endpoints[i]) is not None else None for i in usable]
+            w = affinity_weights(w, azs, self.table.local_az)
         signature = (tuple(usable), tuple(dead), tuple(round(x, 1) for x in w))
         if signature == self.signature and self.variants:
             return  # another answer's endpoint changed, or this one's did not matter

@@ -95,7 +95,7 @@ class ShapedSrv:
         for record in self.records:
             found = self.addresses.get(record.target, [])
             endpoints = [self.table.get(self.zone, a, record.port) for _, a in found]
-            usable = [e for e in endpoints if e is None or e.healthy is not False]
+            usable = [e for e in endpoints if e is None or e.usable]
             if found and not usable:
                 continue  # every address of the target known dead
             known = [e.latency for e in usable if e is not None and e.latency is not None]

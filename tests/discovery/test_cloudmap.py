@@ -8,11 +8,14 @@ from sidecar.discovery.cloudmap import (
     NOT_FOUND_HOLD,
     CloudMapSource,
     error_code,
-    merge,
     region_from_task_metadata,
     resolve_region,
-    statuses_of,
 )
+from sidecar.discovery.registry import Instance, instances_of, statuses
+
+
+def statuses_of(raw: list[dict[str, Any]]) -> dict[str, str]:
+    return statuses(instances_of(raw))
 
 
 def instance(status: str, **attributes: str) -> dict[str, Any]:
@@ -44,11 +47,11 @@ def test_statuses_of_reads_addresses_and_leaves_unknown_out() -> None:
     }
 
 
-def test_merge_of_services_unhealthy_wins() -> None:
-    assert merge([{"a": "HEALTHY", "b": "UNHEALTHY"}, {"a": "UNHEALTHY", "b": "HEALTHY"}]) == {
-        "a": "UNHEALTHY",
-        "b": "UNHEALTHY",
-    }
+def test_services_of_a_zone_merge_unhealthy_wins() -> None:
+    source = CloudMapSource("local", "local", client=object())  # type: ignore[arg-type]
+    source.listed("a", (Instance("1", "10.0.0.1", health="HEALTHY"),))
+    source.listed("b", (Instance("2", "10.0.0.1", health="UNHEALTHY"),))
+    assert source.zone_statuses() == {"10.0.0.1": "UNHEALTHY"}
 
 
 def test_error_code_is_read_without_botocore() -> None:
@@ -85,7 +88,7 @@ def test_services_asked_for_are_deduplicated_bounded_and_held_when_unknown() -> 
     source.mark_fetched("resource-server")
     assert source.pending() == []
     assert source.add_service("typo")
-    source.statuses["typo"] = {"10.0.0.9": "HEALTHY"}
+    source.listed("typo", (Instance("9", "10.0.0.9", health="HEALTHY"),))
     source.drop_service("typo")
     assert source.services() == ["resource-server"]
     assert source.zone_statuses() == {}
