@@ -331,3 +331,56 @@ def test_without_slow_start_a_new_endpoint_takes_its_share_at_once() -> None:
     for endpoint in table.due(200.0):
         table.probed(endpoint, True, 0.001, 200.0)
     assert first_shares(deployed, q, query, 201.0)["10.0.0.4"] >= 640 * 0.2
+
+
+SIX = [f"10.0.1.{i}" for i in range(1, 7)]
+AZ_OF = {a: ("az-a", "az-a", "az-b", "az-b", "az-c", "az-c")[i] for i, a in enumerate(SIX)}
+
+
+def az_shares(table: EndpointTable, dead: set[str], local: str | None) -> Counter[str]:
+    table.set_cloudmap("local", {}, AZ_OF)
+    table.set_local_az(local)
+    shaped, q, query = shaped_answer(table, ShapeSettings(zone_affinity=True), reply(SIX))
+    for endpoint in table.due(100.0):
+        table.probed(endpoint, endpoint.address not in dead, 0.001, 100.0)
+    by_az: Counter[str] = Counter()  # first places in the pool of 64, dealt exactly
+    for address, count in pool_firsts(shaped, q, query).items():
+        by_az[AZ_OF[address]] += count
+    return by_az
+
+
+def test_zone_affinity_keeps_first_places_local_while_the_local_az_can_carry_its_share() -> None:
+    by_az = az_shares(EndpointTable(rng=random.Random(1)), set(), "az-a")
+    assert by_az == {"az-a": 64}
+
+
+def test_zone_affinity_spills_over_in_proportion_when_a_local_endpoint_is_dead() -> None:
+    # 1 live local of 5 live in 3 AZs: the local AZ takes 1 x 3 / 5 = 60% of first places.
+    by_az = az_shares(EndpointTable(rng=random.Random(1)), {"10.0.1.1"}, "az-a")
+    assert by_az["az-a"] in (38, 39)  # 60% of 64
+    assert by_az["az-b"] + by_az["az-c"] == 64 - by_az["az-a"]
+    assert abs(by_az["az-b"] - by_az["az-c"]) <= 2  # 6 or 7 each of four endpoints
+
+
+def test_zone_affinity_skips_a_local_az_with_no_live_endpoint_or_no_known_az() -> None:
+    dead_local = az_shares(EndpointTable(rng=random.Random(1)), {"10.0.1.1", "10.0.1.2"}, "az-a")
+    assert dead_local == {"az-b": 32, "az-c": 32}
+    unknown = az_shares(EndpointTable(rng=random.Random(1)), set(), None)
+    assert sorted(unknown.values()) == [21, 21, 22]
+
+
+def test_an_endpoint_the_registry_added_waits_for_its_first_probe() -> None:
+    table = EndpointTable(rng=random.Random(1))
+    table.seen("local", ["10.0.0.1", "10.0.0.2", "10.0.0.3"], 100.0)
+    table.seen("local", ["10.0.0.4"], 100.0, held=True)
+    shaped, q, query = shaped_answer(table)
+    for endpoint in table.due(100.0):
+        if endpoint.address != "10.0.0.4":
+            table.probed(endpoint, True, 0.001, 100.0)
+        else:
+            endpoint.probing = False
+    assert "10.0.0.4" not in firsts(shaped, q, query, 100)
+    held = table.get("local", "10.0.0.4")
+    assert held is not None and not held.usable
+    table.probed(held, True, 0.001, 100.5)
+    assert firsts(shaped, q, query)["10.0.0.4"] > 50

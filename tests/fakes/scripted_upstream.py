@@ -123,6 +123,16 @@ class Unreadable:
 
 
 @dataclass(frozen=True)
+class RandomSubset:
+    """Route 53's multivalue answer: a different random `count` of `records` every time
+    (each "TYPE RDATA", as for Answer)."""
+
+    records: tuple[str, ...]
+    count: int = 8
+    ttl: int = 60
+
+
+@dataclass(frozen=True)
 class Delay:
     """Wait `seconds`, then behave as `then`."""
 
@@ -143,6 +153,7 @@ Behaviour = (
     | Garbage
     | Unreadable
     | Delay
+    | RandomSubset
 )
 
 WRONG_QUESTION_NAME = "wrong-question.invalid."
@@ -291,6 +302,9 @@ async def _replies(query: DNSRecord, behaviour: Behaviour, proto: Proto) -> Asyn
     match behaviour:
         case Answer():
             yield _answer(query, behaviour).pack()
+        case RandomSubset():
+            records = tuple(random.sample(behaviour.records, behaviour.count))
+            yield _answer(query, Answer(records, behaviour.ttl)).pack()
         case TruncateUdp():
             if proto == "udp":
                 reply = _base_reply(query)
