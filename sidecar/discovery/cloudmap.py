@@ -1,4 +1,4 @@
-"""Cloud Map health for discovery zones (optional: needs boto3, the `cloudmap` extra).
+"""Cloud Map polling for discovery zones (optional: needs boto3, the `cloudmap` extra).
 
 Theory of operation
 - One CloudMapSource per discovery zone configured with a Cloud Map namespace. The pipeline
@@ -7,20 +7,24 @@ Theory of operation
   Names Cloud Map does not know (ServiceNotFound) are dropped and not taken back for a minute,
   and at most MAX_SERVICES are tracked, so stray lookups cannot grow the work without bound.
 - `run_cloudmap` looks at each service every `interval` seconds (+-20% jitter each round, so a
-  fleet deployed at once does not poll in lockstep), in a worker thread (boto3 blocks), and
-  hands the zone's merged statuses to EndpointTable.set_cloudmap. A round asks
-  DiscoverInstancesRevision first and calls DiscoverInstances(HealthStatus=ALL) only when the
-  revision moved, or every HEALTH_EVERY-th round (health changes do not move the revision;
-  Cloud Map applies them after 30 s anyway). A service asked for the first time is looked up
-  at once rather than at the next tick. If one service's call fails, its previous statuses
-  are kept. A service no lookup asked for within `forget_after` seconds is no longer polled.
-- An instance counts by its AWS_INSTANCE_IPV4 / AWS_INSTANCE_IPV6 attribute and HealthStatus;
-  UNKNOWN (no health check, or not decided yet) says nothing and is left out. If an address
-  is listed twice with different statuses, UNHEALTHY wins.
+  fleet deployed at once does not poll in lockstep), in a worker thread (boto3 blocks). A
+  round asks DiscoverInstancesRevision first and calls DiscoverInstances(HealthStatus=ALL)
+  only when the revision moved, or every HEALTH_EVERY-th round (health changes do not move
+  the revision; Cloud Map applies them after 30 s anyway). A service asked for the first time
+  is looked up at once rather than at the next tick. A service no lookup asked for within
+  `forget_after` seconds is no longer polled.
+- The source owns each service's listing (discovery/registry.py: every instance, and when
+  Cloud Map last confirmed it; a revision found unchanged confirms it too). If a call fails
+  the previous listing is kept, and ages: the pipeline believes a listing over DNS only while
+  it was confirmed within FRESH_ROUNDS intervals. After each round the zone's merged health
+  (UNHEALTHY wins; UNKNOWN says nothing) and availability zones go to
+  EndpointTable.set_cloudmap, and `on_change` is told each service whose instances changed,
+  so the answers made from them are made again at once (Resolver.registry_changed).
 - Throttling (ThrottlingException, RequestLimitExceeded, TooManyRequestsException) doubles the
   wait, up to 5 minutes; each round without throttling halves it, back down to `interval`
   (up fast, down slowly: the account's bucket is shared by every caller). Other errors are
-  logged at most once a minute per distinct message, and the loop goes on.
+  logged at most once a minute per distinct message, and the loop goes on. Every call is
+  counted by API and outcome (`calls`, the process's Counters.cloudmap_calls).
 - Calls: per service, 6 a minute at the default 10 s (4 revisions and 2 full lookups), about
   the same as jitter leaves them on average. DiscoverInstances is throttled per account and
   Region at a refill of 1,000 a second (a bucket of 2,000), shared by every caller: if both

@@ -112,3 +112,24 @@ def test_services_not_asked_within_forget_after_are_no_longer_polled() -> None:
     now[0] = 501.0
     assert source.forget_unasked(300.0) == ["a"]
     assert source.add_service("a")  # asked again later: polled again
+
+
+def test_a_listing_is_believed_only_while_cloud_map_confirms_it() -> None:
+    now = [0.0]
+    source = CloudMapSource("local", "local", client=object(), clock=lambda: now[0])  # type: ignore[arg-type]
+    source.fresh_for = 30.0
+    source.add_service("resource-server")
+    assert source.listing("resource-server", now[0]) is None  # never looked up: DNS stands
+    first = (Instance("t1", "10.0.0.1"),)
+    assert source.listed("resource-server", first)  # new
+    assert not source.listed("resource-server", first)  # the same again: no change
+    assert source.listing("Resource-Server", now[0]) is not None
+    now[0] = 25.0
+    source.confirmed("resource-server")  # the revision stood still: confirmed now
+    now[0] = 50.0
+    listing = source.listing("resource-server", now[0])
+    assert listing is not None and listing.instances == first
+    assert source.ages(now[0]) == [("resource-server", 25.0)]
+    now[0] = 56.0  # throttled or failing since 25 s: 31 s unconfirmed, DNS stands again
+    assert source.listing("resource-server", now[0]) is None
+    assert source.listing("other", now[0]) is None

@@ -37,6 +37,7 @@ from sidecar.discovery.cloudmap import (
     run_cloudmap,
 )
 from sidecar.discovery.endpoints import EndpointTable
+from sidecar.discovery.registry import statuses
 from tests.fakes.nsd import free_port
 
 pytestmark = pytest.mark.integration
@@ -237,7 +238,7 @@ def test_discover_reports_cloudmap_health(cloudmap: CloudMap) -> None:
     cloudmap.set_health("task-2", "UNHEALTHY")
     cloudmap.register("task-4", {"AWS_INSTANCE_IPV6": "0:0:0:0:0:0:0:1"})  # read as ::1
     source = CloudMapSource("local", "local", endpoint_url=cloudmap.url, region=REGION)
-    assert source.discover(SERVICE) == {
+    assert statuses(source.discover(SERVICE)) == {
         "127.0.5.1": "HEALTHY",
         "127.0.5.2": "UNHEALTHY",
         "127.0.5.3": "HEALTHY",
@@ -249,8 +250,8 @@ def test_discover_reports_cloudmap_health(cloudmap: CloudMap) -> None:
     assert source.client() is client  # made once
     cloudmap.set_health("task-2", "HEALTHY")
     cloudmap.set_health("task-3", "UNHEALTHY")
-    assert source.discover(SERVICE)["127.0.5.2"] == "HEALTHY"
-    assert source.discover(SERVICE)["127.0.5.3"] == "UNHEALTHY"
+    assert statuses(source.discover(SERVICE))["127.0.5.2"] == "HEALTHY"
+    assert statuses(source.discover(SERVICE))["127.0.5.3"] == "UNHEALTHY"
 
 
 def test_run_cloudmap_applies_health_within_one_refresh(
@@ -333,7 +334,7 @@ def test_the_revision_is_asked_first_and_a_change_of_instances_is_looked_up_at_o
             await asyncio.sleep(2.0)  # ~10 rounds
             before = list(counting.calls)
             await asyncio.to_thread(cloudmap.register, "task-9", {"AWS_INSTANCE_IPV4": "127.0.5.9"})
-            await until(lambda: "127.0.5.9" in source.statuses.get(SERVICE, {}), 0.5)
+            await until(lambda: "127.0.5.9" in source.zone_statuses(), 0.5)
             counting.calls.append("registered")
             assert before[0] == "full"  # the first lookup
             rounds = before[1:]
@@ -357,7 +358,7 @@ def test_unknown_services_are_dropped_and_held(cloudmap: CloudMap) -> None:
         try:
             source.add_service("no-such-service")
             source.add_service(SERVICE)
-            await until(lambda: SERVICE in source.statuses, 2.0)
+            await until(lambda: SERVICE in source.listings, 2.0)
             assert source.services() == [SERVICE]
             assert not source.add_service("no-such-service")  # not taken back at once
         finally:
@@ -366,7 +367,8 @@ def test_unknown_services_are_dropped_and_held(cloudmap: CloudMap) -> None:
                 await task
 
     asyncio.run(scenario())
-    assert source.statuses == {SERVICE: dict.fromkeys(ADDRESSES.values(), "HEALTHY")}
+    assert list(source.listings) == [SERVICE]
+    assert source.zone_statuses() == dict.fromkeys(ADDRESSES.values(), "HEALTHY")
 
 
 # --- scripted fakes: throttling and errors ----------------------------------------------------
