@@ -11,8 +11,9 @@ Theory of operation
   round asks DiscoverInstancesRevision first and calls DiscoverInstances(HealthStatus=ALL)
   only when the revision moved, or every HEALTH_EVERY-th round (health changes do not move
   the revision; Cloud Map applies them after 30 s anyway). A service asked for the first time
-  is looked up at once rather than at the next tick. A service no lookup asked for within
-  `forget_after` seconds is no longer polled.
+  is looked up at a random moment within one interval of that ask, not at the next round
+  (and not at once: a fleet deployed together would call in the same second). A service no
+  lookup asked for within `forget_after` seconds is no longer polled.
 - The source owns each service's listing (discovery/registry.py: every instance, and when
   Cloud Map last confirmed it; a revision found unchanged confirms it too). If a call fails
   the previous listing is kept, and ages: the pipeline believes a listing over DNS only while
@@ -196,6 +197,12 @@ class CloudMapSource:
         self.revisions: dict[str, int] = {}  # service -> InstancesRevision of its last lookup
         self.rounds: dict[str, int] = {}  # service -> rounds since its last full lookup
         self._fetched: set[str] = set()  # services looked up at least once (lowercased)
+        # lowercased -> when its first lookup is due: at a random moment within `first_spread`
+        # seconds of the first ask, so a fleet started together does not call all at once
+        # (answers follow DNS meanwhile)
+        self._first_at: dict[str, float] = {}
+        self.first_spread = 0.0  # set by run_cloudmap: the interval
+        self.rng = random.Random()
         self._not_found: dict[str, float] = {}  # lowercased -> when it may be taken back
         self.listings: dict[str, Listing] = {}  # service -> its instances, last confirmed
         self.wake: asyncio.Event | None = None  # set by run_cloudmap while it runs
@@ -231,6 +238,7 @@ class CloudMapSource:
             return False
         self._services[key] = name.strip().rstrip(".")
         self._asked_at[key] = self.clock()
+        self._first_at[key] = self.clock() + self.rng.uniform(0, self.first_spread)
         if self.wake is not None:
             self.wake.set()
         return True
@@ -239,8 +247,19 @@ class CloudMapSource:
         return list(self._services.values())
 
     def pending(self) -> list[str]:
-        """Services asked for but not looked up yet."""
-        return [name for key, name in self._services.items() if key not in self._fetched]
+        """Services asked for, not looked up yet, and due for their first lookup."""
+        now = self.clock()
+        return [
+            name
+            for key, name in self._services.items()
+            if key not in self._fetched and self._first_at.get(key, now) <= now
+        ]
+
+    def next_first(self) -> float | None:
+        """When the next first lookup is due; None if every service was looked up."""
+        return min(
+            (t for key, t in self._first_at.items() if key not in self._fetched), default=None
+        )
 
     def forget_unasked(self, forget_after: float) -> list[str]:
         """Stop polling the services no lookup asked for within `forget_after` seconds."""
@@ -255,6 +274,7 @@ class CloudMapSource:
         self._services.pop(key, None)
         self._asked_at.pop(key, None)
         self._fetched.discard(key)
+        self._first_at.pop(key, None)
         self.listings.pop(name, None)
         self.revisions.pop(name, None)
         self.rounds.pop(name, None)
@@ -466,17 +486,20 @@ async def run_cloudmap(
     forget_after: float = DEFAULT_FORGET_AFTER,
     rng: random.Random | None = None,
 ) -> None:
-    """Forever: refresh the Cloud Map health of the services asked for every `interval`
-    seconds, jittered (services new since the last round at once), backing off on
-    throttling; services not asked for within `forget_after` seconds are dropped."""
+    """Forever: refresh the listings of the services asked for every `interval` seconds,
+    jittered (a service new since the last round within one interval of its first ask),
+    backing off on throttling; services not asked for within `forget_after` seconds are
+    dropped. The first round comes at a random moment of the first interval, so sidecars
+    started together are out of step from the start."""
     if interval <= 0:
         raise ValueError("the Cloud Map refresh interval must be positive")
     rng = rng or random.Random()
     errors = _ErrorLog(clock)
     source.fresh_for = FRESH_ROUNDS * interval
+    source.first_spread, source.rng = interval, rng
     wake = source.wake = asyncio.Event()
     wait = interval
-    next_round = clock()
+    next_round = clock() + rng.uniform(0, interval)
     try:
         while True:
             now = clock()
@@ -498,7 +521,8 @@ async def run_cloudmap(
             wake.clear()
             if source.pending() and not backing_off:
                 continue  # asked for while the round ran
-            timeout = next_round - clock()
+            first = source.next_first()
+            timeout = (next_round if first is None else min(first, next_round)) - clock()
             if timeout > 0:
                 try:
                     async with asyncio.timeout(timeout):

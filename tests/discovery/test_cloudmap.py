@@ -133,3 +133,20 @@ def test_a_listing_is_believed_only_while_cloud_map_confirms_it() -> None:
     now[0] = 56.0  # throttled or failing since 25 s: 31 s unconfirmed, DNS stands again
     assert source.listing("resource-server", now[0]) is None
     assert source.listing("other", now[0]) is None
+
+
+def test_first_lookups_are_spread_over_one_interval_not_made_at_once() -> None:
+    now = [0.0]
+    source = CloudMapSource("local", "local", client=object(), clock=lambda: now[0])  # type: ignore[arg-type]
+    source.first_spread = 10.0
+    for i in range(200):
+        source.add_service(f"s{i}")
+    due = []
+    for t in range(11):
+        now[0] = float(t)
+        due.append(len(source.pending()))
+    assert due[0] <= 2 and due[-1] == 200
+    assert 70 <= due[5] <= 130, due  # about half within half the interval
+    source.mark_fetched("s0")
+    assert "s0" not in source.pending()
+    assert source.next_first() is not None and source.next_first() <= 10.0  # type: ignore[operator]

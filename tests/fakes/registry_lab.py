@@ -15,7 +15,8 @@ application does. Prints one JSON object with what it saw; the test makes the as
 
 Scenarios:
 - all12 [--no-cloudmap]: 12 registered backends, the upstream a random 8 of the 12 (TTL 60);
-- deregister: 4 backends, DNS lists all 4 throughout; one is deregistered in Cloud Map;
+- deregister: 4 backends, DNS lists all 4 throughout; one is deregistered in Cloud Map, then
+  a fifth registered (DNS never lists it);
 - nxdomain: 3 backends; the upstream answers NXDOMAIN for 30 s in the middle of the loop;
 - azs: 6 backends, 2 in each of us-east-1a/b/c; the task is in us-east-1a, where one
   backend is dead.
@@ -268,12 +269,20 @@ def deregister(workdir: Path, registry: Registry, upstream: ScriptedUpstream) ->
     gone_at = time.monotonic() - client.start
     client.run(8.0)
     last = max((at for at, a in client.connects if a == address(1)), default=None)
+    registry.register("task-5", address(5))  # a task the registry knows before DNS does
+    new_at = time.monotonic() - client.start
+    client.run(6.0)
+    first = min((at for at, a in client.connects if a == address(5)), default=None)
     return {
+        "registered_at": new_at,
+        "first_connect_to_new": first,
         "interval": interval,
         "before": before,
         "deregistered_at": gone_at,
         "last_connect_to_it": last,
-        "after_shares": client.shares(since=gone_at + interval * 1.2),
+        "after_shares": dict(
+            Counter(a for at, a in client.connects if gone_at + interval * 1.2 <= at < new_at)
+        ),
         "failures": client.failures,
         "calls": metric("dns_sidecar_cloudmap_calls_total"),
     }

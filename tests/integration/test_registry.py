@@ -55,7 +55,9 @@ def test_without_cloud_map_the_same_client_reaches_only_the_8_dns_gave(tmp_path:
     assert len(seen["shares"]) == 8, seen["shares"]
 
 
-def test_a_deregistered_instance_gets_no_connection_after_one_poll(tmp_path: Path) -> None:
+def test_a_deregistered_instance_leaves_and_a_new_one_comes_within_one_poll(
+    tmp_path: Path,
+) -> None:
     seen = lab(tmp_path, "deregister")
     assert seen["failures"] == []
     assert "127.0.6.1" in seen["before"]
@@ -65,6 +67,10 @@ def test_a_deregistered_instance_gets_no_connection_after_one_poll(tmp_path: Pat
     assert last - seen["deregistered_at"] <= seen["interval"] * 1.2, seen
     assert "127.0.6.1" not in seen["after_shares"]
     assert set(seen["after_shares"]) == {"127.0.6.2", "127.0.6.3", "127.0.6.4"}
+    # a new one within one poll, and its first probe (0.5 s interval, +-20%)
+    first = seen["first_connect_to_new"]
+    assert first is not None
+    assert first - seen["registered_at"] <= seen["interval"] * 1.2 + 0.6 + 0.2, seen
 
 
 def test_thirty_seconds_of_nxdomain_cost_the_client_nothing(tmp_path: Path) -> None:
