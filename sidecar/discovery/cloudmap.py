@@ -343,7 +343,9 @@ class CloudMapSource:
                 options: dict[str, Any] = {
                     "connect_timeout": 3,
                     "read_timeout": 5,
-                    "retries": {"mode": "standard", "max_attempts": 2},
+                    # one retry at most (botocore: max_attempts counts retries only): a
+                    # throttled call must not become three requests to a shared bucket
+                    "retries": {"mode": "standard", "total_max_attempts": 2},
                 }
                 if self.endpoint_url is not None:
                     options["inject_host_prefix"] = False

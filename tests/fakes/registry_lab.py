@@ -44,6 +44,7 @@ import dns.message
 import dns.query
 
 from tests.fakes.backends import BackendPool
+from tests.fakes.moto_server import admin_client, running_moto
 from tests.fakes.scripted_upstream import Answer, NxDomain, RandomSubset, ScriptedUpstream
 
 NAME = "resource-server.local"
@@ -64,38 +65,11 @@ def address(i: int) -> str:
 # --- the parts ---------------------------------------------------------------------------------
 
 
-def start_moto(workdir: Path) -> subprocess.Popen[bytes]:
-    log = (workdir / "moto.log").open("wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "5000"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with NO_PROXY.open(MOTO + "/moto-api/", timeout=1.0):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto did not start") from None
-            time.sleep(0.1)
-
-
 class Registry:
     """Namespace `local`, service `resource-server`, in moto."""
 
     def __init__(self) -> None:
-        import boto3
-
-        self.client = boto3.session.Session().client(
-            "servicediscovery",
-            region_name=REGION,
-            endpoint_url=MOTO,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        self.client: Any = admin_client(MOTO, REGION)
         self.client.create_private_dns_namespace(Name="local", Vpc="vpc-0123456789abcdef0")
         (namespace,) = self.client.list_namespaces()["Namespaces"]
         self.service_id = self.client.create_service(
@@ -207,7 +181,7 @@ class Client:
         except socket.gaierror as exc:
             self.failures.append((at, f"getaddrinfo: {exc}"))
             return
-        first = infos[0][4][0]
+        first = str(infos[0][4][0])
         try:
             with socket.create_connection((first, APP_PORT), timeout=1.0):
                 pass
@@ -357,9 +331,12 @@ def main() -> None:
     resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:2\n")
     subprocess.run(["mount", "--bind", str(resolv), "/etc/resolv.conf"], check=True)
     os.environ.pop("ECS_CONTAINER_METADATA_URI_V4", None)
-    moto = start_moto(workdir)
     try:
-        with BackendPool() as pool, ScriptedUpstream(port=UPSTREAM_PORT) as upstream:
+        with (
+            running_moto("127.0.0.1", 5000, workdir / "moto.log"),
+            BackendPool() as pool,
+            ScriptedUpstream(port=UPSTREAM_PORT) as upstream,
+        ):
             for i in range(1, 13):
                 if options.scenario == "azs" and i == 1:
                     continue  # the dead backend: nothing listens, connections are refused
@@ -375,7 +352,7 @@ def main() -> None:
             else:
                 result = azs(workdir, registry, upstream)
     finally:
-        for proc in [*SIDECARS, moto]:
+        for proc in SIDECARS:
             proc.terminate()
             proc.wait(timeout=10)
     print(json.dumps(result))

@@ -38,6 +38,8 @@ from sidecar.discovery.cloudmap import (
 )
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.registry import statuses
+from tests.fakes.moto_server import admin_client as moto_admin_client
+from tests.fakes.moto_server import running_moto
 from tests.fakes.nsd import free_port
 
 pytestmark = pytest.mark.integration
@@ -118,49 +120,17 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`moto_server` as a subprocess on 127.0.0.1; its base URL."""
-    port = free_port("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                with NO_PROXY_OPENER.open(url + "/moto-api/", timeout=1.0):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not start:\n{log_path.read_text()}")
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with running_moto("127.0.0.1", free_port("127.0.0.1"), log_path) as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def admin_client(url: str) -> Any:
-    import boto3
-
     assert url.startswith("http://127.0.0.1:")
-    return boto3.session.Session().client(
-        "servicediscovery",
-        region_name=REGION,
-        endpoint_url=url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_admin_client(url, REGION)
 
 
 class CloudMap:
