@@ -80,6 +80,15 @@ bench-quick: $(BENCH_STAMP)
 	bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
 	$(BIN)/python -m bench.run --quick --out bench/results/quick $(BENCH_ARGS)
 
+# A fleet of 50 sidecars polling Cloud Map (moto) through a throttling shim, 2 minutes
+# (bench/README.md#fleet): aggregate calls against the bucket, the busiest second, the fleet
+# size per account. Uses the test extra (moto, boto3, dnslib, dnspython).
+.PHONY: bench-fleet
+BENCH_FLEET_ARGS ?=
+
+bench-fleet: $(STAMP)
+	$(BIN)/python -m bench.fleet $(BENCH_FLEET_ARGS)
+
 # What the application sees when a backend dies or slows down (bench/discovery/README.md):
 # three DNS setups side by side in network namespaces, about 2 minutes; needs root. Installs nsd,
 # dnsmasq-base and iproute2 from Debian when missing; into .venv only what the run imports (the
