@@ -217,7 +217,7 @@ def all12(workdir: Path, registry: Registry, upstream: ScriptedUpstream, cloudma
     client = Client()
     client.run(3.0)  # first answers, first Cloud Map look, first probes
     warm = len(client.connects)
-    client.run(12.0)
+    client.run(6.0)
     answer = dns.query.udp(dns.message.make_query(NAME, "A"), "127.0.0.1", port=53, timeout=1)
     return {
         "warm_up_connects": warm,
@@ -237,15 +237,15 @@ def deregister(workdir: Path, registry: Registry, upstream: ScriptedUpstream) ->
     interval = 2.0
     start_sidecar(workdir, "--cloudmap", "local=local", "--cloudmap-interval", str(interval))
     client = Client()
-    client.run(6.0)
+    client.run(4.0)
     before = client.shares()
     registry.deregister("task-1")
     gone_at = time.monotonic() - client.start
-    client.run(8.0)
+    client.run(5.0)
     last = max((at for at, a in client.connects if a == address(1)), default=None)
     registry.register("task-5", address(5))  # a task the registry knows before DNS does
     new_at = time.monotonic() - client.start
-    client.run(6.0)
+    client.run(5.0)
     first = min((at for at, a in client.connects if a == address(5)), default=None)
     return {
         "registered_at": new_at,
@@ -269,13 +269,13 @@ def nxdomain(workdir: Path, registry: Registry, upstream: ScriptedUpstream) -> A
         registry.register(f"task-{i}", ip)
     start_sidecar(workdir, "--cloudmap", "local=local", "--cloudmap-interval", "1")
     client = Client()
-    client.run(4.0)
+    client.run(3.0)
     upstream.set(NAME, NxDomain(soa_ttl=300, minimum=300))  # as the VPC resolver keeps it
     started = time.monotonic() - client.start
     client.run(30.0, pause=0.02)
     upstream.set(NAME, Answer(tuple(f"A {a}" for a in addresses), ttl=2))
     ended = time.monotonic() - client.start
-    client.run(4.0)
+    client.run(2.0)
     during = [c for c in client.connects if started <= c[0] <= ended]
     return {
         "nxdomain_from": started,
@@ -304,7 +304,7 @@ def azs(workdir: Path, registry: Registry, upstream: ScriptedUpstream) -> Any:
     )  # fmt: skip
     client = Client()
     client.run(3.0)
-    client.run(15.0)
+    client.run(8.0)
     shares = client.shares(since=3.0)
     total = sum(shares.values())
     by_az: Counter[str] = Counter()
