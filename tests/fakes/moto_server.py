@@ -51,8 +51,9 @@ def running_moto(host: str, port: int, log_path: Path, timeout: float = 30.0) ->
             proc.wait()
 
 
-def admin_client(url: str, region: str = "us-east-1") -> Any:
-    """A servicediscovery client for setting moto up (namespaces, services, instances)."""
+def admin_client(url: str, region: str = "us-east-1", config: Any = None) -> Any:
+    """A servicediscovery client with dummy credentials (setting moto up: namespaces,
+    services, instances; or calling it as a test client, with a botocore `config`)."""
     import boto3
 
     return boto3.session.Session().client(
@@ -61,4 +62,5 @@ def admin_client(url: str, region: str = "us-east-1") -> Any:
         endpoint_url=url,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
+        config=config,
     )

@@ -47,19 +47,10 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def client(url: str) -> Any:
     """A client as the sidecar makes one, without botocore's retry (one request a call)."""
-    import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client(
-        "servicediscovery",
-        region_name=REGION,
-        endpoint_url=url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(
-            inject_host_prefix=False, retries={"mode": "standard", "total_max_attempts": 1}
-        ),
-    )
+    retries = {"mode": "standard", "total_max_attempts": 1}
+    return admin_client(url, REGION, Config(inject_host_prefix=False, retries=retries))
 
 
 def test_the_bucket_lets_its_capacity_through_then_its_refill_rate(moto_url: str) -> None:
