@@ -168,6 +168,8 @@ def summarise(
         "max_over_mean": max(counts) / mean if mean else 0.0,
         "max_over_mean_after_10s": max(later) / later_mean if later_mean else 0.0,
         "first_20_seconds": counts[:20],
+        "per_second": counts,
+        "histogram": dict(sorted(Counter(counts).items())),
         "per_poller_per_minute": rate * 60,
         "fleet_pollers_at_aws_refill": AWS_REFILL / rate if rate else 0.0,
         "ready_first_last": (ready[0], ready[-1]) if ready else None,
@@ -210,7 +212,10 @@ Requests by API and outcome:
 |---|---|
 {api_rows}
 
-Requests in each of the first 20 seconds: {r["first_20_seconds"]}.
+Requests in each of the first 20 seconds: {r["first_20_seconds"]}. Seconds by their number
+of requests (requests: seconds): {r["histogram"]}. For comparison, 50 sidecars calling
+independently at this mean would give Poisson counts: the busiest of 120 seconds 2.2-2.6x the
+mean in 3 runs of 4, over 3x in about 1 run of 100.
 
 **Fleet size per account.** At the measured {r["per_poller_per_minute"]:.2f} requests a minute
 per sidecar and service, AWS's refill of 1,000 a second carries

@@ -255,6 +255,16 @@ class CloudMapSource:
             if key not in self._fetched and self._first_at.get(key, now) <= now
         ]
 
+    def due(self) -> list[str]:
+        """The services a round looks at: every one but those whose first lookup is still
+        to come (their moment stays random, so first lookups are spread evenly)."""
+        now = self.clock()
+        return [
+            name
+            for key, name in self._services.items()
+            if key in self._fetched or self._first_at.get(key, now) <= now
+        ]
+
     def next_first(self) -> float | None:
         """When the next first lookup is due; None if every service was looked up."""
         return min(
@@ -508,7 +518,7 @@ async def run_cloudmap(
             backing_off = wait > interval
             if now >= next_round:
                 source.forget_unasked(forget_after)
-                batch, full = source.services(), True
+                batch, full = source.due(), True
             else:
                 batch, full = ([] if backing_off else source.pending()), False
             if batch:
