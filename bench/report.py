@@ -117,6 +117,14 @@ def summary_table(results: Results) -> list[str]:
     rows.append(_row("QPS with 5% misses", med(r.miss_qps), cols, "qps"))
     fill_n, fills = fill_rates(r)
     rows.append(_row(f"all-miss QPS ({fill_n:,} new names)", med(fills), cols, "qps"))
+    cpu = {k: v[str(fill_n)] for k, v in r.fill_cpu.items() if str(fill_n) in v}
+    rows.append(_row("CPU seconds per 1,000 misses (those fills)", med(cpu), cols, "ratio"))
+    for key in ("p50", "p99"):
+        alone = median(r.miss_latency_1.get("upstream", {}).get(key))
+        title = (
+            f"miss latency {key}, 1 in flight (us; the upstream asked alone: {_fmt(alone, 'us')})"
+        )
+        rows.append(_row(title, med_nested(r.miss_latency_1, key), cols, "us"))
     for key in ("p50", "p99", "p99.9"):
         rows.append(
             _row(f"latency {key}, 1 in flight (us)", med_nested(r.latency_1, key), cols, "us")

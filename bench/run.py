@@ -65,6 +65,7 @@ NSD_HOST = "127.0.21.1"
 PROXY_HOST = "127.0.21.2"
 PARALLEL_FILL = 20000  # growth steps adding more names than this fill all servers at once
 MIN_FILL_MEASURE = 5000  # sequential fills at least this big give the all-miss QPS
+MISS_LATENCY_NAMES = 2000  # new names asked one at a time, per server and round
 BACKEND_POOL = [f"127.0.22.{i}" for i in range(2, 10)]
 
 
@@ -123,6 +124,11 @@ class Results:
     growth_qps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # names -> rounds
     growth_rss_kib: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     fill_qps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # new names
+    # CPU seconds per 1,000 misses in those fills (the server's own CPU, its children's too)
+    fill_cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # New names asked one at a time (each a miss): p -> rounds, per server, and the upstream
+    # (NSD) asked the same names directly under "upstream"
+    miss_latency_1: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     shaped_answers: list[float] = field(default_factory=list)
     other_cpu_share: list[float] = field(default_factory=list)  # per round, of all CPUs
     # The server's CPU time / run time during the QPS runs ("hits", "discovery"): below 1.0
@@ -425,6 +431,19 @@ class Bench:
                 for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
                     r.add_nested(r.latency_1, label, f"p{p:g}", v)
 
+            log("miss latency, one query in flight (new names; and NSD asked directly)")
+            fresh = zones.hit_names(MISS_LATENCY_NAMES, max(s.growth) - MISS_LATENCY_NAMES)
+            assert self.nsd is not None
+            targets = {label: live[label].address for label in core}
+            for label, address in [*targets.items(), ("upstream", self.nsd.address)]:
+                lat, lost = load.one_in_flight(
+                    address, fresh, count=len(fresh), seconds=s.latency_seconds * 4
+                )
+                if lost:
+                    r.warnings.append(f"miss-latency-1 {label}: {lost} queries unanswered")
+                for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
+                    r.add_nested(r.miss_latency_1, label, f"p{p:g}", v)
+
             log("latency at 50% of each server's cache-hit QPS")
             for label in core:
                 rate = hit_qps[label] / 2
@@ -533,9 +552,12 @@ class Bench:
                             fill.result()
                 else:
                     for label in labels:
+                        cpu0 = live[label].cpu_seconds()
                         res = self.warm(live[label], self.files[f"fill{n}"])
                         if n - previous >= MIN_FILL_MEASURE:
                             r.add_nested(r.fill_qps, label, str(n - previous), res.qps)
+                            per_1000 = (live[label].cpu_seconds() - cpu0) / res.sent * 1000
+                            r.add_nested(r.fill_cpu, label, str(n - previous), per_1000)
                 previous = n
                 for label in labels:
                     server = live[label]
