@@ -38,8 +38,8 @@ Invariants of the closure (what keeps a lone query's path short)
   fraction of a ctypes field access), with per-slot offsets computed once here.
 - Reply slot j is filled in order, j = the number of replies staged since the last send
   (at most FLUSH_EVERY); only slots 0..staged-1 are sent, and a slot's size and destination
-  are written before the send that reads them. Query slot i and sockaddr i belong to datagram i of this receive()
-  until the next receive().
+  are written before the send that reads them. Query slot i and sockaddr i belong to datagram
+  i of this receive() until the next receive().
 - The layout (offsets, casts, slots) is private to this module: nothing outside indexes it.
 - The closure writes only this batch's buffers and its own admission memory; it reads the rows
   (`rows_get`, a row's `valid_until`, `tail`, `next_tail`) and the admission verdicts
