@@ -6,14 +6,15 @@ Theory of operation
   (`resource-server` for `resource-server.local`); only those services are ever looked up.
   Names Cloud Map does not know (ServiceNotFound) are dropped and not taken back for a minute,
   and at most MAX_SERVICES are tracked, so stray lookups cannot grow the work without bound.
-- `run_cloudmap` looks at each service every `interval` seconds (+-20% jitter each round, so a
-  fleet deployed at once does not poll in lockstep), in a worker thread (boto3 blocks). A
-  round asks DiscoverInstancesRevision first and calls DiscoverInstances(HealthStatus=ALL)
-  only when the revision moved, or every HEALTH_EVERY-th round (health changes do not move
-  the revision; Cloud Map applies them after 30 s anyway). A service asked for the first time
-  is looked up at a random moment within one interval of that ask, not at the next round
-  (and not at once: a fleet deployed together would call in the same second). A service no
-  lookup asked for within `forget_after` seconds is no longer polled.
+- `run_cloudmap` looks at each service every `interval` seconds, on a schedule of its own
+  (+-20% jitter after each lookup, so a fleet deployed at once does not poll in lockstep), in
+  a worker thread (boto3 blocks). A lookup asks DiscoverInstancesRevision first and calls
+  DiscoverInstances(HealthStatus=ALL) only when the revision moved, or at every HEALTH_EVERY-th
+  lookup (health changes do not move the revision; Cloud Map applies them after 30 s anyway).
+  A service asked for the first time is looked up at a random moment within one interval of
+  that ask (not at once: a fleet deployed together would call in the same second), and then
+  one interval after each lookup. A service no lookup asked for within `forget_after` seconds
+  is no longer polled.
 - The source owns each service's listing (discovery/registry.py: every instance, and when
   Cloud Map last confirmed it; a revision found unchanged confirms it too). If a call fails
   the previous listing is kept, and ages: the pipeline believes a listing over DNS only while
@@ -22,8 +23,9 @@ Theory of operation
   EndpointTable.set_cloudmap, and `on_change` is told each service whose instances changed,
   so the answers made from them are made again at once (Resolver.registry_changed).
 - Throttling (ThrottlingException, RequestLimitExceeded, TooManyRequestsException) doubles the
-  wait, up to 5 minutes; each round without throttling halves it, back down to `interval`
-  (up fast, down slowly: the account's bucket is shared by every caller). Other errors are
+  wait, up to 5 minutes, and postpones every service's next lookup by it; lookups without
+  throttling halve it, at most once per wait, back down to `interval` (up fast, down slowly:
+  the account's bucket is shared by every caller). Other errors are
   logged at most once a minute per distinct message, and the loop goes on. Every call is
   counted by API and outcome (`calls`, the process's Counters.cloudmap_calls).
 - Calls: per service, 6 a minute at the default 10 s (4 revisions and 2 full lookups), about
@@ -197,10 +199,12 @@ class CloudMapSource:
         self.revisions: dict[str, int] = {}  # service -> InstancesRevision of its last lookup
         self.rounds: dict[str, int] = {}  # service -> rounds since its last full lookup
         self._fetched: set[str] = set()  # services looked up at least once (lowercased)
-        # lowercased -> when its first lookup is due: at a random moment within `first_spread`
-        # seconds of the first ask, so a fleet started together does not call all at once
-        # (answers follow DNS meanwhile)
-        self._first_at: dict[str, float] = {}
+        # lowercased -> when its next lookup is due. Each service keeps its own schedule: the
+        # first lookup at a random moment within `first_spread` seconds of the first ask (so a
+        # fleet started together does not call all at once; answers follow DNS meanwhile),
+        # then one jittered wait after each lookup, so a first lookup is never followed by a
+        # round that happens to come moments later.
+        self._due_at: dict[str, float] = {}
         self.first_spread = 0.0  # set by run_cloudmap: the interval
         self.rng = random.Random()
         self._not_found: dict[str, float] = {}  # lowercased -> when it may be taken back
@@ -238,7 +242,7 @@ class CloudMapSource:
             return False
         self._services[key] = name.strip().rstrip(".")
         self._asked_at[key] = self.clock()
-        self._first_at[key] = self.clock() + self.rng.uniform(0, self.first_spread)
+        self._due_at[key] = self.clock() + self.rng.uniform(0, self.first_spread)
         if self.wake is not None:
             self.wake.set()
         return True
@@ -248,28 +252,30 @@ class CloudMapSource:
 
     def pending(self) -> list[str]:
         """Services asked for, not looked up yet, and due for their first lookup."""
-        now = self.clock()
-        return [
-            name
-            for key, name in self._services.items()
-            if key not in self._fetched and self._first_at.get(key, now) <= now
-        ]
+        return [name for name in self.due() if name.lower() not in self._fetched]
 
     def due(self) -> list[str]:
-        """The services a round looks at: every one but those whose first lookup is still
-        to come (their moment stays random, so first lookups are spread evenly)."""
+        """The services whose lookup is due now."""
         now = self.clock()
-        return [
-            name
-            for key, name in self._services.items()
-            if key in self._fetched or self._first_at.get(key, now) <= now
-        ]
+        return [name for key, name in self._services.items() if self._due_at[key] <= now]
 
-    def next_first(self) -> float | None:
-        """When the next first lookup is due; None if every service was looked up."""
-        return min(
-            (t for key, t in self._first_at.items() if key not in self._fetched), default=None
-        )
+    def next_due(self) -> float | None:
+        """When the next lookup is due; None without services."""
+        return min(self._due_at.values(), default=None)
+
+    def schedule(self, names: list[str], wait: float) -> None:
+        """The next lookup of each of `names` one jittered `wait` from now."""
+        now = self.clock()
+        for name in names:
+            key = name.lower()
+            if key in self._due_at:  # not dropped meanwhile
+                self._due_at[key] = now + wait * self.rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def postpone(self, wait: float) -> None:
+        """No lookup of any service sooner than one jittered `wait` from now (throttled)."""
+        now = self.clock()
+        for key, due in self._due_at.items():
+            self._due_at[key] = max(due, now + wait * self.rng.uniform(1 - JITTER, 1 + JITTER))
 
     def forget_unasked(self, forget_after: float) -> list[str]:
         """Stop polling the services no lookup asked for within `forget_after` seconds."""
@@ -284,7 +290,7 @@ class CloudMapSource:
         self._services.pop(key, None)
         self._asked_at.pop(key, None)
         self._fetched.discard(key)
-        self._first_at.pop(key, None)
+        self._due_at.pop(key, None)
         self.listings.pop(name, None)
         self.revisions.pop(name, None)
         self.rounds.pop(name, None)
@@ -498,11 +504,10 @@ async def run_cloudmap(
     forget_after: float = DEFAULT_FORGET_AFTER,
     rng: random.Random | None = None,
 ) -> None:
-    """Forever: refresh the listings of the services asked for every `interval` seconds,
-    jittered (a service new since the last round within one interval of its first ask),
-    backing off on throttling; services not asked for within `forget_after` seconds are
-    dropped. The first round comes at a random moment of the first interval, so sidecars
-    started together are out of step from the start."""
+    """Forever: refresh the listing of each service asked for every `interval` seconds on
+    its own jittered schedule (the first lookup at a random moment within one interval of the
+    first ask), backing off on throttling; services not asked for within `forget_after`
+    seconds are dropped. With no service, it waits with no timer."""
     if interval <= 0:
         raise ValueError("the Cloud Map refresh interval must be positive")
     rng = rng or random.Random()
@@ -511,30 +516,26 @@ async def run_cloudmap(
     source.first_spread, source.rng = interval, rng
     wake = source.wake = asyncio.Event()
     wait = interval
-    next_round = clock() + rng.uniform(0, interval)
+    relieved_at = clock()
     try:
         while True:
-            now = clock()
-            backing_off = wait > interval
-            if now >= next_round:
-                source.forget_unasked(forget_after)
-                batch, full = source.due(), True
-            else:
-                batch, full = ([] if backing_off else source.pending()), False
+            source.forget_unasked(forget_after)
+            batch = source.due()
             if batch:
                 if await _refresh(source, table, batch, errors):
                     wait = min(wait * 2, max_backoff)
-                    next_round = clock() + wait * rng.uniform(1 - JITTER, 1 + JITTER)
-                    continue
-                if full:
-                    wait = max(interval, wait / 2)  # up fast, down slowly
-            if full:
-                next_round = now + wait * rng.uniform(1 - JITTER, 1 + JITTER)
+                    relieved_at = clock()
+                    source.postpone(wait)  # every service waits, not only this batch's
+                elif wait > interval and clock() - relieved_at >= wait * (1 - JITTER):
+                    wait = max(interval, wait / 2)  # up fast, down slowly: once per wait
+                    relieved_at = clock()
+                source.schedule(batch, wait)
             wake.clear()
-            if source.pending() and not backing_off:
-                continue  # asked for while the round ran
-            first = source.next_first()
-            timeout = (next_round if first is None else min(first, next_round)) - clock()
+            due = source.next_due()
+            if due is None:
+                await wake.wait()  # no service asked for: no timer
+                continue
+            timeout = due - clock()
             if timeout > 0:
                 try:
                     async with asyncio.timeout(timeout):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -590,3 +591,51 @@ def test_sidecar_leaves_out_what_cloudmap_calls_unhealthy(
     finally:
         for sock in listeners:
             sock.close()
+
+
+class PerServiceClient:
+    """Answers every call at once and notes (time, service) of each."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str]] = []
+
+    def discover_instances_revision(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append((time.monotonic(), kwargs["ServiceName"]))
+        return {"InstancesRevision": 1}
+
+    def discover_instances(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append((time.monotonic(), kwargs["ServiceName"]))
+        return {"InstancesRevision": 1, **answer("HEALTHY")}
+
+
+def test_each_service_is_looked_up_once_an_interval_from_a_first_lookup_spread_over_one() -> None:
+    """Services asked for while the loop runs: each first lookup within one interval of the
+    ask, then one jittered interval after each lookup, never a second call moments after
+    the first (a fleet started together would otherwise call twice in its first interval)."""
+    client = PerServiceClient()
+    source = CloudMapSource("local", "local", client=client)
+    table = EndpointTable()
+    interval = 0.3
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run_cloudmap(source, table, interval=interval))
+        await asyncio.sleep(0.05)
+        asked = time.monotonic()
+        for i in range(20):
+            source.add_service(f"s{i}")
+        await asyncio.sleep(1.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        by_service: dict[str, list[float]] = {}
+        for at, service in client.calls:
+            by_service.setdefault(service, []).append(at)
+        assert len(by_service) == 20
+        firsts = sorted(times[0] - asked for times in by_service.values())
+        assert firsts[-1] <= interval + 0.05  # every first lookup within one interval
+        assert firsts[10] - firsts[0] > interval / 4  # spread, not all at once
+        gaps = [b - a for times in by_service.values() for a, b in itertools.pairwise(times)]
+        assert gaps and min(gaps) >= interval * 0.8 - 0.01, sorted(gaps)[:5]
+        assert max(gaps) <= interval * 1.2 + 0.05
+
+    asyncio.run(scenario())
