@@ -134,6 +134,17 @@ def sidecar_calls(host: str) -> Counter[tuple[str, str]]:
     return calls
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS), MiB; 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def run(
     sidecars: int,
     seconds: float,
@@ -171,6 +182,7 @@ def run(
                 ready = sorted(t - start for t in first_asked.values())
                 scraped_at = time.monotonic()
                 own = [sidecar_calls(host) for _, host in fleet]
+                rss = [rss_mib(proc.pid) for proc, _ in fleet]
                 shim_at_scrape = sum(1 for c in shim.calls if c.at < scraped_at)
             finally:
                 for proc, _ in fleet:
@@ -180,6 +192,7 @@ def run(
             calls = [c for c in shim.calls if c.at - start < seconds]
     result = summarise(calls, start, sidecars, seconds, services, ready, capacity, refill)
     result.update(summarise_own(own, seconds, services, shim_at_scrape), interval=interval)
+    result["rss_mib"] = (sum(rss) / len(rss), max(rss), sum(rss)) if rss else None
     return result
 
 
@@ -299,6 +312,7 @@ def report(result: dict[str, Any], argv: Sequence[str]) -> str:
     )
     first, last = r["ready_first_last"] or (float("nan"), float("nan"))
     ref = r["random_reference"]
+    mean_rss, max_rss, total_rss = r["rss_mib"] or (0.0, 0.0, 0.0)
     return f"""# Fleet: {r["sidecars"]} sidecars polling Cloud Map through one throttle
 
 `{" ".join(["python -m bench.fleet", *argv])}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, \
@@ -313,7 +327,9 @@ a {r["interval"]:g} s interval, against moto behind the throttling shim: a bucke
 {r["refill"]:g} a second (AWS's 2,000 and 1,000 a second per account and Region, scaled by \
 1/{AWS_REFILL / r["refill"]:g}),
 shared by DiscoverInstances and DiscoverInstancesRevision. Every HTTP request is counted,
-botocore's retries included. Measured over {r["seconds"]:.0f} s from the launch.
+botocore's retries included. Measured over {r["seconds"]:.0f} s from the launch. Each
+sidecar's resident memory at the end: {mean_rss:.1f} MiB on average, {max_rss:.1f} at most,
+{total_rss:,.0f} MiB for the fleet (boto3 loaded).
 
 | measure | value |
 |---|---|
