@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -74,11 +75,10 @@ def set_up_registry(url: str, services: int) -> None:
 
 
 def start_sidecars(
-    count: int, upstream: str, shim_url: str, workdir: Path, interval: float
+    count: int, upstream: str, shim: ThrottleShim, workdir: Path, interval: float
 ) -> list[Any]:
-    env = {
+    base = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ECS_"))},
-        "AWS_ENDPOINT_URL_SERVICEDISCOVERY": shim_url,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": REGION,
@@ -88,6 +88,8 @@ def start_sidecars(
     }
     fleet = []
     for n in range(count):
+        # the shim tells the sidecars apart by their endpoint's path
+        env = {**base, "AWS_ENDPOINT_URL_SERVICEDISCOVERY": shim.url_for(caller(n))}
         host = sidecar_host(n)  # an address of its own: no two sidecars race for a port
         log = (workdir / f"sidecar-{n}.log").open("wb")
         proc = subprocess.Popen(
@@ -103,6 +105,41 @@ def start_sidecars(
         log.close()
         fleet.append((proc, host))
     return fleet
+
+
+def caller(n: int) -> str:
+    return f"sidecar-{n}"
+
+
+class CpuSampler:
+    """The machine's busy share of all its CPUs, second by second (from /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.busy: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def _run(self) -> None:
+        busy, total = self._times()
+        start = time.monotonic()
+        while not self._stop.wait(start + len(self.busy) + 1 - time.monotonic()):
+            now_busy, now_total = self._times()
+            self.busy.append((now_busy - busy) / max(1, now_total - total))
+            busy, total = now_busy, now_total
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def sidecar_host(n: int) -> str:
@@ -162,8 +199,9 @@ def run(
             ScriptedUpstream(default=Answer(tuple(f"A 127.0.8.{i}" for i in (1, 2, 3)))) as up,
         ):
             set_up_registry(moto_url, services)
+            cpu = CpuSampler().__enter__()
             start = time.monotonic()
-            fleet = start_sidecars(sidecars, f"{up.host}:{up.port}", shim.url, workdir, interval)
+            fleet = start_sidecars(sidecars, f"{up.host}:{up.port}", shim, workdir, interval)
             asked_at: dict[int, float] = {}  # when each sidecar was last asked
             first_asked: dict[int, float] = {}
             try:
@@ -185,6 +223,7 @@ def run(
                 rss = [rss_mib(proc.pid) for proc, _ in fleet]
                 shim_at_scrape = sum(1 for c in shim.calls if c.at < scraped_at)
             finally:
+                cpu.__exit__()
                 for proc, _ in fleet:
                     proc.terminate()
                 for proc, _ in fleet:
@@ -193,7 +232,27 @@ def run(
     result = summarise(calls, start, sidecars, seconds, services, ready, capacity, refill)
     result.update(summarise_own(own, seconds, services, shim_at_scrape), interval=interval)
     result["rss_mib"] = (sum(rss) / len(rss), max(rss), sum(rss)) if rss else None
+    result["cpu_busy"] = cpu.busy[: int(seconds)]
+    result.update(first_lookups(calls, start, {caller(n): t for n, t in first_asked.items()}))
     return result
+
+
+def first_lookups(
+    calls: Sequence[Call], start: float, first_asked: Mapping[str, float]
+) -> dict[str, Any]:
+    """Each sidecar's first call (its first lookup of a service: the sidecar puts it at a
+    random moment within one interval of the first ask): how long after the ask it reached
+    the shim, and how many first calls and other calls each of the first 20 seconds held."""
+    firsts: dict[str, Call] = {}
+    for call in calls:
+        firsts.setdefault(call.caller, call)
+    delays = sorted(c.at - first_asked[name] for name, c in firsts.items() if name in first_asked)
+    first_counts = Counter(int(c.at - start) for c in firsts.values())
+    all_counts = Counter(int(c.at - start) for c in calls)
+    return {
+        "first_delays": delays,
+        "first_20_split": [(first_counts.get(s, 0), all_counts.get(s, 0)) for s in range(20)],
+    }
 
 
 def summarise_own(
@@ -313,6 +372,11 @@ def report(result: dict[str, Any], argv: Sequence[str]) -> str:
     first, last = r["ready_first_last"] or (float("nan"), float("nan"))
     ref = r["random_reference"]
     mean_rss, max_rss, total_rss = r["rss_mib"] or (0.0, 0.0, 0.0)
+    delays = r["first_delays"] or [float("nan")]
+    late = sum(1 for d in r["first_delays"] if d > r["interval"])
+    split = ", ".join(f"{f}/{n}" for f, n in r["first_20_split"])
+    cpu = ", ".join(f"{b:.0%}" for b in r["cpu_busy"][:20])
+    cpu_mean = sum(r["cpu_busy"]) / len(r["cpu_busy"]) if r["cpu_busy"] else float("nan")
     return f"""# Fleet: {r["sidecars"]} sidecars polling Cloud Map through one throttle
 
 `{" ".join(["python -m bench.fleet", *argv])}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, \
@@ -376,6 +440,14 @@ retries of throttled calls (the sidecar's client allows one).
 
 Requests in each of the first 20 seconds: {r["first_20_seconds"]}. Seconds by their number
 of requests (requests: seconds): {r["histogram"]}. Every second: {r["per_second"]}.
+
+**The start.** Each sidecar's first request (its first lookup, which it puts at a random
+moment within one interval of the first ask) reached the shim {delays[0]:.1f} s to \
+{delays[-1]:.1f} s
+after that ask (median {delays[len(delays) // 2]:.1f} s; {late} later than one interval). First
+requests / all requests in each of the first 20 seconds: {split}. The machine's CPUs \
+({os.cpu_count()}) were
+busy in those seconds: {cpu} (over the whole run: {cpu_mean:.0%}).
 
 **Fleet size per account.** At the measured {r["per_poller_per_minute"]:.2f} requests a minute
 per sidecar and service, AWS's refill of 1,000 a second carries
