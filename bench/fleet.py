@@ -19,6 +19,7 @@ implies. Written to bench/results/fleet.md (--out to change).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -31,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -233,25 +235,48 @@ def run(
     result.update(summarise_own(own, seconds, services, shim_at_scrape), interval=interval)
     result["rss_mib"] = (sum(rss) / len(rss), max(rss), sum(rss)) if rss else None
     result["cpu_busy"] = cpu.busy[: int(seconds)]
-    result.update(first_lookups(calls, start, {caller(n): t for n, t in first_asked.items()}))
+    asked = {caller(n): t for n, t in first_asked.items()}
+    result["raw"] = {
+        "calls": [(c.at - start, c.api, c.outcome, c.caller) for c in calls],
+        "first_asked": {name: t - start for name, t in asked.items()},
+    }
+    result.update(first_lookups(calls, start, asked, interval))
     return result
 
 
 def first_lookups(
-    calls: Sequence[Call], start: float, first_asked: Mapping[str, float]
+    calls: Sequence[Call], start: float, first_asked: Mapping[str, float], interval: float
 ) -> dict[str, Any]:
     """Each sidecar's first call (its first lookup of a service: the sidecar puts it at a
     random moment within one interval of the first ask): how long after the ask it reached
-    the shim, and how many first calls and other calls each of the first 20 seconds held."""
-    firsts: dict[str, Call] = {}
+    the shim, how long before the sidecar's next call, how many first calls and other calls
+    each of the first 20 seconds held, and the rate in the first interval after the asks
+    against the rate after it."""
+    by_caller: dict[str, list[float]] = {}
     for call in calls:
-        firsts.setdefault(call.caller, call)
-    delays = sorted(c.at - first_asked[name] for name, c in firsts.items() if name in first_asked)
-    first_counts = Counter(int(c.at - start) for c in firsts.values())
+        by_caller.setdefault(call.caller, []).append(call.at)
+    firsts = {name: times[0] for name, times in by_caller.items()}
+    delays = sorted(t - first_asked[name] for name, t in firsts.items() if name in first_asked)
+    gaps = sorted(times[1] - times[0] for times in by_caller.values() if len(times) > 1)
+    later = sorted(b - a for times in by_caller.values() for a, b in pairwise(times[1:]))
+    first_counts = Counter(int(t - start) for t in firsts.values())
     all_counts = Counter(int(c.at - start) for c in calls)
+    window = (
+        (min(first_asked.values()) - start, max(first_asked.values()) - start + interval)
+        if first_asked
+        else (0.0, 0.0)
+    )
+    end = max((c.at - start for c in calls), default=0.0)
+    inside = sum(1 for c in calls if window[0] <= c.at - start < window[1])
+    after = sum(1 for c in calls if c.at - start >= window[1])
     return {
         "first_delays": delays,
+        "first_next_gaps": gaps,
+        "later_gaps": later,
         "first_20_split": [(first_counts.get(s, 0), all_counts.get(s, 0)) for s in range(20)],
+        "start_window": window,
+        "rate_in_window": inside / (window[1] - window[0]) if window[1] > window[0] else 0.0,
+        "rate_after_window": after / (end - window[1]) if end > window[1] else 0.0,
     }
 
 
@@ -377,6 +402,10 @@ def report(result: dict[str, Any], argv: Sequence[str]) -> str:
     split = ", ".join(f"{f}/{n}" for f, n in r["first_20_split"])
     cpu = ", ".join(f"{b:.0%}" for b in r["cpu_busy"][:20])
     cpu_mean = sum(r["cpu_busy"]) / len(r["cpu_busy"]) if r["cpu_busy"] else float("nan")
+    gaps = r["first_next_gaps"] or [float("nan")]
+    short = sum(1 for g in r["first_next_gaps"] if g < r["interval"] * 0.8)
+    w0, w1 = r["start_window"]
+    later = r["later_gaps"] or [float("nan")]
     return f"""# Fleet: {r["sidecars"]} sidecars polling Cloud Map through one throttle
 
 `{" ".join(["python -m bench.fleet", *argv])}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, \
@@ -449,6 +478,17 @@ requests / all requests in each of the first 20 seconds: {split}. The machine's 
 ({os.cpu_count()}) were
 busy in those seconds: {cpu} (over the whole run: {cpu_mean:.0%}).
 
+A sidecar's next request came {gaps[0]:.1f} s to {gaps[-1]:.1f} s after its first (median \
+{gaps[len(gaps) // 2]:.1f} s);
+{short} of {len(r["first_next_gaps"])} came sooner than 0.8 intervals (the shortest a round's \
+jittered wait
+allows). From the first ask to one interval after the last ({w0:.1f}-{w1:.1f} s) the fleet
+made {r["rate_in_window"]:.2f} requests a second, after it {r["rate_after_window"]:.2f}.
+From its second request on, a sidecar's requests came {later[0]:.1f} s to {later[-1]:.1f} s \
+apart (median
+{later[len(later) // 2]:.1f} s, {len(r["later_gaps"])} gaps; a round's wait is 0.8-1.2 \
+intervals).
+
 **Fleet size per account.** At the measured {r["per_poller_per_minute"]:.2f} requests a minute
 per sidecar and service, AWS's refill of 1,000 a second carries
 {r["fleet_pollers_at_aws_refill"]:,.0f} sidecar x service pollers, if both APIs count against
@@ -468,12 +508,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--capacity", type=float, default=CAPACITY, help="the shim's bucket")
     parser.add_argument("--refill", type=float, default=REFILL, help="tokens a second")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fleet.md"))
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        help="also write every request (seconds from the launch, API, "
+        "outcome, caller) and each sidecar's first ask, as JSON",
+    )
     args = parser.parse_args(argv)
     result = run(
         args.sidecars, args.seconds, args.services, args.interval, args.capacity, args.refill
     )
     text = report(result, sys.argv[1:] if argv is None else list(argv))
     args.out.write_text(text)
+    if args.raw is not None:
+        args.raw.write_text(json.dumps(result["raw"]))
     print(text)
 
 
