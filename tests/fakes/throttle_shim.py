@@ -10,11 +10,14 @@ ThrottlingException, which botocore reports as that error code. Every other requ
 admin calls that set moto up) passes through untouched and uncounted.
 
 Every data-plane request is recorded (monotonic time, API, ok/throttled), retries by
-botocore included: each is a request the account's bucket would see.
+botocore included: each is a request the account's bucket would see. A client whose endpoint
+is `shim.url_for("name")` (the path /caller/name) is recorded as that caller; the prefix is
+taken off before the request goes on, so many clients can share the one bucket and still be
+told apart.
 
     with ThrottleShim(moto_url) as shim:
-        ...  # clients with endpoint_url=shim.url
-        shim.calls  # [(time, api, outcome), ...]
+        ...  # clients with endpoint_url=shim.url (or shim.url_for(caller))
+        shim.calls  # [(time, api, outcome, caller), ...]
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 DATA_PLANE = ("DiscoverInstances", "DiscoverInstancesRevision")
+CALLER_PREFIX = "/caller/"
 THROTTLED_BODY = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"}).encode()
 
 
@@ -37,6 +41,7 @@ class Call(NamedTuple):
     at: float  # monotonic seconds
     api: str
     outcome: str  # "ok" or "throttled"
+    caller: str = ""  # from the endpoint's path (url_for), else ""
 
 
 class TokenBucket:
@@ -90,9 +95,13 @@ class ThrottleShim:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def record(self, api: str, outcome: str) -> None:
+    def url_for(self, caller: str) -> str:
+        """An endpoint URL whose requests are recorded as `caller`'s."""
+        return f"{self.url}{CALLER_PREFIX}{quote(caller, safe='')}"
+
+    def record(self, api: str, outcome: str, caller: str = "") -> None:
         with self._lock:
-            self.calls.append(Call(time.monotonic(), api, outcome))
+            self.calls.append(Call(time.monotonic(), api, outcome, caller))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         shim = self
@@ -110,17 +119,21 @@ class ThrottleShim:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 api = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
+                path, caller = self.path, ""
+                if path.startswith(CALLER_PREFIX):
+                    name, _, rest = path[len(CALLER_PREFIX) :].partition("/")
+                    path, caller = "/" + rest, unquote(name)
                 if api in DATA_PLANE:
                     if not shim.bucket.take():
-                        shim.record(api, "throttled")
+                        shim.record(api, "throttled", caller)
                         self._answer(400, {"Content-Type": "application/x-amz-json-1.1"},
                                      THROTTLED_BODY)  # fmt: skip
                         return
-                    shim.record(api, "ok")
+                    shim.record(api, "ok", caller)
                 connection = http.client.HTTPConnection(*shim.target, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    connection.request(method, self.path, body=body, headers=headers)
+                    connection.request(method, path, body=body, headers=headers)
                     response = connection.getresponse()
                     data = response.read()
                     passed = {

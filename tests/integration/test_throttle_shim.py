@@ -92,3 +92,27 @@ def test_the_sidecars_source_sees_throttling_as_aws_reports_it(moto_url: str) ->
         assert error_code(caught.value) == "ThrottlingException"
         # botocore asked again once (total_max_attempts 2): both requests counted
         assert [c.outcome for c in shim.calls] == ["ok", "throttled", "throttled"]
+
+
+def test_callers_named_in_the_endpoint_share_the_bucket_and_are_told_apart(
+    moto_url: str,
+) -> None:
+    from botocore.exceptions import ClientError
+
+    with ThrottleShim(moto_url, capacity=3, rate=0.001) as shim:
+        a, b = client(shim.url_for("sidecar-1")), client(shim.url_for("sidecar/2"))
+        assert [i["InstanceId"] for i in a.discover_instances(
+            NamespaceName="local", ServiceName="svc")["Instances"]] == ["t1"]  # fmt: skip
+        assert b.discover_instances_revision(NamespaceName="local", ServiceName="svc")[
+            "InstancesRevision"
+        ]
+        a.discover_instances_revision(NamespaceName="local", ServiceName="svc")
+        with pytest.raises(ClientError) as caught:  # the one bucket is empty for both
+            b.discover_instances(NamespaceName="local", ServiceName="svc")
+        assert error_code(caught.value) == "ThrottlingException"
+        assert [(c.caller, c.api, c.outcome) for c in shim.calls] == [
+            ("sidecar-1", "DiscoverInstances", "ok"),
+            ("sidecar/2", "DiscoverInstancesRevision", "ok"),
+            ("sidecar-1", "DiscoverInstancesRevision", "ok"),
+            ("sidecar/2", "DiscoverInstances", "throttled"),
+        ]
