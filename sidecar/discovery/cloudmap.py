@@ -75,7 +75,7 @@ log = logging.getLogger("dns_sidecar")
 
 DEFAULT_INTERVAL = 10.0
 DEFAULT_FORGET_AFTER = 300.0
-HEALTH_EVERY = 3  # rounds between two full lookups of a service whose revision stood still
+HEALTH_EVERY = 3  # lookups between two full ones of a service whose revision stood still
 JITTER = 0.2  # each round's wait is the interval times 1 +- this
 MAX_BACKOFF = 300.0
 ERROR_LOG_EVERY = 60.0  # seconds between two logs of the same error message
@@ -185,7 +185,6 @@ class CloudMapSource:
         region: str | None = None,
         client: DiscoveryClient | None = None,
         clock: Callable[[], float] = time.monotonic,
-        calls: dict[tuple[str, str, str], int] | None = None,
     ) -> None:
         self.zone = zone
         self.namespace = namespace
@@ -197,8 +196,7 @@ class CloudMapSource:
         self._services: dict[str, str] = {}  # lowercased -> the name as first asked
         self._asked_at: dict[str, float] = {}  # lowercased -> when a lookup last asked for it
         self.revisions: dict[str, int] = {}  # service -> InstancesRevision of its last lookup
-        self.rounds: dict[str, int] = {}  # service -> rounds since its last full lookup
-        self._fetched: set[str] = set()  # services looked up at least once (lowercased)
+        self.rounds: dict[str, int] = {}  # service -> lookups since its last full lookup
         # lowercased -> when its next lookup is due. Each service keeps its own schedule: the
         # first lookup at a random moment within `first_spread` seconds of the first ask (so a
         # fleet started together does not call all at once; answers follow DNS meanwhile),
@@ -212,7 +210,7 @@ class CloudMapSource:
         self.wake: asyncio.Event | None = None  # set by run_cloudmap while it runs
         self.fresh_for = FRESH_ROUNDS * DEFAULT_INTERVAL  # set by run_cloudmap
         # (zone, api, outcome) -> calls made; the process's Counters.cloudmap_calls when served
-        self.calls: dict[tuple[str, str, str], int] = {} if calls is None else calls
+        self.calls: dict[tuple[str, str, str], int] = {}
         # Told (zone, service) when a service's instances change: the answers made from them
         # are made again (the pipeline's Resolver.registry_changed).
         self.on_change: Callable[[str, str], None] | None = None
@@ -250,10 +248,6 @@ class CloudMapSource:
     def services(self) -> list[str]:
         return list(self._services.values())
 
-    def pending(self) -> list[str]:
-        """Services asked for, not looked up yet, and due for their first lookup."""
-        return [name for name in self.due() if name.lower() not in self._fetched]
-
     def due(self) -> list[str]:
         """The services whose lookup is due now."""
         now = self.clock()
@@ -289,7 +283,6 @@ class CloudMapSource:
         key = name.lower()
         self._services.pop(key, None)
         self._asked_at.pop(key, None)
-        self._fetched.discard(key)
         self._due_at.pop(key, None)
         self.listings.pop(name, None)
         self.revisions.pop(name, None)
@@ -303,9 +296,6 @@ class CloudMapSource:
         if len(self._not_found) > 4 * MAX_SERVICES:  # bounded: drop the expired holds
             now = self.clock()
             self._not_found = {k: t for k, t in self._not_found.items() if t > now}
-
-    def mark_fetched(self, name: str) -> None:
-        self._fetched.add(name.lower())
 
     def zone_statuses(self) -> dict[str, str]:
         """Every service's last known statuses, merged (UNHEALTHY wins)."""
@@ -396,7 +386,7 @@ class CloudMapSource:
 
     def full_lookup_due(self, service: str) -> bool:
         """Whether this round must call DiscoverInstances without asking the revision first:
-        never looked up, no revision known, or HEALTH_EVERY rounds since the last one."""
+        never looked up, no revision known, or HEALTH_EVERY lookups since the last one."""
         return (
             service not in self.listings
             or service not in self.revisions
@@ -431,7 +421,6 @@ async def _refresh(
     throttled = False
     changed = []
     for service in services:
-        source.mark_fetched(service)
         api = REVISION
         try:
             if not source.full_lookup_due(service):

@@ -84,9 +84,9 @@ def test_services_asked_for_are_deduplicated_bounded_and_held_when_unknown() -> 
     source = CloudMapSource("local", "local", client=client, clock=lambda: now[0])
     assert source.add_service("resource-server")
     assert not source.add_service("Resource-Server.")  # DNS names ignore case
-    assert source.pending() == ["resource-server"]
-    source.mark_fetched("resource-server")
-    assert source.pending() == []
+    assert source.due() == ["resource-server"]  # first lookup due (no spread: at once)
+    source.schedule(["resource-server"], 10.0)  # looked up: next one an interval on
+    assert source.due() == []
     assert source.add_service("typo")
     source.listed("typo", (Instance("9", "10.0.0.9", health="HEALTHY"),))
     source.drop_service("typo")
@@ -144,10 +144,10 @@ def test_first_lookups_are_spread_over_one_interval_not_made_at_once() -> None:
     due = []
     for t in range(11):
         now[0] = float(t)
-        due.append(len(source.pending()))
+        due.append(len(source.due()))
     assert due[0] <= 2 and due[-1] == 200
     assert 70 <= due[5] <= 130, due  # about half within half the interval
-    source.mark_fetched("s0")
-    assert "s0" not in source.pending()
+    source.schedule(["s0"], 100.0)
+    assert "s0" not in source.due()
     due = source.next_due()
     assert due is not None and due <= 10.0
