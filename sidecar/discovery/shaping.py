@@ -141,8 +141,42 @@ def variant_entry(variant: bytes, base: Entry, do: bool) -> Entry:
     )
 
 
+class ServedPool:
+    """Serving a prepared pool, the same for A/AAAA (ShapedAnswer) and SRV (srv_shaping.py's
+    ShapedSrv): the TTL cap, the counts by action, the reply. Each kind says how it is brought
+    up to date (`refresh`) and which prepared reply a query gets (`pick`)."""
+
+    zone: str
+    action: str
+    settings: ShapeSettings
+    counts: dict[tuple[str, str], int]
+
+    def refresh(self, now: float) -> None:
+        raise NotImplementedError
+
+    def pick(self) -> Entry:
+        raise NotImplementedError
+
+    @property
+    def answer_ttl(self) -> int:
+        return self.settings.answer_ttl
+
+    def count(self, answers: int) -> None:
+        """Count `answers` shaped replies served under the current action."""
+        key = (self.zone, self.action)
+        self.counts[key] = self.counts.get(key, 0) + answers
+
+    def render(
+        self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int, stale: bool = False
+    ) -> bytes:
+        """A shaped reply with TTL min(answer_ttl, `ttl`); `stale`: EDE Stale Answer."""
+        self.refresh(now)
+        self.count(1)
+        return self.pick().render_with_ttl(query, q, min(self.answer_ttl, ttl), limit, stale)
+
+
 @dataclass
-class ShapedAnswer:
+class ShapedAnswer(ServedPool):
     """Prepared shaped replies for one cached answer; rebuilt when the endpoint table changes.
 
     A variant is the upstream reply with its answer records in another order (or fewer of
@@ -175,10 +209,6 @@ class ShapedAnswer:
     @property
     def addresses(self) -> list[str]:
         return list(self.address_of.values())
-
-    @property
-    def answer_ttl(self) -> int:
-        return self.settings.answer_ttl
 
     def rebuild(self, now: float = math.inf) -> None:
         """Draw the pool again if this answer's endpoints changed in a way that matters."""
@@ -286,19 +316,9 @@ class ShapedAnswer:
         ):
             self.rebuild(now)
 
-    def count(self, answers: int) -> None:
-        """Count `answers` shaped replies served under the current action."""
-        key = (self.zone, self.action)
-        self.counts[key] = self.counts.get(key, 0) + answers
-
-    def render(
-        self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int, stale: bool = False
-    ) -> bytes:
-        """A shaped reply with TTL min(answer_ttl, `ttl`); `stale`: EDE Stale Answer."""
-        self.refresh(now)
-        self.count(1)
-        variant = self.variants[int(self.rng.random() * len(self.variants))]
-        return variant.render_with_ttl(query, q, min(self.settings.answer_ttl, ttl), limit, stale)
+    def pick(self) -> Entry:
+        """One of the pool's variants, at random."""
+        return self.variants[int(self.rng.random() * len(self.variants))]
 
 
 def shape(

@@ -36,6 +36,7 @@ from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.shaping import (
     PER_ANSWER,
     POOL_OVERHEAD,
+    ServedPool,
     ShapeSettings,
     address_text,
     variant_entry,
@@ -57,7 +58,7 @@ class SrvRecord:
 
 
 @dataclass
-class ShapedSrv:
+class ShapedSrv(ServedPool):
     """The prepared SRV reply for one cached answer; rebuilt when the endpoint table changes."""
 
     base: Entry
@@ -77,10 +78,6 @@ class ShapedSrv:
     seen_at: float = -math.inf
     charge: Callable[[int], None] | None = None
     kept: dict[int, int] = field(default_factory=dict)  # record index -> weight, as drawn
-
-    @property
-    def answer_ttl(self) -> int:
-        return self.settings.answer_ttl
 
     def targets_seen(self, now: float) -> None:
         """Keep the targets' endpoints in the table (new ones are probed at once)."""
@@ -171,18 +168,9 @@ class ShapedSrv:
                     out.append(address)
         return out
 
-    def count(self, answers: int) -> None:
-        key = (self.zone, self.action)
-        self.counts[key] = self.counts.get(key, 0) + answers
-
-    def render(
-        self, query: bytes, q: wire.Query, now: float, limit: int, ttl: int, stale: bool = False
-    ) -> bytes:
-        """The shaped reply with TTL min(answer_ttl, `ttl`); `stale`: EDE Stale Answer."""
-        self.refresh(now)
-        self.count(1)
-        ttl = min(self.settings.answer_ttl, ttl)
-        return self.variants[0].render_with_ttl(query, q, ttl, limit, stale)
+    def pick(self) -> Entry:
+        """The one prepared reply."""
+        return self.variants[0]
 
 
 def shape_srv(
