@@ -81,7 +81,8 @@ class Endpoint:
     probing: bool = False
     cloudmap: str | None = None  # HEALTHY / UNHEALTHY as Cloud Map says, None if not asked
     az: str | None = None  # its availability zone, as Cloud Map lists it
-    # Put in answers by the Cloud Map registry, not by DNS: left out until its first probe.
+    # Put in answers by the Cloud Map registry, not by DNS: left out until its first probe
+    # (which clears it).
     held: bool = False
     band: int | None = None  # latency band last published in `version`
 
@@ -99,7 +100,7 @@ class Endpoint:
     @property
     def usable(self) -> bool:
         """Whether shaping may hand it out: not known unhealthy, nor held for its first probe."""
-        return self.healthy is not False and not (self.held and self.state == UNKNOWN)
+        return self.healthy is not False and not self.held
 
     @property
     def name(self) -> str:
@@ -132,7 +133,7 @@ class Endpoint:
             "cloudmap": self.cloudmap,
             "health_source": self.health_source,
             "availability_zone": self.az,
-            "held_for_first_probe": self.held and self.state == UNKNOWN,
+            "held_for_first_probe": self.held,
             "latency_ms": _ms(self.latency),
             "probe_latency_ms": _ms(self.probe_latency),
             "last_probe_ago_s": None
