@@ -99,19 +99,13 @@ class DiscoveryZone:
     registry: Registry | None = None
 
 
-def service_of(wire_name: bytes, zone: str) -> str | None:
-    """The service a wire name is the name of (`resource-server` for resource-server.local
-    in zone `local`); None for any other name (the zone itself, an instance's name)."""
+def labels_below(wire_name: bytes, zone: str) -> list[str]:
+    """The labels of a wire name below `zone`: b'\\x04task\\x0fresource-server\\x05local\\x00'
+    in zone `local` -> ['task', 'resource-server']. The last is the service a name is asked
+    under; a service's own name has that one label only."""
     labels = wire_to_name(wire_name).rstrip(".").split(".")
     depth = 0 if zone == "." else zone.count(".") + 1
-    return labels[0] if len(labels) == depth + 1 and labels[0] else None
-
-
-def service_label(wire_name: bytes, zone: str) -> str:
-    """The label just below `zone` in a wire name: b'...resource-server.local' -> the service."""
-    labels = wire_to_name(wire_name).rstrip(".").split(".")
-    depth = zone.count(".") + 1
-    return labels[-depth - 1] if len(labels) > depth else ""
+    return labels[: max(len(labels) - depth, 0)]
 
 
 # RFC 8914 4.1. No code says "rate limited"; Not Ready (14) would send an operator looking
@@ -441,36 +435,55 @@ class Resolver:
         if not addresses:
             return None
         ttl = max(1, math.ceil(srv.expires - now))
-        records = b"".join(
+        records = [
             wire.address_record(q.qtype, ttl, ipaddress.ip_address(a).packed) for a in addresses
-        )
-        qend = reply.question_end
-        made = msg[:4] + wire.COUNTS.pack(1, len(addresses), 0, 0) + msg[wire.HEADER_SIZE : qend]
-        made += records
+        ]
+        made = wire.made_reply(msg, reply, records)
         return made, wire.parse_reply(made)
 
     def _fetch(self, q: wire.Query, route: str, msg: bytes, reply: wire.Reply) -> Entry:
         """Store an upstream reply (shaped in a discovery zone, else rotated if its zone's
         answer_order says so); the entry."""
-        question = q.key[:-1]
-        now = self.clock()
-        zone_name, zone = self.discovery.route(question[:-4])
-        max_negative = None if zone is None else zone.negative_ttl
-        if zone is not None and zone.asked is not None:
-            zone.asked(service_label(question[:-4], zone_name))
+        zone_name, zone = self.discovery.route(q.key[:-5])
+        if zone is None:
+            return self._store(q, route, msg, reply, self.clock(), ".", None, None)
+        service = None
+        if zone.asked is not None or zone.registry is not None:  # Cloud Map
+            labels = labels_below(q.key[:-5], zone_name)
+            if zone.asked is not None:
+                zone.asked(labels[-1] if labels else "")
+            service = labels[0] if len(labels) == 1 and labels[0] else None  # not an instance
+        return self._store(q, route, msg, reply, self.clock(), zone_name, zone, service)
+
+    def _store(
+        self,
+        q: wire.Query,
+        route: str,
+        msg: bytes,
+        reply: wire.Reply,
+        now: float,
+        zone_name: str,
+        zone: DiscoveryZone | None,
+        service: str | None,
+        registry_ttl: int | None = None,
+    ) -> Entry:
+        """Cache an upstream reply, made from the service's Cloud Map listing instead where
+        the discovery zone has a registry (`registry_ttl`: the TTL of an answer standing in
+        for a negative one, by default the zone's answer_ttl), and prepare its shaped or
+        rotated pool."""
         base = None
-        if zone is not None and zone.registry is not None:
-            service = service_of(question[:-4], zone_name)
-            if service is not None:
-                base = RegistryBase(q, route, msg, zone_name, service)
-                msg, reply = self._from_registry(base, zone, reply, now, zone.shaping.answer_ttl)
+        if zone is not None and zone.registry is not None and service is not None:
+            base = RegistryBase(q, route, msg, zone_name, service)
+            ttl = zone.shaping.answer_ttl if registry_ttl is None else registry_ttl
+            msg, reply = self._from_registry(base, zone, reply, now, ttl)
+        max_negative = None if zone is None else zone.negative_ttl
         entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route), max_negative)
-        if base is not None and entry.ttl > 0:
-            self._registry_bases[q.key] = base
         if entry.ttl > 0:
+            if base is not None:
+                self._registry_bases[q.key] = base
             if zone is not None:
                 self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
-            elif self.rotate.route(question[:-4])[1]:
+            elif self.rotate.route(q.key[:-5])[1]:
                 self.rotator.rotate(q.key, entry, msg, reply, q.do, now)
         return entry
 
@@ -513,18 +526,9 @@ class Resolver:
                 continue
             left = max(1, math.ceil(entry.expires - now))
             msg = wire.cap_ttls(base.msg, wire.parse_reply(base.msg), left)
+            ttl = min(left, zone.shaping.answer_ttl)
             reply = wire.parse_reply(msg)
-            base = base._replace(msg=msg)
-            made, made_reply = self._from_registry(
-                base, zone, reply, now, min(left, zone.shaping.answer_ttl)
-            )
-            entry = self.cache.store(
-                key, made, made_reply, now, base.q.do, name_to_wire(base.route), zone.negative_ttl
-            )
-            if entry.ttl <= 0:
-                continue
-            self._registry_bases[key] = base
-            self.shaper.shape(key, entry, made, made_reply, zone_name, base.q.do, zone.shaping, now)
+            self._store(base.q, base.route, msg, reply, now, zone_name, zone, base.service, ttl)
 
     def set_loop_token(self, token: str) -> None:
         self.loop_token = token

@@ -21,6 +21,7 @@ This module has no I/O; it is shared by the UDP and TCP listeners and the upstre
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from sidecar.errors import FormError
@@ -424,6 +425,19 @@ def address_record(rtype: int, ttl: int, packed: bytes) -> bytes:
     """An A or AAAA record of the question's name (a pointer to it at offset 12): `packed` is
     the address's 4 or 16 bytes."""
     return b"\xc0\x0c" + _RR_FIXED.pack(rtype, 1, ttl, len(packed)) + packed
+
+
+def made_reply(
+    msg: bytes, reply: Reply, answers: Sequence[bytes], additional: Sequence[bytes] = ()
+) -> bytes:
+    """A reply the sidecar makes on an upstream reply `msg`: its ID, flags (TC, AA and the rcode
+    cleared: a complete, non-authoritative NOERROR) and question, then `answers` and
+    `additional`, records as wire bytes whose names point into the question or are written
+    out (an offset the caller computes from `reply.question_end` stays right: the header and
+    question keep their length)."""
+    header = msg[:2] + bytes((msg[2] & ~(TC | AA) & 0xFF, msg[3] & ~RCODE_MASK & 0xFF))
+    counts = COUNTS.pack(1, len(answers), 0, len(additional))
+    return b"".join((header, counts, msg[HEADER_SIZE : reply.question_end], *answers, *additional))
 
 
 def cap_ttls(msg: bytes, reply: Reply, ttl: int) -> bytes:

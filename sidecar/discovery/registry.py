@@ -236,40 +236,33 @@ def registry_reply(
 def _message(
     msg: bytes, reply: wire.Reply, qtype: int, name: bytes, chosen: list[Instance], ttl: int
 ) -> bytes:
-    """The upstream's header (TC, AA and the rcode cleared) and question, with one record per
-    instance; SRV targets' addresses in the additional section."""
-    qend = reply.question_end
-    header = msg[:2] + bytes((msg[2] & ~(wire.TC | wire.AA) & 0xFF, msg[3] & 0xF0))
-    body = bytearray()
-    additional = bytearray()
-    extra = 0
+    """The upstream's reply made into one record per instance (wire.made_reply); SRV targets'
+    addresses in the additional section."""
     if qtype != TYPE_SRV:
+        records = []
         for instance in chosen:
             address = instance.address(qtype)
             assert address is not None
-            body += wire.address_record(qtype, ttl, ipaddress.ip_address(address).packed)
-        return header + wire.COUNTS.pack(1, len(chosen), 0, 0) + msg[wire.HEADER_SIZE : qend] + body
+            records.append(wire.address_record(qtype, ttl, ipaddress.ip_address(address).packed))
+        return wire.made_reply(msg, reply, records)
     # SRV: targets written out in full (RFC 2782: no compression in the target), their
     # address records' owners pointing at them.
-    targets: list[tuple[int, bytes, Instance]] = []
-    offset = qend
+    answers: list[bytes] = []
+    additional: list[bytes] = []
+    offset = reply.question_end
     for instance in chosen:
         label = _label(instance.instance_id)
         assert label is not None and instance.port is not None
         target = label + name
         rdata = SRV_FIXED.pack(1, 1, instance.port) + target
         record = b"\xc0\x0c" + RR_FIXED.pack(TYPE_SRV, 1, ttl, len(rdata)) + rdata
-        targets.append((offset + 2 + RR_FIXED.size + SRV_FIXED.size, target, instance))
-        body += record
+        target_at = offset + 2 + RR_FIXED.size + SRV_FIXED.size
+        answers.append(record)
         offset += len(record)
-    for target_at, target, instance in targets:
         # a pointer reaches the first 16 KiB of a message; past that, the name in full
         owner = struct.pack("!H", 0xC000 | target_at) if target_at < 0x4000 else target
         for rtype, address in ((wire.TYPE_A, instance.ipv4), (wire.TYPE_AAAA, instance.ipv6)):
-            if address is None:
-                continue
-            packed = ipaddress.ip_address(address).packed
-            additional += owner + RR_FIXED.pack(rtype, 1, ttl, len(packed)) + packed
-            extra += 1
-    counts = wire.COUNTS.pack(1, len(chosen), 0, extra)
-    return header + counts + msg[wire.HEADER_SIZE : qend] + body + additional
+            if address is not None:
+                packed = ipaddress.ip_address(address).packed
+                additional.append(owner + RR_FIXED.pack(rtype, 1, ttl, len(packed)) + packed)
+    return wire.made_reply(msg, reply, answers, additional)
