@@ -15,6 +15,11 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
 - `batch`: that thread reading and answering in batches with the sidecar's own recvmmsg /
   sendmmsg wrapper and its batch closure (sidecar/server/datagram_batch.py), over this table
   with rows that never expire: the sidecar's model.
+- `batch-cold`: the same closure with no rows: each query is answered the way the sidecar's
+  reader thread answers a hit with no row (`FastPath.answer_cold`): `wire.parse_query`, a dict
+  lookup of the cache key, `Entry.render_with_ttl` with the TTL left, and nothing else (no
+  counting, no hand-off, no admission). With `--names 100000` it is the ceiling of the
+  100,000-name row of `make bench`.
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
@@ -29,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -42,7 +48,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("protocol", "reader", "blocking", "thread", "batch")
+MODES = ("protocol", "reader", "blocking", "thread", "batch", "batch-cold")
 
 
 def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
@@ -109,6 +115,43 @@ def _serve_batches(host: str, port: int) -> None:
         serve(batch.receive())
 
 
+def _serve_cold(host: str, port: int, names: int) -> None:
+    import math
+    import time
+
+    from sidecar.core import wire
+    from sidecar.core.cache import Entry
+    from sidecar.server.datagram_batch import DatagramBatch
+
+    entries: dict[bytes, Entry] = {}
+    expires = time.monotonic() + 3600
+    for query_tail, reply_tail in reply_table(zones.hit_names(names)).items():
+        q = wire.parse_query(b"\0\0" + query_tail)
+        msg = b"\0\0" + reply_tail
+        entries[q.key] = Entry(
+            msg, wire.parse_reply(msg), ttl=3600, expires=expires, negative=False, do=False,
+            patch_ttls=True,
+        )  # fmt: skip
+    get, parse, udp_limit, ceil = entries.get, wire.parse_query, wire.udp_limit, math.ceil
+
+    def answer_cold(data: bytes, now: float, _cold: list[object]) -> bytes | None:
+        q = parse(data)
+        entry = get(q.key)
+        if entry is None or entry.expires <= now:
+            return None
+        return entry.render_with_ttl(data, q, ceil(entry.expires - now), udp_limit(q.edns_size))
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    batch = DatagramBatch(sock)
+    no_rows: dict[bytes, _Row] = {}
+    serve = batch.server(
+        no_rows.get, None, lambda _s: None, lambda _r: None, time.monotonic, answer_cold
+    )
+    while True:
+        serve(batch.receive())
+
+
 async def _serve(mode: str, host: str, port: int) -> None:
     table = reply_table(zones.hit_names(1000))
     loop = asyncio.get_running_loop()
@@ -144,16 +187,22 @@ def serve(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ceiling serve")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--names", type=int, default=1000)
     args = parser.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
     if args.mode == "blocking":
         _serve_blocking(host, int(port))
-    if args.mode in ("thread", "batch"):
+    if args.mode in ("thread", "batch", "batch-cold"):
         import threading
 
-        target = _serve_blocking if args.mode == "thread" else _serve_batches
-        threading.Thread(target=target, args=(host, int(port)), daemon=True).start()
+        if args.mode == "batch-cold":
+            threading.Thread(
+                target=_serve_cold, args=(host, int(port), args.names), daemon=True
+            ).start()
+        else:
+            target = _serve_blocking if args.mode == "thread" else _serve_batches
+            threading.Thread(target=target, args=(host, int(port)), daemon=True).start()
     uvloop.run(_serve(args.mode, host, int(port)))
     return 0
 
@@ -161,13 +210,19 @@ def serve(argv: Sequence[str]) -> int:
 class Responder(Server):
     kind = "responder"
 
-    def __init__(self, mode: str, host: str, workdir: Path, cpus: str | None) -> None:
+    def __init__(
+        self, mode: str, host: str, workdir: Path, cpus: str | None, names: int = 1000
+    ) -> None:
         super().__init__(f"python-{mode}", host, workdir, cpus)
         self.mode = mode
+        self.names = names
 
     def command(self) -> list[str]:
         exe = str(VENV_BIN / "python")
-        return [exe, "-m", "bench.ceiling", "serve", "--mode", self.mode, "--listen", self.address]
+        return [
+            *(exe, "-m", "bench.ceiling", "serve", "--mode", self.mode),
+            *("--listen", self.address, "--names", str(self.names)),
+        ]
 
 
 def measure(argv: Sequence[str]) -> int:
@@ -175,12 +230,17 @@ def measure(argv: Sequence[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ceiling.md")
+    parser.add_argument("--names", type=int, default=1000, help="cached names, asked shuffled")
+    parser.add_argument("--modes", default=",".join(MODES), help="toy responders, comma-separated")
     args = parser.parse_args(argv)
+    names = zones.hit_names(args.names)
+    random.Random(7).shuffle(names)
+    modes = args.modes.split(",")
     os.sched_setaffinity(0, {0})
     os.environ["PYTHONPATH"] = str(ROOT)  # the responders import bench
     busy = cpu_busy_share()
     work = Path(tempfile.mkdtemp(prefix="dns-bench-ceiling-"))
-    nsd = Nsd("127.0.21.1", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(1000)})
+    nsd = Nsd("127.0.21.1", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(args.names)})
     servers: list[Server] = []
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}  # the server's CPU time / run time
@@ -189,11 +249,14 @@ def measure(argv: Sequence[str]) -> int:
         servers = [
             Dnsmasq("dnsmasq", "127.0.20.3", work / "dnsmasq", "1", nsd.address, {}, 210000),
             Sidecar("sidecar", "127.0.20.1", work / "sidecar", "1", nsd.address, {}, 210000),
-            *(Responder(m, f"127.0.20.{6 + i}", work / m, "1") for i, m in enumerate(MODES)),
+            *(
+                Responder(m, f"127.0.20.{6 + i}", work / m, "1", args.names)
+                for i, m in enumerate(modes)
+            ),
         ]
         for server in servers:
             server.start()
-        data = zones.write_query_file(work / "hits.txt", zones.hit_names(1000))
+        data = zones.write_query_file(work / "hits.txt", names)
         for server in servers:
             load.dnsperf(server.address, data, seconds=60, once=True, clients=4, outstanding=200)
         for round_no in range(args.rounds):
@@ -218,8 +281,9 @@ def measure(argv: Sequence[str]) -> int:
         "# The ceiling of a Python cache-hit path on this machine",
         "",
         f"`python -m bench.ceiling`: {args.rounds} rounds, each server {2 * args.rounds} runs "
-        f"of {args.seconds:g} s (dnsperf -c 10 -q 100, 1,000 cached names), servers pinned to "
-        f"CPU 1, dnsperf to CPU 0. Machine busy before the run: {busy:.0%}. "
+        f"of {args.seconds:g} s (dnsperf -c 10 -q 100, {args.names:,} cached names, asked "
+        "shuffled), servers pinned to CPU 1, dnsperf to CPU 0. "
+        f"Machine busy before the run: {busy:.0%}. "
         "See bench/ceiling.py for the toy responders.",
         "",
         "| server | median QPS | / dnsmasq | server CPU busy | us of CPU per query | runs |",

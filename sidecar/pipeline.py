@@ -170,6 +170,8 @@ class Resolver:
         # Cache keys whose entry was made from a Cloud Map listing: what it was made of.
         self._registry_bases: dict[bytes, RegistryBase] = {}
         cache.on_retire = self._retired
+        self.touch = cache.touch
+        self._peek = cache.peek  # RowSource.touch: a hit on a row or a thread's cold hit
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Future[Entry]] = set()
         # Forwarding-loop probes (see new_loop_probe): their names start with one label that
@@ -217,8 +219,20 @@ class Resolver:
         """The pool served instead of `entry`: shaped (discovery zones) or rotated."""
         return self.shaper.of(key, entry) or self.rotator.of(key, entry)
 
-    def touch(self, key: bytes) -> None:
-        self.cache.touch(key)
+    def servable(self, key: bytes, now: float) -> Entry | None:
+        """The entry under `key` if a UDP reader thread may answer from it as it is: fresh,
+        no refresh to start, no shaped or rotated pool standing in for it. Reads only (dict
+        lookups and slot loads), safe from the thread."""
+        entry = self._peek(key)
+        if (
+            entry is None
+            or entry.expires <= now
+            or entry.form.discovery
+            or (now >= entry.prefetch_at and key not in self._prefetched)
+            or key in self.rotator.pools
+        ):
+            return None
+        return entry
 
     def charge(self, key: bytes, nbytes: int) -> None:
         self.cache.charge(key, "rows", nbytes)
@@ -236,7 +250,7 @@ class Resolver:
         entry = self.cache.get(q.key, now)
         if entry is None:
             return None
-        self.metrics.cache_hits[entry.negative] += 1
+        self.metrics.cache_hits[entry.form.negative] += 1
         if now >= entry.prefetch_at and q.key not in self._prefetched:
             self.prefetch(q, entry)
         return entry
@@ -477,7 +491,9 @@ class Resolver:
             ttl = zone.shaping.answer_ttl if registry_ttl is None else registry_ttl
             msg, reply = self._from_registry(base, zone, reply, now, ttl)
         max_negative = None if zone is None else zone.negative_ttl
-        entry = self.cache.store(q.key, msg, reply, now, q.do, name_to_wire(route), max_negative)
+        entry = self.cache.store(
+            q.key, msg, reply, now, q.do, name_to_wire(route), max_negative, zone is not None
+        )
         if entry.ttl > 0:
             if base is not None:
                 self._registry_bases[q.key] = base

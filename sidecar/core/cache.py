@@ -2,10 +2,14 @@
 
 Theory of operation
 - An entry is made once, on the miss path, from a walked upstream reply (wire.parse_reply). The
-  upstream's OPT record is cut off (we add our own per client), and the rest after the question is
-  split at every record's TTL field. Serving a hit is then: the client's ID, flags, counts, the
-  client's own question bytes (its letter case, 0x20 clients check it) and `ttl.join(chunks)`.
-  No parsing, no dnslib, one `join` (re-packing with dnslib runs at ~7k qps on 2 vCPUs).
+  upstream's OPT record is cut off (we add our own per client); the rest after the question is
+  kept as one bytes object with the offsets of its records' TTL fields. Serving a hit is then:
+  the client's ID, flags, counts, the client's own question bytes (its letter case, 0x20
+  clients check it) and the body with the TTL spliced in at each offset. No parsing, no dnslib,
+  one `join` (re-packing with dnslib runs at ~7k qps on 2 vCPUs).
+- Small: ~250 bytes of memory per one-record entry beside its key (tracemalloc), because a
+  cache holds 100,000 of them. What entries have alike (flags, counts, OPT, rcode; the TTL
+  offsets; the TTL) is one shared object for all (`Form`, `_shared`), not a field each.
 - Every record carries the entry's remaining TTL (as CoreDNS does), rounded up, so a fresh
   entry never says 0 and the TTL counts down from the first answer to the last.
 - Lifetimes: positive = smallest TTL of all records, clamped to [min_ttl, max_ttl]; negative
@@ -35,7 +39,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from sidecar.core import bailiwick, wire
 from sidecar.core.counters import Counters
@@ -56,8 +60,10 @@ class CacheSettings:
 
 
 T = TypeVar("T")
-ENTRY_OVERHEAD = 350
-CHUNK_OVERHEAD = 42
+# An entry: the object, its table slot, its two floats, its body's bytes beside their content.
+ENTRY_OVERHEAD = 270
+# A pool's variant: the entry and its body's header (no table slot; its floats are its base's).
+VARIANT_OVERHEAD = 130
 CHARGE_SLOT = 100  # a charge's own slot and number (tracemalloc, CPython 3.11)
 POOL_SLOT = 8  # a pool's list slot per variant
 
@@ -74,32 +80,44 @@ MAX_SHARED = 4096
 
 
 def _shared(value: T) -> T:
-    """One copy of equal small values (header flags, section counts) for all entries."""
-    kept = _SHARED.get(value)
+    """One copy of equal small values (header forms, counts, TTLs, offsets) for all entries;
+    told apart by type too (1 == True, a Form equals the plain tuple of its fields)."""
+    key = (value.__class__, value)
+    kept = _SHARED.get(key)
     if kept is not None:
         return cast(T, kept)
     if len(_SHARED) < MAX_SHARED:
-        _SHARED[value] = value
+        _SHARED[key] = value
     return value
 
 
-class Entry:
-    """One reply ready to be served to any client that asks the same question."""
+class Form(NamedTuple):
+    """What an entry's replies carry beside its records: the same for many entries (few flag
+    sets, counts and OPT records occur), so one shared tuple (`_shared`) serves them all."""
 
-    __slots__ = (
-        "chunks",
-        "cost",
-        "counts",
-        "counts_edns",
-        "expires",
-        "flags",
-        "negative",
-        "opt",
-        "prefetch_at",
-        "rcode",
-        "size",
-        "ttl",
-    )
+    # The header flag pairs a client sees, by RD | CD << 1 of its query: its own RD and CD
+    # (RFC 4035 3.2.2: copied); RA since we recurse for it; AA cleared, because an answer
+    # from a cache is not authoritative (RFC 1035 6.2); Z always clear.
+    flags: tuple[bytes, ...]
+    counts: bytes  # QD, AN, NS, AR without an OPT record...
+    counts_edns: bytes  # ...and with ours
+    opt: bytes  # our OPT record, DO as the client's
+    rcode: int
+    negative: bool  # NXDOMAIN or NODATA
+    # Made in a discovery zone: its answers come from a shaped pool, never as it is (said
+    # here, so a reader thread that finds it before its pool is made does not serve it).
+    discovery: bool
+
+
+class Entry:
+    """One reply ready to be served to any client that asks the same question.
+
+    Kept small (100,000 of them are a cache's worth): the records after the question as one
+    bytes object, the offsets of their TTL fields in it (a tuple shared by all entries of the
+    same layout), what all its replies share (`form`, shared by entries alike), and its own
+    numbers (a TTL shared too). No per-entry object beside the bytes and two floats."""
+
+    __slots__ = ("body", "expires", "form", "prefetch_at", "ttl", "ttl_at")
 
     def __init__(
         self,
@@ -112,45 +130,59 @@ class Entry:
         do: bool,
         patch_ttls: bool,
         prefetch_percent: int = 0,
+        discovery: bool = False,
     ) -> None:
-        records = reply.records
         # The OPT record, when there is one, must be the last thing in the message so that it
         # can be cut off without moving any name a compression pointer refers to.
-        body_end = reply.opt.start if reply.opt else len(msg)
         start = reply.question_end
-        if patch_ttls:
-            chunks = []
-            for record in records:
-                chunks.append(msg[start : record.ttl_offset])
-                start = record.ttl_offset + 4
-            chunks.append(msg[start:body_end])
-            self.chunks: tuple[bytes, ...] = tuple(chunks)
-        else:
-            self.chunks = (msg[start:body_end],)
+        self.body = msg[start : reply.opt.start if reply.opt else len(msg)]
+        self.ttl_at: tuple[int, ...] = _shared(
+            tuple(record.ttl_offset - start for record in reply.records) if patch_ttls else ()
+        )
         qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
         if reply.opt is not None:
             ar -= 1
-        # The flags a client sees: its own RD and CD (RFC 4035 3.2.2: copied); RA since we
-        # recurse for it; AA cleared, because an answer from a cache is not authoritative
-        # (RFC 1035 6.2); Z always clear. Indexed by RD | CD << 1 of the query.
-        self.flags = _flags(msg[2], msg[3])
-        self.counts = _shared(wire.COUNTS.pack(qd, an, ns, ar))
-        self.counts_edns = _shared(wire.COUNTS.pack(qd, an, ns, ar + 1))
-        self.opt = OPT_RECORDS[do]
-        self.size = wire.HEADER_SIZE + sum(len(c) for c in self.chunks) + 4 * (len(self.chunks) - 1)
-        # Estimated bytes of memory this entry holds while cached, key and table slot included
-        # (but not the key's own bytes): measured with tracemalloc on CPython 3.11, about 350
-        # for the entry and its own small fields (the shared ones not counted) plus 42 per
-        # chunk object beside the bytes.
-        self.cost = ENTRY_OVERHEAD + sum(len(c) + CHUNK_OVERHEAD for c in self.chunks)
-        self.ttl = ttl
+        self.form = _shared(
+            Form(
+                _flags(msg[2], msg[3]),
+                wire.COUNTS.pack(qd, an, ns, ar),
+                wire.COUNTS.pack(qd, an, ns, ar + 1),
+                OPT_RECORDS[do],
+                reply.rcode,
+                negative,
+                discovery,
+            )
+        )
+        self.ttl = _shared(ttl)
         self.expires = expires
-        self.negative = negative
-        self.rcode = reply.rcode
         # Asked for after this moment, the entry is refreshed in the background (once).
         self.prefetch_at = (
             expires - ttl * prefetch_percent / 100 if prefetch_percent and ttl else math.inf
         )
+
+    @property
+    def rcode(self) -> int:
+        return self.form.rcode
+
+    @property
+    def negative(self) -> bool:
+        return self.form.negative
+
+    @property
+    def discovery(self) -> bool:
+        return self.form.discovery
+
+    @property
+    def size(self) -> int:
+        """The reply's size with a question of none and no OPT record."""
+        return wire.HEADER_SIZE + len(self.body)
+
+    @property
+    def cost(self) -> int:
+        """Estimated bytes of memory this entry holds while cached, its table slot included
+        (but not its key's bytes): tracemalloc on CPython 3.11, ENTRY_OVERHEAD for the entry,
+        its slot and its two floats, and the body's own bytes."""
+        return ENTRY_OVERHEAD + len(self.body)
 
     def render(self, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """This entry as a reply to `query`: its ID, RD bit, question; TC when over `limit`."""
@@ -161,11 +193,12 @@ class Entry:
     ) -> bytes:
         """`render` with the TTL given; `stale`: the OPT says Stale Answer (EDE 3)."""
         qend = q.question_end
-        flags = self.flags[(query[2] & wire.RD) | (q.cd << 1)]
+        form = self.form
+        flags = form.flags[(query[2] & wire.RD) | (q.cd << 1)]
         edns = q.edns_size != 0
-        opt = STALE_OPT_RECORDS[q.do] if stale else self.opt
-        size = self.size + qend - wire.HEADER_SIZE + (len(opt) if edns else 0)
-        if size > limit:
+        opt = STALE_OPT_RECORDS[q.do] if stale else form.opt
+        body: bytes | bytearray = self.body
+        if len(body) + qend + (len(opt) if edns else 0) > limit:
             tc_flags = bytes((flags[0] | wire.TC, flags[1]))
             return b"".join(
                 (
@@ -176,13 +209,27 @@ class Entry:
                     opt if edns else b"",
                 )
             )
-        chunks = self.chunks
-        body = ttl.to_bytes(4, "big").join(chunks) if len(chunks) > 1 else chunks[0]
+        ttl_at = self.ttl_at
+        if len(ttl_at) == 1:  # one record (the common case): its TTL spliced in, no copy
+            at = ttl_at[0]
+            before, ttl_bytes, after = body[:at], ttl.to_bytes(4, "big"), body[at + 4 :]
+            question = query[wire.HEADER_SIZE : qend]
+            if edns:
+                return b"".join(
+                    (query[:2], flags, form.counts_edns, question, before, ttl_bytes, after, opt)
+                )
+            return b"".join((query[:2], flags, form.counts, question, before, ttl_bytes, after))
+        if ttl_at:
+            patched = bytearray(body)
+            ttl_bytes = ttl.to_bytes(4, "big")
+            for at in ttl_at:
+                patched[at : at + 4] = ttl_bytes
+            body = patched
         if edns:
             return b"".join(
-                (query[:2], flags, self.counts_edns, query[wire.HEADER_SIZE : qend], body, opt)
+                (query[:2], flags, form.counts_edns, query[wire.HEADER_SIZE : qend], body, opt)
             )
-        return b"".join((query[:2], flags, self.counts, query[wire.HEADER_SIZE : qend], body))
+        return b"".join((query[:2], flags, form.counts, query[wire.HEADER_SIZE : qend], body))
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,7 +245,7 @@ def _flags(byte2: int, byte3: int) -> tuple[bytes, ...]:
 
 def pool_cost(variants: Sequence[Entry]) -> int:
     """Estimated bytes of a pool of prepared variants: each distinct one, and a slot each."""
-    distinct = {id(variant): variant.cost for variant in variants}
+    distinct = {id(variant): VARIANT_OVERHEAD + len(variant.body) for variant in variants}
     return sum(distinct.values()) + POOL_SLOT * len(variants)
 
 
@@ -237,6 +284,9 @@ class TtlCache:
         # stages keep about it by key goes with it. The pipeline sets it.
         self.on_retire: Callable[[bytes], None] | None = None
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        # The entry under a key, fresh or expired, its LRU place untouched: one dict lookup
+        # (a C call), safe from a UDP reader thread (core/fast_path.py's `answer_cold`).
+        self.peek: Callable[[bytes], Entry | None] = self._entries.get
         self._failures: OrderedDict[bytes, float] = OrderedDict()
         self.negative_entries = 0  # kept as entries come and go, for the metrics
         # The estimated memory of all entries (Entry.cost + key) and of what is kept beside
@@ -265,8 +315,10 @@ class TtlCache:
 
     def touch(self, key: bytes) -> None:
         """Mark `key` as recently used (for hits served from a copy of its entry)."""
-        if key in self._entries:
+        try:  # noqa: SIM105 - a hit per cold query: suppress() costs a context manager
             self._entries.move_to_end(key)
+        except KeyError:
+            pass
 
     def get_stale(self, key: bytes, now: float) -> Entry | None:
         """An entry that expired at most `max_stale` seconds ago (RFC 8767), or None."""
@@ -287,10 +339,12 @@ class TtlCache:
         do: bool,
         zone: bytes = bailiwick.ROOT,
         max_negative: int | None = None,
+        discovery: bool = False,
     ) -> Entry:
         """Make an entry from an upstream reply; cache it when its lifetime allows and all its
         records belong to the question (`zone`: the wire name of the zone it was routed by;
-        `max_negative`: a lower cap on a negative answer's lifetime)."""
+        `max_negative`: a lower cap on a negative answer's lifetime; `discovery`: made in a
+        discovery zone, served from its shaped pool only)."""
         life = lifetime(msg, reply, self.limits, max_negative)
         if life is not None and not bailiwick.in_bailiwick(msg, reply, key[:-5], zone):
             life = None
@@ -309,6 +363,7 @@ class TtlCache:
             do=do,
             patch_ttls=True,
             prefetch_percent=self.limits.prefetch_percent,
+            discovery=discovery,
         )
         self._remove(key)
         self._entries[key] = entry
@@ -358,7 +413,7 @@ class TtlCache:
         if old is not None:
             if self.on_retire is not None:
                 self.on_retire(key)
-            self.negative_entries -= old.negative
+            self.negative_entries -= old.form.negative
             self.bytes -= old.cost + len(key)
             for held in self._charges.values():
                 self.bytes -= held.pop(key, 0)

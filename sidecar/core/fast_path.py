@@ -44,10 +44,11 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
-- Admission: a row is made on the second hit of an entry within a second (`admit`). The
-  table remembers the hits that found no row by entry (its identity: no copy of a key) in two
-  generations of ADMIT_WITHIN seconds (`asked`, `asked_before`): exact for "within a second",
-  bounded by the entries asked in the last two seconds, and nothing written to the entry.
+- Admission: a row is made on the second hit of an entry within a second (`admit`), unless a
+  hit of another entry took its slot in a fixed table in between (ADMIT_SLOTS slots of entry
+  identity and time: 256 KiB whatever the traffic, and nothing written to the entry). Hits
+  with no row are answered from the entry itself: by a reader thread (`answer_cold`), which
+  hands them to the loop to count and admit, or on the loop.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import cycle, repeat
@@ -65,7 +67,7 @@ from typing import Protocol
 
 from sidecar.core import wire
 from sidecar.core.cache import Entry
-from sidecar.core.counters import LATENCY_BUCKETS, Counters
+from sidecar.core.counters import LATENCY_BUCKETS, Counters, Histogram
 
 FAST_PATH_ROWS = 16384
 SHAPED_RECHECK = 0.25  # seconds between endpoint-health checks of a shaped row
@@ -75,12 +77,17 @@ REFRESH_LEAD = 0.05  # a row in use is refreshed this long before its moment, or
 TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
-ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds
+ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds...
+ADMIT_SLOTS = 16384  # ...unless another entry took its admission slot in between
+ADMIT_MASK = ADMIT_SLOTS - 1
 DRAIN_AT = 64  # batches handed off before the loop is asked to count them
 # Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
 # parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
 ROW_OVERHEAD = 550
 TAIL_OVERHEAD = 60
+
+# A hit a reader thread answered from a cache entry (no row): the query, its parse, the entry.
+ColdHit = tuple[bytes, wire.Query, Entry]
 
 
 class ShapedReplies(Protocol):
@@ -110,6 +117,10 @@ class RowSource(Protocol):
 
     def touch(self, key: bytes) -> None:
         """Mark the entry under `key` as recently used."""
+
+    def servable(self, key: bytes, now: float) -> Entry | None:
+        """The entry under `key` if a reader thread may answer from it as it is (fresh, no
+        refresh due, no pool standing in for it); reads only, safe from the thread."""
 
     def charge(self, key: bytes, nbytes: int) -> None:
         """The rows of the entry under `key` hold `nbytes` (counted against the cache's
@@ -174,10 +185,10 @@ class FastPath:
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
-        # Entry -> its last hit that found no row, this generation and the one before.
-        self.asked: dict[Entry, float] = {}
-        self.asked_before: dict[Entry, float] = {}
-        self.asked_since = -math.inf  # when the current generation began
+        # Admission memory: per slot (an entry's hash), the last entry whose hit found no row
+        # there, and when (see `admit`).
+        self.admit_ids = array("q", bytes(8 * ADMIT_SLOTS))
+        self.admit_times = array("d", bytes(8 * ADMIT_SLOTS))
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
@@ -185,6 +196,9 @@ class FastPath:
         # Batches a UDP reader thread served, (their rows, their time), not counted yet. The
         # thread's only write here is `hand_off` (see the module's notes); the loop `drain`s.
         self._handed: deque[tuple[list[FastHit], float]] = deque()
+        # The same for the hits a thread answered from entries (`answer_cold`): (the hits,
+        # when the batch began, its time).
+        self._handed_cold: deque[tuple[list[ColdHit], float, float]] = deque()
         self.on_backlog: Callable[[], None] | None = None  # glue: have the loop call drain
         # Hits faster than QUICK not in the latency histogram yet: how many, their time.
         self.quick = 0
@@ -195,21 +209,20 @@ class FastPath:
 
     def admit(self, entry: Entry, now: float) -> bool:
         """Whether a hit on `entry` at `now` should get a row: the second hit within
-        ADMIT_WITHIN seconds. Names asked less often than that would only churn the table
-        (100,000 names asked in turn filled and swept it every second, a row made per query
-        and never used)."""
-        asked = self.asked
-        if now - self.asked_since >= ADMIT_WITHIN:
-            # A new generation: a hit remembered in the old one is at most one generation
-            # old at the next hit within ADMIT_WITHIN, so two generations are enough.
-            self.asked_before, self.asked, self.asked_since = asked, {}, now
-            asked = self.asked
-        last = asked.get(entry)
-        if last is None:
-            last = self.asked_before.get(entry, -math.inf)
-        if now - last < ADMIT_WITHIN:
+        ADMIT_WITHIN seconds with no hit of another entry on its slot in between. Names asked
+        less often would only churn the table (100,000 names asked in turn filled and swept
+        it every second, a row made per query and never used); a reader thread answers them
+        from their entries (`answer_cold`). A fixed table of ADMIT_SLOTS slots: the more
+        names are asked, the more often each slot is taken over, so the busier the sidecar,
+        the more often a name must be asked to get a row (at 200,000 cold hits a second, ~12
+        times a second); a name asked hundreds of times a second gets one at its second hit."""
+        slot = hash(entry) & ADMIT_MASK
+        ident = id(entry)
+        ids, times = self.admit_ids, self.admit_times
+        if ids[slot] == ident and now - times[slot] < ADMIT_WITHIN:
             return True
-        asked[entry] = now
+        ids[slot] = ident
+        times[slot] = now
         return False
 
     def remember(
@@ -253,7 +266,7 @@ class FastPath:
     def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
         or went, and the row is dropped."""
-        if self._handed:
+        if self._handed or self._handed_cold:
             self.drain()  # the hits it served before this refresh are counted as of before
         entry = hit.entry
         if entry.expires <= now:
@@ -325,7 +338,7 @@ class FastPath:
         `most` of them: True if more are due (call again soon). Rows cached in one burst share
         a bucket, and a thousand refreshes (~4 us each) in one go held the GIL for milliseconds
         while the UDP reader thread waited."""
-        if self._handed:
+        if self._handed or self._handed_cold:
             self.drain()  # "asked since" reads the counts
         last = int(now / TICK)
         done = 0
@@ -366,20 +379,73 @@ class FastPath:
         if len(handed) == DRAIN_AT and self.on_backlog is not None:
             self.on_backlog()
 
+    def answer_cold(self, query: bytes, now: float, cold: list[ColdHit]) -> bytes | None:
+        """From a reader thread: the reply to `query` (a datagram with no current row) from
+        its cache entry as it is (`RowSource.servable`), rendered with the TTL left at `now`,
+        and the hit appended to `cold` for the loop to count (`hand_off_cold`); None when
+        the loop must answer it (malformed, a miss, a refresh due, a pool, ...). Reads only:
+        the parse and the render are pure, the lookups single dict reads."""
+        try:
+            q = wire.parse_query(query)
+        except wire.ClientError:
+            return None
+        entry = self.source.servable(q.key, now)
+        if entry is None:
+            return None
+        ttl = math.ceil(entry.expires - now)
+        reply = entry.render_with_ttl(query, q, ttl, wire.udp_limit(q.edns_size))
+        cold.append((query, q, entry))
+        return reply
+
+    def hand_off_cold(self, batch: tuple[list[ColdHit], float, float]) -> None:
+        """From a reader thread: the hits a batch answered from entries, when it began and
+        the time it took (one `deque.append`, as `hand_off`)."""
+        handed = self._handed_cold
+        handed.append(batch)
+        if len(handed) == DRAIN_AT and self.on_backlog is not None:
+            self.on_backlog()
+
     def drain(self) -> None:
         """Count the batches handed off by reader threads: each of their rows served one
-        reply in the batch's time. On the event loop, before any count is read."""
+        reply in the batch's time, and each hit answered from an entry is counted as the loop
+        counts a hit, its entry marked used, and given a row when admitted. On the event loop,
+        before any count is read."""
         handed = self._handed
         durations = self.metrics.durations["cache"]
         while handed:
             rows, seconds = handed.popleft()
             for hit in rows:
                 hit.hits += 1
-            if seconds < QUICK:
-                self.quick += len(rows)
-                self.quick_seconds += seconds * len(rows)
-            else:  # a batch is timed as a whole: each of its replies took that long
-                durations.observe(seconds, len(rows))
+            self._timed(durations, seconds, len(rows))
+        handed_cold = self._handed_cold
+        if not handed_cold:
+            return
+        metrics, source = self.metrics, self.source
+        requests, hits, responses = (
+            metrics.requests["udp"],
+            metrics.cache_hits,
+            metrics.responses["cache"],
+        )
+        touch, admit, remember = source.touch, self.admit, self.remember
+        while handed_cold:
+            cold, now, seconds = handed_cold.popleft()
+            for query, q, entry in cold:
+                requests[q.qtype] += 1
+                form = entry.form
+                hits[form.negative] += 1
+                responses[form.rcode] += 1
+                touch(q.key)
+                if admit(entry, now):
+                    remember(query, q, entry, now)
+            self._timed(durations, seconds, len(cold))
+
+    def _timed(self, durations: Histogram, seconds: float, replies: int) -> None:
+        """`replies` answered in one batch that took `seconds`: each took that long."""
+        if seconds < QUICK:
+            self.quick += replies
+            self.quick_seconds += seconds * replies
+        else:
+            durations.observe(seconds, replies)
 
     def flush_row(self, hit: FastHit) -> None:
         """Add a row's hits to the metrics (its hand-off drained first by the caller)."""
@@ -407,7 +473,7 @@ class FastPath:
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""
-        if self._handed:
+        if self._handed or self._handed_cold:
             self.drain()
         self.flush_row(hit)
         hit.valid_until = -math.inf

@@ -16,11 +16,12 @@ Theory of operation
   whatever else is already queued, up to SIZE, without waiting more. So one query in flight
   costs no latency, and a busy socket is read SIZE at a time.
 - `server(...)` makes the closure that serves the datagrams of the last receive(): each one
-  whose row is current (and whose client is admitted) gets `ID + the row's tail`, copied into
-  the next reply slot, whose header then names the sockaddr of that datagram; the slots go
+  whose row is current (and whose client is admitted) gets `ID + the row's tail`; one with no
+  current row gets what `answer_cold` makes of it (a reply rendered from its cache entry), if
+  anything. Each reply is copied into the next reply slot, whose header then names the sockaddr of that datagram; the slots go
   out in sendmmsg calls of FLUSH_EVERY (the first reply of a full batch of 32 waited for the
   other 31 to be made: 2.2x dnsmasq's p50 at half load), and the batch's served rows and its
-  time go to `hand_off` in one call.
+  time go to `hand_off` in one call (its cold hits to `hand_off_cold`).
   A reply longer than SLOT goes out with a plain `sendto`. A reply the kernel refuses (an
   unreachable client) is skipped: it is lost, as with `sendto`. Everything else goes to
   `lend` as (datagram, address as `socket.recvfrom` gives it).
@@ -31,10 +32,11 @@ Theory of operation
   as one sendmsg per message. Elsewhere on Linux, libc's own recvmmsg/sendmmsg.
 
 Invariants of the closure (what keeps a lone query's path short)
-- One Python function per batch, nothing called per datagram but builtins and the row's
-  `next_tail` for shaped rows: when a query comes alone, each Python call on the way costs a
-  microsecond or more of cold caches, and per-datagram helper calls cost ~15 us at one query
-  in flight (bench/NOTES.md). So the layout is read inline, through memoryview casts (a
+- One Python function per batch, nothing called per datagram with a current row but builtins
+  and the row's `next_tail` for shaped rows: when a query comes alone, each Python call on the
+  way costs a microsecond or more of cold caches, and per-datagram helper calls cost ~15 us at
+  one query in flight (bench/NOTES.md). Only a datagram without a current row calls
+  `answer_cold` (the alternative is lending the socket to the loop, which costs more). So the layout is read inline, through memoryview casts (a
   fraction of a ctypes field access), with per-slot offsets computed once here.
 - Reply slot j is filled in order, j = the number of replies staged since the last send
   (at most FLUSH_EVERY); only slots 0..staged-1 are sent, and a slot's size and destination
@@ -88,6 +90,7 @@ class Row(Protocol):
 
 
 R = TypeVar("R", bound=Row)
+C = TypeVar("C")  # what `answer_cold` notes of a datagram it answered, for `hand_off_cold`
 
 
 class _IoVec(ctypes.Structure):
@@ -259,12 +262,15 @@ class DatagramBatch:
         hand_off: Callable[[tuple[list[R], float]], None],
         lend: Callable[[list[tuple[bytes, Address]]], None],
         clock: Callable[[], float],
+        answer_cold: Callable[[bytes, float, list[C]], bytes | None] | None = None,
+        hand_off_cold: Callable[[tuple[list[C], float, float]], None] | None = None,
     ) -> BatchServer:
         """The closure that serves datagrams 0..count-1 of the last receive(): a datagram
         whose row (`rows_get` of its bytes after the ID) is current at the batch's `clock()`
-        and whose client is admitted is answered from the row; the replies go out together,
-        then `hand_off((rows served, seconds the batch took))`; the rest go to `lend`, once
-        per batch. `admitted_get` (None: everyone is) gives True for a client host judged
+        and whose client is admitted is answered from the row, one with no current row by
+        `answer_cold(datagram, now, cold)` if it gives a reply (noting the hit in `cold`);
+        the replies go out together, then `hand_off((rows served, seconds the batch took))`
+        and `hand_off_cold((cold, now, seconds))`; the rest go to `lend`, once per batch. `admitted_get` (None: everyone is) gives True for a client host judged
         allowed; a client's raw address found so is remembered, so the next datagram from it
         is one dict lookup before its address is decoded."""
         known: dict[bytes, bool] = {}
@@ -287,22 +293,32 @@ class DatagramBatch:
         def serve(count: int) -> None:
             now = clock()
             served: list[R] = []
+            cold: list[C] = []
             slow: list[tuple[bytes, Address]] | None = None
             staged = 0
             for i in range(count):
                 start, length, client_start, client_end = incoming[i]
                 data = bytes(memory[start : start + lengths[length]])
                 row = rows_get(data[2:])
-                if (
-                    row is not None
-                    and now < row.valid_until
-                    and (
+                if row is not None and now < row.valid_until:
+                    if (
                         admitted_get is None
                         or known_get(bytes(memory[client_start:client_end]))
                         or admitted(i)
-                    )
+                    ):
+                        reply: bytes | None = data[:2] + (row.tail or row.next_tail())
+                        served.append(row)
+                    else:
+                        reply = None
+                elif answer_cold is not None and (
+                    admitted_get is None
+                    or known_get(bytes(memory[client_start:client_end]))
+                    or admitted(i)
                 ):
-                    reply = data[:2] + (row.tail or row.next_tail())
+                    reply = answer_cold(data, now, cold)
+                else:
+                    reply = None
+                if reply is not None:
                     size = len(reply)
                     if size <= SLOT:
                         at, size_at, name_at = outgoing[staged]
@@ -315,14 +331,17 @@ class DatagramBatch:
                             staged = 0
                     else:
                         send_one(reply, i)
-                    served.append(row)
                     continue
                 if slow is None:
                     slow = []
                 slow.append((data, address(i)))
-            if served:
+            if served or cold:
                 send(staged)
-                hand_off((served, clock() - now))
+                seconds = clock() - now
+                if served:
+                    hand_off((served, seconds))
+                if cold and hand_off_cold is not None:
+                    hand_off_cold((cold, now, seconds))
             if slow is not None:
                 lend(slow)
 

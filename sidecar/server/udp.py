@@ -168,6 +168,8 @@ class UdpListener(asyncio.DatagramProtocol):
                 fast.hand_off,
                 partial(reader.lend, self._received_batch),
                 clock,
+                None if off else fast.answer_cold,
+                fast.hand_off_cold,
             )
             reader.loop_receive = _hot_path(
                 clock, fast_get, admitted_get, self.sendto, fast.served, self._received_lent

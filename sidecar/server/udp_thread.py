@@ -1,4 +1,4 @@
-"""A thread that reads a UDP listening socket and answers current fast-path rows itself.
+"""A thread that reads a UDP listening socket and answers cache hits itself.
 
 Why: uvloop's datagram path (epoll wake-up, transport, protocol call, transport send) costs
 about 4 us of CPU per query, a quarter of a cache hit (bench/results/ceiling.md); a thread
@@ -10,9 +10,12 @@ Theory of operation
   recvmmsg takes every datagram waiting, up to 32, and returns as soon as there is one) and
   hands each batch to `serve` (DatagramBatch.server's closure, bound by server/udp.py),
   looked up per batch, so a rebind (draining, reload) applies to the next batch. Queries with
-  a current fast-path row are answered there, in the thread, all in one sendmmsg.
-- Anything else (no row, a row past its moment, a client not judged yet) must run on the event
-  loop: the cache, the miss path and the metrics belong to it. The thread then *lends the
+  a current fast-path row are answered there, in the thread, and so are hits on a cache entry
+  that can be served as it is (`FastPath.answer_cold`: parsed, looked up and rendered in the
+  thread; names asked less than once a second have no row), their replies in sendmmsg calls.
+- Anything else (a miss, a refresh due, a shaped or rotated answer, bad input, a client not
+  judged yet) must run on the event loop: the cache's writes, the miss path and the metrics
+  belong to it. The thread then *lends the
   socket* to the loop (`lend`), with those datagrams, and parks until it is given back. The
   loop handles them, then reads the socket itself, with MSG_DONTWAIT, in batches of
   LOOP_BATCH through its own hot path (`loop_receive`). After a batch in which few
@@ -30,13 +33,16 @@ Theory of operation
 Who owns what (no locks; each shared object is read or written with single operations that
 CPython's GIL, and a free-threaded build's per-object locking, keep whole):
 - The thread writes only its own things: the batch's buffers and admission memory (inside
-  `serve`), and one `FastPath.hand_off` per batch with rows served: a `deque.append` of
-  (rows, seconds), atomic in CPython and thread-safe in free-threaded builds, and when the
-  backlog passes a mark, `loop.call_soon_threadsafe(FastPath.drain)`. It never writes a row,
-  a FastPath field or a counter; the loop counts what it hands off (FastPath.drain).
-- The thread reads: `serve` and `_closing` (attribute loads), the row table and the admission
-  verdicts (single dict lookups), and of a row `valid_until`, `tail` and `next_tail` (slot
-  loads). The loop replaces those with single stores, so the thread sees the old value or the
+  `serve`), and one `FastPath.hand_off` per batch with rows served (and one `hand_off_cold`
+  with hits answered from entries): a `deque.append` of (rows, seconds), atomic in CPython and
+  thread-safe in free-threaded builds, and when the backlog passes a mark,
+  `loop.call_soon_threadsafe(FastPath.drain)`. It never writes a row, an entry, a FastPath
+  field or a counter; the loop counts what it hands off, marks those entries used and makes
+  their rows (FastPath.drain).
+- The thread reads: `serve` and `_closing` (attribute loads), the row table, the cache's
+  entries, the rotated pools, the prefetches started and the admission verdicts (single dict
+  and set lookups), of an entry its slots (an entry is never written once made), and of a row
+  `valid_until`, `tail` and `next_tail` (slot loads). The loop replaces those with single stores, so the thread sees the old value or the
   new one; during a refresh it may pair a new tail with the old `valid_until`, which is as
   right as either (a refresh never makes a tail wrong before the old moment). For a shaped
   row it calls `next_tail()`, an itertools.cycle's `__next__`, which the loop calls too:

@@ -56,7 +56,7 @@ def test_a_charge_evicts_the_least_recently_used_others_but_never_its_own_entry(
 
 def test_rows_and_shaped_pools_of_many_addresses_stay_within_max_bytes() -> None:
     """300 names of 32 addresses each, shaped and asked through rows, in 1 MiB: the pools
-    (~150 KB each) evict each other instead of growing past the bound."""
+    (~60 KB each) evict each other instead of growing past the bound."""
     s = Setup(capacity=1000)
     s.cache.limits = CacheSettings(max_bytes=1 << 20)
     shaper = s.source.shaper
@@ -70,7 +70,7 @@ def test_rows_and_shaped_pools_of_many_addresses_stay_within_max_bytes() -> None
         assert s.fast.remember(data, q, entry, 100.0) is not None
         assert s.served(data, 100.0) is not None  # truncated: no EDNS, 512 bytes
         assert s.cache.bytes <= 1 << 20
-    assert len(shaper) == len(s.cache) < 10 and len(s.fast) == len(s.cache)
+    assert len(shaper) == len(s.cache) < 20 and len(s.fast) == len(s.cache)
     assert s.cache.counters.cache_evictions == 300 - len(s.cache)
 
 

@@ -1,0 +1,122 @@
+"""Hits a UDP reader thread answers from cache entries (no row): FastPath.answer_cold with the
+pipeline's Resolver as its source, and what the loop makes of them when it drains."""
+
+from __future__ import annotations
+
+from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
+
+from sidecar.core import wire
+from sidecar.core.cache import Entry
+from sidecar.core.counters import Counters
+from sidecar.core.fast_path import ColdHit
+from sidecar.pipeline import Resolver
+from tests.listener_parts import cache_resolver
+
+NAME = "a.example"
+
+
+def query(name: str = NAME, qid: int = 7, edns: bool = False) -> bytes:
+    record = DNSRecord.question(name)
+    record.header.id = qid
+    if edns:
+        record.add_ar(EDNS0(udp_len=1232))
+    return bytes(record.pack())
+
+
+def reply(addresses: tuple[str, ...] = ("192.0.2.1",), ttl: int = 60, name: str = NAME) -> bytes:
+    record = DNSRecord.question(name).reply()
+    for address in addresses:
+        record.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=ttl))
+    return bytes(record.pack())
+
+
+def store(resolver: Resolver, msg: bytes, now: float, discovery: bool = False) -> Entry:
+    q = wire.parse_query(query())
+    parsed = wire.parse_reply(msg)
+    return resolver.cache.store(q.key, msg, parsed, now, False, discovery=discovery)
+
+
+def setup() -> tuple[Resolver, Counters]:
+    metrics = Counters()
+    return cache_resolver(metrics), metrics
+
+
+def test_an_entry_is_answered_with_the_callers_id_and_the_ttl_left_and_counted_when_drained() -> (
+    None
+):
+    resolver, metrics = setup()
+    fast = resolver.fast
+    store(resolver, reply(ttl=60), 100.0)
+    cold: list[ColdHit] = []
+    data = query(qid=41, edns=True)
+    answer = fast.answer_cold(data, 110.2, cold)
+    assert answer is not None
+    parsed = DNSRecord.parse(answer)
+    assert (
+        parsed.header.id == 41
+        and parsed.rr[0].ttl == 50
+        and str(parsed.rr[0].rdata) == ("192.0.2.1")
+    )
+    assert parsed.ar[0].rtype == QTYPE.OPT  # the client sent EDNS: so does the answer
+    q = wire.parse_query(data)
+    entry = resolver.cache.peek(q.key)
+    assert entry is not None and answer == resolver.render(
+        entry, data, q, 110.2, 1232
+    )  # as the loop
+    assert [hit[0] for hit in cold] == [data] and metrics.cache_hits[0] == 0  # not counted yet
+    fast.hand_off_cold((cold, 110.2, 0.00001))
+    fast.drain()
+    assert metrics.cache_hits[0] == 1 and metrics.requests["udp"][QTYPE.A] == 1
+    assert metrics.responses["cache"][wire.NOERROR] == 1 and len(fast) == 0
+    again: list[ColdHit] = []
+    assert fast.answer_cold(query(qid=42, edns=True), 110.5, again) is not None
+    fast.hand_off_cold((again, 110.5, 0.00001))
+    fast.drain()
+    assert len(fast) == 1  # the second hit within a second: the loop made the row
+    hit = fast.get(data[2:])
+    assert hit is not None and hit.tail == answer[2:]
+
+
+def test_the_loop_keeps_an_entry_answered_by_the_thread_recently_used() -> None:
+    resolver, _ = setup()
+    cache = resolver.cache
+    store(resolver, reply(ttl=60), 100.0)
+    other = DNSRecord.question("b.example").reply()
+    other.add_answer(RR("b.example", QTYPE.A, rdata=A("192.0.2.2"), ttl=60))
+    other_key = wire.parse_query(query("b.example")).key
+    cache.store(other_key, bytes(other.pack()), wire.parse_reply(bytes(other.pack())), 100.0, False)
+    cold: list[ColdHit] = []
+    assert resolver.fast.answer_cold(query(), 101.0, cold) is not None
+    resolver.fast.hand_off_cold((cold, 101.0, 0.00001))
+    resolver.fast.drain()
+    assert list(cache._entries)[-1] == wire.parse_query(query()).key  # moved to the end
+
+
+def test_the_thread_leaves_to_the_loop_what_it_must_not_answer_as_it_is() -> None:
+    resolver, metrics = setup()
+    fast = resolver.fast
+    cold: list[ColdHit] = []
+    assert fast.answer_cold(query(), 100.0, cold) is None  # a miss
+    assert fast.answer_cold(query()[:14], 100.0, cold) is None  # malformed: the loop's FORMERR
+    store(resolver, reply(ttl=60), 100.0)
+    assert fast.answer_cold(query(), 160.5, cold) is None  # expired: stale or a miss
+    store(resolver, reply(ttl=60), 100.0, discovery=True)
+    assert fast.answer_cold(query(), 101.0, cold) is None  # a discovery zone's: its pool
+    msg = reply(("192.0.2.1", "192.0.2.2"), ttl=60)
+    entry = store(resolver, msg, 100.0)
+    key = wire.parse_query(query()).key
+    resolver.rotator.rotate(key, entry, msg, wire.parse_reply(msg), False, 100.0)
+    assert fast.answer_cold(query(), 101.0, cold) is None  # rotated: the loop's pool
+    assert cold == [] and metrics.cache_hits == [0, 0]
+
+
+def test_an_entry_due_for_prefetch_goes_to_the_loop_until_the_refresh_is_started() -> None:
+    resolver, _ = setup()
+    resolver.cache.limits = resolver.cache.limits.__class__(prefetch_percent=10)
+    entry = store(resolver, reply(ttl=60), 100.0)
+    assert entry.prefetch_at == 154.0
+    cold: list[ColdHit] = []
+    assert resolver.fast.answer_cold(query(), 153.9, cold) is not None
+    assert resolver.fast.answer_cold(query(), 154.0, cold) is None  # the loop starts it
+    resolver._prefetched.add(wire.parse_query(query()).key)  # as Resolver.prefetch does
+    assert resolver.fast.answer_cold(query(), 154.5, cold) is not None
