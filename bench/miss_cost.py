@@ -37,6 +37,11 @@ def main() -> None:
     parser.add_argument("--cpus", default=None, help="taskset CPU list for the sidecar")
     parser.add_argument("--load-cpus", default=None, help="CPUs for NSD and dnsperf (this process)")
     parser.add_argument("--host", default="127.0.0.77")
+    parser.add_argument(
+        "--sidecar-args",
+        default="",
+        help="more dns-sidecar flags (e.g. '--udp-reader-thread false')",
+    )
     args = parser.parse_args()
     if args.load_cpus is not None:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpus.split(",")})
@@ -50,7 +55,14 @@ def main() -> None:
         for run in range(args.runs):
             # A fresh sidecar each run: every run fills an empty cache, the same work.
             sidecar = Sidecar(
-                "sidecar", args.host, work / f"sidecar{run}", args.cpus, nsd.address, {}, 10**6
+                "sidecar",
+                args.host,
+                work / f"sidecar{run}",
+                args.cpus,
+                nsd.address,
+                {},
+                10**6,
+                args.sidecar_args.split(),
             )
             sidecar.start()
             time.sleep(0.5)

@@ -437,7 +437,7 @@ class Server:
             protocol.drain()
         if tcp is not None:
             tcp.drain()
-        pending = {task for _t, protocol in self.udp for task in protocol.pending}
+        pending: set[asyncio.Future[None]] = {protocol.settled() for _t, protocol in self.udp}
         if tcp is not None:
             pending |= tcp.pending
         if pending:

@@ -43,7 +43,7 @@ Outcome = tuple[bytes, wire.Reply]
 class Exchanges(Protocol):
     """One exchange with one upstream server (see the module's docstring)."""
 
-    def exchange(
+    def start(
         self,
         server: HostPort,
         question: bytes,
@@ -52,11 +52,26 @@ class Exchanges(Protocol):
         do: bool,
         timeout: float,
         tcp: bool,
+        then: Replied,
         late: Callable[[bytes], None] | None = None,
         linger: float = 0.0,
-    ) -> asyncio.Future[bytes]: ...
+    ) -> Exchange: ...
 
     def close(self, *, now: bool = False) -> None: ...
+
+
+# How an exchange ends: (the reply, None) or (None, the UpstreamError).
+Replied = Callable[[bytes | None, UpstreamError | None], None]
+
+
+class Exchange(Protocol):
+    """An exchange under way (a UDP query, a TCP exchange's task): its handle."""
+
+    def cancel(self) -> object: ...
+
+
+# How a question ends: (the reply and its walk, None), or (None, what ended it).
+Settled = Callable[[Outcome | None, BaseException | None], None]
 
 
 def log_health(server: HostPort, up: bool, reason: str) -> None:
@@ -67,6 +82,12 @@ def log_health(server: HostPort, up: bool, reason: str) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+def label(server: HostPort) -> str:
+    """`str(server)`, made once per server: the metrics' label."""
+    return str(server)
+
+
+@functools.lru_cache(maxsize=256)
 def on_loopback(server: HostPort) -> bool:
     """Whether `server` is on this host's loopback: its packets never reach a network
     interface, so the budget (the VPC resolver's per-interface limit) does not cover them."""
@@ -74,11 +95,12 @@ def on_loopback(server: HostPort) -> bool:
 
 
 class _Question:
-    """One question in flight: its decisions, the exchanges under way, the future of it all.
+    """One question in flight: its decisions, the exchanges under way, whom to tell the end.
 
     Usually one exchange is under way. An attempt that timed out may still bring a late
     reply (`late`), and a late truncated reply starts its TCP retry beside the current
-    attempt; once the question is settled, what is still under way is cancelled."""
+    attempt; once the question is settled, what is still under way is cancelled. Plain
+    callbacks end to end: an exchange's end calls `exchanged`, the question's end `then`."""
 
     __slots__ = (
         "background",
@@ -88,7 +110,7 @@ class _Question:
         "forwarder",
         "forwarding",
         "question",
-        "result",
+        "then",
     )
 
     def __init__(
@@ -99,6 +121,7 @@ class _Question:
         cd: bool,
         do: bool,
         background: bool,
+        then: Settled,
     ) -> None:
         self.forwarder = forwarder
         self.background = background
@@ -106,8 +129,8 @@ class _Question:
         self.question = question
         self.cd = cd
         self.do = do
-        self.exchanges: list[asyncio.Future[bytes]] = []
-        self.result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.exchanges: list[Exchange] = []
+        self.then: Settled | None = then  # None once told
 
     def run(self, attempt: Attempt | None) -> None:
         """Start `attempt`, or the ones after it when it cannot start; settle when done."""
@@ -117,13 +140,14 @@ class _Question:
                 forwarding.denied(attempt)
                 break
             try:
-                exchange = forwarder.exchanges.exchange(
+                exchange = forwarder.exchanges.start(
                     attempt.server,
                     self.question,
                     cd=self.cd,
                     do=self.do,
                     timeout=attempt.timeout,
                     tcp=attempt.tcp,
+                    then=functools.partial(self.exchanged, attempt),
                     late=functools.partial(self.late, attempt) if attempt.linger else None,
                     linger=attempt.linger,
                 )
@@ -131,7 +155,6 @@ class _Question:
                 attempt = forwarding.failed(attempt, exc, forwarder.clock())
                 continue
             self.exchanges.append(exchange)
-            exchange.add_done_callback(functools.partial(self.exchanged, attempt))
             return
         self.settle()
 
@@ -142,57 +165,52 @@ class _Question:
         if on_loopback(attempt.server) or forwarder.budget.take(
             packets, forwarder.clock(), background=background
         ):
-            forwarder.counters.upstream_packets[str(attempt.server)] += packets
+            forwarder.counters.upstream_packets[label(attempt.server)] += packets
             return True
         forwarder.counters.budget_denials["background" if background else "client"] += 1
         return False
 
     def settle(self) -> None:
-        """Once the decisions are done: the result, and what is under way cancelled."""
-        forwarding, result = self.forwarding, self.result
-        if result.done() or not forwarding.done:
+        """Once the decisions are done: tell the end, and cancel what is under way."""
+        forwarding = self.forwarding
+        if self.then is None or not forwarding.done:
             return
-        if forwarding.outcome is not None:
-            result.set_result(forwarding.outcome)
-        else:
-            assert forwarding.error is not None
-            result.set_exception(forwarding.error)
+        self.finish(forwarding.outcome, forwarding.error)
+
+    def finish(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        then, self.then = self.then, None
         exchanges, self.exchanges = self.exchanges, []
         for exchange in exchanges:
             exchange.cancel()
+        if then is not None:
+            then(outcome, error)
 
-    def exchanged(self, attempt: Attempt, exchange: asyncio.Future[bytes]) -> None:
-        result, forwarding = self.result, self.forwarding
-        if result.done():
+    def exchanged(self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None) -> None:
+        if self.then is None:
             return
-        if exchange.cancelled():
-            result.cancel()
-            return
-        self.exchanges.remove(exchange)
+        forwarding = self.forwarding
         if self.forwarder.stopped:
             forwarding.stop()
-        error = exchange.exception()
         now = self.forwarder.clock()
         try:
             if error is None:
-                self.run(forwarding.replied(attempt, exchange.result(), now))
-            elif isinstance(error, UpstreamError):
-                self.run(forwarding.failed(attempt, error, now))
+                assert msg is not None
+                self.run(forwarding.replied(attempt, msg, now))
             else:
-                raise error
+                self.run(forwarding.failed(attempt, error, now))
         except Exception as exc:  # a bug: the waiters learn of it
-            if not result.done():
-                result.set_exception(exc)
+            if self.then is not None:
+                self.finish(None, exc)
 
     def late(self, attempt: Attempt, msg: bytes) -> None:
         """A reply to `attempt` after it timed out, while the question went on."""
-        if self.result.done():
+        if self.then is None:
             return
         try:
             self.run(self.forwarding.replied(attempt, msg, self.forwarder.clock()))
         except Exception as exc:  # a bug: the waiters learn of it
-            if not self.result.done():
-                self.result.set_exception(exc)
+            if self.then is not None:
+                self.finish(None, exc)
 
 
 class Forwarder:
@@ -217,6 +235,39 @@ class Forwarder:
         self.on_health = on_health
         self.stopped = False  # closed at shutdown: no new attempts
 
+    def ask(
+        self,
+        question: bytes,
+        upstreams: UpstreamSet[HostPort],
+        *,
+        cd: bool,
+        do: bool,
+        deadline: float,
+        then: Settled,
+        order: Sequence[HostPort] | None = None,
+        judge: bool = True,
+        background: bool = False,
+    ) -> None:
+        """Forward the question; `then(outcome, None)` with the reply taken and its walk, or
+        `then(None, error)` with the UpstreamError that ended it (anything else: a bug), once;
+        possibly from within this call, when no attempt can start. `deadline` is on the
+        forwarder's clock. `background`: no client waits (a prefetch, a probe), so the
+        packet budget denies it first."""
+        forwarding = Forwarding(
+            upstreams,
+            self.counters,
+            attempt_timeout=self.attempt_timeout,
+            deadline=deadline,
+            order=order,
+            judge=judge,
+            on_health=self.on_health,
+        )
+        if self.stopped:
+            forwarding.stop()
+        _Question(self, forwarding, question, cd, do, background, then).run(
+            forwarding.first(self.clock())
+        )
+
     def start(
         self,
         question: bytes,
@@ -229,23 +280,22 @@ class Forwarder:
         judge: bool = True,
         background: bool = False,
     ) -> asyncio.Future[Outcome]:
-        """The future of the question's outcome: the reply taken and its walk, or the
-        UpstreamError that ended it. `deadline` is on the forwarder's clock. `background`:
-        no client waits (a prefetch, a probe), so the packet budget denies it first."""
-        forwarding = Forwarding(
-            upstreams,
-            self.counters,
-            attempt_timeout=self.attempt_timeout,
-            deadline=deadline,
-            order=order,
-            judge=judge,
-            on_health=self.on_health,
-        )
-        if self.stopped:
-            forwarding.stop()
-        asked = _Question(self, forwarding, question, cd, do, background)
-        asked.run(forwarding.first(self.clock()))
-        return asked.result
+        """`ask`, with a future of its outcome."""
+        result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def then(outcome: Outcome | None, error: BaseException | None) -> None:
+            if result.done():
+                return
+            if outcome is not None:
+                result.set_result(outcome)
+            else:
+                result.set_exception(error or UpstreamError("no outcome"))
+
+        self.ask(
+            question, upstreams, cd=cd, do=do, deadline=deadline, then=then, order=order,
+            judge=judge, background=background,
+        )  # fmt: skip
+        return result
 
     async def probe(self, server: HostPort, question: bytes) -> float:
         """Ask `server` `question` once; the round-trip time of any readable reply, or

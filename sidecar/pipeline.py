@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import math
 import os
 import random
@@ -60,6 +61,78 @@ from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
+log = logging.getLogger("dns_sidecar")
+
+# The answer to one client's query: (reply, source), where source is a metrics label (cache,
+# upstream, stale or local). Called once per query, now or when its fetch ends.
+Deliver = Callable[[bytes, str], None]
+# What a fetch tells each party waiting on it when it ends: the entry, or the error.
+Fetched = Callable[["Entry | None", "BaseException | None"], None]
+
+
+class Fetch:
+    """One question being forwarded for a cache key, and who waits on it: plain data, no
+    future (a miss crossed four future hops before, each a loop iteration)."""
+
+    __slots__ = ("ended", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: list[Fetched] = []
+        self.ended: tuple[Entry | None, BaseException | None] | None = None
+
+    def wait(self, fetched: Fetched) -> None:
+        """Have `fetched(entry, error)` called when the fetch ends (now, if it has: a
+        question with no attempt possible ends within the call that starts it)."""
+        if self.ended is not None:
+            fetched(*self.ended)
+        else:
+            self.waiters.append(fetched)
+
+
+class _Waiter:
+    """One client query waiting on a fetch; with a stale entry, also on a timer that gives it
+    the stale answer after stale_answer_after (RFC 8767), whichever comes first."""
+
+    __slots__ = ("deliver", "limit", "q", "query", "resolver", "stale", "timer")
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        query: bytes,
+        q: wire.Query,
+        limit: int,
+        deliver: Deliver,
+        stale: Entry | None,
+    ) -> None:
+        self.resolver = resolver
+        self.query = query
+        self.q = q
+        self.limit = limit
+        self.deliver: Deliver | None = deliver
+        self.stale = stale
+        self.timer: asyncio.TimerHandle | None = None
+
+    def fetched(self, entry: Entry | None, error: BaseException | None) -> None:
+        deliver = self.deliver
+        if deliver is None:
+            return  # answered stale already
+        self.deliver = None
+        if self.timer is not None:
+            self.timer.cancel()
+        deliver(
+            *self.resolver.answer_fetched(self.query, self.q, self.limit, self.stale, entry, error)
+        )
+
+    def stale_due(self) -> None:
+        deliver = self.deliver
+        if deliver is None:
+            return
+        self.deliver = None
+        resolver, stale = self.resolver, self.stale
+        ede = wire.EDE_NO_REACHABLE_AUTHORITY  # not used: there is a stale answer
+        deliver(
+            *resolver._stale_or_servfail(self.query, self.q, stale, self.limit, "upstream", ede)
+        )
 
 
 class Registry(Protocol):
@@ -123,6 +196,20 @@ def failure_ede(exc: Exception) -> int:
     return wire.EDE_NO_REACHABLE_AUTHORITY if timed_out_only else wire.EDE_NETWORK_ERROR
 
 
+def settle(fetch: Fetch, entry: Entry | None, error: BaseException | None) -> None:
+    """Tell every party waiting on `fetch` how it ended; one failing does not stop the rest.
+    A bug (neither an entry nor an UpstreamError) is logged once here."""
+    if error is not None and not isinstance(error, UpstreamError):
+        log.error("fetch failed", exc_info=error)
+    fetch.ended = (entry, error)
+    waiters, fetch.waiters = fetch.waiters, []
+    for fetched in waiters:
+        try:
+            fetched(entry, error)
+        except Exception:
+            log.exception("answering a fetched query failed")
+
+
 class Resolver:
     def __init__(
         self,
@@ -172,8 +259,7 @@ class Resolver:
         cache.on_retire = self._retired
         self.touch = cache.touch
         self._peek = cache.peek  # RowSource.touch: a hit on a row or a thread's cold hit
-        self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
-        self._background: set[asyncio.Future[Entry]] = set()
+        self._inflight: dict[bytes, Fetch] = {}
         # Forwarding-loop probes (see new_loop_probe): their names start with one label that
         # carries a token shared by every worker of this sidecar, and the probe's number.
         self.loop_paths: list[str] = []
@@ -261,63 +347,83 @@ class Resolver:
         if q.key in self._inflight or len(self._inflight) >= self.max_inflight:
             return
         self.metrics.prefetches += 1
-        fetch = self._start_fetch(q, background=True)
-        self._background.add(fetch)  # keep a reference until it is done
-        fetch.add_done_callback(self._background.discard)
+        self._start_fetch(q, background=True)  # no waiter: the forwarder's callbacks hold it
 
     async def resolve(self, query: bytes, q: wire.Query, limit: int) -> tuple[bytes, str]:
-        """The reply to a query the cache could not answer, and where it came from
-        (a metrics label: cache, upstream, stale or local)."""
+        """The reply to a query the cache could not answer, and where it came from (`miss`,
+        awaited: the TCP listener's way). Cancelled, it leaves the fetch to the others."""
+        done: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
+
+        def deliver(reply: bytes, source: str) -> None:
+            if not done.done():
+                done.set_result((reply, source))
+
+        self.miss(query, q, limit, deliver)
+        return await done
+
+    def miss(self, query: bytes, q: wire.Query, limit: int, deliver: Deliver) -> None:
+        """Answer a query the cache could not: `deliver(reply, source)` once, now (local
+        answers, a recent failure, over the bound) or when the fetch it waits on ends."""
         now = self.clock()
         entry = self.cache.get(q.key, now)
         if entry is not None:  # filled while this query waited to be scheduled
-            self.metrics.cache_hits[entry.negative] += 1
-            return self.render(entry, query, q, now, limit), "cache"
+            self.metrics.cache_hits[entry.form.negative] += 1
+            deliver(self.render(entry, query, q, now, limit), "cache")
+            return
         if is_local(q.key):
-            return local_reply(query, q), "local"
+            deliver(local_reply(query, q), "local")
+            return
         if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
             self.metrics.dropped["refused"] += 1
-            return wire.rcode_reply(query, q, wire.REFUSED), "local"
+            deliver(wire.rcode_reply(query, q, wire.REFUSED), "local")
+            return
         if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
-            return wire.any_reply(query, q), "local"
+            deliver(wire.any_reply(query, q), "local")
+            return
         self.metrics.cache_misses += 1
         if q.key.startswith(self._loop_prefix):
             path = self._loop_path(q.key)
             self.loops_seen.append(path)
             if self.on_loop is not None:
                 self.on_loop(path)
-            return wire.rcode_reply(query, q, wire.REFUSED), "local"
+            deliver(wire.rcode_reply(query, q, wire.REFUSED), "local")
+            return
         stale = self.cache.get_stale(q.key, now)
         if self.cache.failed_recently(q.key, now):  # no error at hand: no authority reached
             ede = wire.EDE_NO_REACHABLE_AUTHORITY
-            return self._stale_or_servfail(query, q, stale, limit, "cache", ede)
+            deliver(*self._stale_or_servfail(query, q, stale, limit, "cache", ede))
+            return
         fetch = self._inflight.get(q.key)
         if fetch is not None:
             self.metrics.coalesced += 1
         elif len(self._inflight) >= self.max_inflight:
             self.metrics.dropped["overload"] += 1
-            return self._stale_or_servfail(query, q, stale, limit, "local", None)
+            deliver(*self._stale_or_servfail(query, q, stale, limit, "local", None))
+            return
         else:
             fetch = self._start_fetch(q)
-        # Waiting on a future of our own that the fetch wakes, not on the fetch: cancelling
-        # this query (its client went away) must not cancel a fetch other queries share.
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(self, query, q, limit, deliver, stale)
+        fetch.wait(waiter.fetched)
+        if stale is not None and waiter.deliver is not None:
+            loop = asyncio.get_running_loop()
+            waiter.timer = loop.call_later(self.stale_answer_after, waiter.stale_due)
 
-        def wake(_: asyncio.Future[Entry]) -> None:
-            if not waiter.done():  # unless this query was cancelled meanwhile
-                waiter.set_result(None)
-
-        fetch.add_done_callback(wake)
-        try:
-            if stale is None:
-                await waiter
-            else:
-                async with asyncio.timeout(self.stale_answer_after):
-                    await waiter
-            entry = fetch.result()
-        except (UpstreamError, TimeoutError) as exc:  # every kind of upstream failure: one rule
-            return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(exc))
-        return self.render(entry, query, q, self.clock(), limit), "upstream"
+    def answer_fetched(
+        self,
+        query: bytes,
+        q: wire.Query,
+        limit: int,
+        stale: Entry | None,
+        entry: Entry | None,
+        error: BaseException | None,
+    ) -> tuple[bytes, str]:
+        """A waiting query's answer once its fetch ended: the entry rendered for it; after
+        any kind of upstream failure, one rule: stale or SERVFAIL; after a bug, SERVFAIL."""
+        if entry is not None:
+            return self.render(entry, query, q, self.clock(), limit), "upstream"
+        if isinstance(error, UpstreamError):
+            return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(error))
+        return wire.rcode_reply(query, q, wire.SERVFAIL), "local"  # a bug, logged by settle
 
     def _stale_or_servfail(
         self,
@@ -347,35 +453,39 @@ class Resolver:
             return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
         return entry.render(query, q, now, limit)
 
-    def _start_fetch(self, q: wire.Query, *, background: bool = False) -> asyncio.Future[Entry]:
-        """Forward `q` to its zone's upstreams; the future of the entry then stored. No task:
-        the forwarder's future calls `_fetched` when it is done. `background`: a prefetch."""
+    def _start_fetch(self, q: wire.Query, *, background: bool = False) -> Fetch:
+        """Forward `q` to its zone's upstreams; the fetch, whose waiters are called once the
+        entry is stored or the question failed. No task: the forwarder's future calls
+        `_fetched` when it is done. `background`: a prefetch."""
         question = q.key[:-1]  # lowercased name + qtype + qclass
         route, upstreams = self.router.route(question[:-4])
-        fetch: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        fetch = Fetch()
         self._inflight[q.key] = fetch
-        forwarded = self.forwarder.start(
+        self.forwarder.ask(
             question,
             upstreams,
             cd=q.cd,
             do=q.do,
             deadline=self.clock() + self.query_timeout,
+            then=functools.partial(self._fetched, q, route, fetch),
             background=background,
         )
-        forwarded.add_done_callback(functools.partial(self._fetched, q, route, fetch))
         return fetch
 
     def _fetched(
         self,
         q: wire.Query,
         route: str,
-        fetch: asyncio.Future[Entry],
-        forwarded: asyncio.Future[tuple[bytes, wire.Reply]],
+        fetch: Fetch,
+        outcome: tuple[bytes, wire.Reply] | None,
+        error: BaseException | None,
     ) -> None:
-        """The upstreams answered or failed: store, and settle `fetch` for its waiters."""
+        """The upstreams answered or failed: store, and tell the fetch's waiters."""
         del self._inflight[q.key]
         try:
-            msg, reply = forwarded.result()
+            if outcome is None:
+                raise error or UpstreamError("no outcome")
+            msg, reply = outcome
             if self._synthesize_address(q, route, fetch, msg, reply):
                 return
             entry = self._fetch(q, route, msg, reply)
@@ -384,22 +494,17 @@ class Resolver:
             # its next miss may find a token (the denial itself costs the upstream nothing).
             if not isinstance(exc, PacketBudgetSpent):
                 self.cache.remember_failure(q.key, self.clock())
-            fetch.set_exception(exc)
-        except asyncio.CancelledError:
-            fetch.cancel()
-            return
-        except Exception as exc:  # a bug: each waiter logs it and answers SERVFAIL
-            fetch.set_exception(exc)
+            settle(fetch, None, exc)
+        except Exception as exc:  # a bug: each waiter answers SERVFAIL, logged once
+            settle(fetch, None, exc)
         else:
-            fetch.set_result(entry)
-            return
-        fetch.exception()  # retrieved here so a fetch nobody waits for any more is quiet
+            settle(fetch, entry, None)
 
     def _synthesize_address(
         self,
         q: wire.Query,
         route: str,
-        fetch: asyncio.Future[Entry],
+        fetch: Fetch,
         msg: bytes,
         reply: wire.Reply,
     ) -> bool:
@@ -417,12 +522,14 @@ class Resolver:
             return False
         srv_key = name + TYPE_SRV_BYTES + q.key[-3:]
 
-        def finish(srv_entry: Entry | None) -> None:
+        def finish(srv_entry: Entry | None, _error: BaseException | None = None) -> None:
             try:
                 made = self._address_reply(q, msg, reply, srv_key, srv_entry)
-                fetch.set_result(self._fetch(q, route, *(made or (msg, reply))))
-            except Exception as exc:  # a bug: each waiter logs it and answers SERVFAIL
-                fetch.set_exception(exc)
+                entry = self._fetch(q, route, *(made or (msg, reply)))
+            except Exception as exc:  # a bug: each waiter answers SERVFAIL
+                settle(fetch, None, exc)
+            else:
+                settle(fetch, entry, None)
 
         srv_entry = self.cache.get(srv_key, self.clock())
         if srv_entry is not None:
@@ -431,9 +538,7 @@ class Resolver:
         srv_fetch = self._inflight.get(srv_key) or self._start_fetch(
             wire.Query(srv_key, 0, TYPE_SRV, 0, q.do, q.cd)
         )
-        srv_fetch.add_done_callback(
-            lambda done: finish(None if done.cancelled() or done.exception() else done.result())
-        )
+        srv_fetch.wait(finish)
         return True
 
     def _address_reply(

@@ -39,8 +39,8 @@ def make_listener(shift: list[float], log_queries: float = 0.0) -> UdpListener:
 
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    # A miss starts a task: give it a loop of its own (an earlier test's asyncio.run() leaves
-    # none set, and then ensure_future cannot make one).
+    # A miss is forwarded on a loop: give it one of its own (an earlier test's asyncio.run()
+    # leaves none set).
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     yield loop
@@ -58,9 +58,12 @@ def clock() -> list[float]:
 def listener(loop: asyncio.AbstractEventLoop, clock: list[float]) -> Iterator[UdpListener]:
     udp = make_listener(clock)
     yield udp
-    for task in udp.pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*udp.pending, return_exceptions=True))
+
+    async def settled() -> None:
+        udp.resolver.forwarder.close(now=True)  # what is in flight fails now
+        await asyncio.wait_for(udp.settled(), 5.0)
+
+    loop.run_until_complete(settled())
 
 
 def query(name: str, qid: int) -> bytes:
@@ -82,7 +85,7 @@ def ask(udp: UdpListener, name: str, qid: int) -> DNSRecord:
     assert isinstance(transport, Recorder)
     before = len(transport.sent)
     udp.datagram_received(query(name, qid), CLIENT)
-    assert len(transport.sent) == before + 1, "no reply (a miss would start a task)"
+    assert len(transport.sent) == before + 1, "no reply (a miss would be forwarded)"
     return DNSRecord.parse(transport.sent[-1])
 
 
@@ -131,17 +134,21 @@ def test_ttl_counts_down_on_the_fast_path(listener: UdpListener, clock: list[flo
     assert len(listener.fast) == 1  # the same row, rendered again
 
 
-def test_an_expired_entry_leaves_the_fast_path(listener: UdpListener, clock: list[float]) -> None:
+def test_an_expired_entry_leaves_the_fast_path(
+    listener: UdpListener, clock: list[float], loop: asyncio.AbstractEventLoop
+) -> None:
     store(listener, "a.example", "192.0.2.1", ttl=60)
     ask(listener, "a.example", 1)
     clock[0] = 61.0
     transport = listener.transport
     assert isinstance(transport, Recorder)
-    listener.datagram_received(query("a.example", 2), CLIENT)
+
+    async def asked() -> None:  # a miss is forwarded: on the loop
+        listener.datagram_received(query("a.example", 2), CLIENT)
+
+    loop.run_until_complete(asked())
     assert len(transport.sent) == 1  # no reply from the fast path: the miss path takes over
-    assert len(listener.fast) == 0 and len(listener.pending) == 1
-    for task in listener.pending:
-        task.cancel()
+    assert len(listener.fast) == 0 and listener.in_flight == 1
 
 
 def test_letter_case_is_kept_per_query(listener: UdpListener) -> None:

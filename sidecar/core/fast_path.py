@@ -44,11 +44,11 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
-- Admission: a row is made on the second hit of an entry within a second (`admit`), unless a
-  hit of another entry took its slot in a fixed table in between (ADMIT_SLOTS slots of entry
-  identity and time: 256 KiB whatever the traffic, and nothing written to the entry). Hits
-  with no row are answered from the entry itself: by a reader thread (`answer_cold`), which
-  hands them to the loop to count and admit, or on the loop.
+- Admission: a row is made on the second hit of an entry while its first is remembered
+  (`admit`): in two generations of at most half of ADMIT_WITHIN and ADMIT_MEMORY entries
+  each, by entry identity (no copy of a key, nothing written to the entry). Hits with no row
+  are answered from the entry itself: by a reader thread (`answer_cold`), which hands them
+  to the loop to count and admit, or on the loop.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
   a second) are swept out, at most once a second; if that frees nothing, no row is added and
   such queries take the ordinary path.
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 import random
-from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import cycle, repeat
@@ -77,9 +76,8 @@ REFRESH_LEAD = 0.05  # a row in use is refreshed this long before its moment, or
 TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
 REFRESH_BATCH = 32  # rows refreshed ahead per call (~0.15 ms), then the loop breathes
-ADMIT_WITHIN = 1.0  # a row is made for an entry asked twice within this many seconds...
-ADMIT_SLOTS = 16384  # ...unless another entry took its admission slot in between
-ADMIT_MASK = ADMIT_SLOTS - 1
+ADMIT_WITHIN = 1.0  # a row for an entry asked twice within about this many seconds...
+ADMIT_MEMORY = 8192  # ...and this many other entries asked (see `admit`)
 DRAIN_AT = 64  # batches handed off before the loop is asked to count them
 # Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
 # parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
@@ -185,10 +183,10 @@ class FastPath:
         self.rows: dict[bytes, FastHit] = {}
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
-        # Admission memory: per slot (an entry's hash), the last entry whose hit found no row
-        # there, and when (see `admit`).
-        self.admit_ids = array("q", bytes(8 * ADMIT_SLOTS))
-        self.admit_times = array("d", bytes(8 * ADMIT_SLOTS))
+        # The entries whose last hit found no row, this generation and the one before.
+        self.asked: set[Entry] = set()
+        self.asked_before: set[Entry] = set()
+        self.asked_since = -math.inf  # when the current generation began
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
@@ -208,21 +206,26 @@ class FastPath:
         return len(self.rows)
 
     def admit(self, entry: Entry, now: float) -> bool:
-        """Whether a hit on `entry` at `now` should get a row: the second hit within
-        ADMIT_WITHIN seconds with no hit of another entry on its slot in between. Names asked
-        less often would only churn the table (100,000 names asked in turn filled and swept
-        it every second, a row made per query and never used); a reader thread answers them
-        from their entries (`answer_cold`). A fixed table of ADMIT_SLOTS slots: the more
-        names are asked, the more often each slot is taken over, so the busier the sidecar,
-        the more often a name must be asked to get a row (at 200,000 cold hits a second, ~12
-        times a second); a name asked hundreds of times a second gets one at its second hit."""
-        slot = hash(entry) & ADMIT_MASK
-        ident = id(entry)
-        ids, times = self.admit_ids, self.admit_times
-        if ids[slot] == ident and now - times[slot] < ADMIT_WITHIN:
+        """Whether a hit on `entry` at `now` should get a row: a second hit while the first is
+        remembered. Hits that found no row are remembered by entry (its identity) in two
+        generations, a generation ending after half of ADMIT_WITHIN or ADMIT_MEMORY entries,
+        whichever comes first: so a name gets a row when asked again within a second (always
+        within half a second) and before 8,192 to 16,384 other names were. Names asked less often would only
+        churn the table (100,000 names asked in turn filled and swept it every second, a row
+        made per query and never used); a reader thread answers them from their entries
+        (`answer_cold`). At most 2 x ADMIT_MEMORY entries are remembered."""
+        asked = self.asked
+        if now - self.asked_since >= ADMIT_WITHIN / 2 or len(asked) >= ADMIT_MEMORY:
+            # The generation ends; the one before goes, and so does this one if it began
+            # ADMIT_WITHIN ago (no hit came to end it in time): whatever is remembered was
+            # asked less than ADMIT_WITHIN ago.
+            if now - self.asked_since >= ADMIT_WITHIN:
+                asked = set()
+            self.asked_before, self.asked, self.asked_since = asked, set(), now
+            asked = self.asked
+        if entry in asked or entry in self.asked_before:
             return True
-        ids[slot] = ident
-        times[slot] = now
+        asked.add(entry)
         return False
 
     def remember(

@@ -18,10 +18,11 @@ Theory of operation
 - `server(...)` makes the closure that serves the datagrams of the last receive(): each one
   whose row is current (and whose client is admitted) gets `ID + the row's tail`; one with no
   current row gets what `answer_cold` makes of it (a reply rendered from its cache entry), if
-  anything. Each reply is copied into the next reply slot, whose header then names the sockaddr of that datagram; the slots go
-  out in sendmmsg calls of FLUSH_EVERY (the first reply of a full batch of 32 waited for the
-  other 31 to be made: 2.2x dnsmasq's p50 at half load), and the batch's served rows and its
-  time go to `hand_off` in one call (its cold hits to `hand_off_cold`).
+  anything. Each reply is copied into the next reply slot, whose header then names the
+  sockaddr of that datagram; the slots go out in sendmmsg calls of FLUSH_EVERY (the first
+  reply of a full batch of 32 waited for the other 31 to be made: 2.2x dnsmasq's p50 at half
+  load), and the batch's served rows and its time go to `hand_off` in one call (its cold hits
+  to `hand_off_cold`).
   A reply longer than SLOT goes out with a plain `sendto`. A reply the kernel refuses (an
   unreachable client) is skipped: it is lost, as with `sendto`. Everything else goes to
   `lend` as (datagram, address as `socket.recvfrom` gives it).
@@ -36,8 +37,9 @@ Invariants of the closure (what keeps a lone query's path short)
   and the row's `next_tail` for shaped rows: when a query comes alone, each Python call on the
   way costs a microsecond or more of cold caches, and per-datagram helper calls cost ~15 us at
   one query in flight (bench/NOTES.md). Only a datagram without a current row calls
-  `answer_cold` (the alternative is lending the socket to the loop, which costs more). So the layout is read inline, through memoryview casts (a
-  fraction of a ctypes field access), with per-slot offsets computed once here.
+  `answer_cold` (the alternative is lending the socket to the loop, which costs more). So
+  the layout is read inline, through memoryview casts (a fraction of a ctypes field access),
+  with per-slot offsets computed once here.
 - Reply slot j is filled in order, j = the number of replies staged since the last send
   (at most FLUSH_EVERY); only slots 0..staged-1 are sent, and a slot's size and destination
   are written before the send that reads them. Query slot i and sockaddr i belong to datagram
@@ -270,9 +272,10 @@ class DatagramBatch:
         and whose client is admitted is answered from the row, one with no current row by
         `answer_cold(datagram, now, cold)` if it gives a reply (noting the hit in `cold`);
         the replies go out together, then `hand_off((rows served, seconds the batch took))`
-        and `hand_off_cold((cold, now, seconds))`; the rest go to `lend`, once per batch. `admitted_get` (None: everyone is) gives True for a client host judged
-        allowed; a client's raw address found so is remembered, so the next datagram from it
-        is one dict lookup before its address is decoded."""
+        and `hand_off_cold((cold, now, seconds))`; the rest go to `lend`, once per batch.
+        `admitted_get` (None: everyone is) gives True for a client host judged allowed; a
+        client's raw address found so is remembered, so the next datagram from it is one dict
+        lookup before its address is decoded."""
         known: dict[bytes, bool] = {}
         known_get = known.get
         memory, lengths, sizes, pointers = self._view, self._lengths, self._sizes, self._pointers
@@ -335,8 +338,9 @@ class DatagramBatch:
                 if slow is None:
                     slow = []
                 slow.append((data, address(i)))
-            if served or cold:
+            if staged:
                 send(staged)
+            if served or cold:
                 seconds = clock() - now
                 if served:
                     hand_off((served, seconds))

@@ -98,7 +98,8 @@ class UdpListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | UdpReaderThread | None = None
         self.sendto: Receiver = self._not_connected  # the loop's sends
         self.reader: UdpReaderThread | None = None  # the thread reading the socket, if any
-        self._pending: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # misses waiting for their answer
+        self._settled: asyncio.Future[None] | None = None  # set when in_flight drops to 0
         self._draining = False
         self.configure(
             resolver,
@@ -143,10 +144,14 @@ class UdpListener(asyncio.DatagramProtocol):
     def resolver(self) -> Resolver:
         return self._resolver
 
-    @property
-    def pending(self) -> frozenset[asyncio.Task[None]]:
-        """The misses in flight."""
-        return frozenset(self._pending)
+    def settled(self) -> asyncio.Future[None]:
+        """Done once no miss is in flight (now, or when the last one is answered)."""
+        settled = self._settled
+        if settled is None or settled.done():
+            settled = self._settled = asyncio.get_running_loop().create_future()
+        if not self.in_flight:
+            settled.set_result(None)
+        return settled
 
     def _bind_fast_path(self) -> None:
         # Draining or logging every query: every query goes through _received. A rate limit
@@ -265,32 +270,33 @@ class UdpListener(asyncio.DatagramProtocol):
             if self.log_queries:
                 self._log(addr, q, reply, "cache", now)
             return None
-        if len(self._pending) >= self.max_pending:
+        if self.in_flight >= self.max_pending:
             # Bounded work: a fast SERVFAIL beats a queue that grows until the deadline passes.
             self.metrics.dropped["overload"] += 1
             reply = wire.rcode_reply(data, q, wire.SERVFAIL)
             self.sendto(reply, addr)
             self.metrics.answered("local", reply, self._clock() - now)
             return None
-        task = asyncio.ensure_future(self._miss(data, q, limit, addr, now))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        return None
-
-    async def _miss(
-        self, data: bytes, q: wire.Query, limit: int, addr: Address, start: float
-    ) -> None:
+        self.in_flight += 1
         try:
-            reply, source = await self._resolver.resolve(data, q, limit)
+            self._resolver.miss(data, q, limit, partial(self._answer_miss, addr, q, now))
         except Exception:
             log.exception("query failed", extra={"fields": {"client": str(addr[0])}})
-            reply = wire.rcode_reply(data, q, wire.SERVFAIL)
-            source = "local"
+            self._answer_miss(addr, q, now, wire.rcode_reply(data, q, wire.SERVFAIL), "local")
+        return None
+
+    def _answer_miss(
+        self, addr: Address, q: wire.Query, start: float, reply: bytes, source: str
+    ) -> None:
+        """A miss's answer (Resolver.miss's `deliver`): sent, counted; no task per miss."""
+        self.in_flight -= 1
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
             self.metrics.answered(source, reply, self._clock() - start)
             if self.log_queries:
                 self._log(addr, q, reply, source, start)
+        if not self.in_flight and self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
 
     def _log(self, addr: Address, q: wire.Query, reply: bytes, source: str, start: float) -> None:
         if random() < self.log_queries:

@@ -42,12 +42,13 @@ CPython's GIL, and a free-threaded build's per-object locking, keep whole):
 - The thread reads: `serve` and `_closing` (attribute loads), the row table, the cache's
   entries, the rotated pools, the prefetches started and the admission verdicts (single dict
   and set lookups), of an entry its slots (an entry is never written once made), and of a row
-  `valid_until`, `tail` and `next_tail` (slot loads). The loop replaces those with single stores, so the thread sees the old value or the
-  new one; during a refresh it may pair a new tail with the old `valid_until`, which is as
-  right as either (a refresh never makes a tail wrong before the old moment). For a shaped
-  row it calls `next_tail()`, an itertools.cycle's `__next__`, which the loop calls too:
-  under the GIL that is one C call; a free-threaded build may hand two callers the same
-  variant, which only skews the rotation.
+  `valid_until`, `tail` and `next_tail` (slot loads). The loop replaces those with single
+  stores, so the thread sees the old value or the new one; during a refresh it may pair a
+  new tail with the old `valid_until`, which is as right as either (a refresh never makes a
+  tail wrong before the old moment). For a shaped row it calls `next_tail()`, an
+  itertools.cycle's `__next__`, which the loop calls too: under the GIL that is one C call;
+  a free-threaded build may hand two callers the same variant, which only skews the
+  rotation.
 - The loop owns everything else: the rows and their counts, FastPath, Counters, `slow`, and
   `sendto` (sends from the loop, and its `dropped` count).
 """
@@ -99,6 +100,7 @@ class UdpReaderThread:
         self._given_back = threading.Event()
         self._wake: Callable[..., object] = _ignore
         self._soon: Callable[..., object] = _ignore
+        self._outbox: list[tuple[bytes, Any]] = []  # the loop's replies of this turn
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read datagrams until close(); the hot paths are looked up per batch, as the
@@ -158,11 +160,26 @@ class UdpReaderThread:
         self._given_back.set()
 
     def sendto(self, data: bytes, addr: Any) -> None:
-        """Send from the loop: never blocks, never raises."""
-        try:
-            self.sock.sendto(data, socket.MSG_DONTWAIT, addr)
-        except OSError:
+        """Send from the loop: never blocks, never raises. The replies made in one turn of
+        the loop leave together at its end (`_flush`): sent each as it was made, between a
+        miss's other work, every reply woke the client anew (on loopback, a wake-up of the
+        other CPU inside the send)."""
+        if self._closing:
             self.dropped["overload"] += 1
+            return
+        outbox = self._outbox
+        if not outbox:
+            self._soon(self._flush)
+        outbox.append((data, addr))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        sendto = self.sock.sendto
+        for data, addr in outbox:
+            try:
+                sendto(data, socket.MSG_DONTWAIT, addr)
+            except OSError:  # a full buffer (or closed): that reply is lost, counted
+                self.dropped["overload"] += 1
 
     def is_closing(self) -> bool:
         return self._closing

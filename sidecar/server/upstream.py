@@ -40,7 +40,6 @@ Only a TCP exchange is a task.
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import itertools
 import math
@@ -54,6 +53,7 @@ from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
 from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.forwarder import Exchange, Replied
 
 POOL_SOCKETS = 4  # sockets per upstream server kept open (more while many queries are in flight)
 SOCKET_INFLIGHT = 64  # queries waiting on one socket at most: their replies fit its buffer
@@ -66,13 +66,13 @@ _IDS = 256  # random IDs drawn from the OS CSPRNG at a time
 
 
 class _Query:
-    """One UDP query: its ID, question, deadline, and the future its reply goes to (None
-    once finished). With `late`, a query that times out lingers until `linger_until`: its ID
-    and socket stay reserved, and a reply then goes to `late`."""
+    """One UDP query: its ID, question, deadline, and whom its reply goes to (`then`, None
+    once told). With `late`, a query that times out lingers until `linger_until`: its ID and
+    socket stay reserved, and a reply then goes to `late`. The query is its own handle:
+    `cancel()` abandons it."""
 
     __slots__ = (
         "deadline",
-        "future",
         "late",
         "linger_until",
         "lingering",
@@ -80,6 +80,7 @@ class _Query:
         "qid",
         "question",
         "server",
+        "then",
         "timeout",
     )
 
@@ -88,7 +89,7 @@ class _Query:
         owner: UpstreamSocket,
         qid: bytes,
         question: bytes,
-        future: asyncio.Future[bytes],
+        then: Replied,
         timeout: float,
         deadline: float,
         late: Callable[[bytes], None] | None,
@@ -97,7 +98,7 @@ class _Query:
         self.owner = owner
         self.qid = qid
         self.question = question
-        self.future: asyncio.Future[bytes] | None = future
+        self.then: Replied | None = then
         self.server = owner.pool.server
         self.timeout = timeout
         self.deadline = deadline
@@ -105,34 +106,48 @@ class _Query:
         self.linger_until = deadline + linger if late is not None else deadline
         self.lingering = False
 
+    @property
+    def over(self) -> bool:
+        """Told and not lingering: nothing more can come of it."""
+        return self.then is None and not self.lingering
+
     def expire(self) -> bool:
         """The deadline came: time out (True: now lingering, queue it again), or end."""
-        future = self.future
-        if future is None:
-            return False
         if self.lingering:  # the linger is over too
             self.lingering = False
             self.owner.finish(self)
             return False
-        if future.done():
+        then = self.then
+        if then is None:
             return False
+        self.then = None
         linger = self.linger_until > self.deadline + Deadlines.EARLY
         if linger:
             self.lingering = True
             self.deadline = self.linger_until
-        future.set_exception(UpstreamTimeout(f"{self.server}: no reply within {self.timeout:.2f}s"))
+        else:
+            self.owner.finish(self)
+        then(None, UpstreamTimeout(f"{self.server}: no reply within {self.timeout:.2f}s"))
         return linger
 
     def answered(self, data: bytes) -> None:
-        """The reply came (the owner has released the ID): to the future, or late."""
-        future, late = self.future, self.late
+        """The reply came (the owner has released the ID): to `then`, or late."""
+        then, late = self.then, self.late
+        self.then = self.late = None
         if self.lingering:
             self.lingering = False
-            self.future = self.late = None
             if late is not None:
                 late(data)
-        elif future is not None and not future.done():
-            future.set_result(data)
+        elif then is not None:
+            then(data, None)
+
+    def cancel(self) -> None:
+        """Abandon the query: nothing more is told; its ID is released."""
+        if self.over:
+            return
+        self.then = self.late = None
+        self.lingering = False
+        self.owner.finish(self)
 
 
 class Deadlines:
@@ -181,11 +196,11 @@ class Deadlines:
         due = self.loop.time() + self.EARLY
         fifo, heap = self.fifo, self.heap
         lingering = []
-        while fifo and (fifo[0].deadline <= due or fifo[0].future is None):
+        while fifo and (fifo[0].deadline <= due or fifo[0].over):
             query = fifo.popleft()
             if query.expire():
                 lingering.append(query)
-        while heap and (heap[0][0] <= due or heap[0][2].future is None):
+        while heap and (heap[0][0] <= due or heap[0][2].over):
             query = heapq.heappop(heap)[2]
             if query.expire():
                 lingering.append(query)
@@ -202,6 +217,31 @@ class Deadlines:
         self.armed = math.inf
         self.fifo.clear()
         self.heap.clear()
+
+
+class Outbox:
+    """The UDP queries of one transport sent together, once per turn of the loop, instead of
+    each as it is made: a send to a server that sleeps wakes it (on loopback, a wake-up of
+    the other CPU in the send: 13% of the sidecar's CPU time with every query sent on its
+    own), and queries sent back to back wake it once. A query made in one turn leaves in the
+    next; its deadline counts from when it was made."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queued: list[tuple[UpstreamSocket, _Query, bytes]] = []
+
+    def put(self, owner: UpstreamSocket, query: _Query, packet: bytes) -> None:
+        if not self.queued:
+            self.loop.call_soon(self.flush)
+        self.queued.append((owner, query, packet))
+
+    def flush(self) -> None:
+        queued, self.queued = self.queued, []
+        for owner, query, packet in queued:
+            owner.transmit(query, packet)
+
+    def clear(self) -> None:
+        self.queued.clear()
 
 
 class UpstreamSocket:
@@ -234,41 +274,49 @@ class UpstreamSocket:
         cd: bool,
         do: bool,
         timeout: float,
+        then: Replied,
         late: Callable[[bytes], None] | None = None,
         linger: float = 0.0,
-    ) -> asyncio.Future[bytes]:
-        """Send a query; its future gets the reply, or fails with UpstreamError (at once when
-        the send fails, or after `timeout`). Done or cancelled, it releases the query, unless
-        it timed out with `late` given: then it lingers `linger` s more for a late reply."""
-        loop = self.loop
+    ) -> _Query:
+        """Send a query; `then(reply, None)` gets the reply, `then(None, UpstreamError)` the
+        timeout after `timeout` or the socket's error, never from within this call (a failed
+        send raises UpstreamError instead). With `late` given, a query that timed out lingers
+        `linger` s more for a late reply."""
         pending = self.pending
         recent = self.recent
         pool = self.pool
         qid = pool.new_id()
         while qid in pending or qid in recent:
             qid = pool.new_id()
-        future: asyncio.Future[bytes] = loop.create_future()
-        query = _Query(self, qid, question, future, timeout, loop.time() + timeout, late, linger)
-        future.add_done_callback(functools.partial(self.finish, query))
-        pool.deadlines.add(query)
+        query = _Query(self, qid, question, then, timeout, self.loop.time() + timeout, late, linger)
         pending[qid] = query
         self.sent += 1
+        assert self.sock is not None  # a closed socket is never handed out
+        pool.outbox.put(
+            self, query, wire.build_query(int.from_bytes(qid, "big"), question, cd=cd, do=do)
+        )
+        pool.deadlines.add(query)
+        return query
+
+    def transmit(self, query: _Query, packet: bytes) -> None:
+        """Send `query` now (from the outbox); a failure is told to it, or to every query on
+        the socket when the socket reports an error."""
         sock = self.sock
-        assert sock is not None  # a closed socket is never handed out
+        if sock is None or query.over:
+            return  # abandoned, or failed with its socket, meanwhile
         try:
-            sock.send(wire.build_query(int.from_bytes(qid, "big"), question, cd=cd, do=do))
+            sock.send(packet)
         except BlockingIOError as exc:  # the send buffer is full: this query only
-            future.set_exception(UpstreamError(f"{pool.server}: {exc}"))
+            then = query.then
+            query.cancel()
+            if then is not None:
+                then(None, UpstreamError(f"{self.pool.server}: {exc}"))
         except OSError as exc:  # an ICMP error reported on the send: the server's, for all
             self._error(exc)
-        return future
 
-    def finish(self, query: _Query, _future: object = None) -> None:
+    def finish(self, query: _Query) -> None:
         """`query` is over (answered, failed, timed out or cancelled, and not lingering)."""
-        if query.lingering:
-            return
-        query.future = None
-        query.late = None  # the question it points to may go: the query waits in Deadlines
+        query.then = query.late = None  # the question they point to may go: it waits in Deadlines
         if self.pending.pop(query.qid, None) is not None:  # not answered: a reply may come
             self._remember(query)
         if self.retired and not self.pending:
@@ -312,14 +360,15 @@ class UpstreamSocket:
         self.fail(lambda: kind(f"{server}: {exc}"))
 
     def fail(self, error: Callable[[], UpstreamError]) -> None:
-        """Every query waiting on this socket fails with `error()`; the socket is retired."""
+        """Every query waiting on this socket fails with `error()` (told on the loop's next
+        turn: this may run inside another query's send); the socket is retired."""
         pending, self.pending = self.pending, {}
         for query in pending.values():
             query.lingering = False  # a late reply can no longer come
-            future = query.future
-            query.future = query.late = None
-            if future is not None and not future.done():
-                future.set_exception(error())
+            then = query.then
+            query.then = query.late = None
+            if then is not None:
+                self.loop.call_soon(then, None, error())
         self.retire()
 
     def retire(self) -> None:
@@ -343,11 +392,14 @@ class UpstreamSocket:
 class SocketPool:
     """The UDP sockets to one upstream server: see the module's docstring."""
 
-    def __init__(self, server: HostPort, counters: Counters, deadlines: Deadlines) -> None:
+    def __init__(
+        self, server: HostPort, counters: Counters, deadlines: Deadlines, outbox: Outbox
+    ) -> None:
         self.server = server
         self.name = str(server)
         self.counters = counters
         self.deadlines = deadlines
+        self.outbox = outbox
         self.live: list[UpstreamSocket] = []
         self.retiring: set[UpstreamSocket] = set()  # retired, still open
         self.turn = 0
@@ -460,16 +512,64 @@ class SocketExchanges:
         self.pools: dict[HostPort, SocketPool] = {}
         self.closed = False
         self.deadlines: Deadlines | None = None
+        self.outbox: Outbox | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def pool(self, server: HostPort) -> SocketPool:
         pool = self.pools.get(server)
         if pool is None:
-            if self.deadlines is None:
-                self.deadlines = Deadlines(asyncio.get_running_loop())
-            pool = self.pools[server] = SocketPool(server, self.counters, self.deadlines)
+            if self.deadlines is None or self.outbox is None:
+                loop = asyncio.get_running_loop()
+                self.deadlines, self.outbox = Deadlines(loop), Outbox(loop)
+            pool = self.pools[server] = SocketPool(
+                server, self.counters, self.deadlines, self.outbox
+            )
             if self.closed:
                 pool.close()
         return pool
+
+    def start(
+        self,
+        server: HostPort,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        tcp: bool,
+        then: Replied,
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
+    ) -> Exchange:
+        """One query to `server`: `then(reply, None)` with its reply (ID, QR and question
+        matched) or `then(None, UpstreamError)`, never from within this call (UpstreamError
+        raised when it cannot even send); over UDP, a late reply goes to `late` for `linger`
+        s after the timeout. The handle's `cancel()` abandons it."""
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()  # once: it costs a getpid() call
+        pool = self.pools.get(server) or self.pool(server)
+        if not tcp:
+            return pool.socket(loop).send(
+                question, cd=cd, do=do, timeout=timeout, then=then, late=late, linger=linger
+            )
+        task = loop.create_task(
+            tcp_exchange(server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch)
+        )
+
+        def done(task: asyncio.Task[bytes]) -> None:
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is None:
+                then(task.result(), None)
+            elif isinstance(error, UpstreamError):
+                then(None, error)
+            else:
+                then(None, UpstreamError(f"{server}: TCP: {error!r}"))
+
+        task.add_done_callback(done)
+        return task
 
     def exchange(
         self,
@@ -483,18 +583,24 @@ class SocketExchanges:
         late: Callable[[bytes], None] | None = None,
         linger: float = 0.0,
     ) -> asyncio.Future[bytes]:
-        """One query to `server`: its reply (ID, QR and question matched), or UpstreamError;
-        over UDP, a late reply goes to `late` for `linger` s after the timeout."""
-        loop = asyncio.get_running_loop()
-        pool = self.pool(server)
-        if tcp:
-            exchange = tcp_exchange(
-                server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch
-            )
-            return loop.create_task(exchange)
-        return pool.socket(loop).send(
-            question, cd=cd, do=do, timeout=timeout, late=late, linger=linger
-        )
+        """`start` with a future for its outcome (cancelling it abandons the exchange)."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def then(reply: bytes | None, error: UpstreamError | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                assert reply is not None
+                future.set_result(reply)
+
+        handle = self.start(
+            server, question, cd=cd, do=do, timeout=timeout, tcp=tcp, then=then, late=late,
+            linger=linger,
+        )  # fmt: skip
+        future.add_done_callback(lambda done: handle.cancel() if done.cancelled() else None)
+        return future
 
     def close(self, *, now: bool = False) -> None:
         """Close the UDP sockets, each as soon as no query waits on it any more; queries still

@@ -92,6 +92,38 @@ class ScriptedExchanges:
             asyncio.get_running_loop().call_soon(self._finish, future, step, timeout)
         return future
 
+    def start(
+        self,
+        server: HostPort,
+        question: bytes,
+        *,
+        cd: bool,
+        do: bool,
+        timeout: float,
+        tcp: bool,
+        then: Callable[[bytes | None, UpstreamError | None], None],
+        late: Callable[[bytes], None] | None = None,
+        linger: float = 0.0,
+    ) -> asyncio.Future[bytes]:
+        """The forwarder's way in (`Exchanges.start`): `exchange`, its end told to `then`;
+        the future is the handle (cancelled, nothing is told)."""
+        future = self.exchange(
+            server, question, cd=cd, do=do, timeout=timeout, tcp=tcp, late=late, linger=linger
+        )
+
+        def done(future: asyncio.Future[bytes]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None:
+                then(future.result(), None)
+            else:
+                assert isinstance(error, UpstreamError)
+                then(None, error)
+
+        future.add_done_callback(done)
+        return future
+
     def release(self) -> None:
         """Let every held exchange finish as scripted."""
         held, self.held = self.held, []
