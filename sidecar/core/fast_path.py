@@ -213,8 +213,7 @@ class FastPath:
         within half a second) and before 8,192 to 16,384 other names were. Names asked less
         often would only churn the table (100,000 names asked in turn filled and swept it
         every second, a row made per query and never used); a reader thread answers them from
-        their entries
-        (`answer_cold`). At most 2 x ADMIT_MEMORY entries are remembered."""
+        their entries (`answer_cold`). At most 2 x ADMIT_MEMORY entries are remembered."""
         asked = self.asked
         if now - self.asked_since >= ADMIT_WITHIN / 2 or len(asked) >= ADMIT_MEMORY:
             # The generation ends; the one before goes, and so does this one if it began
