@@ -139,6 +139,7 @@ class _Question:
             if not self.spend(attempt):
                 forwarding.denied(attempt)
                 break
+            exchanged = functools.partial(self.exchanged, attempt)
             try:
                 exchange = forwarder.exchanges.start(
                     attempt.server,
@@ -147,8 +148,8 @@ class _Question:
                     do=self.do,
                     timeout=attempt.timeout,
                     tcp=attempt.tcp,
-                    then=functools.partial(self.exchanged, attempt),
-                    late=functools.partial(self.late, attempt) if attempt.linger else None,
+                    then=exchanged,
+                    late=exchanged if attempt.linger else None,  # a late reply: as any reply
                     linger=attempt.linger,
                 )
             except UpstreamError as exc:
@@ -185,7 +186,11 @@ class _Question:
         if then is not None:
             then(outcome, error)
 
-    def exchanged(self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None) -> None:
+    def exchanged(
+        self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None = None
+    ) -> None:
+        """`attempt`'s exchange ended (a reply or an error), or a reply to it came after it
+        timed out, while the question went on."""
         if self.then is None:
             return
         forwarding = self.forwarding
@@ -198,16 +203,6 @@ class _Question:
                 self.run(forwarding.replied(attempt, msg, now))
             else:
                 self.run(forwarding.failed(attempt, error, now))
-        except Exception as exc:  # a bug: the waiters learn of it
-            if self.then is not None:
-                self.finish(None, exc)
-
-    def late(self, attempt: Attempt, msg: bytes) -> None:
-        """A reply to `attempt` after it timed out, while the question went on."""
-        if self.then is None:
-            return
-        try:
-            self.run(self.forwarding.replied(attempt, msg, self.forwarder.clock()))
         except Exception as exc:  # a bug: the waiters learn of it
             if self.then is not None:
                 self.finish(None, exc)

@@ -38,6 +38,8 @@ class ZoneRouter(Generic[Target]):
 
     def route(self, wire_name: bytes) -> tuple[str, Target]:
         """(zone name, its target) for a lowercased wire name; zone '.' means the default."""
+        if not self._zones:  # the default alone (no discovery zone, one answer order): no walk
+            return ".", self.default
         offset = 0
         while offset < len(wire_name) and wire_name[offset]:
             hit = self._zones.get(wire_name[offset:])
