@@ -337,7 +337,8 @@ class FastPath:
 
     def refresh_due(self, now: float, most: int = REFRESH_BATCH) -> bool:
         """Refresh ahead the rows whose bucket has come (see the module's notes): those still
-        in the table, not refreshed since they were scheduled, and asked since. At most
+        in the table, not refreshed since they were scheduled, and asked since; a plain row
+        not asked since is dropped. At most
         `most` of them: True if more are due (call again soon). Rows cached in one burst share
         a bucket, and a thousand refreshes (~4 us each) in one go held the GIL for milliseconds
         while the UDP reader thread waited."""
@@ -349,12 +350,16 @@ class FastPath:
             rows = self.due[slot]
             while rows:
                 hit, moment = rows.pop()
-                if (
-                    hit.valid_until == moment
-                    and hit.counted + hit.hits != hit.seen
-                    and self.rows.get(hit.key) is hit
-                ):
-                    self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER))
+                if hit.valid_until == moment and self.rows.get(hit.key) is hit:
+                    if hit.counted + hit.hits != hit.seen:
+                        self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER))
+                    elif hit.shaped is None:
+                        # Not asked since its last refresh (about a second): the row goes, and
+                        # the entry answers (`answer_cold`) until a name asked often again gets
+                        # one. Left, rows of names no longer asked held ~0.75 KiB each.
+                        self.drop(hit)
+                    else:
+                        continue  # a pool's row (its redraw is dear) waits for its next ask
                     done += 1
                     if done >= most:
                         if not rows:

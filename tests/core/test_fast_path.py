@@ -297,13 +297,15 @@ def test_a_row_in_use_is_refreshed_ahead_of_its_moment_and_shows_the_lower_ttl_e
     assert len(due) == 2 and due[-1] < 102.0
 
 
-def test_a_row_not_asked_since_its_refresh_is_left_to_lapse() -> None:
+def test_a_plain_row_not_asked_since_its_refresh_goes_when_its_bucket_comes() -> None:
     s, due, hit, data = timed_row()
+    key = wire.parse_query(data).key
+    assert s.cache.charged(key) > 0
     s.fast.flush()
     s.fast.refresh_due(due[-1])
-    assert hit.valid_until == 101.0 and len(due) == 1 and not s.fast.due
-    answer = s.served(data, 101.2)  # asked again later: refreshed on demand, scheduled again
-    assert answer is not None and answer.rr[0].ttl == 59 and len(due) == 2
+    assert s.fast.get(data[2:]) is None and len(s.fast) == 0 and not s.fast.due
+    assert s.cache.get(key, 101.2) is not None  # the entry stays: it answers without a row
+    assert s.cache.charged(key) == 0  # the row's bytes went with it
 
 
 def test_rows_refreshed_on_demand_or_gone_are_skipped_when_their_bucket_comes() -> None:
