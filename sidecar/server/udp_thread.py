@@ -73,6 +73,7 @@ MAX_QUERY = SLOT  # as the thread's batches cut it
 JOIN_SECONDS = 2.0
 LOOP_BATCH = 64  # datagrams the loop reads before it lets its other callbacks run
 GIVE_BACK_AT = 8  # a lent socket goes back after a batch with at most this many slow ones
+LOOP_FLUSH_EVERY = 32  # replies the loop holds at most before it sends them
 
 Receiver = Callable[[bytes, Address], None]
 
@@ -161,9 +162,9 @@ class UdpReaderThread:
 
     def sendto(self, data: bytes, addr: Any) -> None:
         """Send from the loop: never blocks, never raises. The replies made in one turn of
-        the loop leave together at its end (`_flush`): sent each as it was made, between a
-        miss's other work, every reply woke the client anew (on loopback, a wake-up of the
-        other CPU inside the send)."""
+        the loop leave together at its end, or LOOP_FLUSH_EVERY at a time (`_flush`): sent each as
+        it was made, between a miss's other work, every reply woke the client anew (on
+        loopback, a wake-up of the other CPU inside the send)."""
         if self._closing:
             self.dropped["overload"] += 1
             return
@@ -171,6 +172,8 @@ class UdpReaderThread:
         if not outbox:
             self._soon(self._flush)
         outbox.append((data, addr))
+        if len(outbox) >= LOOP_FLUSH_EVERY:  # a long turn does not hold them all
+            self._flush()
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []

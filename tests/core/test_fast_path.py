@@ -298,7 +298,7 @@ def test_a_row_in_use_is_refreshed_ahead_of_its_moment_and_shows_the_lower_ttl_e
 
 
 def test_a_plain_row_not_asked_since_its_refresh_goes_when_its_bucket_comes() -> None:
-    s, due, hit, data = timed_row()
+    s, due, _hit, data = timed_row()
     key = wire.parse_query(data).key
     assert s.cache.charged(key) > 0
     s.fast.flush()
