@@ -1,16 +1,19 @@
 """Carrying out forwarding decisions (core/forwarding.py) over a transport of exchanges.
 
-The pipeline asks `Forwarder.start` for a question's outcome; the decisions are the core's, the
-exchanges (one UDP query to one server, or one TCP exchange) the transport's
-(server/upstream.py on sockets, a scripted one in tests). Driven by the exchanges' futures'
-callbacks: no task and no coroutine per question or attempt.
+The pipeline asks `Forwarder.ask` for a question's outcome, told to its `then`; the decisions
+are the core's, the exchanges (one UDP query to one server, or one TCP exchange) the
+transport's (server/upstream.py on sockets, a scripted one in tests). Plain callbacks end to
+end: no task, coroutine or future per question or attempt (`outcome_future` makes one for
+those who await, as the upstream probes do).
 
-A transport's contract (`Exchanges`): `exchange()` sends at once and returns the future of the
-reply, whose ID, QR and question already matched the query (RFC 5452); it fails with an
-UpstreamError (at once, or when `timeout` seconds pass), or raises one when it cannot even send.
-Cancelling the future abandons the exchange and frees what it held. With `late` given, a
-timed-out UDP exchange keeps its ID and socket `linger` seconds more, and a reply that comes
-then is passed to `late` (once), so a slow upstream still answers the question.
+A transport's contract (`Exchanges`): `start()` sends (or queues the send for the end of the
+loop's turn) and returns a handle; `then(reply, None)` gets the reply, whose ID, QR and
+question already matched the query (RFC 5452), or `then(None, UpstreamError)` the failure
+(when `timeout` seconds pass, or the socket reports an error), once and never from within
+`start()`, which raises UpstreamError when it cannot even send. The handle's `cancel()`
+abandons the exchange and frees what it held. With `late` given, a timed-out UDP exchange
+keeps its ID and socket `linger` seconds more, and a reply that comes then is passed to `late`
+(once), so a slow upstream still answers the question.
 
 Every exchange, of every question and probe, to an upstream off this host's loopback first
 takes its packets from the one `PacketBudget` (core/packet_budget.py) here, as background
@@ -208,6 +211,22 @@ class _Question:
                 self.finish(None, exc)
 
 
+def outcome_future() -> tuple[asyncio.Future[Outcome], Settled]:
+    """A future of a question's outcome and the `then` for `Forwarder.ask` that settles it
+    (for those who await: the upstream probes)."""
+    result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+    def then(outcome: Outcome | None, error: BaseException | None) -> None:
+        if result.done():
+            return
+        if outcome is not None:
+            result.set_result(outcome)
+        else:
+            result.set_exception(error or UpstreamError("no outcome"))
+
+    return result, then
+
+
 class Forwarder:
     """Sends a question to a zone's upstreams until one answers or the deadline passes."""
 
@@ -263,49 +282,23 @@ class Forwarder:
             forwarding.first(self.clock())
         )
 
-    def start(
-        self,
-        question: bytes,
-        upstreams: UpstreamSet[HostPort],
-        *,
-        cd: bool,
-        do: bool,
-        deadline: float,
-        order: Sequence[HostPort] | None = None,
-        judge: bool = True,
-        background: bool = False,
-    ) -> asyncio.Future[Outcome]:
-        """`ask`, with a future of its outcome."""
-        result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-
-        def then(outcome: Outcome | None, error: BaseException | None) -> None:
-            if result.done():
-                return
-            if outcome is not None:
-                result.set_result(outcome)
-            else:
-                result.set_exception(error or UpstreamError("no outcome"))
-
-        self.ask(
-            question, upstreams, cd=cd, do=do, deadline=deadline, then=then, order=order,
-            judge=judge, background=background,
-        )  # fmt: skip
-        return result
-
     async def probe(self, server: HostPort, question: bytes) -> float:
         """Ask `server` `question` once; the round-trip time of any readable reply, or
         UpstreamError. Nothing is counted or judged: the caller decides what it means."""
         sent = self.clock()
-        await self.start(
+        done, then = outcome_future()
+        self.ask(
             question,
             UpstreamSet((server,)),
             cd=False,
             do=False,
             deadline=sent + self.attempt_timeout,
+            then=then,
             order=(server,),
             judge=False,
             background=True,
         )
+        await done
         return self.clock() - sent
 
     def close(self, *, now: bool = False) -> None:

@@ -33,7 +33,8 @@ The UDP sockets (one `SocketPool` per upstream server):
   so a refused attempt would cost the whole attempt timeout.
 
 Deadlines: one timer for all the UDP queries of a transport (`Deadlines`), not a timer per
-query. A query's future is its whole handle: done, it releases the query; cancelled, too.
+query. A query is its own handle: told (`then`), it releases its ID; cancelled, too. Queries
+leave through one `Outbox` per transport, together at the end of the loop's turn.
 Only a TCP exchange is a task.
 """
 
@@ -574,37 +575,6 @@ class SocketExchanges:
 
         task.add_done_callback(done)
         return task
-
-    def exchange(
-        self,
-        server: HostPort,
-        question: bytes,
-        *,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        tcp: bool,
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
-    ) -> asyncio.Future[bytes]:
-        """`start` with a future for its outcome (cancelling it abandons the exchange)."""
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        def then(reply: bytes | None, error: UpstreamError | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                assert reply is not None
-                future.set_result(reply)
-
-        handle = self.start(
-            server, question, cd=cd, do=do, timeout=timeout, tcp=tcp, then=then, late=late,
-            linger=linger,
-        )  # fmt: skip
-        future.add_done_callback(lambda done: handle.cancel() if done.cancelled() else None)
-        return future
 
     def close(self, *, now: bool = False) -> None:
         """Close the UDP sockets, each as soon as no query waits on it any more; queries still

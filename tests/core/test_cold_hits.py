@@ -10,6 +10,7 @@ from sidecar.core.cache import Entry
 from sidecar.core.counters import Counters
 from sidecar.core.fast_path import ColdHit
 from sidecar.pipeline import Resolver
+from tests.core.test_fast_path import reply
 from tests.listener_parts import cache_resolver
 
 NAME = "a.example"
@@ -20,13 +21,6 @@ def query(name: str = NAME, qid: int = 7, edns: bool = False) -> bytes:
     record.header.id = qid
     if edns:
         record.add_ar(EDNS0(udp_len=1232))
-    return bytes(record.pack())
-
-
-def reply(addresses: tuple[str, ...] = ("192.0.2.1",), ttl: int = 60, name: str = NAME) -> bytes:
-    record = DNSRecord.question(name).reply()
-    for address in addresses:
-        record.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=ttl))
     return bytes(record.pack())
 
 

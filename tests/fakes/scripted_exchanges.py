@@ -68,30 +68,6 @@ class ScriptedExchanges:
     def add(self, server: HostPort, *steps: Step) -> None:
         self.script.setdefault(server, []).extend(steps)
 
-    def exchange(
-        self,
-        server: HostPort,
-        question: bytes,
-        *,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        tcp: bool,
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
-    ) -> asyncio.Future[bytes]:
-        self.asked.append(Asked(server, question, timeout, tcp, self.clock()))
-        steps = self.script.get(server)
-        step = steps.pop(0) if steps else Step()
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        if late is not None and step.reply is not None and timeout <= step.after < timeout + linger:
-            step = Step(reply=step.reply, after=step.after, hold=step.hold, late=late)
-        if step.hold:
-            self.held.append((future, step, timeout))
-        else:
-            asyncio.get_running_loop().call_soon(self._finish, future, step, timeout)
-        return future
-
     def start(
         self,
         server: HostPort,
@@ -105,11 +81,19 @@ class ScriptedExchanges:
         late: Callable[[bytes], None] | None = None,
         linger: float = 0.0,
     ) -> asyncio.Future[bytes]:
-        """The forwarder's way in (`Exchanges.start`): `exchange`, its end told to `then`;
-        the future is the handle (cancelled, nothing is told)."""
-        future = self.exchange(
-            server, question, cd=cd, do=do, timeout=timeout, tcp=tcp, late=late, linger=linger
-        )
+        """The forwarder's way in (`Exchanges.start`): the next step scripted for `server`,
+        its end told to `then` (on a later turn of the loop); the future is the handle
+        (cancelled, nothing is told)."""
+        self.asked.append(Asked(server, question, timeout, tcp, self.clock()))
+        steps = self.script.get(server)
+        step = steps.pop(0) if steps else Step()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if late is not None and step.reply is not None and timeout <= step.after < timeout + linger:
+            step = Step(reply=step.reply, after=step.after, hold=step.hold, late=late)
+        if step.hold:
+            self.held.append((future, step, timeout))
+        else:
+            asyncio.get_running_loop().call_soon(self._finish, future, step, timeout)
 
         def done(future: asyncio.Future[bytes]) -> None:
             if future.cancelled():

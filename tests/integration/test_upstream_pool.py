@@ -20,7 +20,7 @@ from sidecar.core.counters import Counters
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.forwarder import Forwarder
+from sidecar.forwarder import Forwarder, outcome_future
 from sidecar.server import upstream
 from sidecar.server.upstream import SocketExchanges
 
@@ -100,9 +100,24 @@ def run(test: Test, host: str) -> Counters:
 def exchange(
     forwarder: SocketExchanges, server: HostPort, name: str, timeout: float = 2.0
 ) -> asyncio.Future[bytes]:
-    return forwarder.exchange(
-        server, question(name), cd=False, do=False, timeout=timeout, tcp=False
+    """One UDP exchange (`SocketExchanges.start`), its end as a future to await; cancelling
+    the future abandons the exchange."""
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def then(reply: bytes | None, error: UpstreamError | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert reply is not None
+            future.set_result(reply)
+
+    handle = forwarder.start(
+        server, question(name), cd=False, do=False, timeout=timeout, tcp=False, then=then
     )
+    future.add_done_callback(lambda done: handle.cancel() if done.cancelled() else None)
+    return future
 
 
 def test_concurrent_queries_share_a_few_sockets_and_each_gets_its_own_reply(
@@ -280,14 +295,17 @@ def test_forward_ends_a_refused_round_and_counts_each_attempt(
             SocketExchanges(metrics), metrics, attempt_timeout=2.0, clock=time.monotonic
         )
         started = time.monotonic()
+        done, then = outcome_future()
+        forwarder.ask(
+            question("nowhere.example"),
+            UpstreamSet([dead]),
+            cd=False,
+            do=False,
+            deadline=started + 4.0,
+            then=then,
+        )
         with pytest.raises(UpstreamUnreachable):
-            await forwarder.start(
-                question("nowhere.example"),
-                UpstreamSet([dead]),
-                cd=False,
-                do=False,
-                deadline=started + 4.0,
-            )
+            await done
         assert time.monotonic() - started < 0.5
         forwarder.close()
 
