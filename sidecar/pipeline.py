@@ -80,6 +80,19 @@ class Fetch:
         self.waiters: list[Fetched] = []
         self.ended: tuple[Entry | None, BaseException | None] | None = None
 
+    def end(self, entry: Entry | None, error: BaseException | None) -> None:
+        """Tell every party waiting how the fetch ended; one failing does not stop the rest.
+        A bug (neither an entry nor an UpstreamError) is logged once here."""
+        if error is not None and not isinstance(error, UpstreamError):
+            log.error("fetch failed", exc_info=error)
+        self.ended = (entry, error)
+        waiters, self.waiters = self.waiters, []
+        for fetched in waiters:
+            try:
+                fetched(entry, error)
+            except Exception:
+                log.exception("answering a fetched query failed")
+
     def wait(self, fetched: Fetched) -> None:
         """Have `fetched(entry, error)` called when the fetch ends (now, if it has: a
         question with no attempt possible ends within the call that starts it)."""
@@ -128,10 +141,11 @@ class _Waiter:
         if deliver is None:
             return
         self.deliver = None
-        resolver, stale = self.resolver, self.stale
-        ede = wire.EDE_NO_REACHABLE_AUTHORITY  # not used: there is a stale answer
+        resolver = self.resolver  # with a stale entry there is no SERVFAIL, so no EDE
         deliver(
-            *resolver._stale_or_servfail(self.query, self.q, stale, self.limit, "upstream", ede)
+            *resolver._stale_or_servfail(
+                self.query, self.q, self.stale, self.limit, "upstream", None
+            )
         )
 
 
@@ -196,20 +210,6 @@ def failure_ede(exc: Exception) -> int:
     return wire.EDE_NO_REACHABLE_AUTHORITY if timed_out_only else wire.EDE_NETWORK_ERROR
 
 
-def settle(fetch: Fetch, entry: Entry | None, error: BaseException | None) -> None:
-    """Tell every party waiting on `fetch` how it ended; one failing does not stop the rest.
-    A bug (neither an entry nor an UpstreamError) is logged once here."""
-    if error is not None and not isinstance(error, UpstreamError):
-        log.error("fetch failed", exc_info=error)
-    fetch.ended = (entry, error)
-    waiters, fetch.waiters = fetch.waiters, []
-    for fetched in waiters:
-        try:
-            fetched(entry, error)
-        except Exception:
-            log.exception("answering a fetched query failed")
-
-
 class Resolver:
     def __init__(
         self,
@@ -257,8 +257,8 @@ class Resolver:
         # Cache keys whose entry was made from a Cloud Map listing: what it was made of.
         self._registry_bases: dict[bytes, RegistryBase] = {}
         cache.on_retire = self._retired
-        self.touch = cache.touch
-        self._peek = cache.peek  # RowSource.touch: a hit on a row or a thread's cold hit
+        self.touch = cache.touch  # RowSource.touch: a hit on a row or a thread's cold hit
+        self._peek = cache.peek
         self._inflight: dict[bytes, Fetch] = {}
         # Forwarding-loop probes (see new_loop_probe): their names start with one label that
         # carries a token shared by every worker of this sidecar, and the probe's number.
@@ -352,6 +352,11 @@ class Resolver:
     async def resolve(self, query: bytes, q: wire.Query, limit: int) -> tuple[bytes, str]:
         """The reply to a query the cache could not answer, and where it came from (`miss`,
         awaited: the TCP listener's way). Cancelled, it leaves the fetch to the others."""
+        now = self.clock()
+        entry = self.cache.get(q.key, now)
+        if entry is not None:  # filled while this query waited to be scheduled
+            self.metrics.cache_hits[entry.form.negative] += 1
+            return self.render(entry, query, q, now, limit), "cache"
         done: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
 
         def deliver(reply: bytes, source: str) -> None:
@@ -362,14 +367,10 @@ class Resolver:
         return await done
 
     def miss(self, query: bytes, q: wire.Query, limit: int, deliver: Deliver) -> None:
-        """Answer a query the cache could not: `deliver(reply, source)` once, now (local
-        answers, a recent failure, over the bound) or when the fetch it waits on ends."""
+        """Answer a query the cache has just not answered (`cached` returned None, no await
+        between): `deliver(reply, source)` once, now (local answers, a recent failure, over
+        the bound) or when the fetch it waits on ends."""
         now = self.clock()
-        entry = self.cache.get(q.key, now)
-        if entry is not None:  # filled while this query waited to be scheduled
-            self.metrics.cache_hits[entry.form.negative] += 1
-            deliver(self.render(entry, query, q, now, limit), "cache")
-            return
         if is_local(q.key):
             deliver(local_reply(query, q), "local")
             return
@@ -423,7 +424,7 @@ class Resolver:
             return self.render(entry, query, q, self.clock(), limit), "upstream"
         if isinstance(error, UpstreamError):
             return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(error))
-        return wire.rcode_reply(query, q, wire.SERVFAIL), "local"  # a bug, logged by settle
+        return wire.rcode_reply(query, q, wire.SERVFAIL), "local"  # a bug, logged by Fetch.end
 
     def _stale_or_servfail(
         self,
@@ -455,8 +456,8 @@ class Resolver:
 
     def _start_fetch(self, q: wire.Query, *, background: bool = False) -> Fetch:
         """Forward `q` to its zone's upstreams; the fetch, whose waiters are called once the
-        entry is stored or the question failed. No task: the forwarder's future calls
-        `_fetched` when it is done. `background`: a prefetch."""
+        entry is stored or the question failed. No task: the forwarder calls `_fetched` when
+        the question ends. `background`: a prefetch."""
         question = q.key[:-1]  # lowercased name + qtype + qclass
         route, upstreams = self.router.route(question[:-4])
         fetch = Fetch()
@@ -494,11 +495,11 @@ class Resolver:
             # its next miss may find a token (the denial itself costs the upstream nothing).
             if not isinstance(exc, PacketBudgetSpent):
                 self.cache.remember_failure(q.key, self.clock())
-            settle(fetch, None, exc)
+            fetch.end(None, exc)
         except Exception as exc:  # a bug: each waiter answers SERVFAIL, logged once
-            settle(fetch, None, exc)
+            fetch.end(None, exc)
         else:
-            settle(fetch, entry, None)
+            fetch.end(entry, None)
 
     def _synthesize_address(
         self,
@@ -527,9 +528,9 @@ class Resolver:
                 made = self._address_reply(q, msg, reply, srv_key, srv_entry)
                 entry = self._fetch(q, route, *(made or (msg, reply)))
             except Exception as exc:  # a bug: each waiter answers SERVFAIL
-                settle(fetch, None, exc)
+                fetch.end(None, exc)
             else:
-                settle(fetch, entry, None)
+                fetch.end(entry, None)
 
         srv_entry = self.cache.get(srv_key, self.clock())
         if srv_entry is not None:

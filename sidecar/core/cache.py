@@ -169,15 +169,6 @@ class Entry:
         return self.form.negative
 
     @property
-    def discovery(self) -> bool:
-        return self.form.discovery
-
-    @property
-    def size(self) -> int:
-        """The reply's size with a question of none and no OPT record."""
-        return wire.HEADER_SIZE + len(self.body)
-
-    @property
     def cost(self) -> int:
         """Estimated bytes of memory this entry holds while cached, its table slot included
         (but not its key's bytes): tracemalloc on CPython 3.11, ENTRY_OVERHEAD for the entry,

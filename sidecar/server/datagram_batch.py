@@ -303,24 +303,19 @@ class DatagramBatch:
                 start, length, client_start, client_end = incoming[i]
                 data = bytes(memory[start : start + lengths[length]])
                 row = rows_get(data[2:])
-                if row is not None and now < row.valid_until:
-                    if (
-                        admitted_get is None
-                        or known_get(bytes(memory[client_start:client_end]))
-                        or admitted(i)
-                    ):
-                        reply: bytes | None = data[:2] + (row.tail or row.next_tail())
-                        served.append(row)
-                    else:
-                        reply = None
-                elif answer_cold is not None and (
+                if row is not None and now >= row.valid_until:
+                    row = None  # past its moment: the entry's, or the loop's
+                reply: bytes | None = None
+                if (row is not None or answer_cold is not None) and (
                     admitted_get is None
                     or known_get(bytes(memory[client_start:client_end]))
                     or admitted(i)
                 ):
-                    reply = answer_cold(data, now, cold)
-                else:
-                    reply = None
+                    if row is not None:
+                        reply = data[:2] + (row.tail or row.next_tail())
+                        served.append(row)
+                    elif answer_cold is not None:
+                        reply = answer_cold(data, now, cold)
                 if reply is not None:
                     size = len(reply)
                     if size <= SLOT:

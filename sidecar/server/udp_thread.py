@@ -25,7 +25,8 @@ Theory of operation
   context switches and a futex call per query. With 100,000 names asked in turn (no rows) that
   took 11 us per query on top of the work. Lent, the loop reads with no thread to wake, and
   traffic that needs the loop stays on it.
-- The loop sends on the socket with MSG_DONTWAIT (`sendto`): a full socket buffer drops that
+- The loop sends on the socket with MSG_DONTWAIT (`sendto`), the replies of one turn of the
+  loop together at its end (or LOOP_FLUSH_EVERY at a time): a full socket buffer drops that
   reply (counted as dropped, overload) instead of stalling the loop.
 - Stopping: a flag, the parked thread woken, then shutdown(SHUT_RD) on the socket, which wakes
   a blocked recvmmsg (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).

@@ -245,9 +245,6 @@ class Outbox:
         for owner, query, packet in queued:
             owner.transmit(query, packet)
 
-    def clear(self) -> None:
-        self.queued.clear()
-
 
 class UpstreamSocket:
     """A connected UDP socket to one server, shared by the queries of its pool."""
@@ -516,16 +513,17 @@ class SocketExchanges:
         self.counters = counters
         self.pools: dict[HostPort, SocketPool] = {}
         self.closed = False
+        # Made with the first pool, on the loop; shared by every pool.
         self.deadlines: Deadlines | None = None
-        self.outbox: Outbox | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.outbox: Outbox
 
     def pool(self, server: HostPort) -> SocketPool:
         pool = self.pools.get(server)
         if pool is None:
-            if self.deadlines is None or self.outbox is None:
-                loop = asyncio.get_running_loop()
-                self.deadlines, self.outbox = Deadlines(loop), Outbox(loop)
+            if self.deadlines is None:
+                loop = asyncio.get_running_loop()  # once: it costs a getpid() call
+                self.deadlines = Deadlines(loop)
+                self.outbox = Outbox(loop)
             pool = self.pools[server] = SocketPool(
                 server, self.counters, self.deadlines, self.outbox
             )
@@ -550,10 +548,8 @@ class SocketExchanges:
         matched) or `then(None, UpstreamError)`, never from within this call (UpstreamError
         raised when it cannot even send); over UDP, a late reply goes to `late` for `linger`
         s after the timeout. The handle's `cancel()` abandons it."""
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()  # once: it costs a getpid() call
-        pool = self.pools.get(server) or self.pool(server)
+        pool = self.pool(server)
+        loop = pool.deadlines.loop
         if not tcp:
             return pool.socket(loop).send(
                 question, cd=cd, do=do, timeout=timeout, then=then, late=late, linger=linger
