@@ -189,6 +189,37 @@ def test_bad_input_goes_to_the_loop_and_the_thread_carries_on() -> None:
     run(main)
 
 
+def test_a_few_datagrams_for_the_loop_are_handed_over_and_the_thread_goes_on() -> None:
+    """A batch with a slow datagram or two (a miss among hits) does not lend the socket: the
+    thread answers the next batch's hits while the loop is still busy; the loop answers the
+    handed-over datagram once it runs."""
+
+    async def main() -> None:
+        async with served() as s:
+            s.store("a.example", "192.0.2.1")
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.settimeout(0.25)
+            client.connect(s.reader.sock.getsockname())
+            try:
+                # The event loop is blocked from here to the end of the block (no await).
+                client.send(query("a.example", 3)[:14])  # cut inside the question: the loop's
+                time.sleep(0.05)  # its batch is handled (handed over) before the next comes
+                client.send(query("a.example", 4))
+                reply = DNSRecord.parse(client.recv(4096))  # lent, this waits for the loop
+                assert reply.header.id == 4 and str(reply.rr[0].rdata) == "192.0.2.1"
+                assert s.listener.metrics.dropped["malformed"] == 0  # the loop has not run
+            finally:
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(0.05)
+                formerr = await loop.sock_recv(client, 4096)
+                client.close()
+            assert formerr[:2] == query("a.example", 3)[:2] and formerr[3] & 0x0F == wire.FORMERR
+            assert s.listener.metrics.dropped["malformed"] == 1
+            assert s.reader.handed == s.reader.taken == 1
+
+    run(main)
+
+
 def test_a_draining_listener_answers_nothing_new() -> None:
     async def main() -> None:
         async with served() as s:

@@ -1,0 +1,87 @@
+"""QPS with a share of misses, the sidecar beside dnsmasq: `python -m bench.mixed`.
+
+The "QPS with 5% misses" row of `make bench`, alone and quicker: NSD on loopback as the
+upstream, 1,000 names cached (one A each) in every server, then dnsperf at full speed on a
+workload where every `--miss-every`-th query is a name nobody has asked (NSD's wildcard
+answers it) and the rest cycle through the cached names. Servers pinned as in bench/run.py
+(server on CPU 1, NSD, dnsperf and this process on CPU 0); each run starts the servers afresh,
+in rotated order; prints each run's QPS, the server's CPU per query, and the median ratio.
+
+    .venv/bin/python -m bench.mixed [--runs 3] [--seconds 2.5] [--miss-every 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench import load, zones
+from bench.miss_cost import user_system
+from bench.servers import Dnsmasq, Nsd, Server, Sidecar
+
+HIT_NAMES = 1000
+HOSTS = {"sidecar": "127.0.0.81", "dnsmasq": "127.0.0.82"}
+
+
+def make(label: str, work: Path, upstream: str, sidecar_args: list[str]) -> Server:
+    if label == "sidecar":
+        return Sidecar(label, HOSTS[label], work / label, "1", upstream, {}, 10**6, sidecar_args)
+    return Dnsmasq(label, HOSTS[label], work / label, "1", upstream, {}, 10**6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="QPS with a share of misses, beside dnsmasq.")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.5)
+    parser.add_argument("--miss-every", type=int, default=20)
+    parser.add_argument("--only", choices=tuple(HOSTS), default=None)
+    parser.add_argument("--sidecar-args", default="", help="more dns-sidecar flags")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {0})
+    work = Path(tempfile.mkdtemp(prefix="mixed-"))
+    nsd = Nsd("127.0.0.80", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(HIT_NAMES)})
+    nsd.start()
+    labels = [args.only] if args.only else list(HOSTS)
+    warm = zones.write_query_file(work / "warm.txt", zones.hit_names(HIT_NAMES))
+    qps: dict[str, list[float]] = {label: [] for label in labels}
+    try:
+        for run in range(args.runs):
+            order = labels[run % len(labels) :] + labels[: run % len(labels)]
+            for label in order:
+                server = make(label, work / f"run{run}", nsd.address, args.sidecar_args.split())
+                server.start()
+                try:
+                    load.dnsperf(server.address, warm, seconds=60, clients=4, once=True)
+                    lines = int(args.seconds * 150_000)
+                    names = zones.mixed_names(HIT_NAMES, lines, args.miss_every, f"r{run}{label}")
+                    mixed = zones.write_query_file(work / f"mixed-{run}-{label}.txt", names)
+                    user0, sys0 = user_system(server.pid)
+                    res = load.dnsperf(server.address, mixed, seconds=args.seconds)
+                    user1, sys1 = user_system(server.pid)
+                    cpu = (user1 - user0) + (sys1 - sys0)
+                    qps[label].append(res.qps)
+                    print(
+                        f"run {run} {label}: {res.qps:,.0f} q/s, {res.lost} lost, "
+                        f"CPU {cpu / max(res.noerror, 1) * 1e6:.1f} us/query",
+                        flush=True,
+                    )
+                finally:
+                    server.stop()
+                time.sleep(0.2)
+    finally:
+        nsd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for label in labels:
+        print(f"{label}: median {statistics.median(qps[label]):,.0f} q/s")
+    if len(labels) == 2:
+        ratios = [s / d for s, d in zip(qps["sidecar"], qps["dnsmasq"], strict=True)]
+        print(f"sidecar / dnsmasq: median {statistics.median(ratios):.2f} ({ratios})")
+
+
+if __name__ == "__main__":
+    main()
