@@ -91,11 +91,15 @@ def reply_rcode(msg: bytes) -> tuple[int, int, int]:
 
 
 def ask(host: str, port: int, name: str, timeout: float = 0.2) -> tuple[int, int] | None:
-    """(rcode, answer count) of one UDP query, or None when nothing answered in time."""
+    """(rcode, answer count) of one UDP query, or None when nothing answered in time.
+    Connected, so a port nobody listens on yet answers at once (ICMP port unreachable, as
+    ECONNREFUSED): a server starting up is seen within the caller's retry pause of its bind,
+    not at the end of a timeout (unconnected, start-up was measured in `timeout` steps)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         try:
-            s.sendto(build_query(name), (host, port))
+            s.connect((host, port))
+            s.send(build_query(name))
             data = s.recv(4096)
             _qid, rcode, an = reply_rcode(data)
         except (OSError, ValueError):
