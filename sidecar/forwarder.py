@@ -97,6 +97,12 @@ def on_loopback(server: HostPort) -> bool:
     return ipaddress.ip_address(server.host).is_loopback
 
 
+@functools.lru_cache(maxsize=256)
+def server_facts(server: HostPort) -> tuple[bool, str]:
+    """(on_loopback, label) of `server`, in one look-up per attempt."""
+    return on_loopback(server), label(server)
+
+
 class _Question:
     """One question in flight: its decisions, the exchanges under way, whom to tell the end.
 
@@ -166,10 +172,9 @@ class _Question:
         """Take `attempt`'s packets from the budget (counted as sent), or count the denial."""
         forwarder, background = self.forwarder, self.background
         packets = TCP_PACKETS if attempt.tcp else 1
-        if on_loopback(attempt.server) or forwarder.budget.take(
-            packets, forwarder.clock(), background=background
-        ):
-            forwarder.counters.upstream_packets[label(attempt.server)] += packets
+        loopback, name = server_facts(attempt.server)
+        if loopback or forwarder.budget.take(packets, forwarder.clock(), background=background):
+            forwarder.counters.upstream_packets[name] += packets
             return True
         forwarder.counters.budget_denials["background" if background else "client"] += 1
         return False
@@ -203,7 +208,11 @@ class _Question:
         try:
             if error is None:
                 assert msg is not None
-                self.run(forwarding.replied(attempt, msg, now))
+                attempt_next = forwarding.replied(attempt, msg, now)
+                if attempt_next is None and forwarding.outcome is not None:
+                    self.finish(forwarding.outcome, None)  # answered: the common case
+                    return
+                self.run(attempt_next)
             else:
                 self.run(forwarding.failed(attempt, error, now))
         except Exception as exc:  # a bug: the waiters learn of it

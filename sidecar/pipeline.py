@@ -487,9 +487,14 @@ class Resolver:
             if outcome is None:
                 raise error or UpstreamError("no outcome")
             msg, reply = outcome
-            if self._synthesize_address(q, route, fetch, msg, reply):
+            zone_name, zone = self.discovery.route(q.key[:-5])
+            if (
+                zone is not None
+                and zone.synthesize_a
+                and self._synthesize_address(q, route, fetch, msg, reply, zone_name, zone)
+            ):
                 return
-            entry = self._fetch(q, route, msg, reply)
+            entry = self._fetch(q, route, msg, reply, zone_name, zone)
         except UpstreamError as exc:
             # A spent packet budget asked no upstream: nothing to remember about the name, and
             # its next miss may find a token (the denial itself costs the upstream nothing).
@@ -508,25 +513,27 @@ class Resolver:
         fetch: Fetch,
         msg: bytes,
         reply: wire.Reply,
+        zone_name: str,
+        zone: DiscoveryZone,
     ) -> bool:
-        """`synthesize_a`: an A/AAAA question of a discovery zone that the upstream answered
-        with no record (NODATA) gets the live SRV targets' addresses of the same name instead,
-        from the SRV answer cached or fetched now; without any, the NODATA as it came. True
-        when this settles `fetch` (now or once the SRV answer comes)."""
+        """`synthesize_a` (`zone` has it): an A/AAAA question of a discovery zone that the
+        upstream answered with no record (NODATA) gets the live SRV targets' addresses of the
+        same name instead, from the SRV answer cached or fetched now; without any, the NODATA
+        as it came. True when this settles `fetch` (now or once the SRV answer comes)."""
+        name = q.key[:-5]
         if q.qtype not in wire.ADDRESS_TYPES or reply.rcode != wire.NOERROR:
             return False
         if any(record.section == 0 for record in reply.records):
-            return False
-        name = q.key[:-5]
-        zone = self.discovery.route(name)[1]
-        if zone is None or not zone.synthesize_a:
             return False
         srv_key = name + TYPE_SRV_BYTES + q.key[-3:]
 
         def finish(srv_entry: Entry | None, _error: BaseException | None = None) -> None:
             try:
-                made = self._address_reply(q, msg, reply, srv_key, srv_entry)
-                entry = self._fetch(q, route, *(made or (msg, reply)))
+                made_msg, made_reply = self._address_reply(q, msg, reply, srv_key, srv_entry) or (
+                    msg,
+                    reply,
+                )
+                entry = self._fetch(q, route, made_msg, made_reply, zone_name, zone)
             except Exception as exc:  # a bug: each waiter answers SERVFAIL
                 fetch.end(None, exc)
             else:
@@ -561,10 +568,17 @@ class Resolver:
         made = wire.made_reply(msg, reply, records)
         return made, wire.parse_reply(made)
 
-    def _fetch(self, q: wire.Query, route: str, msg: bytes, reply: wire.Reply) -> Entry:
-        """Store an upstream reply (shaped in a discovery zone, else rotated if its zone's
-        answer_order says so); the entry."""
-        zone_name, zone = self.discovery.route(q.key[:-5])
+    def _fetch(
+        self,
+        q: wire.Query,
+        route: str,
+        msg: bytes,
+        reply: wire.Reply,
+        zone_name: str,
+        zone: DiscoveryZone | None,
+    ) -> Entry:
+        """Store an upstream reply (shaped in discovery zone `zone`, else rotated if its
+        zone's answer_order says so); the entry."""
         if zone is None:
             return self._store(q, route, msg, reply, self.clock(), ".", None, None)
         service = None

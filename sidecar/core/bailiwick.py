@@ -51,7 +51,15 @@ def in_bailiwick(msg: bytes, reply: wire.Reply, qname: bytes, zone: bytes = ROOT
     """Whether every record of `reply` belongs to the question `qname` routed by `zone` (both
     lowercased wire names); see the module docstring for the rule."""
     try:
-        owners = [read_name(msg, record.start) for record in reply.records]
+        # An owner that is a pointer to the question's name is `qname` when that is the
+        # question (it is for every reply forwarded: ours matched, ignoring case): no walk.
+        asked = msg[wire.HEADER_SIZE : wire.HEADER_SIZE + len(qname)].lower() == qname
+        owners = [
+            qname
+            if asked and msg[record.start : record.start + 2] == wire.QUESTION_POINTER
+            else read_name(msg, record.start)
+            for record in reply.records
+        ]
         targets: dict[bytes, list[bytes]] = {}
         for owner, record in zip(owners, reply.records, strict=True):
             if record.section == 0 and record.rtype == TYPE_CNAME:

@@ -139,20 +139,13 @@ class Entry:
         self.ttl_at: tuple[int, ...] = _shared(
             tuple(record.ttl_offset - start for record in reply.records) if patch_ttls else ()
         )
-        qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
-        if reply.opt is not None:
-            ar -= 1
-        self.form = _shared(
-            Form(
-                _flags(msg[2], msg[3]),
-                wire.COUNTS.pack(qd, an, ns, ar),
-                wire.COUNTS.pack(qd, an, ns, ar + 1),
-                OPT_RECORDS[do],
-                reply.rcode,
-                negative,
-                discovery,
-            )
-        )
+        form_key = (msg[2:12], reply.opt is not None, do, negative, discovery)
+        form = _FORMS.get(form_key)
+        if form is None:
+            form = _form(msg, reply, do, negative, discovery)
+            if len(_FORMS) < MAX_SHARED:
+                _FORMS[form_key] = form
+        self.form = form
         self.ttl = _shared(ttl)
         self.expires = expires
         # Asked for after this moment, the entry is refreshed in the background (once).
@@ -223,6 +216,28 @@ class Entry:
         return b"".join((query[:2], flags, form.counts, query[wire.HEADER_SIZE : qend], body))
 
 
+# Forms by what they are made of (header flags, rcode and counts; an OPT record or not; DO;
+# negative; discovery): one dict lookup per entry made, instead of a Form made and shared.
+_FORMS: dict[tuple[bytes, bool, bool, bool, bool], Form] = {}
+
+
+def _form(msg: bytes, reply: wire.Reply, do: bool, negative: bool, discovery: bool) -> Form:
+    qd, an, ns, ar = wire.COUNTS.unpack_from(msg, 4)
+    if reply.opt is not None:
+        ar -= 1
+    return _shared(
+        Form(
+            _flags(msg[2], msg[3]),
+            wire.COUNTS.pack(qd, an, ns, ar),
+            wire.COUNTS.pack(qd, an, ns, ar + 1),
+            OPT_RECORDS[do],
+            reply.rcode,
+            negative,
+            discovery,
+        )
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _flags(byte2: int, byte3: int) -> tuple[bytes, ...]:
     """The four header flag pairs of an entry whose upstream reply had flags `byte2, byte3`,
@@ -251,8 +266,9 @@ def lifetime(
     `max_negative`: a lower cap than the settings' on negative answers (a discovery zone's)."""
     if reply.truncated or not opt_is_last(msg, reply):
         return None
-    if reply.rcode == wire.NOERROR and any(r.section == 0 for r in reply.records):
-        ttl = min(r.ttl for r in reply.records)
+    records = reply.records
+    if reply.rcode == wire.NOERROR and records and records[0].section == 0:  # an answer
+        ttl = records[0].ttl if len(records) == 1 else min(r.ttl for r in records)
         return min(max(ttl, limits.min_ttl), limits.max_ttl), False
     if reply.rcode in (wire.NOERROR, wire.NXDOMAIN):
         negative = wire.soa_negative_ttl(msg, reply)

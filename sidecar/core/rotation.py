@@ -41,6 +41,8 @@ HOLDER = "rotated"  # its name among an entry's charges
 def address_rrset(msg: bytes, reply: wire.Reply) -> tuple[int, int] | None:
     """(first, end): the indexes in `reply.records` of the last answer-section RRset when it is
     two or more A or AAAA records of one type whose names can be moved; else None."""
+    if msg[6:8] < b"\x00\x02":  # fewer than two answer records (ANCOUNT)
+        return None
     answers = [r for r in reply.records if r.section == 0]
     if len(answers) < 2:
         return None

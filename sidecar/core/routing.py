@@ -6,12 +6,14 @@ lowercased wire form the cache key already holds, so no text conversion happens 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Generic, TypeVar
 
 Target = TypeVar("Target")
 
 
+@functools.lru_cache(maxsize=1024)  # zone names, on every store: made once
 def name_to_wire(name: str) -> bytes:
     """'Resource-Server.local.' -> b'\\x0fresource-server\\x05local\\x00' (lowercased)."""
     labels = [label for label in name.lower().rstrip(".").split(".") if label]

@@ -76,6 +76,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 COUNTS = struct.Struct("!HHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+QUESTION_POINTER = b"\xc0\x0c"  # a name written as a pointer to the question's (offset 12)
 
 
 class Query(NamedTuple):
@@ -298,10 +299,22 @@ def parse_reply(msg: bytes) -> Reply:
     records: list[Record] = []
     opt: Record | None = None
     sections = (0,) * ancount + (1,) * nscount + (2,) * arcount
+    unpack_from = _RR_FIXED.unpack_from
     for section in sections:
         start = offset
-        rtype, _rclass, ttl, rdata, offset = read_record(msg, offset, end)
-        rdlen = offset - rdata
+        # An owner that is one pointer to the question's name (read above, wholly before it)
+        # is read: most records' are.
+        if msg[offset : offset + 2] == QUESTION_POINTER:
+            offset += 2
+        else:
+            offset = walk_name(msg, offset)
+        if offset + 10 > end:
+            raise FormError("record header runs past the end")
+        rtype, _rclass, ttl, rdlen = unpack_from(msg, offset)
+        rdata = offset + 10
+        offset = rdata + rdlen
+        if offset > end:
+            raise FormError("record data runs past the end")
         record = Record(start, section, rtype, ttl & 0x7FFFFFFF, rdata - 6, rdata, rdlen, offset)
         if rtype == TYPE_OPT:
             if section != 2 or opt is not None:
@@ -337,9 +350,19 @@ def ede_option(info_code: int) -> bytes:
 
 def build_query(qid: int, question: bytes, *, cd: bool, do: bool) -> bytes:
     """An upstream query: RD set, CD as the client asked, EDNS0 advertising EDNS_PAYLOAD."""
-    flags = (RD << 8) | (CD if cd else 0)
-    header = struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 1)
-    return header + question + opt_record(EDNS_PAYLOAD, do)
+    return query_packet(_U16.pack(qid), question, cd, do)
+
+
+# An upstream query's header after its ID (by CD), and its OPT record (by DO): made once.
+_QUERY_HEADERS = tuple(
+    struct.pack("!HHHHH", (RD << 8) | (CD if cd else 0), 1, 0, 0, 1) for cd in (False, True)
+)
+_QUERY_OPTS = (opt_record(EDNS_PAYLOAD, False), opt_record(EDNS_PAYLOAD, True))
+
+
+def query_packet(qid: bytes, question: bytes, cd: bool, do: bool) -> bytes:
+    """`build_query` with the ID as its two bytes."""
+    return b"".join((qid, _QUERY_HEADERS[cd], question, _QUERY_OPTS[do]))
 
 
 def error_reply(

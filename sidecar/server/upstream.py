@@ -290,14 +290,17 @@ class UpstreamSocket:
         qid = pool.new_id()
         while qid in pending or qid in recent:
             qid = pool.new_id()
-        query = _Query(self, qid, question, then, timeout, self.loop.time() + timeout, late, linger)
+        deadline = self.loop.time() + timeout
+        query = _Query(self, qid, question, then, timeout, deadline, late, linger)
         pending[qid] = query
         self.sent += 1
         assert self.sock is not None  # a closed socket is never handed out
-        pool.outbox.put(
-            self, query, wire.build_query(int.from_bytes(qid, "big"), question, cd=cd, do=do)
-        )
-        pool.deadlines.add(query)
+        pool.outbox.put(self, query, wire.query_packet(qid, question, cd, do))
+        fifo = pool.deadlines.fifo
+        if fifo and fifo[-1].deadline <= deadline:  # Deadlines.add's common case, inline:
+            fifo.append(query)  # its timer is set for the head of the queue, or sooner
+        else:
+            pool.deadlines.add(query)
         return query
 
     def transmit(self, query: _Query, packet: bytes) -> None:
@@ -345,7 +348,10 @@ class UpstreamSocket:
             query = self.pending.get(qid)
             if query is not None and wire.reply_matches(data, qid, query.question):
                 del self.pending[qid]
-                self._remember(query)
+                recent = self.recent  # _remember(query), inline
+                recent[qid] = query.question
+                if len(recent) > RECENT_IDS:
+                    del recent[next(iter(recent))]
                 query.answered(data)
                 if self.retired and not self.pending:
                     self.close()
@@ -548,7 +554,7 @@ class SocketExchanges:
         matched) or `then(None, UpstreamError)`, never from within this call (UpstreamError
         raised when it cannot even send); over UDP, a late reply goes to `late` for `linger`
         s after the timeout. The handle's `cancel()` abandons it."""
-        pool = self.pool(server)
+        pool = self.pools.get(server) or self.pool(server)
         loop = pool.deadlines.loop
         if not tcp:
             return pool.socket(loop).send(
