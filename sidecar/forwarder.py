@@ -284,6 +284,7 @@ class Forwarder:
             order=order,
             judge=judge,
             on_health=self.on_health,
+            question_end=wire.HEADER_SIZE + len(question),  # the transport matched it
         )
         if self.stopped:
             forwarding.stop()

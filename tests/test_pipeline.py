@@ -33,6 +33,7 @@ from tests.fakes.scripted_exchanges import (
     reply_to,
 )
 
+ROOT_A_QUESTION = b"\x00\x00\x01\x00\x01"  # the root name, type A, class IN
 # Off loopback, as the VPC resolver is, so the packet budget covers them (forwarder.on_loopback);
 # the scripted transport opens no socket: nothing is ever sent to these.
 FIRST = HostPort("192.0.2.53", 5301)
@@ -357,7 +358,7 @@ def test_a_probe_takes_any_readable_reply_and_judges_nothing() -> None:
     async def test() -> None:
         p = Path()
         p.transport.add(FIRST, Step(reply_to(".", rcode=RCODE.REFUSED), after=0.02))
-        rtt = await p.forwarder.probe(FIRST, reply_to(".")[12:])
+        rtt = await p.forwarder.probe(FIRST, ROOT_A_QUESTION)
         assert rtt == pytest.approx(0.02)
         assert not p.counters.upstream_errors and not p.counters.upstream_durations
         assert not p.health
@@ -450,7 +451,7 @@ def test_background_work_is_denied_before_a_client_miss_and_tcp_costs_more_packe
         await p.ask("big.example")  # 1 UDP + 1 TCP query
         assert p.counters.upstream_packets == {str(FIRST): 1 + TCP_PACKETS}
         with pytest.raises(PacketBudgetSpent):  # 4 left, under the reserve
-            await p.forwarder.probe(FIRST, reply_to(".")[12:])
+            await p.forwarder.probe(FIRST, ROOT_A_QUESTION)
         assert p.counters.budget_denials == {"client": 0, "background": 1}
         answer, _ = await p.ask("c.example")  # a client may take the reserve
         assert answer.header.rcode == RCODE.NOERROR

@@ -54,6 +54,15 @@ def in_bailiwick(msg: bytes, reply: wire.Reply, qname: bytes, zone: bytes = ROOT
         # An owner that is a pointer to the question's name is `qname` when that is the
         # question (it is for every reply forwarded: ours matched, ignoring case): no walk.
         asked = msg[wire.HEADER_SIZE : wire.HEADER_SIZE + len(qname)].lower() == qname
+        if asked:
+            for record in reply.records:
+                if (
+                    msg[record.start : record.start + 2] != wire.QUESTION_POINTER
+                    or record.rtype == TYPE_CNAME  # its target must be readable too
+                ):
+                    break
+            else:
+                return True  # every record is the question's name's (the common answer)
         owners = [
             qname
             if asked and msg[record.start : record.start + 2] == wire.QUESTION_POINTER

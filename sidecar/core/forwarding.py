@@ -89,6 +89,7 @@ class Forwarding:
         "only_timeouts",
         "order",
         "outcome",
+        "question_end",
         "sent",
         "stopped",
         "timed_out",
@@ -105,8 +106,12 @@ class Forwarding:
         order: Sequence[HostPort] | None = None,
         judge: bool = True,
         on_health: HealthChange | None = None,
+        question_end: int = 0,
     ) -> None:
         self.upstreams = upstreams
+        # Where a reply's question ends: the transport matched it with the one sent (0: not
+        # known, walked).
+        self.question_end = question_end
         self.counters = counters
         self.attempt_timeout = attempt_timeout
         self.deadline = deadline
@@ -143,7 +148,7 @@ class Forwarding:
             remaining = max(self.deadline - now, MIN_ATTEMPT)
             return Attempt(server, remaining, tcp=True, number=attempt.number)
         try:
-            reply = wire.parse_reply(msg)
+            reply = wire.parse_reply(msg, self.question_end)
         except FormError as exc:
             return self.failed(attempt, BadUpstreamReply(f"{server}: unreadable reply: {exc}"), now)
         if not self.judge:

@@ -286,14 +286,16 @@ class Reply(NamedTuple):
     opt: Record | None
 
 
-def parse_reply(msg: bytes) -> Reply:
-    """Walk an upstream reply; raises FormError when any part of it cannot be read."""
+def parse_reply(msg: bytes, known_question_end: int = 0) -> Reply:
+    """Walk an upstream reply; raises FormError when any part of it cannot be read.
+    `known_question_end`: where its question ends, when the caller has compared that question
+    with the one it sent (reply_matches): it is not walked again."""
     if len(msg) < HEADER_SIZE:
         raise FormError("shorter than a header")
     qdcount, ancount, nscount, arcount = COUNTS.unpack_from(msg, 4)
     if qdcount != 1:
         raise FormError("reply question count is not 1")
-    qend = question_end(msg)
+    qend = known_question_end or question_end(msg)
     end = len(msg)
     offset = qend
     records: list[Record] = []
@@ -303,9 +305,11 @@ def parse_reply(msg: bytes) -> Reply:
     for section in sections:
         start = offset
         # An owner that is one pointer to the question's name (read above, wholly before it)
-        # is read: most records' are.
+        # or the root is read: most records' are.
         if msg[offset : offset + 2] == QUESTION_POINTER:
             offset += 2
+        elif msg[offset : offset + 1] == b"\x00":  # the root (an OPT record's owner)
+            offset += 1
         else:
             offset = walk_name(msg, offset)
         if offset + 10 > end:
