@@ -50,7 +50,6 @@ class Exchanges(Protocol):
         self,
         server: HostPort,
         question: bytes,
-        *,
         cd: bool,
         do: bool,
         timeout: float,
@@ -149,17 +148,18 @@ class _Question:
                 forwarding.denied(attempt)
                 break
             exchanged = functools.partial(self.exchanged, attempt)
+            linger = attempt.linger
             try:
-                exchange = forwarder.exchanges.start(
+                exchange = forwarder.exchanges.start(  # positional: one call per attempt
                     attempt.server,
                     self.question,
-                    cd=self.cd,
-                    do=self.do,
-                    timeout=attempt.timeout,
-                    tcp=attempt.tcp,
-                    then=exchanged,
-                    late=exchanged if attempt.linger else None,  # a late reply: as any reply
-                    linger=attempt.linger,
+                    self.cd,
+                    self.do,
+                    attempt.timeout,
+                    attempt.tcp,
+                    exchanged,
+                    exchanged if linger else None,  # a late reply: as any reply
+                    linger,
                 )
             except UpstreamError as exc:
                 attempt = forwarding.failed(attempt, exc, forwarder.clock())
@@ -262,7 +262,6 @@ class Forwarder:
         self,
         question: bytes,
         upstreams: UpstreamSet[HostPort],
-        *,
         cd: bool,
         do: bool,
         deadline: float,
@@ -276,15 +275,15 @@ class Forwarder:
         possibly from within this call, when no attempt can start. `deadline` is on the
         forwarder's clock. `background`: no client waits (a prefetch, a probe), so the
         packet budget denies it first."""
-        forwarding = Forwarding(
+        forwarding = Forwarding(  # positional: one per question
             upstreams,
             self.counters,
-            attempt_timeout=self.attempt_timeout,
-            deadline=deadline,
-            order=order,
-            judge=judge,
-            on_health=self.on_health,
-            question_end=wire.HEADER_SIZE + len(question),  # the transport matched it
+            self.attempt_timeout,
+            deadline,
+            order,
+            judge,
+            self.on_health,
+            wire.HEADER_SIZE + len(question),  # the transport matched it
         )
         if self.stopped:
             forwarding.stop()

@@ -462,14 +462,16 @@ class Resolver:
         route, upstreams = self.router.route(question[:-4])
         fetch = Fetch()
         self._inflight[q.key] = fetch
-        self.forwarder.ask(
+        self.forwarder.ask(  # positional: one call per miss
             question,
             upstreams,
-            cd=q.cd,
-            do=q.do,
-            deadline=self.clock() + self.query_timeout,
-            then=functools.partial(self._fetched, q, route, fetch),
-            background=background,
+            q.cd,
+            q.do,
+            self.clock() + self.query_timeout,
+            functools.partial(self._fetched, q, route, fetch),
+            None,
+            True,
+            background,
         )
         return fetch
 

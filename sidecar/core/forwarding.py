@@ -100,7 +100,6 @@ class Forwarding:
         self,
         upstreams: UpstreamSet[HostPort],
         counters: Counters,
-        *,
         attempt_timeout: float,
         deadline: float,
         order: Sequence[HostPort] | None = None,

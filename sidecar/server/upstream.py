@@ -272,7 +272,6 @@ class UpstreamSocket:
     def send(
         self,
         question: bytes,
-        *,
         cd: bool,
         do: bool,
         timeout: float,
@@ -541,7 +540,6 @@ class SocketExchanges:
         self,
         server: HostPort,
         question: bytes,
-        *,
         cd: bool,
         do: bool,
         timeout: float,
@@ -557,9 +555,7 @@ class SocketExchanges:
         pool = self.pools.get(server) or self.pool(server)
         loop = pool.deadlines.loop
         if not tcp:
-            return pool.socket(loop).send(
-                question, cd=cd, do=do, timeout=timeout, then=then, late=late, linger=linger
-            )
+            return pool.socket(loop).send(question, cd, do, timeout, then, late, linger)
         task = loop.create_task(
             tcp_exchange(server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch)
         )

@@ -72,7 +72,6 @@ class ScriptedExchanges:
         self,
         server: HostPort,
         question: bytes,
-        *,
         cd: bool,
         do: bool,
         timeout: float,
