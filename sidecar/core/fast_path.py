@@ -9,7 +9,8 @@ Theory of operation
   labelled counters on that path.
 - A row is valid until one moment, `valid_until`: the earliest of the entry's expiry, its
   prefetch time (unless a prefetch runs already), the moment the TTL it shows next drops by a
-  second, and for shaped answers a recheck of endpoint health every `SHAPED_RECHECK` seconds.
+  second, and for shaped answers a recheck of endpoint health every `SHAPED_RECHECK` seconds
+  (counted from when the refresh read it, see "Refreshed ahead").
   Past that moment the row is refreshed (re-rendered, prefetch started, pool redrawn) or
   dropped, off the hot path. Between refreshes nothing about the entry is read per query.
 - A row dies with its cache entry: the table keeps its rows by cache key (`by_key`) and the
@@ -37,7 +38,10 @@ Theory of operation
   the row is asked), not at every hit.
 - Refreshed ahead: a row asked since its last refresh is refreshed again shortly before its
   moment (`REFRESH_LEAD`), as if it were that moment already, so the TTL it shows drops up to
-  that much early (never late) and the hot path keeps answering across the boundary. Rows come
+  that much early (never late) and the hot path keeps answering across the boundary. A shaped
+  row's next recheck counts from when such a refresh ran, which is when it read endpoint
+  health, not from that moment: so no answer is served more than SHAPED_RECHECK after a health
+  change it does not show (counted from the moment, up to REFRESH_LEAD + TICK more). Rows come
   due in buckets of `TICK` seconds; `on_due` (set by the glue) is told when a bucket is first
   used and calls `refresh_due` then, and again soon while it says more are due (at most
   REFRESH_BATCH rows a call). A row refreshed on demand (a late timer, a row not asked for a
@@ -266,9 +270,10 @@ class FastPath:
         rows = self.by_key.get(cache_key)
         self.source.charge(cache_key, sum(hit.cost for hit in rows) if rows else 0)
 
-    def refresh(self, hit: FastHit, query: bytes, now: float) -> bool:
+    def refresh(self, hit: FastHit, query: bytes, now: float, ran_at: float | None = None) -> bool:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
-        or went, and the row is dropped."""
+        or went, and the row is dropped. `ran_at`: when this runs, if before `now` (a refresh
+        ahead, rendered as of just after the row's moment)."""
         if self._handed or self._handed_cold:
             self.drain()  # the hits it served before this refresh are counted as of before
         entry = hit.entry
@@ -316,7 +321,12 @@ class FastPath:
                 cost += sum(TAIL_OVERHEAD + len(tail) for tail in rendered.values())
             else:
                 cost = hit.cost
-            valid_until = min(entry.expires - (shown - 1), now + SHAPED_RECHECK)
+            # The recheck counts from when the endpoint table was read (`ran_at`), not from
+            # the later `now` a refresh ahead renders as of: else the last pool drawn before
+            # every endpoint died was served up to REFRESH_LEAD + TICK past SHAPED_RECHECK
+            # after the death (when no ask came to refresh the row ahead again).
+            checked = now if ran_at is None else ran_at
+            valid_until = min(entry.expires - (shown - 1), checked + SHAPED_RECHECK)
         if not prefetching:
             valid_until = min(valid_until, entry.prefetch_at)
         hit.valid_until = valid_until
@@ -352,7 +362,7 @@ class FastPath:
                 hit, moment = rows.pop()
                 if hit.valid_until == moment and self.rows.get(hit.key) is hit:
                     if hit.counted + hit.hits != hit.seen:
-                        self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER))
+                        self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER), now)
                     elif hit.shaped is None:
                         # Not asked since its last refresh (about a second): the row goes, and
                         # the entry answers (`answer_cold`) until a name asked often again gets

@@ -297,6 +297,39 @@ def test_a_row_in_use_is_refreshed_ahead_of_its_moment_and_shows_the_lower_ttl_e
     assert len(due) == 2 and due[-1] < 102.0
 
 
+def test_a_shaped_row_refreshed_ahead_rechecks_health_within_shaped_recheck_of_the_read() -> None:
+    """A refresh ahead renders as of just after the row's moment, but reads endpoint health
+    when it runs, up to REFRESH_LEAD + TICK earlier: the next recheck counts from the read.
+    Counted from the moment, a pool drawn just before the last endpoint died was served for
+    up to SHAPED_RECHECK + REFRESH_LEAD + TICK after it, when the row was not asked again
+    before then (the fail-open step of tests/integration/test_discovery.py)."""
+    s = Setup()
+    due: list[float] = []
+    s.fast.on_due = due.append
+    addresses = ("10.0.0.1", "10.0.0.2")
+    msg = reply(addresses, name="svc.local")
+    entry = s.store(msg, 100.0, "svc.local")
+    data = query("svc.local")
+    shaper = s.source.shaper
+    table = shaper.table
+    key = wire.parse_query(data).key
+    shaper.shape(key, entry, msg, wire.parse_reply(msg), "local", False, ShapeSettings(), 100.0)
+    for endpoint in table.due(100.0):  # 10.0.0.1 dead, 10.0.0.2 healthy
+        table.probed(endpoint, endpoint.address != "10.0.0.1", 0.001, 100.0)
+    hit = s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    assert hit is not None and hit.valid_until == 100.0 + SHAPED_RECHECK
+    s.served(data, 100.1)  # asked since: refreshed ahead when its bucket comes
+    read = due[-1]
+    assert read < hit.valid_until
+    s.fast.refresh_due(read)  # health read now, the pool still filtered
+    assert hit.valid_until <= read + SHAPED_RECHECK
+    (alive,) = [e for e in table.endpoints.values() if e.address == "10.0.0.2"]
+    table.probed(alive, False, None, read + 0.001, definite=True)  # the last one dies
+    answer = s.served(data, read + SHAPED_RECHECK)
+    assert answer is not None
+    assert sorted(str(rr.rdata) for rr in answer.rr) == list(addresses)  # failed open
+
+
 def test_a_plain_row_not_asked_since_its_refresh_goes_when_its_bucket_comes() -> None:
     s, due, _hit, data = timed_row()
     key = wire.parse_query(data).key
