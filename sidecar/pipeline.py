@@ -621,7 +621,7 @@ class Resolver:
                 self._registry_bases[q.key] = base
             if zone is not None:
                 self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
-            elif self.rotate.route(q.key[:-5])[1]:
+            elif msg[6:8] >= b"\x00\x02" and self.rotate.route(q.key[:-5])[1]:  # 2+ answers
                 self.rotator.rotate(q.key, entry, msg, reply, q.do, now)
         return entry
 

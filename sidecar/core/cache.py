@@ -123,7 +123,6 @@ class Entry:
         self,
         msg: bytes,
         reply: wire.Reply,
-        *,
         ttl: int,
         expires: float,
         negative: bool,
@@ -136,9 +135,19 @@ class Entry:
         # can be cut off without moving any name a compression pointer refers to.
         start = reply.question_end
         self.body = msg[start : reply.opt.start if reply.opt else len(msg)]
-        self.ttl_at: tuple[int, ...] = _shared(
-            tuple(record.ttl_offset - start for record in reply.records) if patch_ttls else ()
-        )
+        records = reply.records
+        if not patch_ttls:
+            ttl_at: tuple[int, ...] = ()
+        elif len(records) == 1:  # the common answer
+            ttl_at = (records[0].ttl_offset - start,)
+        else:
+            ttl_at = tuple(record.ttl_offset - start for record in records)
+        kept_at = _OFFSETS.get(ttl_at)
+        if kept_at is None:
+            kept_at = ttl_at
+            if len(_OFFSETS) < MAX_SHARED:
+                _OFFSETS[ttl_at] = ttl_at
+        self.ttl_at = kept_at
         form_key = (msg[2:12], reply.opt is not None, do, negative, discovery)
         form = _FORMS.get(form_key)
         if form is None:
@@ -146,7 +155,12 @@ class Entry:
             if len(_FORMS) < MAX_SHARED:
                 _FORMS[form_key] = form
         self.form = form
-        self.ttl = _shared(ttl)
+        kept_ttl = _TTLS.get(ttl)
+        if kept_ttl is None:
+            kept_ttl = ttl
+            if len(_TTLS) < MAX_SHARED:
+                _TTLS[ttl] = ttl
+        self.ttl = kept_ttl
         self.expires = expires
         # Asked for after this moment, the entry is refreshed in the background (once).
         self.prefetch_at = (
@@ -219,6 +233,9 @@ class Entry:
 # Forms by what they are made of (header flags, rcode and counts; an OPT record or not; DO;
 # negative; discovery): one dict lookup per entry made, instead of a Form made and shared.
 _FORMS: dict[tuple[bytes, bool, bool, bool, bool], Form] = {}
+# TTL-field offsets and TTLs, one copy of each (as `_shared`, by type: a look-up, no key made).
+_OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
+_TTLS: dict[int, int] = {}
 
 
 def _form(msg: bytes, reply: wire.Reply, do: bool, negative: bool, discovery: bool) -> Form:
@@ -264,7 +281,8 @@ def lifetime(
 ) -> tuple[int, bool] | None:
     """How long a reply may be cached and whether it is negative; None: do not cache it.
     `max_negative`: a lower cap than the settings' on negative answers (a discovery zone's)."""
-    if reply.truncated or not opt_is_last(msg, reply):
+    opt = reply.opt
+    if reply.truncated or (opt is not None and opt.end != len(msg)):  # see opt_is_last
         return None
     records = reply.records
     if reply.rcode == wire.NOERROR and records and records[0].section == 0:  # an answer
@@ -361,16 +379,10 @@ class TtlCache:
             # Served once to the clients waiting for it, with the upstream's own TTLs.
             return Entry(msg, reply, ttl=0, expires=now, negative=False, do=do, patch_ttls=False)
         ttl, negative = life
+        # Positional: one per miss (Entry(msg, reply, ttl, expires, negative, do, patch_ttls,
+        # prefetch_percent, discovery)).
         entry = Entry(
-            msg,
-            reply,
-            ttl=ttl,
-            expires=now + ttl,
-            negative=negative,
-            do=do,
-            patch_ttls=True,
-            prefetch_percent=self.limits.prefetch_percent,
-            discovery=discovery,
+            msg, reply, ttl, now + ttl, negative, do, True, self.limits.prefetch_percent, discovery
         )
         self._remove(key)
         self._entries[key] = entry
