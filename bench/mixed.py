@@ -28,6 +28,16 @@ HIT_NAMES = 1000
 HOSTS = {"sidecar": "127.0.0.81", "dnsmasq": "127.0.0.82"}
 
 
+def switches(pid: int) -> int:
+    """Context switches of every thread of `pid` so far (voluntary and not)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.endswith("ctxt_switches:") or "ctxt_switches" in line:
+                total += int(line.split()[-1])
+    return total
+
+
 def make(label: str, work: Path, upstream: str, sidecar_args: list[str]) -> Server:
     if label == "sidecar":
         return Sidecar(label, HOSTS[label], work / label, "1", upstream, {}, 10**6, sidecar_args)
@@ -61,13 +71,18 @@ def main() -> None:
                     names = zones.mixed_names(HIT_NAMES, lines, args.miss_every, f"r{run}{label}")
                     mixed = zones.write_query_file(work / f"mixed-{run}-{label}.txt", names)
                     user0, sys0 = user_system(server.pid)
+                    switched0 = switches(server.pid)
                     res = load.dnsperf(server.address, mixed, seconds=args.seconds)
                     user1, sys1 = user_system(server.pid)
+                    switched = switches(server.pid) - switched0
                     cpu = (user1 - user0) + (sys1 - sys0)
                     qps[label].append(res.qps)
+                    answered = max(res.noerror, 1)
                     print(
                         f"run {run} {label}: {res.qps:,.0f} q/s, {res.lost} lost, "
-                        f"CPU {cpu / max(res.noerror, 1) * 1e6:.1f} us/query",
+                        f"CPU {cpu / answered * 1e6:.1f} us/query "
+                        f"(user {(user1 - user0) / answered * 1e6:.1f}), "
+                        f"{switched / answered * args.miss_every:.1f} context switches per miss",
                         flush=True,
                     )
                 finally:
