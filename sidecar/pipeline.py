@@ -61,6 +61,8 @@ from sidecar.forwarder import Forwarder
 from sidecar.local_answers import is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
+# Question types answered here, never forwarded: zone transfers (REFUSED) and ANY (RFC 8482).
+NOT_FORWARDED = wire.ZONE_TRANSFERS | {wire.TYPE_ANY}
 log = logging.getLogger("dns_sidecar")
 
 # The answer to one client's query: (reply, source), where source is a metrics label (cache,
@@ -371,15 +373,14 @@ class Resolver:
         between): `deliver(reply, source)` once, now (local answers, a recent failure, over
         the bound) or when the fetch it waits on ends."""
         now = self.clock()
-        if is_local(q.key):
-            deliver(local_reply(query, q), "local")
-            return
-        if q.qtype in wire.ZONE_TRANSFERS:  # we are no zone server; never forwarded
-            self.metrics.dropped["refused"] += 1
-            deliver(wire.rcode_reply(query, q, wire.REFUSED), "local")
-            return
-        if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
-            deliver(wire.any_reply(query, q), "local")
+        if q.qtype in NOT_FORWARDED or is_local(q.key):
+            if is_local(q.key):
+                deliver(local_reply(query, q), "local")
+            elif q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
+                deliver(wire.any_reply(query, q), "local")
+            else:  # a zone transfer: we are no zone server; never forwarded
+                self.metrics.dropped["refused"] += 1
+                deliver(wire.rcode_reply(query, q, wire.REFUSED), "local")
             return
         self.metrics.cache_misses += 1
         if q.key.startswith(self._loop_prefix):

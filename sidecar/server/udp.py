@@ -177,7 +177,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 fast.hand_off_cold,
             )
             reader.loop_receive = _hot_path(
-                clock, fast_get, admitted_get, self.sendto, fast.served, self._received_lent
+                clock, fast_get, admitted_get, self.sendto, fast.served, self._received
             )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,14 +203,6 @@ class UdpListener(asyncio.DatagramProtocol):
                 receive(data, addr)
             except Exception:
                 log.exception("UDP query failed")
-
-    def _received_lent(
-        self, data: bytes, addr: Address, hit: FastHit | None, now: float
-    ) -> FastHit | None:
-        """_received, counted for the reader's decision to take its socket back."""
-        assert self.reader is not None
-        self.reader.slow += 1
-        return self._received(data, addr, hit, now)
 
     def _admit(self, data: bytes, addr: Address, now: float) -> bool:
         """Admission: a client not judged yet, refused, or rate limited."""
@@ -238,7 +230,10 @@ class UdpListener(asyncio.DatagramProtocol):
         self, data: bytes, addr: Address, hit: FastHit | None, now: float
     ) -> FastHit | None:
         """Everything but an open, current fast-path row (see SlowPath); `now`: when the
-        datagram came."""
+        datagram came. Counted for a reader thread's decision to take a lent socket back."""
+        reader = self.reader
+        if reader is not None:
+            reader.slow += 1
         if self.transport is None or self._draining:
             return None
         if self.guarded:
@@ -290,9 +285,12 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> None:
         """A miss's answer (Resolver.miss's `deliver`): sent, counted; no task per miss."""
         self.in_flight -= 1
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
-            self.metrics.answered(source, reply, self._clock() - start)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.sendto(reply, addr)  # the transport's (or the reader thread's) sendto
+            metrics = self.metrics  # Counters.answered, inline: once per miss
+            metrics.responses[source][reply[3] & 0x0F] += 1
+            metrics.durations[source].observe(self._clock() - start)
             if self.log_queries:
                 self._log(addr, q, reply, source, start)
         if not self.in_flight and self._settled is not None and not self._settled.done():
