@@ -450,10 +450,13 @@ class Resolver:
     def render(self, entry: Entry, query: bytes, q: wire.Query, now: float, limit: int) -> bytes:
         """`entry` as a reply to `query`: from its shaped or rotated pool if it has one (an
         answer the cache keeps under q.key)."""
-        shaped = self.shaped(q.key, entry)
-        if shaped is not None:
-            return shaped.render(query, q, now, limit, math.ceil(entry.expires - now))
-        return entry.render(query, q, now, limit)
+        key = q.key
+        ttl = math.ceil(entry.expires - now)
+        if key in self.shaper.pools or key in self.rotator.pools:  # (`shaped`, its owners')
+            shaped = self.shaped(key, entry)
+            if shaped is not None:
+                return shaped.render(query, q, now, limit, ttl)
+        return entry.render_with_ttl(query, q, ttl, limit)
 
     def _start_fetch(self, q: wire.Query, *, background: bool = False) -> Fetch:
         """Forward `q` to its zone's upstreams; the fetch, whose waiters are called once the
