@@ -14,7 +14,8 @@ Theory of operation
   reply slots of SLOT bytes each.
 - `receive()` blocks in recvmmsg with MSG_WAITFORONE: it waits for one datagram, then takes
   whatever else is already queued, up to SIZE, without waiting more. So one query in flight
-  costs no latency, and a busy socket is read SIZE at a time.
+  costs no latency, and a busy socket is read SIZE at a time. `receive(wait=False)` does not
+  wait at all (MSG_DONTWAIT): the reader thread's look for more while it gathers misses.
 - `server(...)` makes the closure that serves the datagrams of the last receive(): each one
   whose row is current (and whose client is admitted) gets `ID + the row's tail`; one with no
   current row gets what `answer_cold` makes of it (a reply rendered from its cache entry), if
@@ -220,14 +221,19 @@ class DatagramBatch:
         self._senders = [base + names + i * _NAME for i in range(SIZE)]
         self._names = names
 
-    def receive(self) -> int:
+    def receive(self, wait: bool = True) -> int:
         """Block until at least one datagram is waiting; take up to SIZE. 0 after
-        shutdown(SHUT_RD) (or on an unexpected error, after a short pause)."""
+        shutdown(SHUT_RD) (or on an unexpected error, after a short pause). `wait=False`:
+        take what is waiting, 0 at once when nothing is."""
+        flags = MSG_WAITFORONE if wait else socket.MSG_DONTWAIT
         while True:
-            count: int = self._recvmmsg(self.fd, self._in_hdrs_at, SIZE, MSG_WAITFORONE, None)
+            count: int = self._recvmmsg(self.fd, self._in_hdrs_at, SIZE, flags, None)
             if count >= 0:
                 return count
-            if ctypes.get_errno() != errno.EINTR:
+            error = ctypes.get_errno()
+            if error == errno.EAGAIN and not wait:
+                return 0
+            if error != errno.EINTR:
                 time.sleep(ERROR_PAUSE)
                 return 0
 
