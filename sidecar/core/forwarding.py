@@ -131,7 +131,6 @@ class Forwarding:
         """Settled: `outcome` or `error` is set, and every later event is ignored."""
         return self.outcome is not None or self.error is not None
 
-
     def replied(self, attempt: Attempt, msg: bytes, now: float) -> Attempt | None:
         """`attempt` (the current one or an earlier one, late) brought `msg` (its ID and
         question already matched). The next attempt to start, if any."""
