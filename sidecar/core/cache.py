@@ -384,12 +384,16 @@ class TtlCache:
         entry = Entry(
             msg, reply, ttl, now + ttl, negative, do, True, self.limits.prefetch_percent, discovery
         )
-        self._remove(key)
-        self._entries[key] = entry
+        entries = self._entries
+        if key in entries:
+            self._remove(key)
+        entries[key] = entry
         self.negative_entries += negative
-        self.bytes += entry.cost + len(key)
+        self.bytes += ENTRY_OVERHEAD + len(entry.body) + len(key)  # entry.cost, inline
         self._failures.pop(key, None)
-        self._evict(key)
+        limits = self.limits
+        if len(entries) > limits.max_entries or self.bytes > limits.max_bytes:
+            self._evict(key)
         return entry
 
     def charge(self, key: bytes, holder: str, nbytes: int) -> None:

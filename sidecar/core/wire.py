@@ -21,8 +21,9 @@ This module has no I/O; it is shared by the UDP and TCP listeners and the upstre
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple, cast
 
 from sidecar.errors import FormError
 
@@ -209,7 +210,7 @@ def parse_query(data: bytes) -> Query:
     cd = bool(data[3] & CD)
     name_end = qend - 4
     key = data[HEADER_SIZE:name_end].lower() + data[name_end:qend] + bytes(((do << 1) | cd,))
-    return Query(key, qend, (data[name_end] << 8) | data[name_end + 1], edns_size, do, cd)
+    return _new_query((key, qend, (data[name_end] << 8) | data[name_end + 1], edns_size, do, cd))
 
 
 def read_record(msg: bytes, offset: int, end: int) -> tuple[int, int, int, int, int]:
@@ -286,6 +287,21 @@ class Reply(NamedTuple):
     opt: Record | None
 
 
+# NamedTuples made on every query or reply without their Python-level __new__ (one call
+# less each): tuple.__new__ with the fields as one tuple.
+_new_query = cast(
+    "Callable[[tuple[bytes, int, int, int, bool, bool]], Query]", partial(tuple.__new__, Query)
+)
+new_record = cast(
+    "Callable[[tuple[int, int, int, int, int, int, int, int]], Record]",
+    partial(tuple.__new__, Record),
+)
+_new_reply = cast(
+    "Callable[[tuple[int, bool, int, tuple[Record, ...], Record | None]], Reply]",
+    partial(tuple.__new__, Reply),
+)
+
+
 def parse_reply(msg: bytes, known_question_end: int = 0) -> Reply:
     """Walk an upstream reply; raises FormError when any part of it cannot be read.
     `known_question_end`: where its question ends, when the caller has compared that question
@@ -306,9 +322,10 @@ def parse_reply(msg: bytes, known_question_end: int = 0) -> Reply:
         start = offset
         # An owner that is one pointer to the question's name (read above, wholly before it)
         # or the root is read: most records' are.
-        if msg[offset : offset + 2] == QUESTION_POINTER:
-            offset += 2
-        elif msg[offset : offset + 1] == b"\x00":  # the root (an OPT record's owner)
+        label = msg[offset] if offset < end else -1
+        if label == 0xC0 and offset + 1 < end and msg[offset + 1] == HEADER_SIZE:
+            offset += 2  # QUESTION_POINTER
+        elif label == 0:  # the root (an OPT record's owner)
             offset += 1
         else:
             offset = walk_name(msg, offset)
@@ -319,7 +336,9 @@ def parse_reply(msg: bytes, known_question_end: int = 0) -> Reply:
         offset = rdata + rdlen
         if offset > end:
             raise FormError("record data runs past the end")
-        record = Record(start, section, rtype, ttl & 0x7FFFFFFF, rdata - 6, rdata, rdlen, offset)
+        record = new_record(
+            (start, section, rtype, ttl & 0x7FFFFFFF, rdata - 6, rdata, rdlen, offset)
+        )
         if rtype == TYPE_OPT:
             if section != 2 or opt is not None:
                 raise FormError("misplaced or repeated OPT record")
@@ -328,7 +347,7 @@ def parse_reply(msg: bytes, known_question_end: int = 0) -> Reply:
             records.append(record)
     if offset != end:
         raise FormError("trailing bytes after the last record")
-    return Reply(msg[3] & RCODE_MASK, bool(msg[2] & TC), qend, tuple(records), opt)
+    return _new_reply((msg[3] & RCODE_MASK, bool(msg[2] & TC), qend, tuple(records), opt))
 
 
 def soa_negative_ttl(msg: bytes, reply: Reply) -> int | None:
