@@ -142,25 +142,13 @@ class Entry:
             ttl_at = (records[0].ttl_offset - start,)
         else:
             ttl_at = tuple(record.ttl_offset - start for record in records)
-        kept_at = _OFFSETS.get(ttl_at)
-        if kept_at is None:
-            kept_at = ttl_at
-            if len(_OFFSETS) < MAX_SHARED:
-                _OFFSETS[ttl_at] = ttl_at
-        self.ttl_at = kept_at
+        # One copy of each: found with one look-up (an empty tuple or a 0 is kept again).
+        self.ttl_at = _OFFSETS.get(ttl_at) or _keep(_OFFSETS, ttl_at, ttl_at)
         form_key = (msg[2:12], reply.opt is not None, do, negative, discovery)
-        form = _FORMS.get(form_key)
-        if form is None:
-            form = _form(msg, reply, do, negative, discovery)
-            if len(_FORMS) < MAX_SHARED:
-                _FORMS[form_key] = form
-        self.form = form
-        kept_ttl = _TTLS.get(ttl)
-        if kept_ttl is None:
-            kept_ttl = ttl
-            if len(_TTLS) < MAX_SHARED:
-                _TTLS[ttl] = ttl
-        self.ttl = kept_ttl
+        self.form = _FORMS.get(form_key) or _keep(
+            _FORMS, form_key, _form(msg, reply, do, negative, discovery)
+        )
+        self.ttl = _TTLS.get(ttl) or _keep(_TTLS, ttl, ttl)
         self.expires = expires
         # Asked for after this moment, the entry is refreshed in the background (once).
         self.prefetch_at = (
@@ -236,6 +224,16 @@ _FORMS: dict[tuple[bytes, bool, bool, bool, bool], Form] = {}
 # TTL-field offsets and TTLs, one copy of each (as `_shared`, by type: a look-up, no key made).
 _OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
 _TTLS: dict[int, int] = {}
+
+
+K = TypeVar("K")
+
+
+def _keep(table: dict[K, T], key: K, value: T) -> T:
+    """`value`, kept in `table` under `key` while the table has room (MAX_SHARED)."""
+    if len(table) < MAX_SHARED:
+        table[key] = value
+    return value
 
 
 def _form(msg: bytes, reply: wire.Reply, do: bool, negative: bool, discovery: bool) -> Form:
