@@ -8,8 +8,10 @@ client's ID. No TTL, no checks, no metrics, no retries. Two styles the sidecar c
 - `callback`: uvloop, `add_reader` on the client socket and on the upstream socket; each wake-up
   drains up to 64 datagrams with `recvfrom` and answers with `sendto`; no task per query;
 - `batch`: the sidecar's model: a reader thread takes client datagrams in batches with the
-  sidecar's recvmmsg wrapper (sidecar/server/datagram_batch.py) and forwards the batch's misses
-  upstream itself; the event loop reads the upstream replies (`add_reader`) and answers clients.
+  sidecar's recvmmsg wrapper (sidecar/server/datagram_batch.py), answers names stored before
+  from their stored reply (the sidecar's batch closure, the replies as its rows) and forwards
+  the batch's misses upstream itself; the event loop reads the upstream replies
+  (`add_reader`), stores them and answers clients.
 
 Each is measured with dnsmasq and the sidecar on the all-miss workload (a fresh set of names
 per run, each asked once, answered by NSD's wildcard; the dnsperf settings of the all-miss row),
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -41,6 +44,17 @@ MODES = ("callback", "batch")
 Address = tuple[str, int]
 
 
+class StoredReply:
+    """A stored reply as the batch server reads a row: current for ever, one tail."""
+
+    __slots__ = ("next_tail", "tail", "valid_until")
+
+    def __init__(self, tail: bytes) -> None:
+        self.tail = tail
+        self.valid_until = math.inf
+        self.next_tail = lambda: tail
+
+
 class Forwarder:
     """The miss path's state: queries waiting upstream by ID, and the replies stored."""
 
@@ -48,7 +62,8 @@ class Forwarder:
         self.client = client
         self.upstream = upstream
         self.waiting: dict[int, tuple[bytes, bytes, Address]] = {}  # id -> (cid, question, addr)
-        self.replies: dict[bytes, bytes] = {}  # question (query after the ID) -> reply[2:]
+        # question (the query after the ID) -> the reply after its ID
+        self.replies: dict[bytes, StoredReply] = {}
         self.next_id = 0
 
     def forward(self, data: bytes, addr: Address) -> None:
@@ -76,7 +91,8 @@ class Forwarder:
             if asked is None:
                 continue
             client_id, question, addr = asked
-            replies[question] = tail = reply[2:]
+            tail = reply[2:]
+            replies[question] = StoredReply(tail)
             with contextlib.suppress(BlockingIOError):
                 sendto(client_id + tail, addr)
 
@@ -116,8 +132,9 @@ def _batch_thread(forwarder: Forwarder, loop: asyncio.AbstractEventLoop) -> None
         for data, addr in rest:
             forward(data, addr)  # type: ignore[arg-type]
 
-    # The sidecar's batch closure: no row is ever current (all misses), so all go to `lend`.
-    serve = batch.server(lambda _key: None, None, lambda _served: None, lend, time.monotonic)
+    # The sidecar's batch closure, the stored replies as its rows: a name asked before is
+    # answered in the thread (`python -m bench.mixed --toy`), a new one goes to `lend`.
+    serve = batch.server(forwarder.replies.get, None, lambda _served: None, lend, time.monotonic)
     while True:
         serve(batch.receive())
 

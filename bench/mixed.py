@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 from bench import load, zones
+from bench.ceiling_miss import MissResponder
 from bench.miss_cost import user_system
 from bench.servers import Dnsmasq, Nsd, Server, Sidecar
 
 HIT_NAMES = 1000
-HOSTS = {"sidecar": "127.0.0.81", "dnsmasq": "127.0.0.82"}
+HOSTS = {"sidecar": "127.0.0.81", "dnsmasq": "127.0.0.82", "toy": "127.0.0.83"}
 
 
 def switches(pid: int) -> int:
@@ -41,6 +42,8 @@ def switches(pid: int) -> int:
 def make(label: str, work: Path, upstream: str, sidecar_args: list[str]) -> Server:
     if label == "sidecar":
         return Sidecar(label, HOSTS[label], work / label, "1", upstream, {}, 10**6, sidecar_args)
+    if label == "toy":  # bench/ceiling_miss.py's batch toy: what Python can do here
+        return MissResponder("batch", HOSTS[label], work / label, "1", upstream)
     return Dnsmasq(label, HOSTS[label], work / label, "1", upstream, {}, 10**6)
 
 
@@ -50,13 +53,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--miss-every", type=int, default=20)
     parser.add_argument("--only", choices=tuple(HOSTS), default=None)
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="also the ceiling: bench/ceiling_miss.py's batch toy (stored replies answered in "
+        "its reader thread, misses forwarded, no TTL, checks or counters)",
+    )
     parser.add_argument("--sidecar-args", default="", help="more dns-sidecar flags")
     args = parser.parse_args()
     os.sched_setaffinity(0, {0})
     work = Path(tempfile.mkdtemp(prefix="mixed-"))
     nsd = Nsd("127.0.0.80", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(HIT_NAMES)})
     nsd.start()
-    labels = [args.only] if args.only else list(HOSTS)
+    labels = [args.only] if args.only else [h for h in HOSTS if h != "toy" or args.toy]
+    os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # the toy imports bench
     warm = zones.write_query_file(work / "warm.txt", zones.hit_names(HIT_NAMES))
     qps: dict[str, list[float]] = {label: [] for label in labels}
     try:
@@ -93,9 +103,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     for label in labels:
         print(f"{label}: median {statistics.median(qps[label]):,.0f} q/s")
-    if len(labels) == 2:
-        ratios = [s / d for s, d in zip(qps["sidecar"], qps["dnsmasq"], strict=True)]
-        print(f"sidecar / dnsmasq: median {statistics.median(ratios):.2f} ({ratios})")
+    if "dnsmasq" in qps:
+        for label in labels:
+            if label != "dnsmasq":
+                ratios = [s / d for s, d in zip(qps[label], qps["dnsmasq"], strict=True)]
+                shown = ", ".join(f"{r:.2f}" for r in ratios)
+                print(f"{label} / dnsmasq: median {statistics.median(ratios):.2f} ({shown})")
 
 
 if __name__ == "__main__":
