@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sidecar.addresses import HostPort
+from sidecar.addresses import HostPort, label
 from sidecar.core import wire
 from sidecar.core.counters import Counters
 from sidecar.core.forwarding import Attempt, Forwarding
@@ -81,12 +81,6 @@ def log_health(server: HostPort, up: bool, reason: str) -> None:
         log.info("upstream up", extra={"fields": {"upstream": str(server)}})
     else:
         log.warning("upstream down", extra={"fields": {"upstream": str(server), "reason": reason}})
-
-
-@functools.lru_cache(maxsize=256)
-def label(server: HostPort) -> str:
-    """`str(server)`, made once per server: the metrics' label."""
-    return str(server)
 
 
 @functools.lru_cache(maxsize=256)

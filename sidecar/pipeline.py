@@ -134,9 +134,12 @@ class _Waiter:
         self.deliver = None
         if self.timer is not None:
             self.timer.cancel()
-        deliver(
-            *self.resolver.answer_fetched(self.query, self.q, self.limit, self.stale, entry, error)
-        )
+        resolver = self.resolver
+        if entry is not None:
+            reply = resolver.render(entry, self.query, self.q, resolver.clock(), self.limit)
+            deliver(reply, "upstream")
+        else:
+            deliver(*resolver.answer_failed(self.query, self.q, self.limit, self.stale, error))
 
     def stale_due(self) -> None:
         deliver = self.deliver
@@ -410,19 +413,17 @@ class Resolver:
             loop = asyncio.get_running_loop()
             waiter.timer = loop.call_later(self.stale_answer_after, waiter.stale_due)
 
-    def answer_fetched(
+    def answer_failed(
         self,
         query: bytes,
         q: wire.Query,
         limit: int,
         stale: Entry | None,
-        entry: Entry | None,
         error: BaseException | None,
     ) -> tuple[bytes, str]:
-        """A waiting query's answer once its fetch ended: the entry rendered for it; after
-        any kind of upstream failure, one rule: stale or SERVFAIL; after a bug, SERVFAIL."""
-        if entry is not None:
-            return self.render(entry, query, q, self.clock(), limit), "upstream"
+        """A waiting query's answer once its fetch failed (one that succeeded: the entry,
+        rendered for it): after any kind of upstream failure, one rule: stale or SERVFAIL;
+        after a bug, SERVFAIL."""
         if isinstance(error, UpstreamError):
             return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(error))
         return wire.rcode_reply(query, q, wire.SERVFAIL), "local"  # a bug, logged by Fetch.end
@@ -494,13 +495,14 @@ class Resolver:
                 raise error or UpstreamError("no outcome")
             msg, reply = outcome
             zone_name, zone = self.discovery.route(q.key[:-5])
-            if (
-                zone is not None
-                and zone.synthesize_a
-                and self._synthesize_address(q, route, fetch, msg, reply, zone_name, zone)
+            if zone is None:  # no discovery zone (`_fetch`'s first case: one call less)
+                entry = self._store(q, route, msg, reply, self.clock(), ".", None, None)
+            elif zone.synthesize_a and self._synthesize_address(
+                q, route, fetch, msg, reply, zone_name, zone
             ):
                 return
-            entry = self._fetch(q, route, msg, reply, zone_name, zone)
+            else:
+                entry = self._fetch(q, route, msg, reply, zone_name, zone)
         except UpstreamError as exc:
             # A spent packet budget asked no upstream: nothing to remember about the name, and
             # its next miss may find a token (the denial itself costs the upstream nothing).

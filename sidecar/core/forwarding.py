@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple, cast
 
-from sidecar.addresses import HostPort
+from sidecar.addresses import HostPort, label
 from sidecar.core import wire
 from sidecar.core.counters import RCODE_NAMES, Counters
 from sidecar.core.upstream_health import UpstreamSet
@@ -146,7 +146,7 @@ class Forwarding:
         server = attempt.server
         if msg[2] & wire.TC and not attempt.tcp:
             if self.judge:
-                self.counters.upstream_error(str(server), "truncated")
+                self.counters.upstream_error(label(server), "truncated")
             remaining = max(self.deadline - now, MIN_ATTEMPT)
             return Attempt(server, remaining, tcp=True, number=attempt.number)
         try:
@@ -157,7 +157,7 @@ class Forwarding:
             self.outcome = (msg, reply)
             return None
         rtt = now - self.sent[attempt.number - 1]
-        self.counters.upstream_reply(str(server), reply.rcode, rtt)
+        self.counters.upstream_reply(label(server), reply.rcode, rtt)
         if reply.rcode not in USABLE:
             error = UpstreamRcode(reply.rcode, f"{server}: {RCODE_NAMES[reply.rcode]}")
             return self.failed(attempt, error, now)
@@ -172,7 +172,7 @@ class Forwarding:
         if self.done:
             return None
         if self.judge and not self.stopped:
-            self.counters.upstream_error(str(attempt.server), error.reason)
+            self.counters.upstream_error(label(attempt.server), error.reason)
             if self.upstreams.failed(attempt.server) and self.on_health is not None:
                 self.on_health(attempt.server, False, error.reason)
         timeout = isinstance(error, UpstreamTimeout)

@@ -145,7 +145,7 @@ class _Query:
 
     def cancel(self) -> None:
         """Abandon the query: nothing more is told; its ID is released."""
-        if self.over:
+        if self.then is None and not self.lingering:  # over (inline: once per question)
             return
         self.then = self.late = None
         self.lingering = False
@@ -306,7 +306,7 @@ class UpstreamSocket:
         """Send `query` now (from the outbox); a failure is told to it, or to every query on
         the socket when the socket reports an error (on the loop's next turn, either way)."""
         sock = self.sock
-        if sock is None or query.over:
+        if sock is None or (query.then is None and not query.lingering):  # query.over, inline
             return  # abandoned, or failed with its socket, meanwhile
         try:
             sock.send(packet)
