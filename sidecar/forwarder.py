@@ -138,9 +138,18 @@ class _Question:
         """Start `attempt`, or the ones after it when it cannot start; settle when done."""
         forwarder, forwarding = self.forwarder, self.forwarding
         while attempt is not None:
-            if not self.spend(attempt):
+            # The attempt's packets from the budget (counted as sent), or the denial counted.
+            packets = TCP_PACKETS if attempt.tcp else 1
+            loopback, name = server_facts(attempt.server)
+            if not loopback and not forwarder.budget.take(
+                packets, forwarder.clock(), background=self.background
+            ):
+                forwarder.counters.budget_denials[
+                    "background" if self.background else "client"
+                ] += 1
                 forwarding.denied(attempt)
                 break
+            forwarder.counters.upstream_packets[name] += packets
             exchanged = functools.partial(self.exchanged, attempt)
             linger = attempt.linger
             try:
@@ -161,17 +170,6 @@ class _Question:
             self.exchanges.append(exchange)
             return
         self.settle()
-
-    def spend(self, attempt: Attempt) -> bool:
-        """Take `attempt`'s packets from the budget (counted as sent), or count the denial."""
-        forwarder, background = self.forwarder, self.background
-        packets = TCP_PACKETS if attempt.tcp else 1
-        loopback, name = server_facts(attempt.server)
-        if loopback or forwarder.budget.take(packets, forwarder.clock(), background=background):
-            forwarder.counters.upstream_packets[name] += packets
-            return True
-        forwarder.counters.budget_denials["background" if background else "client"] += 1
-        return False
 
     def settle(self) -> None:
         """Once the decisions are done: tell the end, and cancel what is under way."""

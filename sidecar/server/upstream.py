@@ -198,8 +198,14 @@ class Deadlines:
         due = self.loop.time() + self.EARLY
         fifo, heap = self.fifo, self.heap
         lingering = []
-        while fifo and (fifo[0].deadline <= due or fifo[0].over):
-            query = fifo.popleft()
+        while fifo:
+            query = fifo[0]
+            if query.then is None and not query.lingering:  # over (answered): just dropped
+                fifo.popleft()
+                continue
+            if query.deadline > due:
+                break
+            fifo.popleft()
             if query.expire():
                 lingering.append(query)
         while heap and (heap[0][0] <= due or heap[0][2].over):
@@ -226,19 +232,12 @@ class Outbox:
     each as it is made: a send to a server that sleeps wakes it (on loopback, a wake-up of
     the other CPU in the send: 13% of the sidecar's CPU time with every query sent on its
     own), and queries sent back to back wake it once. A query made in one turn leaves at its
-    end, or with SEND_EVERY others; its deadline counts from when it was made."""
+    end, or with SEND_EVERY others; its deadline counts from when it was made. Queries are
+    queued by `UpstreamSocket.send` (the one place that makes them), which arms the flush."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queued: list[tuple[UpstreamSocket, _Query, bytes]] = []
-
-    def put(self, owner: UpstreamSocket, query: _Query, packet: bytes) -> None:
-        queued = self.queued
-        if not queued:
-            self.loop.call_soon(self.flush)
-        queued.append((owner, query, packet))
-        if len(queued) >= SEND_EVERY:  # a long turn does not hold them
-            self.flush()
 
     def flush(self) -> None:
         queued, self.queued = self.queued, []
@@ -294,7 +293,12 @@ class UpstreamSocket:
         pending[qid] = query
         self.sent += 1
         assert self.sock is not None  # a closed socket is never handed out
-        pool.outbox.put(self, query, wire.query_packet(qid, question, cd, do))
+        queued = pool.outbox.queued  # into the outbox: sent at the end of this turn
+        if not queued:
+            self.loop.call_soon(pool.outbox.flush)
+        queued.append((self, query, wire.query_packet(qid, question, cd, do)))
+        if len(queued) >= SEND_EVERY:  # a long turn does not hold them
+            pool.outbox.flush()
         fifo = pool.deadlines.fifo
         if fifo and fifo[-1].deadline <= deadline:  # Deadlines.add's common case, inline:
             fifo.append(query)  # its timer is set for the head of the queue, or sooner
