@@ -58,7 +58,7 @@ from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
 from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarder
-from sidecar.local_answers import is_local, local_reply
+from sidecar.local_answers import CLASS_CH, is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
 # Question types answered here, never forwarded: zone transfers (REFUSED) and ANY (RFC 8482).
@@ -376,7 +376,7 @@ class Resolver:
         between): `deliver(reply, source)` once, now (local answers, a recent failure, over
         the bound) or when the fetch it waits on ends."""
         now = self.clock()
-        if q.qtype in NOT_FORWARDED or is_local(q.key):
+        if q.qtype in NOT_FORWARDED or q.key[-3:-1] == CLASS_CH:  # is_local, inline
             if is_local(q.key):
                 deliver(local_reply(query, q), "local")
             elif q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
@@ -408,7 +408,10 @@ class Resolver:
         else:
             fetch = self._start_fetch(q)
         waiter = _Waiter(self, query, q, limit, deliver, stale)
-        fetch.wait(waiter.fetched)
+        if fetch.ended is None:  # Fetch.wait, inline: once per miss
+            fetch.waiters.append(waiter.fetched)
+        else:
+            waiter.fetched(*fetch.ended)
         if stale is not None and waiter.deliver is not None:
             loop = asyncio.get_running_loop()
             waiter.timer = loop.call_later(self.stale_answer_after, waiter.stale_due)
