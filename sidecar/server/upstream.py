@@ -158,8 +158,9 @@ class Deadlines:
 
     Nearly every attempt gets the same timeout, so deadlines come in the order queries are
     sent: a FIFO. An attempt cut short by its question's deadline goes to a heap instead. A
-    query that ends before its deadline stays queued (without its future) until then, and is
-    dropped when the timer gets to it: at most what is sent in one attempt timeout."""
+    query that ends before its deadline stays queued (without its callbacks) until it reaches
+    the head of the FIFO, where the socket's reads drop it (`drop_finished`: replies come
+    mostly in the order queries went), or until the timer gets to it."""
 
     # A timer may fire up to a clock tick early (uvloop counts in milliseconds).
     EARLY = 0.001
@@ -185,6 +186,14 @@ class Deadlines:
             fifo.append(query)
         else:
             heapq.heappush(self.heap, (when, next(self.order), query))
+
+    def drop_finished(self) -> None:
+        """Drop the finished queries at the head of the FIFO now rather than at their deadline:
+        kept an attempt timeout, a burst of misses left a `_Query` per miss for the collector
+        to walk (30,000 of its 60,000 objects after 30,000 misses)."""
+        fifo = self.fifo
+        while fifo and fifo[0].then is None and not fifo[0].lingering:
+            fifo.popleft()
 
     def _arm(self, when: float) -> None:
         if self.timer is not None:
@@ -343,6 +352,7 @@ class UpstreamSocket:
             try:
                 data = sock.recv(MAX_REPLY)
             except BlockingIOError:
+                self.pool.deadlines.drop_finished()  # the replies just read
                 return
             except OSError as exc:
                 self._error(exc)
