@@ -262,6 +262,33 @@ def test_deadlines_end_attempts_in_time_the_shorter_ones_first(
     run(test, loopback())
 
 
+def test_answered_queries_leave_the_deadline_queue_at_the_next_read_not_their_deadline(
+    loopback: Callable[[], str],
+) -> None:
+    async def test(forwarder: SocketExchanges, up: Upstream, server: HostPort) -> None:
+        futures = [exchange(forwarder, server, f"q{i}.example", timeout=30.0) for i in range(6)]
+        await up.wait(6)
+        deadlines = forwarder.deadlines
+        assert deadlines is not None and len(deadlines.fifo) == 6
+        # The second and third answered first: the head still waits, so both stay queued.
+        for index in (1, 2):
+            up.reply(index, answer(up.queries[index][0]))
+        await asyncio.gather(futures[1], futures[2])
+        assert len(deadlines.fifo) == 6
+        # The head answered: it and the two behind it that ended go at that read.
+        up.reply(0, answer(up.queries[0][0]))
+        await futures[0]
+        await asyncio.sleep(0.05)  # the read that found the socket empty
+        assert len(deadlines.fifo) == 3  # q3, q4, q5: still waiting
+        for index in (3, 4, 5):
+            up.reply(index, answer(up.queries[index][0]))
+        await asyncio.gather(*futures)
+        await asyncio.sleep(0.05)
+        assert not deadlines.fifo  # long before the 30 s deadline
+
+    run(test, loopback())
+
+
 def test_nothing_listening_fails_every_query_on_the_socket_at_once(
     loopback: Callable[[], str], free_port: Callable[..., int]
 ) -> None:
