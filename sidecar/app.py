@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from sidecar import logs, resolv_conf, supervisor
+from sidecar import collector, logs, resolv_conf, supervisor
 from sidecar.addresses import HostPort
 from sidecar.config import Config
 from sidecar.core.access import ClientFilter, RateLimiter
@@ -497,9 +497,8 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
     # What start-up made lives as long as the process: out of the collector's sight, so that
     # a full collection walks only what serving made since (4 ms for start-up's objects alone,
-    # a pause every answer waiting behind it would show).
-    gc.collect()
-    gc.freeze()
+    # a pause every answer waiting behind it would show); the young threshold for serving.
+    collector.settle()
     log.info("started", extra={"fields": {**config.describe(), "worker": worker}})
     if config.udp_reader_thread and not datagram_batch.available():
         log.warning("udp_reader_thread: no recvmmsg here (not Linux); the event loop reads UDP")

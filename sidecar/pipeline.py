@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from sidecar.addresses import HostPort
+from sidecar.collector import untrack
 from sidecar.core import wire
 from sidecar.core.cache import Entry, TtlCache
 from sidecar.core.counters import Counters, Snapshot
@@ -625,7 +626,8 @@ class Resolver:
         entry = self.cache.store(
             q.key, msg, reply, now, q.do, name_to_wire(route), max_negative, zone is not None
         )
-        if entry.ttl > 0:
+        if entry.ttl > 0:  # cached
+            untrack(entry)
             if base is not None:
                 self._registry_bases[q.key] = base
             if zone is not None:

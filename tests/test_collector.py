@@ -1,0 +1,97 @@
+"""The collector's part while serving (sidecar/collector.py): cached entries out of its sight,
+holding nothing that could close a cycle; start-up frozen and the young threshold raised."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSRecord
+
+from sidecar import collector
+from sidecar.core import wire
+from sidecar.core.cache import Entry
+from tests.fakes.scripted_exchanges import Step, reply_to
+from tests.test_pipeline import FIRST, Path, run, stored
+
+ATOMS = (bytes, int, float, bool, type(None))
+
+
+def held(obj: object) -> Iterator[object]:
+    """Everything `obj` refers to, through tuples, depth first (not its class, which every
+    object refers to and which lives as long as the module)."""
+    for value in gc.get_referents(obj):
+        if value is type(obj):
+            continue
+        yield value
+        if isinstance(value, tuple):
+            yield from held(value)
+
+
+def entries_of(p: Path) -> list[Entry]:
+    return list(p.resolver.cache._entries.values())
+
+
+def test_a_cached_entry_is_untracked_and_answers_as_before() -> None:
+    async def test() -> None:
+        p = Path()
+        p.transport.add(FIRST, Step(reply_to("a.example", ttl=60)))
+        first, source = await p.ask("a.example")
+        await stored(p, "a.example")
+        (entry,) = entries_of(p)
+        assert not gc.is_tracked(entry)
+        again, again_source = await p.ask("a.example", qid=2)
+        assert (source, again_source) == ("upstream", "cache")
+        assert again.rr == first.rr
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(
+            lambda r: r.add_answer(RR("a.example", rdata=A("192.0.2.1"), ttl=60)), id="one"
+        ),
+        pytest.param(
+            lambda r: [
+                r.add_answer(RR("a.example", rdata=A(f"192.0.2.{i}"), ttl=60 + i))
+                for i in range(1, 9)
+            ],
+            id="eight",
+        ),
+        pytest.param(
+            lambda r: r.add_auth(
+                RR("example", QTYPE.SOA, rdata=SOA("ns", "admin", (1, 2, 3, 4, 30)), ttl=300)
+            ),
+            id="negative",
+        ),
+    ],
+)
+def test_an_entry_holds_only_what_cannot_refer_back(reply: object) -> None:
+    """collector.py's first invariant, on each kind of entry the cache makes."""
+    record = DNSRecord.question("a.example").reply()
+    reply(record)  # type: ignore[operator]
+    record.add_ar(EDNS0(udp_len=1232))
+    msg = bytes(record.pack())
+    entry = Entry(msg, wire.parse_reply(msg), 60, 160.0, False, True, True, 10, False)
+    kinds = {type(value) for value in held(entry)}
+    assert kinds, "nothing held: the walk is broken"
+    for kind in kinds:
+        assert issubclass(kind, (*ATOMS, tuple)), kind
+
+
+def test_settle_freezes_start_up_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        made = [[] for _ in range(100)]  # start-up's objects, as far as this test goes
+        collector.settle()
+        assert gc.get_threshold() == (collector.YOUNG_THRESHOLD, *before[1:])
+        walked = {id(obj) for obj in gc.get_objects()}  # what collections still walk
+        assert not any(id(obj) in walked for obj in made)
+        later: list[int] = []
+        assert id(later) in {id(obj) for obj in gc.get_objects()}
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
