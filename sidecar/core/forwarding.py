@@ -121,7 +121,9 @@ class Forwarding:
         self.counters = counters
         self.attempt_timeout = attempt_timeout
         self.deadline = deadline
-        self.order = list(order) if order is not None else upstreams.order()
+        self.order: Sequence[HostPort] = (
+            order if order is not None else (upstreams.fixed_order or upstreams.order())
+        )
         self.judge = judge
         self.on_health = on_health
         self.attempts = 0  # UDP attempts started (the number of the current one)

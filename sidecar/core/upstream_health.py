@@ -54,6 +54,12 @@ class UpstreamSet(Generic[Upstream]):
         self.state = {upstream: UpstreamState() for upstream in self.upstreams}
         self._rng = rng or random.Random()
         self._down = 0  # how many are down: while none, order() reads no state
+        # The order while none is down, where the policy keeps the configured one (sequential,
+        # or a single upstream): read by every question without a call; None: ask `order()`.
+        self._keeps_order = policy == "sequential" or len(self.upstreams) == 1
+        self.fixed_order: tuple[Upstream, ...] | None = (
+            self.upstreams if self._keeps_order else None
+        )
         self.on_down: Callable[[], None] | None = None  # told when an upstream goes down
 
     def __repr__(self) -> str:
@@ -87,6 +93,8 @@ class UpstreamSet(Generic[Upstream]):
         if state.down:
             state.down = False
             self._down -= 1
+            if not self._down and self._keeps_order:
+                self.fixed_order = self.upstreams
             return True
         return False
 
@@ -97,6 +105,7 @@ class UpstreamSet(Generic[Upstream]):
         if not state.down and state.failures >= self.max_fails:
             state.down = True
             self._down += 1
+            self.fixed_order = None
             if self.on_down is not None:
                 self.on_down()
             return True

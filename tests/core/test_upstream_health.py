@@ -78,5 +78,19 @@ def test_order_follows_every_change_of_health(policy: str) -> None:
         assert sorted(order) == sorted(expected)
         if policy == "sequential":
             assert order == expected
-        elif policy == "fastest":
+            # What a question reads first: the configured order exactly while none is down.
+            assert ups.fixed_order == (None if down else ("a", "b", "c"))
+        else:
+            assert ups.fixed_order is None  # the policy decides each time
+        if policy == "fastest":
             assert order == sorted(expected, key=lambda u: ups.state[u].srtt or 0.0)
+
+
+def test_a_single_upstream_keeps_its_order_under_any_policy_until_it_is_down() -> None:
+    for policy in ("sequential", "random", "fastest"):
+        ups = UpstreamSet(["a"], policy=policy, max_fails=1)
+        assert ups.fixed_order == ("a",)
+        ups.failed("a")
+        assert ups.fixed_order is None and ups.order() == ["a"]  # all down: tried anyway
+        ups.answered("a", 0.01)
+        assert ups.fixed_order == ("a",)
