@@ -13,6 +13,16 @@ client's ID. No TTL, no checks, no metrics, no retries. Two styles the sidecar c
   the batch's misses upstream itself; the event loop reads the upstream replies
   (`add_reader`), stores them and answers clients.
 
+- `flat`: `callback`'s sockets with the sidecar's own work per miss written as two plain
+  functions (no object per question): its query parser and cache (`TtlCache.get`, the
+  stale and failure checks, `store` with its lifetime and bailiwick checks, the entry
+  untracked), coalescing by cache key, a random ID per query from a pool, the query packet
+  with our EDNS, a deadline FIFO, the reply matched (`reply_matches`) and parsed
+  (`parse_reply`), the upstream's smoothed RTT, the counters and both histograms the
+  sidecar keeps, each waiting client answered with `render_with_ttl`, queries and replies
+  sent once per turn of the loop. No retries, timers, routing or rows: what the work of a
+  miss costs when nothing stands between its steps.
+
 Each is measured with dnsmasq and the sidecar on the all-miss workload (a fresh set of names
 per run, each asked once, answered by NSD's wildcard; the dnsperf settings of the all-miss row),
 CPU seconds per miss from /proc (user + system) and QPS; servers pinned to CPU 1.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import math
 import os
@@ -33,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,7 +52,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("callback", "batch")
+MODES = ("callback", "batch", "flat")
 Address = tuple[str, int]
 
 
@@ -97,6 +109,122 @@ class Forwarder:
                 sendto(client_id + tail, addr)
 
 
+class FlatForwarder:
+    """The `flat` mode: the sidecar's per-miss work in two functions (see the docstring)."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        from sidecar.collector import untrack
+        from sidecar.core.cache import CacheSettings, TtlCache
+        from sidecar.core.counters import Counters, Histogram
+
+        self.client, self.upstream = client, upstream
+        self.loop = asyncio.get_event_loop()
+        self.cache = TtlCache(CacheSettings(max_entries=10**6, prefetch_percent=0))
+        self.counters = Counters()
+        self.untrack = untrack
+        self.rtt = Histogram()
+        self.durations = Histogram()
+        self.srtt = 0.0
+        self.inflight: dict[bytes, list[tuple[bytes, object, int, Address, float]]] = {}
+        self.pending: dict[bytes, tuple[bytes, bytes, bool, float]] = {}
+        self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.ids = b""
+        self.at = 0
+        self.queries: list[bytes] = []
+        self.answers: list[tuple[bytes, Address]] = []
+
+    def query(self, data: bytes, addr: Address) -> None:
+        from sidecar.core import wire
+
+        now = time.monotonic()
+        try:
+            q = wire.parse_query(data)
+        except wire.ClientError:
+            return
+        counters = self.counters
+        counters.requests["udp"][q.qtype] += 1
+        limit = q.edns_size or wire.PLAIN_UDP_LIMIT
+        key = q.key
+        cache = self.cache
+        entry = cache.get(key, now)
+        if entry is not None:
+            self._answer(
+                entry.render_with_ttl(data, q, math.ceil(entry.expires - now), limit), addr
+            )
+            return
+        counters.cache_misses += 1
+        if cache.get_stale(key, now) is not None or cache.failed_recently(key, now):
+            return  # not in this workload
+        waiters = self.inflight.get(key)
+        if waiters is not None:
+            waiters.append((data, q, limit, addr, now))
+            return
+        self.inflight[key] = [(data, q, limit, addr, now)]
+        at = self.at
+        if at >= len(self.ids):
+            self.ids, at = os.urandom(512), 0
+        self.at = at + 2
+        qid = self.ids[at : at + 2]
+        question = key[:-1]
+        self.pending[qid] = (key, question, q.do, now)
+        self.deadlines.append((now + 1.0, qid))
+        counters.upstream_packets["upstream"] += 1
+        if not self.queries:
+            self.loop.call_soon(self.flush)
+        self.queries.append(wire.query_packet(qid, question, q.cd, q.do))
+
+    def upstream_readable(self) -> None:
+        from sidecar.core import wire
+
+        recv, pending, counters, cache = self.upstream.recv, self.pending, self.counters, self.cache
+        while True:
+            try:
+                msg = recv(4096)
+            except BlockingIOError:
+                break
+            now = time.monotonic()
+            qid = msg[:2]
+            asked = pending.get(qid)
+            if asked is None or not wire.reply_matches(msg, qid, asked[1]):
+                continue
+            del pending[qid]
+            key, question, do, sent = asked
+            try:
+                reply = wire.parse_reply(msg, wire.HEADER_SIZE + len(question))
+            except wire.FormError:
+                continue
+            rtt = now - sent
+            self.rtt.observe(rtt)
+            self.srtt += 0.125 * (rtt - self.srtt)
+            entry = cache.store(key, msg, reply, now, do)
+            if entry.ttl > 0:
+                self.untrack(entry)
+            ttl = math.ceil(entry.expires - now)
+            for data, q, limit, addr, start in self.inflight.pop(key, ()):
+                answer = entry.render_with_ttl(data, q, ttl, limit)  # type: ignore[arg-type]
+                self._answer(answer, addr)
+                counters.responses["upstream"][answer[3] & 0x0F] += 1
+                self.durations.observe(time.monotonic() - start)
+        deadlines = self.deadlines
+        while deadlines and deadlines[0][1] not in pending:
+            deadlines.popleft()
+
+    def _answer(self, reply: bytes, addr: Address) -> None:
+        if not self.answers:
+            self.loop.call_soon(self.flush)
+        self.answers.append((reply, addr))
+
+    def flush(self) -> None:
+        queries, self.queries = self.queries, []
+        answers, self.answers = self.answers, []
+        for packet in queries:
+            with contextlib.suppress(BlockingIOError):
+                self.upstream.send(packet)
+        for reply, addr in answers:
+            with contextlib.suppress(BlockingIOError):
+                self.client.sendto(reply, addr)
+
+
 def _sockets(host: str, port: int, upstream: Address) -> tuple[socket.socket, socket.socket]:
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind((host, port))
@@ -106,8 +234,9 @@ def _sockets(host: str, port: int, upstream: Address) -> tuple[socket.socket, so
     return client, up
 
 
-def _client_reader(forwarder: Forwarder) -> Callable[[], None]:
-    recvfrom, forward = forwarder.client.recvfrom, forwarder.forward
+def _client_reader(forwarder: Forwarder | FlatForwarder) -> Callable[[], None]:
+    recvfrom = forwarder.client.recvfrom
+    forward = forwarder.forward if isinstance(forwarder, Forwarder) else forwarder.query
 
     def readable() -> None:
         for _ in range(64):
@@ -121,8 +250,6 @@ def _client_reader(forwarder: Forwarder) -> Callable[[], None]:
 
 
 def _batch_thread(forwarder: Forwarder, loop: asyncio.AbstractEventLoop) -> None:
-    import time
-
     from sidecar.server.datagram_batch import DatagramBatch
 
     batch = DatagramBatch(forwarder.client)
@@ -142,6 +269,12 @@ def _batch_thread(forwarder: Forwarder, loop: asyncio.AbstractEventLoop) -> None
 async def _serve(mode: str, host: str, port: int, upstream: Address) -> None:
     loop = asyncio.get_running_loop()
     client, up = _sockets(host, port, upstream)
+    if mode == "flat":
+        flat = FlatForwarder(client, up)
+        loop.add_reader(up.fileno(), flat.upstream_readable)
+        client.setblocking(False)
+        loop.add_reader(client.fileno(), _client_reader(flat))
+        await asyncio.Event().wait()  # until SIGTERM
     forwarder = Forwarder(client, up)
     loop.add_reader(up.fileno(), forwarder.upstream_readable)
     if mode == "callback":
