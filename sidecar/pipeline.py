@@ -163,6 +163,12 @@ class Registry(Protocol):
     def ages(self, now: float) -> list[tuple[str, float]]: ...
 
 
+# What a RegistryBase keeps beside its upstream reply's bytes, charged to its entry: the tuple,
+# its query (tuple and key), the service name, the dict slot and the reply's object header
+# (tracemalloc, CPython 3.11; tests/test_pipeline.py checks it).
+REGISTRY_BASE_BYTES = 360
+
+
 class RegistryBase(NamedTuple):
     """What an answer made from the registry was made of, to make it again when the
     registry changes (Resolver.registry_changed)."""
@@ -630,6 +636,7 @@ class Resolver:
             untrack(entry)
             if base is not None:
                 self._registry_bases[q.key] = base
+                self.cache.charge(q.key, "registry", REGISTRY_BASE_BYTES + len(base.msg))
             if zone is not None:
                 self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
             elif msg[6:8] >= b"\x00\x02" and self.rotate.route(q.key[:-5])[1]:  # 2+ answers

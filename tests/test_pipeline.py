@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,15 +17,16 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
-from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.core.cache import CHARGE_SLOT, CacheSettings, TtlCache
 from sidecar.core.counters import Counters
 from sidecar.core.packet_budget import TCP_PACKETS, PacketBudget
 from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
+from sidecar.discovery.registry import Instance, Listing
 from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import BadUpstreamReply, PacketBudgetSpent, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
-from sidecar.pipeline import EDE_OTHER, DiscoveryZone, Resolver
+from sidecar.pipeline import EDE_OTHER, REGISTRY_BASE_BYTES, DiscoveryZone, RegistryBase, Resolver
 from tests.fakes.scripted_exchanges import (
     FakeClock,
     ScriptedExchanges,
@@ -457,3 +459,60 @@ def test_background_work_is_denied_before_a_client_miss_and_tcp_costs_more_packe
         assert answer.header.rcode == RCODE.NOERROR
 
     run(test)
+
+
+class FixedRegistry:
+    """A Cloud Map registry that lists the same instances for every service."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.instances = tuple(
+            Instance(f"i-{n}", ipv4=address) for n, address in enumerate(addresses)
+        )
+
+    def listing(self, service: str, now: float) -> Listing | None:
+        return Listing(self.instances, now)
+
+    def ages(self, now: float) -> list[tuple[str, float]]:
+        return []
+
+
+def test_an_answer_made_from_the_registry_charges_what_it_keeps_to_its_entry() -> None:
+    """Everything kept by cache key is charged to it (docs/architecture.md): the upstream
+    reply an answer was made from, kept to make it again, too; it goes with the entry."""
+
+    async def test() -> None:
+        p = Path(discovery_zone="local")
+        zone = DiscoveryZone(ShapeSettings(), registry=FixedRegistry("10.0.0.1", "10.0.0.2"))
+        p.resolver.discovery = ZoneRouter(None, {"local": zone})
+        msg = reply_to("svc.local", addresses=("10.0.0.1",))
+        p.transport.add(FIRST, Step(msg))
+        await p.ask("svc.local")
+        assert p.counters.registry_answers == {("local", "merged"): 1}  # made from the registry
+        key = wire.parse_query(bytes(DNSRecord.question("svc.local").pack())).key
+        cache = p.resolver.cache
+        held = cache._charges["registry"]  # beside the shaped pool's own charge
+        assert held[key] == REGISTRY_BASE_BYTES + len(msg) + CHARGE_SLOT
+        assert cache.charged(key) >= held[key]
+        cache._remove(key)  # retired (evicted, replaced, gone stale): its charges go with it
+        assert cache.charged(key) == 0 and key not in held and not p.resolver._registry_bases
+
+    run(test)
+
+
+def test_the_registry_charge_is_within_a_quarter_of_what_cpython_allocates() -> None:
+    count = 2000
+    datas = [bytes(DNSRecord.question(f"svc{i}.local").pack()) for i in range(count)]
+    msgs = [reply_to(f"svc{i}.local") for i in range(count)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept: dict[bytes, RegistryBase] = {}
+        for i in range(count):
+            q = wire.parse_query(datas[i])
+            kept[q.key] = RegistryBase(q, ".", bytes(msgs[i]), "local", f"svc{i}")
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    measured = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / count
+    charged = REGISTRY_BASE_BYTES + sum(len(m) for m in msgs) / count
+    assert 0.75 * measured <= charged <= 1.25 * measured, (charged, measured)
