@@ -202,8 +202,6 @@ class _Question:
                 assert msg is not None
                 attempt_next = forwarding.replied(attempt, msg, now)
                 if attempt_next is None and forwarding.outcome is not None:
-                    if len(self.exchanges) == 1:  # the one that answered: over, none to cancel
-                        self.exchanges = []
                     self.finish(forwarding.outcome, None)  # answered: the common case
                     return
                 self.run(attempt_next)

@@ -59,7 +59,7 @@ from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
 from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarder
-from sidecar.local_answers import CLASS_CH, is_local, local_reply
+from sidecar.local_answers import is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
 # Question types answered here, never forwarded: zone transfers (REFUSED) and ANY (RFC 8482).
@@ -383,7 +383,7 @@ class Resolver:
         between): `deliver(reply, source)` once, now (local answers, a recent failure, over
         the bound) or when the fetch it waits on ends."""
         now = self.clock()
-        if q.qtype in NOT_FORWARDED or q.key[-3:-1] == CLASS_CH:  # is_local, inline
+        if q.qtype in NOT_FORWARDED or is_local(q.key):
             if is_local(q.key):
                 deliver(local_reply(query, q), "local")
             elif q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
@@ -415,10 +415,7 @@ class Resolver:
         else:
             fetch = self._start_fetch(q)
         waiter = _Waiter(self, query, q, limit, deliver, stale)
-        if fetch.ended is None:  # Fetch.wait, inline: once per miss
-            fetch.waiters.append(waiter.fetched)
-        else:
-            waiter.fetched(*fetch.ended)
+        fetch.wait(waiter.fetched)
         if stale is not None and waiter.deliver is not None:
             loop = asyncio.get_running_loop()
             waiter.timer = loop.call_later(self.stale_answer_after, waiter.stale_due)
@@ -505,7 +502,7 @@ class Resolver:
                 raise error or UpstreamError("no outcome")
             msg, reply = outcome
             zone_name, zone = self.discovery.route(q.key[:-5])
-            if zone is None:  # no discovery zone (`_fetch`'s first case: one call less)
+            if zone is None:  # rotated if its zone's answer_order says so
                 entry = self._store(q, route, msg, reply, self.clock(), ".", None, None)
             elif zone.synthesize_a and self._synthesize_address(
                 q, route, fetch, msg, reply, zone_name, zone
@@ -593,12 +590,10 @@ class Resolver:
         msg: bytes,
         reply: wire.Reply,
         zone_name: str,
-        zone: DiscoveryZone | None,
+        zone: DiscoveryZone,
     ) -> Entry:
-        """Store an upstream reply (shaped in discovery zone `zone`, else rotated if its
-        zone's answer_order says so); the entry."""
-        if zone is None:
-            return self._store(q, route, msg, reply, self.clock(), ".", None, None)
+        """Store an upstream reply of discovery zone `zone` (shaped, or made from its Cloud
+        Map listing); the entry."""
         service = None
         if zone.asked is not None or zone.registry is not None:  # Cloud Map
             labels = labels_below(q.key[:-5], zone_name)

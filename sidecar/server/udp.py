@@ -254,7 +254,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 )
             return None
         self.requests[q.qtype] += 1
-        limit = q.edns_size or wire.PLAIN_UDP_LIMIT  # wire.udp_limit, inline
+        limit = wire.udp_limit(q.edns_size)
         cached = self._resolver.cached(q, now)
         if cached is not None:
             reply = self._resolver.render(cached, data, q, now, limit)

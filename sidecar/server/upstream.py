@@ -145,7 +145,7 @@ class _Query:
 
     def cancel(self) -> None:
         """Abandon the query: nothing more is told; its ID is released."""
-        if self.then is None and not self.lingering:  # over (inline: once per question)
+        if self.over:
             return
         self.then = self.late = None
         self.lingering = False
@@ -192,7 +192,7 @@ class Deadlines:
         kept an attempt timeout, a burst of misses left a `_Query` per miss for the collector
         to walk (30,000 of its 60,000 objects after 30,000 misses)."""
         fifo = self.fifo
-        while fifo and fifo[0].then is None and not fifo[0].lingering:
+        while fifo and fifo[0].over:
             fifo.popleft()
 
     def _arm(self, when: float) -> None:
@@ -207,14 +207,8 @@ class Deadlines:
         due = self.loop.time() + self.EARLY
         fifo, heap = self.fifo, self.heap
         lingering = []
-        while fifo:
-            query = fifo[0]
-            if query.then is None and not query.lingering:  # over (answered): just dropped
-                fifo.popleft()
-                continue
-            if query.deadline > due:
-                break
-            fifo.popleft()
+        while fifo and (fifo[0].deadline <= due or fifo[0].over):
+            query = fifo.popleft()
             if query.expire():
                 lingering.append(query)
         while heap and (heap[0][0] <= due or heap[0][2].over):
@@ -241,12 +235,19 @@ class Outbox:
     each as it is made: a send to a server that sleeps wakes it (on loopback, a wake-up of
     the other CPU in the send: 13% of the sidecar's CPU time with every query sent on its
     own), and queries sent back to back wake it once. A query made in one turn leaves at its
-    end, or with SEND_EVERY others; its deadline counts from when it was made. Queries are
-    queued by `UpstreamSocket.send` (the one place that makes them), which arms the flush."""
+    end, or with SEND_EVERY others; its deadline counts from when it was made."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queued: list[tuple[UpstreamSocket, _Query, bytes]] = []
+
+    def put(self, owner: UpstreamSocket, query: _Query, packet: bytes) -> None:
+        queued = self.queued
+        if not queued:
+            self.loop.call_soon(self.flush)
+        queued.append((owner, query, packet))
+        if len(queued) >= SEND_EVERY:  # a long turn does not hold them
+            self.flush()
 
     def flush(self) -> None:
         queued, self.queued = self.queued, []
@@ -302,12 +303,7 @@ class UpstreamSocket:
         pending[qid] = query
         self.sent += 1
         assert self.sock is not None  # a closed socket is never handed out
-        queued = pool.outbox.queued  # into the outbox: sent at the end of this turn
-        if not queued:
-            self.loop.call_soon(pool.outbox.flush)
-        queued.append((self, query, wire.query_packet(qid, question, cd, do)))
-        if len(queued) >= SEND_EVERY:  # a long turn does not hold them
-            pool.outbox.flush()
+        pool.outbox.put(self, query, wire.query_packet(qid, question, cd, do))
         fifo = pool.deadlines.fifo
         if fifo and fifo[-1].deadline <= deadline:  # Deadlines.add's common case, inline:
             fifo.append(query)  # its timer is set for the head of the queue, or sooner
@@ -319,7 +315,7 @@ class UpstreamSocket:
         """Send `query` now (from the outbox); a failure is told to it, or to every query on
         the socket when the socket reports an error (on the loop's next turn, either way)."""
         sock = self.sock
-        if sock is None or (query.then is None and not query.lingering):  # query.over, inline
+        if sock is None or query.over:
             return  # abandoned, or failed with its socket, meanwhile
         try:
             sock.send(packet)

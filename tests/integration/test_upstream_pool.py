@@ -275,15 +275,14 @@ def test_answered_queries_leave_the_deadline_queue_at_the_next_read_not_their_de
             up.reply(index, answer(up.queries[index][0]))
         await asyncio.gather(futures[1], futures[2])
         assert len(deadlines.fifo) == 6
-        # The head answered: it and the two behind it that ended go at that read.
+        # The head answered: it and the two behind it that ended go at that read (the same
+        # callback that settled the future, before this task resumes).
         up.reply(0, answer(up.queries[0][0]))
         await futures[0]
-        await asyncio.sleep(0.05)  # the read that found the socket empty
         assert len(deadlines.fifo) == 3  # q3, q4, q5: still waiting
         for index in (3, 4, 5):
             up.reply(index, answer(up.queries[index][0]))
         await asyncio.gather(*futures)
-        await asyncio.sleep(0.05)
         assert not deadlines.fifo  # long before the 30 s deadline
 
     run(test, loopback())
