@@ -26,7 +26,14 @@ from sidecar.discovery.registry import Instance, Listing
 from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import BadUpstreamReply, PacketBudgetSpent, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
-from sidecar.pipeline import EDE_OTHER, REGISTRY_BASE_BYTES, DiscoveryZone, RegistryBase, Resolver
+from sidecar.pipeline import (
+    EDE_OTHER,
+    REGISTRY_BASE_BYTES,
+    DiscoveryZone,
+    Registry,
+    RegistryBase,
+    Resolver,
+)
 from tests.fakes.scripted_exchanges import (
     FakeClock,
     ScriptedExchanges,
@@ -55,6 +62,7 @@ class Path:
         stale_answer_after: float = 1.8,
         cache: CacheSettings | None = None,
         discovery_zone: str | None = None,
+        registry: Registry | None = None,
         packets_per_second: int = 0,
     ) -> None:
         self.clock = FakeClock()
@@ -80,7 +88,10 @@ class Path:
             stale_answer_after=stale_answer_after,
             stale_ttl=30,
             discovery=ZoneRouter(
-                None, {discovery_zone: DiscoveryZone(ShapeSettings())} if discovery_zone else {}
+                None,
+                {discovery_zone: DiscoveryZone(ShapeSettings(), registry=registry)}
+                if discovery_zone
+                else {},
             ),
             clock=self.clock,
             rng=random.Random(1),
@@ -481,9 +492,7 @@ def test_an_answer_made_from_the_registry_charges_what_it_keeps_to_its_entry() -
     reply an answer was made from, kept to make it again, too; it goes with the entry."""
 
     async def test() -> None:
-        p = Path(discovery_zone="local")
-        zone = DiscoveryZone(ShapeSettings(), registry=FixedRegistry("10.0.0.1", "10.0.0.2"))
-        p.resolver.discovery = ZoneRouter(None, {"local": zone})
+        p = Path(discovery_zone="local", registry=FixedRegistry("10.0.0.1", "10.0.0.2"))
         msg = reply_to("svc.local", addresses=("10.0.0.1",))
         p.transport.add(FIRST, Step(msg))
         await p.ask("svc.local")
@@ -509,7 +518,8 @@ def test_the_registry_charge_is_within_a_quarter_of_what_cpython_allocates() -> 
         kept: dict[bytes, RegistryBase] = {}
         for i in range(count):
             q = wire.parse_query(datas[i])
-            kept[q.key] = RegistryBase(q, ".", bytes(msgs[i]), "local", f"svc{i}")
+            reply = bytes(bytearray(msgs[i]))  # its own copy, as each upstream reply is
+            kept[q.key] = RegistryBase(q, ".", reply, "local", f"svc{i}")
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
