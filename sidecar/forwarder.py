@@ -6,14 +6,16 @@ transport's (server/upstream.py on sockets, a scripted one in tests). Plain call
 end: no task, coroutine or future per question or attempt (`outcome_future` makes one for
 those who await, as the upstream probes do).
 
-A transport's contract (`Exchanges`): `start()` sends (or queues the send for the end of the
-loop's turn) and returns a handle; `then(reply, None)` gets the reply, whose ID, QR and
-question already matched the query (RFC 5452), or `then(None, UpstreamError)` the failure
-(when `timeout` seconds pass, or the socket reports an error), once and never from within
+A transport's contract (`Exchanges`): `start(attempt, question, cd, do, asker)` carries out
+one `Attempt` (sends, or queues the send for the end of the loop's turn) and returns a handle;
+its end is told to `asker.exchanged(attempt, reply, None)`, the reply's ID, QR and question
+already matched (RFC 5452), or `asker.exchanged(attempt, None, UpstreamError)` (when
+`attempt.timeout` seconds pass, or the socket reports an error), once and never from within
 `start()`, which raises UpstreamError when it cannot even send. The handle's `cancel()`
-abandons the exchange and frees what it held. With `late` given, a timed-out UDP exchange
-keeps its ID and socket `linger` seconds more, and a reply that comes then is passed to `late`
-(once), so a slow upstream still answers the question.
+abandons the exchange and frees what it held. A UDP attempt with a `linger` keeps its ID and
+socket that much longer after its timeout, and a reply that comes then is told the same way
+(once more), so a slow upstream still answers the question. The attempt itself is the token:
+no callback object is made per exchange.
 
 Every exchange, of every question and probe, to an upstream off this host's loopback first
 takes its packets from the one `PacketBudget` (core/packet_budget.py) here, as background
@@ -28,7 +30,7 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.addresses import HostPort, label
 from sidecar.core import wire
@@ -43,27 +45,22 @@ log = logging.getLogger("dns_sidecar")
 Outcome = tuple[bytes, wire.Reply]
 
 
+class Asker(Protocol):
+    """Who is told how an exchange ended (the forwarder's question)."""
+
+    def exchanged(
+        self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None
+    ) -> None: ...
+
+
 class Exchanges(Protocol):
     """One exchange with one upstream server (see the module's docstring)."""
 
     def start(
-        self,
-        server: HostPort,
-        question: bytes,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        tcp: bool,
-        then: Replied,
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
+        self, attempt: Attempt, question: bytes, cd: bool, do: bool, asker: Asker
     ) -> Exchange: ...
 
     def close(self, *, now: bool = False) -> None: ...
-
-
-# How an exchange ends: (the reply, None) or (None, the UpstreamError).
-Replied = Callable[[bytes | None, UpstreamError | None], None]
 
 
 class Exchange(Protocol):
@@ -96,47 +93,62 @@ def server_facts(server: HostPort) -> tuple[bool, str]:
     return on_loopback(server), label(server)
 
 
-class _Question:
-    """One question in flight: its decisions, the exchanges under way, whom to tell the end.
+class Forwarded(Forwarding):
+    """One question being forwarded: the core's decisions (its `Forwarding` part), the
+    exchanges carrying them out, and its end, told once to `settled`, which a subclass
+    implements (the pipeline's fetch; `Forwarder.ask` makes one that calls a function). One
+    object per question: made, then started with `Forwarder.start`.
 
     Usually one exchange is under way. An attempt that timed out may still bring a late
-    reply (`late`), and a late truncated reply starts its TCP retry beside the current
-    attempt; once the question is settled, what is still under way is cancelled. Plain
-    callbacks end to end: an exchange's end calls `exchanged`, the question's end `then`."""
+    reply, and a late truncated reply starts its TCP retry beside the current attempt; once
+    the question is settled, what is still under way is cancelled. Plain calls end to end:
+    the transport tells `exchanged`, the question's end goes to `settled`."""
 
-    __slots__ = (
-        "background",
-        "cd",
-        "do",
-        "exchanges",
-        "forwarder",
-        "forwarding",
-        "question",
-        "then",
-    )
+    __slots__ = ("background", "cd", "do", "exchanges", "forwarder", "question", "told")
 
     def __init__(
         self,
         forwarder: Forwarder,
-        forwarding: Forwarding,
+        upstreams: UpstreamSet[HostPort],
         question: bytes,
         cd: bool,
         do: bool,
-        background: bool,
-        then: Settled,
+        deadline: float,
+        background: bool = False,
+        order: Sequence[HostPort] | None = None,
+        judge: bool = True,
     ) -> None:
+        """`question`: wire name, type and class; `deadline` on the forwarder's clock;
+        `background`: no client waits (a prefetch, a probe), so the packet budget denies it
+        first; `order` and `judge`: see core/forwarding.py."""
+        Forwarding.__init__(  # positional: one per question
+            self,
+            upstreams,
+            forwarder.counters,
+            forwarder.attempt_timeout,
+            deadline,
+            order,
+            judge,
+            forwarder.on_health,
+            wire.HEADER_SIZE + len(question),  # the transport matched it
+        )
         self.forwarder = forwarder
         self.background = background
-        self.forwarding = forwarding
         self.question = question
         self.cd = cd
         self.do = do
         self.exchanges: list[Exchange] = []
-        self.then: Settled | None = then  # None once told
+        self.told = False
+
+    def settled(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        """The end, once: (the reply taken and its walk, None), or (None, the UpstreamError
+        that ended it; anything else: a bug). Possibly from within `Forwarder.start`, when no
+        attempt can start."""
+        raise NotImplementedError
 
     def run(self, attempt: Attempt | None) -> None:
         """Start `attempt`, or the ones after it when it cannot start; settle when done."""
-        forwarder, forwarding = self.forwarder, self.forwarding
+        forwarder = self.forwarder
         while attempt is not None:
             # The attempt's packets from the budget (counted as sent), or the denial counted.
             packets = TCP_PACKETS if attempt.tcp else 1
@@ -147,69 +159,62 @@ class _Question:
                 forwarder.counters.budget_denials[
                     "background" if self.background else "client"
                 ] += 1
-                forwarding.denied(attempt)
+                self.denied(attempt)
                 break
             forwarder.counters.upstream_packets[name] += packets
-            exchanged = functools.partial(self.exchanged, attempt)
-            linger = attempt.linger
             try:
-                exchange = forwarder.exchanges.start(  # positional: one call per attempt
-                    attempt.server,
-                    self.question,
-                    self.cd,
-                    self.do,
-                    attempt.timeout,
-                    attempt.tcp,
-                    exchanged,
-                    exchanged if linger else None,  # a late reply: as any reply
-                    linger,
-                )
+                exchange = forwarder.exchanges.start(attempt, self.question, self.cd, self.do, self)
             except UpstreamError as exc:
-                attempt = forwarding.failed(attempt, exc, forwarder.clock())
+                attempt = self.failed(attempt, exc, forwarder.clock())
                 continue
             self.exchanges.append(exchange)
             return
-        self.settle()
-
-    def settle(self) -> None:
-        """Once the decisions are done: tell the end, and cancel what is under way."""
-        forwarding = self.forwarding
-        if self.then is None or not forwarding.done:
-            return
-        self.finish(forwarding.outcome, forwarding.error)
+        if not self.told and self.done:
+            self.finish(self.outcome, self.error)
 
     def finish(self, outcome: Outcome | None, error: BaseException | None) -> None:
-        then, self.then = self.then, None
+        """Tell the end, and cancel what is under way."""
+        self.told = True
         exchanges, self.exchanges = self.exchanges, []
         for exchange in exchanges:
             exchange.cancel()
-        if then is not None:
-            then(outcome, error)
+        self.settled(outcome, error)
 
-    def exchanged(
-        self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None = None
-    ) -> None:
+    def exchanged(self, attempt: Attempt, msg: bytes | None, error: UpstreamError | None) -> None:
         """`attempt`'s exchange ended (a reply or an error), or a reply to it came after it
-        timed out, while the question went on."""
-        if self.then is None:
+        timed out, while the question went on (the transport's `Asker`)."""
+        if self.told:
             return
-        forwarding = self.forwarding
-        if self.forwarder.stopped:
-            forwarding.stop()
-        now = self.forwarder.clock()
+        forwarder = self.forwarder
+        if forwarder.stopped:
+            self.stop()
+        now = forwarder.clock()
         try:
             if error is None:
                 assert msg is not None
-                attempt_next = forwarding.replied(attempt, msg, now)
-                if attempt_next is None and forwarding.outcome is not None:
-                    self.finish(forwarding.outcome, None)  # answered: the common case
+                attempt_next = self.replied(attempt, msg, now)
+                if attempt_next is None and self.outcome is not None:
+                    self.finish(self.outcome, None)  # answered: the common case
                     return
                 self.run(attempt_next)
             else:
-                self.run(forwarding.failed(attempt, error, now))
+                self.run(self.failed(attempt, error, now))
         except Exception as exc:  # a bug: the waiters learn of it
-            if self.then is not None:
+            if not self.told:
                 self.finish(None, exc)
+
+
+class _Told(Forwarded):
+    """A question whose end goes to a function (`Forwarder.ask`)."""
+
+    __slots__ = ("then",)
+
+    def __init__(self, then: Settled, forwarder: Forwarder, *args: Any) -> None:
+        Forwarded.__init__(self, forwarder, *args)
+        self.then = then
+
+    def settled(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        self.then(outcome, error)
 
 
 def outcome_future() -> tuple[asyncio.Future[Outcome], Settled]:
@@ -250,6 +255,13 @@ class Forwarder:
         self.on_health = on_health
         self.stopped = False  # closed at shutdown: no new attempts
 
+    def start(self, forwarded: Forwarded) -> None:
+        """Forward a question made for this forwarder: its first attempt now, its end told to
+        its `settled` (possibly from within this call, when no attempt can start)."""
+        if self.stopped:
+            forwarded.stop()
+        forwarded.run(forwarded.first(self.clock()))
+
     def ask(
         self,
         question: bytes,
@@ -262,25 +274,9 @@ class Forwarder:
         judge: bool = True,
         background: bool = False,
     ) -> None:
-        """Forward the question; `then(outcome, None)` with the reply taken and its walk, or
-        `then(None, error)` with the UpstreamError that ended it (anything else: a bug), once;
-        possibly from within this call, when no attempt can start. `deadline` is on the
-        forwarder's clock. `background`: no client waits (a prefetch, a probe), so the
-        packet budget denies it first."""
-        forwarding = Forwarding(  # positional: one per question
-            upstreams,
-            self.counters,
-            self.attempt_timeout,
-            deadline,
-            order,
-            judge,
-            self.on_health,
-            wire.HEADER_SIZE + len(question),  # the transport matched it
-        )
-        if self.stopped:
-            forwarding.stop()
-        _Question(self, forwarding, question, cd, do, background, then).run(
-            forwarding.first(self.clock())
+        """Forward the question (see `Forwarded`), its end told to `then(outcome, error)`."""
+        self.start(
+            _Told(then, self, upstreams, question, cd, do, deadline, background, order, judge)
         )
 
     async def probe(self, server: HostPort, question: bytes) -> float:

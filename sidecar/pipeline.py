@@ -32,7 +32,6 @@ clock, the one the forwarder and the listeners read too.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import math
@@ -58,7 +57,7 @@ from sidecar.discovery.registry import Listing, registry_reply
 from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
 from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
-from sidecar.forwarder import Forwarder
+from sidecar.forwarder import Forwarded, Forwarder
 from sidecar.local_answers import is_local, local_reply
 
 TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
@@ -73,15 +72,36 @@ Deliver = Callable[[bytes, str], None]
 Fetched = Callable[["Entry | None", "BaseException | None"], None]
 
 
-class Fetch:
-    """One question being forwarded for a cache key, and who waits on it: plain data, no
+class Fetch(Forwarded):
+    """One question forwarded for a cache key (the forwarder's `Forwarded`: one object for
+    the question's decisions, its exchanges and this), and who waits on it: plain data, no
     future (a miss crossed four future hops before, each a loop iteration)."""
 
-    __slots__ = ("ended", "waiters")
+    __slots__ = ("ended", "q", "resolver", "route", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        q: wire.Query,
+        route: str,
+        upstreams: UpstreamSet[HostPort],
+        background: bool,
+    ) -> None:
+        deadline = resolver.clock() + resolver.query_timeout
+        question = q.key[:-1]  # lowercased name + qtype + qclass
+        Forwarded.__init__(  # positional: one per miss
+            self, resolver.forwarder, upstreams, question, q.cd, q.do, deadline, background
+        )
+        self.resolver = resolver
+        self.q = q
+        self.route = route  # the zone it was routed by
         self.waiters: list[Fetched] = []
         self.ended: tuple[Entry | None, BaseException | None] | None = None
+
+    def settled(
+        self, outcome: tuple[bytes, wire.Reply] | None, error: BaseException | None
+    ) -> None:
+        self.resolver.fetched(self, outcome, error)
 
     def end(self, entry: Entry | None, error: BaseException | None) -> None:
         """Tell every party waiting how the fetch ended; one failing does not stop the rest.
@@ -468,39 +488,28 @@ class Resolver:
 
     def _start_fetch(self, q: wire.Query, *, background: bool = False) -> Fetch:
         """Forward `q` to its zone's upstreams; the fetch, whose waiters are called once the
-        entry is stored or the question failed. No task: the forwarder calls `_fetched` when
+        entry is stored or the question failed. No task: the forwarder tells `fetched` when
         the question ends. `background`: a prefetch."""
-        question = q.key[:-1]  # lowercased name + qtype + qclass
-        route, upstreams = self.router.route(question[:-4])
-        fetch = Fetch()
+        route, upstreams = self.router.route(q.key[:-5])
+        fetch = Fetch(self, q, route, upstreams, background)
         self._inflight[q.key] = fetch
-        self.forwarder.ask(  # positional: one call per miss
-            question,
-            upstreams,
-            q.cd,
-            q.do,
-            self.clock() + self.query_timeout,
-            functools.partial(self._fetched, q, route, fetch),
-            None,
-            True,
-            background,
-        )
+        self.forwarder.start(fetch)
         return fetch
 
-    def _fetched(
+    def fetched(
         self,
-        q: wire.Query,
-        route: str,
         fetch: Fetch,
         outcome: tuple[bytes, wire.Reply] | None,
         error: BaseException | None,
     ) -> None:
-        """The upstreams answered or failed: store, and tell the fetch's waiters."""
+        """The upstreams answered `fetch` or failed: store, and tell its waiters."""
+        q = fetch.q
         del self._inflight[q.key]
         try:
             if outcome is None:
                 raise error or UpstreamError("no outcome")
             msg, reply = outcome
+            route = fetch.route
             zone_name, zone = self.discovery.route(q.key[:-5])
             if zone is None:  # rotated if its zone's answer_order says so
                 entry = self._store(q, route, msg, reply, self.clock(), ".", None, None)

@@ -21,8 +21,8 @@ The UDP sockets (one `SocketPool` per upstream server):
   changing; and at once when it reports an error (ICMP unreachable, a failed send), which
   fails every query waiting on it (they all went to the same address and port). A retired
   socket takes no new query and is closed when its last one ends.
-- Late replies: a query sent with `late` that times out lingers (ID and socket kept) until
-  its question's deadline, and a reply in that time goes to `late`: the forwarder's next
+- Late replies: a query whose attempt has a linger, timed out, lingers (ID and socket kept)
+  until its question's deadline, and a reply in that time is told too: the forwarder's next
   attempt has started meanwhile, and whichever answers first settles the question.
 - A reply to a query that is over (answered, cancelled, its linger past) is dropped without a
   word, as it was when each query had a socket of its own (closed by then); only what matches
@@ -53,8 +53,9 @@ from collections.abc import Callable
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
+from sidecar.core.forwarding import Attempt
 from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.forwarder import Exchange, Replied
+from sidecar.forwarder import Asker, Exchange
 
 POOL_SOCKETS = 4  # sockets per upstream server kept open (more while many queries are in flight)
 SOCKET_INFLIGHT = 64  # queries waiting on one socket at most: their replies fit its buffer
@@ -68,12 +69,13 @@ SEND_EVERY = 32  # queries queued at most before the outbox sends them
 
 
 class _Query:
-    """One UDP query: its ID, question, deadline, and whom its reply goes to (`then`, None
-    once told). With `late`, a query that times out lingers until `linger_until`: its ID and
-    socket stay reserved, and a reply then goes to `late`. The query is its own handle:
-    `cancel()` abandons it."""
+    """One UDP query: the attempt it carries out, its ID, question, deadline, and whom its
+    end is told (`then`, None once told). An attempt with a linger, timed out, lingers until
+    `linger_until`: its ID and socket stay reserved, and a reply then is told to `late`. The
+    query is its own handle: `cancel()` abandons it."""
 
     __slots__ = (
+        "attempt",
         "deadline",
         "late",
         "linger_until",
@@ -81,31 +83,27 @@ class _Query:
         "owner",
         "qid",
         "question",
-        "server",
         "then",
-        "timeout",
     )
 
     def __init__(
         self,
         owner: UpstreamSocket,
         qid: bytes,
+        attempt: Attempt,
         question: bytes,
-        then: Replied,
-        timeout: float,
+        asker: Asker,
         deadline: float,
-        late: Callable[[bytes], None] | None,
-        linger: float,
     ) -> None:
         self.owner = owner
         self.qid = qid
+        self.attempt = attempt
         self.question = question
-        self.then: Replied | None = then
-        self.server = owner.pool.server
-        self.timeout = timeout
+        self.then: Asker | None = asker
         self.deadline = deadline
-        self.late = late
-        self.linger_until = deadline + linger if late is not None else deadline
+        linger = attempt.linger
+        self.late: Asker | None = asker if linger else None
+        self.linger_until = deadline + linger
         self.lingering = False
 
     @property
@@ -129,7 +127,9 @@ class _Query:
             self.deadline = self.linger_until
         else:
             self.owner.finish(self)
-        then(None, UpstreamTimeout(f"{self.server}: no reply within {self.timeout:.2f}s"))
+        attempt = self.attempt
+        error = UpstreamTimeout(f"{attempt.server}: no reply within {attempt.timeout:.2f}s")
+        then.exchanged(attempt, None, error)
         return linger
 
     def answered(self, data: bytes) -> None:
@@ -139,9 +139,9 @@ class _Query:
         if self.lingering:
             self.lingering = False
             if late is not None:
-                late(data)
+                late.exchanged(self.attempt, data, None)
         elif then is not None:
-            then(data, None)
+            then.exchanged(self.attempt, data, None)
 
     def cancel(self) -> None:
         """Abandon the query: nothing more is told; its ID is released."""
@@ -278,28 +278,17 @@ class UpstreamSocket:
         self.retire_at = loop.time() + SOCKET_SECONDS
         self.retired = False
 
-    def send(
-        self,
-        question: bytes,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        then: Replied,
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
-    ) -> _Query:
-        """Send a query; `then(reply, None)` gets the reply, `then(None, UpstreamError)` the
-        timeout after `timeout` or the socket's error, never from within this call (a failed
-        send raises UpstreamError instead). With `late` given, a query that timed out lingers
-        `linger` s more for a late reply."""
+    def send(self, attempt: Attempt, question: bytes, cd: bool, do: bool, asker: Asker) -> _Query:
+        """Send a query for `attempt` (UDP); its end told to `asker` (the module's contract),
+        never from within this call (a failed send raises UpstreamError instead)."""
         pending = self.pending
         recent = self.recent
         pool = self.pool
         qid = pool.new_id()
         while qid in pending or qid in recent:
             qid = pool.new_id()
-        deadline = self.loop.time() + timeout
-        query = _Query(self, qid, question, then, timeout, deadline, late, linger)
+        deadline = self.loop.time() + attempt.timeout
+        query = _Query(self, qid, attempt, question, asker, deadline)
         pending[qid] = query
         self.sent += 1
         assert self.sock is not None  # a closed socket is never handed out
@@ -323,7 +312,8 @@ class UpstreamSocket:
             then = query.then
             query.cancel()
             if then is not None:  # told on the loop's next turn: this may run inside a send
-                self.loop.call_soon(then, None, UpstreamError(f"{self.pool.server}: {exc}"))
+                error = UpstreamError(f"{self.pool.server}: {exc}")
+                self.loop.call_soon(then.exchanged, query.attempt, None, error)
         except OSError as exc:  # an ICMP error reported on the send: the server's, for all
             self._error(exc)
 
@@ -385,7 +375,7 @@ class UpstreamSocket:
             then = query.then
             query.then = query.late = None
             if then is not None:
-                self.loop.call_soon(then, None, error())
+                self.loop.call_soon(then.exchanged, query.attempt, None, error())
         self.retire()
 
     def retire(self) -> None:
@@ -547,27 +537,21 @@ class SocketExchanges:
         return pool
 
     def start(
-        self,
-        server: HostPort,
-        question: bytes,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        tcp: bool,
-        then: Replied,
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
+        self, attempt: Attempt, question: bytes, cd: bool, do: bool, asker: Asker
     ) -> Exchange:
-        """One query to `server`: `then(reply, None)` with its reply (ID, QR and question
-        matched) or `then(None, UpstreamError)`, never from within this call (UpstreamError
-        raised when it cannot even send); over UDP, a late reply goes to `late` for `linger`
-        s after the timeout. The handle's `cancel()` abandons it."""
+        """Carry out `attempt`: one query to its server, over UDP or TCP; its end told to
+        `asker.exchanged` (sidecar/forwarder.py's contract), never from within this call
+        (UpstreamError raised when it cannot even send). The handle's `cancel()` abandons
+        it."""
+        server = attempt.server
         pool = self.pools.get(server) or self.pool(server)
         loop = pool.deadlines.loop
-        if not tcp:
-            return pool.socket(loop).send(question, cd, do, timeout, then, late, linger)
+        if not attempt.tcp:
+            return pool.socket(loop).send(attempt, question, cd, do, asker)
         task = loop.create_task(
-            tcp_exchange(server, question, cd=cd, do=do, timeout=timeout, mismatch=pool.mismatch)
+            tcp_exchange(
+                server, question, cd=cd, do=do, timeout=attempt.timeout, mismatch=pool.mismatch
+            )
         )
 
         def done(task: asyncio.Task[bytes]) -> None:
@@ -575,11 +559,11 @@ class SocketExchanges:
                 return
             error = task.exception()
             if error is None:
-                then(task.result(), None)
+                asker.exchanged(attempt, task.result(), None)
             elif isinstance(error, UpstreamError):
-                then(None, error)
+                asker.exchanged(attempt, None, error)
             else:
-                then(None, UpstreamError(f"{server}: TCP: {error!r}"))
+                asker.exchanged(attempt, None, UpstreamError(f"{server}: TCP: {error!r}"))
 
         task.add_done_callback(done)
         return task

@@ -16,14 +16,17 @@ Time passes only on the fake clock: a timeout costs no real waiting.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 
 from sidecar.addresses import HostPort
+from sidecar.core.forwarding import Attempt
 from sidecar.core.routing import wire_to_name
 from sidecar.errors import UpstreamError, UpstreamTimeout
+from sidecar.forwarder import Asker
 
 
 class FakeClock:
@@ -69,25 +72,18 @@ class ScriptedExchanges:
         self.script.setdefault(server, []).extend(steps)
 
     def start(
-        self,
-        server: HostPort,
-        question: bytes,
-        cd: bool,
-        do: bool,
-        timeout: float,
-        tcp: bool,
-        then: Callable[[bytes | None, UpstreamError | None], None],
-        late: Callable[[bytes], None] | None = None,
-        linger: float = 0.0,
+        self, attempt: Attempt, question: bytes, cd: bool, do: bool, asker: Asker
     ) -> asyncio.Future[bytes]:
-        """The forwarder's way in (`Exchanges.start`): the next step scripted for `server`,
-        its end told to `then` (on a later turn of the loop); the future is the handle
-        (cancelled, nothing is told)."""
-        self.asked.append(Asked(server, question, timeout, tcp, self.clock()))
+        """The forwarder's way in (`Exchanges.start`): the next step scripted for the
+        attempt's server, its end told to `asker` (on a later turn of the loop); the future
+        is the handle (cancelled, nothing is told)."""
+        server, timeout, linger = attempt.server, attempt.timeout, attempt.linger
+        self.asked.append(Asked(server, question, timeout, attempt.tcp, self.clock()))
         steps = self.script.get(server)
         step = steps.pop(0) if steps else Step()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        if late is not None and step.reply is not None and timeout <= step.after < timeout + linger:
+        if linger and step.reply is not None and timeout <= step.after < timeout + linger:
+            late = functools.partial(asker.exchanged, attempt, error=None)
             step = Step(reply=step.reply, after=step.after, hold=step.hold, late=late)
         if step.hold:
             self.held.append((future, step, timeout))
@@ -99,10 +95,10 @@ class ScriptedExchanges:
                 return
             error = future.exception()
             if error is None:
-                then(future.result(), None)
+                asker.exchanged(attempt, future.result(), None)
             else:
                 assert isinstance(error, UpstreamError)
-                then(None, error)
+                asker.exchanged(attempt, None, error)
 
         future.add_done_callback(done)
         return future

@@ -17,6 +17,7 @@ import uvloop
 from sidecar.addresses import HostPort
 from sidecar.core import wire
 from sidecar.core.counters import Counters
+from sidecar.core.forwarding import Attempt
 from sidecar.core.routing import name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
@@ -104,18 +105,19 @@ def exchange(
     the future abandons the exchange."""
     future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    def then(reply: bytes | None, error: UpstreamError | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            assert reply is not None
-            future.set_result(reply)
+    class Told:
+        def exchanged(
+            self, _attempt: Attempt, reply: bytes | None, error: UpstreamError | None
+        ) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                assert reply is not None
+                future.set_result(reply)
 
-    handle = forwarder.start(
-        server, question(name), cd=False, do=False, timeout=timeout, tcp=False, then=then
-    )
+    handle = forwarder.start(Attempt(server, timeout), question(name), False, False, Told())
     future.add_done_callback(lambda done: handle.cancel() if done.cancelled() else None)
     return future
 
