@@ -165,6 +165,32 @@ def test_a_busy_socket_is_read_size_at_a_time_and_one_datagram_does_not_wait() -
         assert s.lent[0][0][0] == b"alone"
 
 
+def test_a_full_batch_sends_its_replies_in_one_call_a_smaller_one_flush_every_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        sends: list[int] = []
+        send = batch._send  # the module's own: counted, then sent as ever
+
+        def counted(count: int) -> None:
+            sends.append(count)
+            send(count)
+
+        monkeypatch.setattr(batch, "_send", counted)
+        s = Served(batch, {b"hit": Row(b" reply")})
+        extra = datagram_batch.FLUSH_EVERY + 2
+        for n in range(SIZE + extra):
+            clients[0].sendto(b"%02dhit" % n, where)
+        time.sleep(0.05)
+        assert s.round() == SIZE
+        assert sends == [SIZE]  # behind: one call
+        assert s.round() == extra
+        assert sends == [SIZE, datagram_batch.FLUSH_EVERY, 2]  # keeping up: 8 at a time
+        replies = [clients[0].recv(100) for _ in range(SIZE + extra)]
+        assert replies == [b"%02d reply" % n for n in range(SIZE + extra)]
+
+
 def test_long_datagrams_are_cut_and_long_replies_still_sent() -> None:
     with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
         where = batch.sock.getsockname()
