@@ -499,11 +499,15 @@ def test_an_answer_made_from_the_registry_charges_what_it_keeps_to_its_entry() -
         assert p.counters.registry_answers == {("local", "merged"): 1}  # made from the registry
         key = wire.parse_query(bytes(DNSRecord.question("svc.local").pack())).key
         cache = p.resolver.cache
-        held = cache._charges["registry"]  # beside the shaped pool's own charge
-        assert held[key] == REGISTRY_BASE_BYTES + len(msg) + CHARGE_SLOT
-        assert cache.charged(key) >= held[key]
-        cache._remove(key)  # retired (evicted, replaced, gone stale): its charges go with it
-        assert cache.charged(key) == 0 and key not in held and not p.resolver._registry_bases
+        held = cache.charged(key, "registry")  # beside the shaped pool's own charge
+        assert held == REGISTRY_BASE_BYTES + len(msg) + CHARGE_SLOT
+        assert cache.charged(key) > held
+        # Retired (here: too old even to serve stale), its charges go with it.
+        entry = cache.get(key, p.clock())
+        assert entry is not None
+        p.clock.advance(entry.expires - p.clock() + cache.limits.max_stale)
+        assert cache.get_stale(key, p.clock()) is None
+        assert cache.charged(key) == 0 and not p.resolver._registry_bases
 
     run(test)
 

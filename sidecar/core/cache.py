@@ -410,8 +410,10 @@ class TtlCache:
         self.bytes += nbytes - before
         self._evict(key)
 
-    def charged(self, key: bytes) -> int:
-        """The bytes kept beside the entry under `key` (its charges)."""
+    def charged(self, key: bytes, holder: str | None = None) -> int:
+        """The bytes kept beside the entry under `key` (its charges): `holder`'s, or all."""
+        if holder is not None:
+            return self._charges.get(holder, {}).get(key, 0)
         return sum(held.get(key, 0) for held in self._charges.values())
 
     def _evict(self, keep: bytes) -> None:
