@@ -30,7 +30,7 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from sidecar.addresses import HostPort, label
 from sidecar.core import wire
@@ -209,8 +209,22 @@ class _Told(Forwarded):
 
     __slots__ = ("then",)
 
-    def __init__(self, then: Settled, forwarder: Forwarder, *args: Any) -> None:
-        Forwarded.__init__(self, forwarder, *args)
+    def __init__(
+        self,
+        then: Settled,
+        forwarder: Forwarder,
+        upstreams: UpstreamSet[HostPort],
+        question: bytes,
+        cd: bool,
+        do: bool,
+        deadline: float,
+        background: bool,
+        order: Sequence[HostPort] | None,
+        judge: bool,
+    ) -> None:
+        Forwarded.__init__(
+            self, forwarder, upstreams, question, cd, do, deadline, background, order, judge
+        )
         self.then = then
 
     def settled(self, outcome: Outcome | None, error: BaseException | None) -> None:

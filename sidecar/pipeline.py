@@ -403,10 +403,11 @@ class Resolver:
         between): `deliver(reply, source)` once, now (local answers, a recent failure, over
         the bound) or when the fetch it waits on ends."""
         now = self.clock()
-        if q.qtype in NOT_FORWARDED or is_local(q.key):
-            if is_local(q.key):
-                deliver(local_reply(query, q), "local")
-            elif q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
+        if is_local(q.key):
+            deliver(local_reply(query, q), "local")
+            return
+        if q.qtype in NOT_FORWARDED:
+            if q.qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, never forwarded
                 deliver(wire.any_reply(query, q), "local")
             else:  # a zone transfer: we are no zone server; never forwarded
                 self.metrics.dropped["refused"] += 1
