@@ -205,27 +205,10 @@ class Forwarded(Forwarding):
 
 
 class _Told(Forwarded):
-    """A question whose end goes to a function (`Forwarder.ask`)."""
+    """A question whose end goes to a function (`then`, set by `Forwarder.ask`)."""
 
     __slots__ = ("then",)
-
-    def __init__(
-        self,
-        then: Settled,
-        forwarder: Forwarder,
-        upstreams: UpstreamSet[HostPort],
-        question: bytes,
-        cd: bool,
-        do: bool,
-        deadline: float,
-        background: bool,
-        order: Sequence[HostPort] | None,
-        judge: bool,
-    ) -> None:
-        Forwarded.__init__(
-            self, forwarder, upstreams, question, cd, do, deadline, background, order, judge
-        )
-        self.then = then
+    then: Settled
 
     def settled(self, outcome: Outcome | None, error: BaseException | None) -> None:
         self.then(outcome, error)
@@ -289,9 +272,9 @@ class Forwarder:
         background: bool = False,
     ) -> None:
         """Forward the question (see `Forwarded`), its end told to `then(outcome, error)`."""
-        self.start(
-            _Told(then, self, upstreams, question, cd, do, deadline, background, order, judge)
-        )
+        told = _Told(self, upstreams, question, cd, do, deadline, background, order, judge)
+        told.then = then
+        self.start(told)
 
     async def probe(self, server: HostPort, question: bytes) -> float:
         """Ask `server` `question` once; the round-trip time of any readable reply, or
