@@ -223,3 +223,90 @@ def test_shutdown_wakes_a_blocked_receive() -> None:
             batch.sock.shutdown(socket.SHUT_RD)
         assert woke.wait(1.0)
         reader.join(1.0)
+
+
+def round_while_empty(s: Served, send: Callable[[], None]) -> int:
+    """One round begun while nothing waits (so receive() blocks), `send` called meanwhile."""
+    counts: list[int] = []
+    reader = threading.Thread(target=lambda: counts.append(s.round()))
+    reader.start()
+    time.sleep(0.05)
+    assert not counts  # blocked: nothing was waiting
+    send()
+    reader.join(2.0)
+    return counts[0]
+
+
+@pytest.mark.parametrize(("family", "host"), LOOPBACKS)
+def test_a_datagram_that_comes_alone_is_read_and_answered_with_plain_socket_calls(
+    family: int, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pair(family, host) as (batch, clients):
+        where = batch.sock.getsockname()
+        calls: list[int] = []
+        monkeypatch.setattr(batch, "_recvmmsg", lambda *args: calls.append(1) or -1)
+        monkeypatch.setattr(batch, "_sendmmsg", lambda *args: calls.append(2) or -1)
+        row = Row(b" reply")
+        s = Served(batch, {b"query": row})
+        assert round_while_empty(s, lambda: clients[0].sendto(b"01query", where)) == 1
+        assert clients[0].recvfrom(100) == (b"01 reply", where)
+        assert batch.lone is not None and batch.lone[:2] == clients[0].getsockname()[:2]
+        assert s.handed == [([row], 0.0)]
+        assert calls == []  # nothing was waiting: no batch call at all
+
+
+def test_a_lone_datagram_without_a_row_or_from_a_client_not_admitted_is_lent_with_its_sender() -> (
+    None
+):
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        s = Served(batch, {b"query": Row(b" reply")}, verdicts={})
+        assert round_while_empty(s, lambda: clients[0].sendto(b"01query", where)) == 1
+        assert round_while_empty(s, lambda: clients[1].sendto(b"02other", where)) == 1
+        assert silent(clients[0]) and silent(clients[1])
+        assert [(data, sender[:2]) for [(data, sender)] in s.lent] == [
+            (b"01query", clients[0].getsockname()),
+            (b"02other", clients[1].getsockname()),
+        ]
+        s.verdicts = {"127.0.0.1": True}
+        assert round_while_empty(s, lambda: clients[0].sendto(b"03query", where)) == 1
+        assert clients[0].recv(100) == b"03 reply"
+        assert s.asked == ["127.0.0.1", "127.0.0.1"]  # the first and the third: with a row
+
+
+def test_a_lone_datagram_is_answered_from_its_entry_without_a_row() -> None:
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        cold_handed: list[tuple[list[bytes], float, float]] = []
+
+        def answer_cold(data: bytes, now: float, cold: list[bytes]) -> bytes | None:
+            cold.append(data)
+            return data[:2] + b" from the entry"
+
+        serve = batch.server(
+            {}.get, None, lambda _b: None, lambda _l: None, lambda: NOW, answer_cold,
+            cold_handed.append,
+        )  # fmt: skip
+        counts: list[int] = []
+        reader = threading.Thread(target=lambda: counts.append(batch.receive()))
+        reader.start()
+        time.sleep(0.05)
+        clients[0].sendto(b"07cold", where)
+        reader.join(2.0)
+        assert counts == [1] and batch.lone is not None
+        serve(1)
+        assert clients[0].recv(100) == b"07 from the entry"
+        assert cold_handed == [([b"07cold"], NOW, 0.0)]
+
+
+def test_after_a_lone_datagram_a_waiting_batch_is_read_in_one_call() -> None:
+    with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
+        where = batch.sock.getsockname()
+        s = Served(batch, {b"hit": Row(b" reply")})
+        assert round_while_empty(s, lambda: clients[0].sendto(b"00hit", where)) == 1
+        for n in range(1, 4):
+            clients[0].sendto(b"%02dhit" % n, where)
+        time.sleep(0.05)
+        assert s.round() == 3 and batch.lone is None
+        assert [clients[0].recv(100) for _ in range(4)] == [b"%02d reply" % n for n in range(4)]
+        assert [len(rows) for rows, _seconds in s.handed] == [1, 3]

@@ -7,7 +7,8 @@ call saves ~2 us more.
 
 Theory of operation
 - The socket is blocking. The thread reads it in batches (server/datagram_batch.py: one
-  recvmmsg takes every datagram waiting, up to 32, and returns as soon as there is one) and
+  recvmmsg takes every datagram waiting, up to 32; with none waiting, a plain recvfrom_into
+  blocks until one comes and it is served alone, its reply sent with a plain sendto) and
   hands each batch to `serve` (DatagramBatch.server's closure, bound by server/udp.py),
   looked up per batch, so a rebind (draining, reload) applies to the next batch. Queries with
   a current fast-path row are answered there, in the thread, and so are hits on a cache entry
@@ -42,7 +43,7 @@ Theory of operation
   loop together at its end (or LOOP_FLUSH_EVERY at a time): a full socket buffer drops that
   reply (counted as dropped, overload) instead of stalling the loop.
 - Stopping: a flag, the parked thread woken, then shutdown(SHUT_RD) on the socket, which wakes
-  a blocked recvmmsg (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).
+  a blocked read (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).
 
 Who owns what (no locks; each shared object is read or written with single operations that
 CPython's GIL, and a free-threaded build's per-object locking, keep whole):
