@@ -15,7 +15,7 @@ Theory of operation
 - `receive()` takes whatever is queued, up to SIZE, in one recvmmsg (MSG_DONTWAIT), so a
   busy socket is read SIZE at a time. When nothing is queued (FIONREAD, asked only after a
   batch that was not full, says 0; or recvmmsg finds nothing) it blocks in a plain
-  `recvfrom_into` of slot 0 and takes that one datagram alone: `lone` is then its sender as
+  `recvfrom` and takes that one datagram alone (`lone_data`): `lone` is then its sender as
   `socket.recvfrom` gives it, and the closure sends its reply with a plain `sendto`. Each
   ctypes call costs ~1.5 us more than the plain socket call (3.1 against 1.9 us to read one
   datagram, 4.2 against 2.4 to answer one), all of it on the way of a query that comes
@@ -236,12 +236,10 @@ class DatagramBatch:
         # Per datagram i: the address of the sockaddr the kernel wrote for its sender.
         self._senders = [base + names + i * _NAME for i in range(SIZE)]
         self._names = names
-        # Datagram 0's slot and length, where a lone datagram read with recvfrom_into goes.
-        self._first = memory[slots_at : slots_at + SLOT]
-        self._first_length = length_at
-        # The sender of the last receive()'s one datagram when it came alone (read with a
-        # plain recvfrom_into, its reply sent with a plain sendto); None after a batch.
+        # The last receive()'s one datagram and its sender when it came alone (read with a
+        # plain recvfrom, its reply sent with a plain sendto); None after a batch.
         self.lone: Address | None = None
+        self.lone_data = b""
         self._full = False  # the last receive() took SIZE: more are waiting, surely
         self._next_size = array.array("i", [0])  # FIONREAD's answer
 
@@ -268,18 +266,16 @@ class DatagramBatch:
         return 0
 
     def _receive_lone(self) -> int:
-        """Block until a datagram comes; take it alone, with a plain recvfrom_into (its
-        reply goes out with a plain sendto): one query in flight costs no more system call
-        than a plain loop makes."""
+        """Block until a datagram comes; take it alone, with a plain recvfrom (its reply
+        goes out with a plain sendto): one query in flight costs what a plain loop costs."""
         try:
-            size, sender = self.sock.recvfrom_into(self._first)
+            data, sender = self.sock.recvfrom(SLOT)  # a longer one is cut, as in a slot
         except OSError:
             time.sleep(ERROR_PAUSE)
             return 0
         if sender is None:  # woken by shutdown(SHUT_RD)
             return 0
-        self._lengths[self._first_length] = size
-        self.lone = sender
+        self.lone, self.lone_data = sender, data
         return 1
 
     def _address(self, i: int) -> Address:
@@ -333,7 +329,6 @@ class DatagramBatch:
         incoming, outgoing, senders = self._incoming, self._outgoing, self._senders
         address, send, send_one = self._address, self._send, self._send_one
         batch, sock_sendto = self, self.sock.sendto
-        first_start, first_length = incoming[0][0], incoming[0][1]
 
         def admitted(i: int) -> bool:
             """A client not in `known` yet: its verdict, remembered if it is True."""
@@ -350,9 +345,9 @@ class DatagramBatch:
             now = clock()
             lone = batch.lone
             if lone is not None:
-                # One datagram, read with recvfrom_into (`receive`): the same decisions as
-                # below, its reply sent with a plain sendto, straight to its sender.
-                data = bytes(memory[first_start : first_start + lengths[first_length]])
+                # One datagram, read with recvfrom (`receive`): the same decisions as below,
+                # its reply sent with a plain sendto, straight to its sender.
+                data = batch.lone_data
                 row = rows_get(data[2:])
                 if row is not None and now >= row.valid_until:
                     row = None

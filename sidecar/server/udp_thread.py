@@ -7,7 +7,7 @@ call saves ~2 us more.
 
 Theory of operation
 - The socket is blocking. The thread reads it in batches (server/datagram_batch.py: one
-  recvmmsg takes every datagram waiting, up to 32; with none waiting, a plain recvfrom_into
+  recvmmsg takes every datagram waiting, up to 32; with none waiting, a plain recvfrom
   blocks until one comes and it is served alone, its reply sent with a plain sendto) and
   hands each batch to `serve` (DatagramBatch.server's closure, bound by server/udp.py),
   looked up per batch, so a rebind (draining, reload) applies to the next batch. Queries with
