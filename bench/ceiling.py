@@ -22,8 +22,10 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
   100,000-name row of `make bench`.
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
-the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds. The result,
-`bench/results/ceiling.md`, is the ceiling the sidecar's hit path can approach in one process.
+the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds, and then with one
+query in flight (the benchmark's p50/p99 row: `load.one_in_flight`). The result,
+`bench/results/ceiling.md`, is the ceiling the sidecar's hit path can approach in one process,
+in throughput and in the latency of a query that comes alone.
 
 `python -m bench.ceiling serve --mode MODE --listen HOST:PORT` runs one responder.
 """
@@ -233,6 +235,9 @@ def measure(argv: Sequence[str]) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ceiling.md")
     parser.add_argument("--names", type=int, default=1000, help="cached names, asked shuffled")
     parser.add_argument("--modes", default=",".join(MODES), help="toy responders, comma-separated")
+    parser.add_argument(
+        "--latency-count", type=int, default=5000, help="queries one at a time, per server/round"
+    )
     args = parser.parse_args(argv)
     names = zones.hit_names(args.names)
     random.Random(7).shuffle(names)
@@ -245,6 +250,7 @@ def measure(argv: Sequence[str]) -> int:
     servers: list[Server] = []
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}  # the server's CPU time / run time
+    latency: dict[str, dict[str, list[float]]] = {}  # p50/p99 at one query in flight, by round
     try:
         nsd.start()
         servers = [
@@ -268,9 +274,19 @@ def measure(argv: Sequence[str]) -> int:
                 results.setdefault(server.label, []).append(res.qps)
                 busy_share = (server.cpu_seconds() - cpu0) / res.runtime if res.runtime else 0
                 cpu.setdefault(server.label, []).append(busy_share)
+            for server in order:
+                samples, _lost = load.one_in_flight(
+                    server.address, names, count=args.latency_count, seconds=args.seconds
+                )
+                p50, p99 = load.percentiles(samples, (50, 99))
+                by_p = latency.setdefault(server.label, {})
+                by_p.setdefault("p50", []).append(p50 * 1e6)
+                by_p.setdefault("p99", []).append(p99 * 1e6)
             log(
                 f"ceiling round {round_no + 1}: "
                 + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items())
+                + "; p50 at one in flight "
+                + ", ".join(f"{k} {v['p50'][-1]:.1f} us" for k, v in latency.items())
             )
     finally:
         for server in servers:
@@ -302,7 +318,23 @@ def measure(argv: Sequence[str]) -> int:
         "",
         "A server below 100% CPU is waiting for queries: dnsperf (one thread on the other "
         "core) is the limit there, not the server.",
+        "",
+        "Latency with one query in flight (`load.one_in_flight`, the benchmark's own measure: "
+        f"up to {args.latency_count:,} queries one at a time per round, the same names), "
+        "median of rounds:",
+        "",
+        "| server | p50 us | / dnsmasq | p99 us | / dnsmasq | p50 by round |",
+        "|---|---:|---:|---:|---:|---|",
     ]
+    base50 = statistics.median(latency["dnsmasq"]["p50"])
+    base99 = statistics.median(latency["dnsmasq"]["p99"])
+    for label, by_p in latency.items():
+        p50, p99 = statistics.median(by_p["p50"]), statistics.median(by_p["p99"])
+        rounds = ", ".join(f"{v:.1f}" for v in by_p["p50"])
+        lines.append(
+            f"| {label} | {p50:.1f} | {p50 / base50:.2f}x | {p99:.1f} | {p99 / base99:.2f}x | "
+            f"{rounds} |"
+        )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
