@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -34,7 +35,6 @@ from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.forwarder import Forwarder, probe_down_upstreams
-from sidecar.metrics import registry
 from sidecar.pipeline import DiscoveryZone, Resolver
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.http import HttpListener
@@ -42,6 +42,9 @@ from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
 from sidecar.server.udp_thread import UdpReaderThread
 from sidecar.server.upstream import SocketExchanges
+
+if TYPE_CHECKING:
+    from sidecar.prometheus_lean import CollectorRegistry
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"
 # The one clock of the query path (monotonic seconds): the resolver, its fast path and the
@@ -255,7 +258,7 @@ class Server:
                 await asyncio.start_server(self.tcp.handle, sock=listener, backlog=512)
             )
         http = HttpListener(
-            registry(self.metrics, self.snapshot),
+            self.metrics_registry,
             lambda: (self.ready, self.not_ready_reason),
             self.endpoint_table,
         )
@@ -286,6 +289,13 @@ class Server:
         time stop the sidecar: a loop found by another worker's probe counts too."""
         self.resolver.set_loop_token(token)
         self.resolver.on_loop = lambda _path: self.loop_found.set()
+
+    def metrics_registry(self) -> CollectorRegistry:
+        """The Prometheus registry of this server's counters (at the first /metrics request:
+        its imports wait until then, see server/http.py)."""
+        from sidecar.metrics import registry
+
+        return registry(self.metrics, self.snapshot)
 
     def snapshot(self) -> Snapshot:
         """At scrape time: the current resolver's state (a reload replaces it)."""

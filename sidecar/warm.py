@@ -17,6 +17,7 @@ SERVING = (
     "sidecar.supervisor",
     "sidecar.healthcheck",
     "sidecar.status",
+    "sidecar.metrics",  # imported at the first /metrics request (server/http.py)
     "dnslib",  # imported when the first discovery answer is shaped
 )
 

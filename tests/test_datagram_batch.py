@@ -308,5 +308,11 @@ def test_after_a_lone_datagram_a_waiting_batch_is_read_in_one_call() -> None:
             clients[0].sendto(b"%02dhit" % n, where)
         time.sleep(0.05)
         assert s.round() == 3 and batch.lone is None
-        assert [clients[0].recv(100) for _ in range(4)] == [b"%02d reply" % n for n in range(4)]
-        assert [len(rows) for rows, _seconds in s.handed] == [1, 3]
+        assert round_while_empty(s, lambda: clients[0].sendto(b"04hit", where)) == 1
+        assert batch.receive(wait=False) == 0 and batch.lone is None  # nothing, nothing lone
+        s.server()(0)  # serves nothing: the lone datagram before is not answered again
+        assert [clients[0].recv(100) for _ in range(5)] == [
+            b"%02d reply" % n for n in (0, 1, 2, 3, 4)
+        ]
+        assert silent(clients[0])
+        assert [len(rows) for rows, _seconds in s.handed] == [1, 3, 1]

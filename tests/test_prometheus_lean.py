@@ -62,3 +62,25 @@ def test_modules_loaded_before_are_left_alone(first: str) -> None:
         f"print(sys.modules[{first!r}] is real)\n"
     )
     assert out == "True"
+
+
+def test_the_server_imports_the_exposition_at_the_first_scrape_not_at_start() -> None:
+    out = run(
+        "import sys\n"
+        "import sidecar.cli, sidecar.app\n"
+        "from sidecar.server.http import HttpListener\n"
+        "print('prometheus_client' in sys.modules, 'sidecar.metrics' in sys.modules)\n"
+        "made = []\n"
+        "def make_registry():\n"
+        "    from sidecar.prometheus_lean import CollectorRegistry\n"
+        "    from prometheus_client import Counter\n"
+        "    made.append(CollectorRegistry())\n"
+        "    Counter('lazy_total', 'a test', registry=made[-1]).inc()\n"
+        "    return made[-1]\n"
+        "http = HttpListener(make_registry, lambda: (True, ''), lambda: {})\n"
+        "print(http.respond(b'GET /health HTTP/1.1').status, len(made))\n"
+        "for _ in range(2):\n"
+        "    page = http.respond(b'GET /metrics HTTP/1.1')\n"
+        "    print(page.status, page.body.decode().count('lazy_total 1.0'), len(made))\n"
+    )
+    assert out.splitlines() == ["False False", "200 0", "200 1 1", "200 1 1"]

@@ -247,6 +247,7 @@ class DatagramBatch:
         """Take up to SIZE waiting datagrams; when none is waiting, block until one comes
         and take it alone (`lone` is then its sender). 0 after shutdown(SHUT_RD) (or on an
         unexpected error, after a short pause). `wait=False`: 0 at once when nothing waits."""
+        self.lone = None
         if wait and not self._full:
             # The last receive emptied the socket: is anything waiting now? (FIONREAD: the
             # size of the next datagram, 0 when none; a datagram of 0 bytes is read below.)
@@ -256,7 +257,6 @@ class DatagramBatch:
         count: int = self._recvmmsg(self.fd, self._in_hdrs_at, SIZE, socket.MSG_DONTWAIT, None)
         self._full = count == SIZE
         if count > 0:
-            self.lone = None
             return count
         if count < 0:
             error = ctypes.get_errno()
