@@ -160,3 +160,26 @@ def test_unknown_flag_exits_2(fake_app: list[Config], capsys: pytest.CaptureFixt
     assert main(["--no-such-flag"]) == 2
     assert "--no-such-flag" in capsys.readouterr().err
     assert fake_app == []
+
+
+def test_the_flags_parser_asks_no_terminal_size_and_help_wraps_at_columns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from sidecar.config import build_arg_parser, load\n"
+        "build_arg_parser(); load(['--listen', '127.0.0.1:5353'], {})\n"
+        "print('shutil' in sys.modules, 'bz2' in sys.modules, 'lzma' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "False", "False"]
+    for columns in ("60", "120"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert main(["--help"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(map(len, lines[:-6])) <= int(columns) - 2  # the flags, wrapped
+    assert max(map(len, lines)) > 60  # and wider when COLUMNS says so

@@ -53,10 +53,13 @@ class Served:
         )
 
     async def with_row(self, name: str, address: str) -> None:
-        """`name` cached and asked twice (answered on the loop): a fast-path row now."""
+        """`name` cached and asked twice (answered from its entry): a fast-path row now, and
+        both hits counted (the thread hands them over after its replies)."""
+        hits = self.listener.metrics.cache_hits[0]
         self.store(name, address)
         await self.ask(query(name, 1))
         await self.ask(query(name, 2))
+        await self.counted(hits + 2)
 
     async def counted(self, hits: int) -> None:
         """Wait until `hits` cache hits are counted: the thread hands a batch's rows to the
