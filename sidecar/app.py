@@ -40,7 +40,7 @@ from sidecar.server import datagram_batch, sockets
 from sidecar.server.http import HttpListener
 from sidecar.server.tcp import TcpListener
 from sidecar.server.udp import UdpListener
-from sidecar.server.udp_thread import UdpReaderThread
+from sidecar.server.udp_thread import UdpReaderThread, in_turns
 from sidecar.server.upstream import SocketExchanges
 
 if TYPE_CHECKING:
@@ -270,9 +270,8 @@ class Server:
         """Give the current resolver's fast path its timer (core/fast_path.py)."""
         fast, loop, clock = self.resolver.fast, asyncio.get_running_loop(), self.resolver.clock
 
-        def refresh_due() -> None:
-            if fast.refresh_due(clock()):
-                loop.call_soon(refresh_due)  # the rest after other callbacks (and the GIL)
+        # REFRESH_BATCH rows a turn; a reader thread may answer between two turns.
+        refresh_due = in_turns(lambda: fast.refresh_due(clock()), loop)
 
         def on_due(at: float) -> None:
             loop.call_later(max(0.0, at - clock()), refresh_due)

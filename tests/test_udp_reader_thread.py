@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from sidecar.core.access import ClientFilter
 from sidecar.core.counters import Counters
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.udp import UdpListener
-from sidecar.server.udp_thread import UdpReaderThread
+from sidecar.server.udp_thread import UdpReaderThread, in_turns
 from tests.listener_parts import cache_resolver
 
 pytestmark = pytest.mark.skipif(not datagram_batch.available(), reason="Linux only")
@@ -252,3 +253,51 @@ def test_close_stops_the_thread_at_once_and_closes_the_socket() -> None:
             assert s.listener.metrics.dropped["overload"] == 1  # counted as not sent
 
     run(main)
+
+
+def test_a_query_that_comes_while_the_loop_works_in_turns_is_answered_between_them() -> None:
+    # Each turn is ~1 ms of Python on the loop; the interpreter's switch interval is raised so
+    # that only the hand-over between turns can give the reader thread the GIL. Without it the
+    # loop took the GIL back at every turn and the reply waited for the last one.
+    turns_seen: list[int] = []
+    answered_at: list[int] = []
+
+    async def main() -> None:
+        async with served() as s:
+            await s.with_row("a.example", "192.0.2.1")
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            turns = 0
+
+            def turn() -> bool:
+                nonlocal turns
+                turns += 1
+                if turns == 3:
+                    s.client.send(query("a.example", 7))
+                if not answered_at:
+                    try:
+                        if DNSRecord.parse(s.client.recv(4096)).header.id == 7:
+                            answered_at.append(turns)
+                    except BlockingIOError:
+                        pass
+                end = time.perf_counter() + 0.001
+                while time.perf_counter() < end:
+                    pass
+                if turns < 60:
+                    return True
+                done.set_result(None)
+                return False
+
+            loop.call_soon(in_turns(turn, loop))
+            await done
+            turns_seen.append(turns)
+            assert s.loop_sends == 0  # the row's reply came from the thread
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        run(main)
+    finally:
+        sys.setswitchinterval(interval)
+    assert turns_seen == [60]
+    assert answered_at and answered_at[0] < 60, answered_at

@@ -44,6 +44,15 @@ Theory of operation
   reply (counted as dropped, overload) instead of stalling the loop.
 - Stopping: a flag, the parked thread woken, then shutdown(SHUT_RD) on the socket, which wakes
   a blocked read (Linux does this for unconnected UDP sockets too, after saying ENOTCONN).
+- The loop's long work goes in turns (`in_turns`), and between two turns the loop sleeps
+  GIL_HANDOVER. A thread woken by a datagram while the loop runs Python waits for the GIL;
+  the loop drops it only in a system call, and takes it back when the call returns. The
+  loop's poll between callbacks returns at once when more are ready (and sched_yield at once
+  when the thread waits on another CPU): the loop wins the GIL again before the thread has
+  woken, and the thread waits out the interpreter's switch interval (5 ms). A bucket of 1,000
+  rows refreshed ahead in 32 turns did just that once a second: 3-5 ms answers at half load
+  (bench/NOTES.md). A sleep lets a waiting thread take the GIL on any CPU; with no thread
+  waiting, it costs the loop that much wall time and no CPU.
 
 Who owns what (no locks; each shared object is read or written with single operations that
 CPython's GIL, and a free-threaded build's per-object locking, keep whole):
@@ -100,12 +109,28 @@ MAX_HANDED = 256  # datagrams handed over that the loop has not taken yet; beyon
 HAND_OVER_EVERY = 32
 HAND_OVER_WAIT = 0.002  # seconds
 LOOP_FLUSH_EVERY = 32  # replies the loop holds at most before it sends them
+# Seconds the loop sleeps between two turns of its long work (`in_turns`): a reader thread
+# waiting for the GIL takes it then. Timer slack makes it ~75 us here (bench/NOTES.md).
+GIL_HANDOVER = 20e-6
 
 Receiver = Callable[[bytes, Address], None]
 
 
 def _ignore(*_args: Any) -> None:
     pass
+
+
+def in_turns(turn: Callable[[], bool], loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """A loop callback that runs `turn` (True: more to do) until it says done, one turn per
+    callback, the other callbacks between, and the GIL handed to a waiting reader thread
+    before each next turn (GIL_HANDOVER, see above)."""
+
+    def run() -> None:
+        if turn():
+            time.sleep(GIL_HANDOVER)
+            loop.call_soon(run)
+
+    return run
 
 
 class UdpReaderThread:
