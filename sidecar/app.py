@@ -577,6 +577,7 @@ def supervise(config: Config, reload: Callable[[], Config] | None) -> int:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.FORWARDED)
     gc.collect()
     gc.freeze()
+    gc.enable()  # off for start-up (sidecar/launch.py): the parent lives on, the workers settle
     children: list[int] = []
     try:
         for worker in range(config.workers):

@@ -9,7 +9,8 @@ threshold, and everything when the long-lived objects grew by a quarter.
   were nearly all the objects it tracked (30,100 of 30,140 after 30,000 misses, start-up's
   frozen), and each full collection walked every one of them: 7.5 ms at 30,000 entries (0.1
   ms untracked), longer with more, a pause every query waiting behind it feels.
-- `settle()`, once start-up is done: start-up's objects frozen (never walked again), and the
+- `settle()`, once start-up is done: start-up's objects frozen (never walked again), the
+  collector turned back on (sidecar/launch.py turns it off for start-up), and the
   young threshold at YOUNG_THRESHOLD instead of 700. A burst of 64 misses read in one turn
   makes ~1,100 objects that live a round trip: at 700 nearly every burst set off a young
   collection that found them alive (and moved them on, to be walked again). At 2,000 most
@@ -56,7 +57,9 @@ untrack: Callable[[object], None] = _untracker()
 
 def settle() -> None:
     """Once start-up is done: its objects out of every collection from now on (it made them
-    to keep: found garbage first), and the young threshold raised (see above)."""
+    to keep: found garbage first), the young threshold raised (see above), and the collector
+    on (off during start-up: sidecar/launch.py)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 
 SERVING = (
+    "sidecar.launch",
     "sidecar.cli",
     "sidecar.app",
     "sidecar.supervisor",

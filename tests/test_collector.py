@@ -4,6 +4,8 @@ holding nothing that could close a cycle; start-up frozen and the young threshol
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -91,13 +93,41 @@ def test_an_entry_holds_only_what_cannot_refer_back(
 def test_settle_freezes_start_up_and_raises_the_young_threshold() -> None:
     before = gc.get_threshold()
     try:
+        gc.disable()  # as sidecar/launch.py leaves it for start-up
         made = [[] for _ in range(100)]  # start-up's objects, as far as this test goes
         collector.settle()
+        assert gc.isenabled()
         assert gc.get_threshold() == (collector.YOUNG_THRESHOLD, *before[1:])
         walked = {id(obj) for obj in gc.get_objects()}  # what collections still walk
         assert not any(id(obj) in walked for obj in made)
         later: list[int] = []
         assert id(later) in {id(obj) for obj in gc.get_objects()}
     finally:
+        gc.enable()
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "from importlib.metadata import entry_points\n"
+        "entry_points(group='console_scripts')['dns-sidecar'].load()()",
+        "import runpy; runpy.run_module('sidecar', run_name='__main__')",
+    ],
+    ids=["dns-sidecar", "python -m sidecar"],
+)
+def test_the_entry_points_run_start_up_with_the_collector_off(start: str) -> None:
+    # The CLI replaced by a probe that tells the collector's state when start-up would begin.
+    probe = (
+        "import gc, sys, sidecar.cli\n"
+        "sidecar.cli.main = lambda: print('collector on:', gc.isenabled()) or 0\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe + start],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == "collector on: False", done.stderr
