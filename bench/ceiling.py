@@ -23,9 +23,10 @@ no TTL, no metrics, no checks. They differ only in how datagrams come in and go 
 
 They run pinned to the server core next to dnsmasq and the sidecar, and each is measured with
 the benchmark's dnsperf settings, in A B C D D C B A order, for a few rounds, and then with one
-query in flight (the benchmark's p50/p99 row: `load.one_in_flight`). The result,
+query in flight (the benchmark's p50/p99 row: `load.one_in_flight`), and at half of each one's
+own QPS of the round (the benchmark's p99-at-half-load row: dnsperf -Q, 1.5 s). The result,
 `bench/results/ceiling.md`, is the ceiling the sidecar's hit path can approach in one process,
-in throughput and in the latency of a query that comes alone.
+in throughput, in the latency of a query that comes alone and in the tail at half load.
 
 `python -m bench.ceiling serve --mode MODE --listen HOST:PORT` runs one responder.
 """
@@ -51,6 +52,7 @@ from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
 MODES = ("protocol", "reader", "blocking", "thread", "batch", "batch-cold")
+HALF_LOAD_SECONDS = 1.5  # as bench/run.py's latency runs
 
 
 def reply_table(names: Sequence[str]) -> dict[bytes, bytes]:
@@ -251,6 +253,7 @@ def measure(argv: Sequence[str]) -> int:
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}  # the server's CPU time / run time
     latency: dict[str, dict[str, list[float]]] = {}  # p50/p99 at one query in flight, by round
+    half: dict[str, dict[str, list[float]]] = {}  # p50/p99 at half of the round's QPS
     try:
         nsd.start()
         servers = [
@@ -280,6 +283,20 @@ def measure(argv: Sequence[str]) -> int:
                 )
                 p50, p99 = load.percentiles(samples, (50, 99))
                 by_p = latency.setdefault(server.label, {})
+                by_p.setdefault("p50", []).append(p50 * 1e6)
+                by_p.setdefault("p99", []).append(p99 * 1e6)
+            for server in order:
+                rate = statistics.mean(results[server.label][-2:]) / 2
+                res = load.dnsperf(
+                    server.address,
+                    data,
+                    seconds=HALF_LOAD_SECONDS,
+                    rate=rate,
+                    verbose=True,
+                    output=work / "half-load.txt",
+                )
+                p50, p99 = load.percentiles(res.latencies, (50, 99))
+                by_p = half.setdefault(server.label, {})
                 by_p.setdefault("p50", []).append(p50 * 1e6)
                 by_p.setdefault("p99", []).append(p99 * 1e6)
             log(
@@ -335,6 +352,19 @@ def measure(argv: Sequence[str]) -> int:
             f"| {label} | {p50:.1f} | {p50 / base50:.2f}x | {p99:.1f} | {p99 / base99:.2f}x | "
             f"{rounds} |"
         )
+    lines += [
+        "",
+        f"Latency at half of each server's QPS of the round (dnsperf -Q, {HALF_LOAD_SECONDS:g} s, "
+        "the benchmark's p99-at-half-load row), median of rounds:",
+        "",
+        "| server | p50 us | p99 us | / dnsmasq | p99 by round |",
+        "|---|---:|---:|---:|---|",
+    ]
+    half99 = statistics.median(half["dnsmasq"]["p99"])
+    for label, by_p in half.items():
+        p50, p99 = statistics.median(by_p["p50"]), statistics.median(by_p["p99"])
+        rounds = ", ".join(f"{v:,.0f}" for v in by_p["p99"])
+        lines.append(f"| {label} | {p50:.0f} | {p99:,.0f} | {p99 / half99:.2f}x | {rounds} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
