@@ -14,6 +14,7 @@ from sidecar import __version__
 from sidecar.addresses import HostPort
 from sidecar.cli import main
 from sidecar.config import Config
+from tests.fresh_python import run_python
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "sidecar.example.toml"
 
@@ -165,18 +166,13 @@ def test_unknown_flag_exits_2(fake_app: list[Config], capsys: pytest.CaptureFixt
 def test_the_flags_parser_asks_no_terminal_size_and_help_wraps_at_columns(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import subprocess
-
     code = (
         "import sys\n"
         "from sidecar.config import build_arg_parser, load\n"
         "build_arg_parser(); load(['--listen', '127.0.0.1:5353'], {})\n"
         "print('shutil' in sys.modules, 'bz2' in sys.modules, 'lzma' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.split() == ["False", "False", "False"]
+    assert run_python(code).split() == ["False", "False", "False"]
     for columns in ("60", "120"):
         monkeypatch.setenv("COLUMNS", columns)
         assert main(["--help"]) == 0

@@ -4,8 +4,6 @@ holding nothing that could close a cycle; start-up frozen and the young threshol
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,6 +13,7 @@ from sidecar import collector
 from sidecar.core import wire
 from sidecar.core.cache import Entry
 from tests.fakes.scripted_exchanges import Step, reply_to
+from tests.fresh_python import run_python
 from tests.test_pipeline import FIRST, Path, run, stored
 
 ATOMS = (bytes, int, float, bool, type(None))
@@ -123,11 +122,4 @@ def test_the_entry_points_run_start_up_with_the_collector_off(start: str) -> Non
         "import gc, sys, sidecar.cli\n"
         "sidecar.cli.main = lambda: print('collector on:', gc.isenabled()) or 0\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe + start],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.stdout.strip() == "collector on: False", done.stderr
+    assert run_python(probe + start) == "collector on: False"

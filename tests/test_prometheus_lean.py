@@ -3,20 +3,11 @@ each case in a fresh interpreter: what a sidecar process imports is what is chec
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
+from tests.fresh_python import run_python as run
+
 SERVER_MODULES = ("http.server", "urllib.request", "wsgiref.simple_server")
-
-
-def run(code: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 def test_the_sidecar_loads_none_of_the_server_modules_and_still_exposes_metrics() -> None:
