@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import load, report, zones
 from bench.fixtures import CountingProxy, LoopThread, TcpBackends
+from bench.image import image_bin
 from bench.servers import (
     Dnsmasq,
     Nsd,
@@ -633,7 +634,7 @@ def machine_info() -> dict[str, str]:
         for line in (out.stdout + out.stderr).splitlines():
             if line.startswith("Version"):
                 dnsperf_version = line.split()[-1]
-    sidecar_exe = str(Path(sys.executable).parent / "dns-sidecar")
+    sidecar_exe = str(image_bin() / "dns-sidecar")
     commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--", "sidecar"],
@@ -649,7 +650,8 @@ def machine_info() -> dict[str, str]:
         "uvloop": str(getattr(uvloop, "__version__", "?")),
         "sidecar": first_line([sidecar_exe, "--version"])
         + f" (commit {commit}"
-        + (", sidecar/ modified)" if dirty else ")"),
+        + (", sidecar/ modified)" if dirty else ")")
+        + ", installed as the image installs it (bench/image.py)",
         "dnsmasq": first_line(["dnsmasq", "--version"]).split("  ")[0],
         "unbound": first_line(["unbound", "-V"]),
         "nsd": first_line(["nsd", "-v"]),

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bench.image import image_bin
 from bench.zones import hit_name
 
 VENV_BIN = Path(sys.executable).parent
@@ -40,14 +41,19 @@ _warmed: set[str] = set()
 
 
 def warm_bytecode(env: Mapping[str, str]) -> None:
-    """`python -m sidecar.warm` with `env`, once per benchmark process: writes the bytecode
-    cache for the sidecar's optimization level, as the image build does (not timed)."""
+    """`python -m sidecar.warm` of the image-like install (bench/image.py) with `env`, once
+    per benchmark process: writes the bytecode cache for the sidecar's optimization level, as
+    the image build does (not timed). Run from the virtualenv's directory, so that it is the
+    installed copy that is imported, not this tree's."""
     key = env.get("PYTHONOPTIMIZE", "")
     if key in _warmed:
         return
     _warmed.add(key)
     env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([str(VENV_BIN / "python"), "-m", "sidecar.warm"], env=env, check=True)
+    bin_dir = image_bin()
+    subprocess.run(
+        [str(bin_dir / "python"), "-m", "sidecar.warm"], env=env, cwd=bin_dir.parent, check=True
+    )
 
 
 PR_SET_PDEATHSIG = 1
@@ -451,7 +457,10 @@ def sidecar_flags() -> str:
     """`dns-sidecar --help`, read once: which flags this version of the sidecar has."""
     if not _SIDECAR_HELP:
         done = subprocess.run(
-            [str(VENV_BIN / "dns-sidecar"), "--help"], capture_output=True, text=True, check=False
+            [str(image_bin() / "dns-sidecar"), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         _SIDECAR_HELP.append(done.stdout)
     return _SIDECAR_HELP[0]
@@ -486,7 +495,7 @@ class Sidecar(Server):
         if self.metrics_port == 0:
             self.metrics_port = free_port(self.host)
         return [
-            str(VENV_BIN / "dns-sidecar"),
+            str(image_bin() / "dns-sidecar"),
             "--listen",
             self.address,
             "--upstream",
@@ -513,10 +522,11 @@ class Sidecar(Server):
         ]
 
     def env(self) -> dict[str, str]:
-        """As the image runs it (see image_python_env); its bytecode written beforehand."""
+        """As the image runs it: installed as the image installs it (bench/image.py), with the
+        image's PYTHON* settings (image_python_env), its bytecode written beforehand."""
         env = {**os.environ, **image_python_env()}
         warm_bytecode(env)
         return env
 
     def version(self) -> str:
-        return _first_line([str(VENV_BIN / "dns-sidecar"), "--version"])
+        return _first_line([str(image_bin() / "dns-sidecar"), "--version"])
