@@ -26,13 +26,6 @@ from sidecar.core.packet_budget import PacketBudget
 from sidecar.core.rotation import Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.discovery import passive_reader
-from sidecar.discovery.cloudmap import CloudMapSource, learn_local_az, run_cloudmap
-from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
-from sidecar.discovery.passive import PROBE_STRETCH, PassiveSettings
-from sidecar.discovery.pools import Shaper
-from sidecar.discovery.probes import run_probes
-from sidecar.discovery.shaping import ShapeSettings
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.forwarder import Forwarder, probe_down_upstreams
 from sidecar.pipeline import DiscoveryZone, Resolver
@@ -44,6 +37,9 @@ from sidecar.server.udp_thread import UdpReaderThread, in_turns
 from sidecar.server.upstream import SocketExchanges
 
 if TYPE_CHECKING:
+    from sidecar.discovery.cloudmap import CloudMapSource
+    from sidecar.discovery.endpoints import EndpointTable
+    from sidecar.discovery.pools import Shaper
     from sidecar.prometheus_lean import CollectorRegistry
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"
@@ -52,16 +48,20 @@ TYPE_NS_IN = b"\x00\x02\x00\x01"
 CLOCK = time.monotonic
 
 
+def has_discovery(config: Config) -> bool:
+    """Whether `config` has a discovery zone (one with a health check). Only then are the
+    discovery modules imported, through discovery_wiring.py: ~20 ms of start-up and their
+    memory, which a sidecar without one does not pay."""
+    return any(zone.health_check is not None for zone in config.zones)
+
+
 def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
-    """One Cloud Map source per discovery zone that asks for one. An endpoint URL from
-    AWS_ENDPOINT_URL_SERVICEDISCOVERY / AWS_ENDPOINT_URL is passed explicitly, which also
-    stops botocore from prefixing it with `data-`."""
-    url = os.environ.get("AWS_ENDPOINT_URL_SERVICEDISCOVERY") or os.environ.get("AWS_ENDPOINT_URL")
-    return {
-        zone.name: CloudMapSource(zone.name, zone.cloudmap_namespace, endpoint_url=url or None)
-        for zone in config.zones
-        if zone.health_check is not None and zone.cloudmap_namespace
-    }
+    """One Cloud Map source per discovery zone that asks for one (discovery_wiring.py)."""
+    if not has_discovery(config):
+        return {}
+    from sidecar import discovery_wiring as wiring
+
+    return wiring.cloudmap_sources(config)
 
 
 def answer_orders(config: Config) -> tuple[object, ...]:
@@ -72,26 +72,6 @@ def answer_orders(config: Config) -> tuple[object, ...]:
 def rate_limiter(config: Config) -> RateLimiter | None:
     """One per listener (each counts its own clients); None while the limit is off."""
     return RateLimiter(config.rate_limit) if config.rate_limit else None
-
-
-def probe_settings(config: Config) -> ProbeSettings:
-    return ProbeSettings(
-        interval=config.discovery.probe_interval,
-        timeout=config.discovery.probe_timeout,
-        rise=config.discovery.rise,
-        fall=config.discovery.fall,
-        forget_after=config.discovery.forget_after,
-        max_endpoints=config.discovery.max_endpoints,
-        stretch=PROBE_STRETCH if config.discovery.passive_health == "on" else 1.0,
-        max_per_second=config.discovery.max_probes_per_second,
-    )
-
-
-def passive_settings(config: Config) -> PassiveSettings:
-    return PassiveSettings(
-        interval=config.discovery.passive_interval,
-        connect_timeout=config.discovery.passive_connect_timeout,
-    )
 
 
 def build_resolver(
@@ -123,25 +103,12 @@ def build_resolver(
             if zone.upstreams  # a discovery zone without upstreams uses the default ones
         },
     )
-    discovery: ZoneRouter[DiscoveryZone | None] = ZoneRouter(
-        None,
-        {
-            zone.name: DiscoveryZone(
-                ShapeSettings(
-                    max_answers=zone.max_answers,
-                    answer_ttl=config.discovery.answer_ttl,
-                    slow_start=config.discovery.slow_start,
-                    zone_affinity=config.discovery.zone_affinity == "prefer",
-                ),
-                cloudmap[zone.name].add_service if zone.name in cloudmap else None,
-                negative_ttl=config.discovery.negative_ttl,
-                synthesize_a=bool(zone.synthesize_a),
-                registry=cloudmap.get(zone.name),
-            )
-            for zone in config.zones
-            if zone.health_check is not None
-        },
-    )
+    discovery: ZoneRouter[DiscoveryZone | None] = ZoneRouter(None, {})
+    if has_discovery(config):
+        from sidecar import discovery_wiring as wiring
+
+        discovery = ZoneRouter(None, wiring.discovery_zones(config, cloudmap))
+        endpoints = wiring.endpoint_table(config, metrics, endpoints)
     rotate = ZoneRouter(
         config.answer_order == "rotate",
         {
@@ -154,14 +121,6 @@ def build_resolver(
         cache = TtlCache(config.cache, metrics)
     else:
         cache.limits = config.cache
-    if endpoints is None:
-        endpoints = EndpointTable(
-            probe_settings(config),
-            probes=metrics.endpoint_probes,
-            passive_demotions=metrics.endpoint_passive_demotions,
-        )
-    else:
-        endpoints.settings = probe_settings(config)
     # The upstream packet budget: one per process, kept across reloads, each worker a share.
     rate = config.upstream.max_packets_per_second / config.workers
     if budget is None:
@@ -307,7 +266,7 @@ class Server:
         checks = {z.name: str(z.health_check) for z in self.config.zones if z.health_check}
         return {
             "discovery_zones": checks,
-            "endpoints": table.describe(self.resolver.clock()),
+            "endpoints": [] if table is None else table.describe(self.resolver.clock()),
         }
 
     def _start_background(self) -> None:
@@ -323,39 +282,10 @@ class Server:
                 config.upstream.probe_interval,
             )
         ]
-        checks = {z.name: z.health_check for z in config.zones if z.health_check is not None}
-        if checks:
-            work.append(
-                run_probes(
-                    resolver.endpoints,
-                    checks,
-                    timeout=config.discovery.probe_timeout,
-                    max_concurrent=config.discovery.max_probes,
-                    clock=resolver.clock,
-                )
-            )
-        if checks and config.discovery.passive_health == "on":
-            why_not = passive_reader.unavailable()
-            if why_not is None:
-                work.append(
-                    passive_reader.run_passive_health(
-                        resolver.endpoints, checks, passive_settings(config), resolver.clock
-                    )
-                )
-            else:
-                logs.get().warning("passive health off", extra={"fields": {"reason": why_not}})
-        if self.cloudmap and config.discovery.zone_affinity == "prefer":
-            work.append(learn_local_az(resolver.endpoints))
-        for source in self.cloudmap.values():
-            work.append(
-                run_cloudmap(
-                    source,
-                    resolver.endpoints,
-                    interval=config.discovery.cloudmap_interval,
-                    clock=resolver.clock,
-                    forget_after=config.discovery.forget_after,
-                )
-            )
+        if has_discovery(config):
+            from sidecar import discovery_wiring as wiring
+
+            work.extend(wiring.background_work(config, resolver, self.cloudmap))
         self.background = [asyncio.ensure_future(coro) for coro in work]
 
     async def find_loops(self, send: bool = True) -> list[str]:

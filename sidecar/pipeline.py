@@ -38,9 +38,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from sidecar.addresses import HostPort
 from sidecar.collector import untrack
@@ -51,16 +51,18 @@ from sidecar.core.fast_path import FAST_PATH_ROWS, FastPath
 from sidecar.core.rotation import RotatedAnswer, Rotator
 from sidecar.core.routing import ZoneRouter, name_to_wire, wire_to_name
 from sidecar.core.upstream_health import UpstreamSet
-from sidecar.discovery.endpoints import EndpointTable
-from sidecar.discovery.pools import Shaper
-from sidecar.discovery.registry import Listing, registry_reply
-from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
-from sidecar.discovery.srv_shaping import TYPE_SRV, ShapedSrv
 from sidecar.errors import PacketBudgetSpent, UpstreamError
 from sidecar.forwarder import Forwarded, Forwarder
 from sidecar.local_answers import is_local, local_reply
 
-TYPE_SRV_BYTES = TYPE_SRV.to_bytes(2, "big")
+if TYPE_CHECKING:  # imported at run time only with a discovery zone (see Resolver.__init__)
+    from sidecar.discovery.endpoints import EndpointTable
+    from sidecar.discovery.pools import Shaper
+    from sidecar.discovery.registry import Listing
+    from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
+    from sidecar.discovery.srv_shaping import ShapedSrv
+
+TYPE_SRV_BYTES = wire.TYPE_SRV.to_bytes(2, "big")
 # Question types answered here, never forwarded: zone transfers (REFUSED) and ANY (RFC 8482).
 NOT_FORWARDED = wire.ZONE_TRANSFERS | {wire.TYPE_ANY}
 log = logging.getLogger("dns_sidecar")
@@ -271,12 +273,21 @@ class Resolver:
         self.stale_ttl = stale_ttl
         self.clock = clock
         self.discovery: ZoneRouter[DiscoveryZone | None] = discovery or ZoneRouter(None, {})
-        self.endpoints = endpoints or EndpointTable()
         self.rng = rng or random.Random()
-        # Discovery answers' shaped pools, by cache key; kept across a reload with the cache.
-        self.shaper = shaper or Shaper(
-            self.endpoints, self.rng, metrics.answers_shaped, cache.charge
-        )
+        if shaper is None and any(zone for _name, zone in self.discovery.targets()):
+            # The discovery modules load here, with the first discovery zone: a resolver
+            # without one holds neither the endpoint table nor the shaper (app.has_discovery).
+            from sidecar.discovery.endpoints import EndpointTable
+            from sidecar.discovery.pools import Shaper
+
+            endpoints = endpoints or EndpointTable()
+            shaper = Shaper(endpoints, self.rng, metrics.answers_shaped, cache.charge)
+        # The endpoints behind discovery answers (kept across any reload), and the shaped
+        # pools of those answers by cache key (kept across a reload with the cache): both
+        # None without a discovery zone.
+        self.endpoints: EndpointTable | None = endpoints
+        self.shaper: Shaper | None = shaper
+        self._shaped_pools: Mapping[bytes, object] = {} if shaper is None else shaper.pools
         # Whether a zone's address answers are rotated (answer_order); their pools by cache
         # key, kept across a reload with the cache. Discovery zones keep the shaper's order.
         self.rotate: ZoneRouter[bool] = rotate or ZoneRouter(True, {})
@@ -302,7 +313,8 @@ class Resolver:
     def _retired(self, key: bytes) -> None:
         """The cache let the entry under `key` go: so does everything kept about it."""
         self.fast.retire(key)
-        self.shaper.retire(key)
+        if self.shaper is not None:
+            self.shaper.retire(key)
         self.rotator.retire(key)
         self._prefetched.discard(key)
         self._registry_bases.pop(key, None)
@@ -318,7 +330,9 @@ class Resolver:
                 for _zone, upstreams in self.router.targets()
                 for server in upstreams.upstreams
             ],
-            endpoints=[
+            endpoints=[]
+            if self.endpoints is None
+            else [
                 (e.zone, e.name, e.healthy, e.latency)
                 for e in list(self.endpoints.endpoints.values())
             ],
@@ -335,7 +349,8 @@ class Resolver:
 
     def shaped(self, key: bytes, entry: Entry) -> ShapedAnswer | ShapedSrv | RotatedAnswer | None:
         """The pool served instead of `entry`: shaped (discovery zones) or rotated."""
-        return self.shaper.of(key, entry) or self.rotator.of(key, entry)
+        shaped = None if self.shaper is None else self.shaper.of(key, entry)
+        return shaped or self.rotator.of(key, entry)
 
     def servable(self, key: bytes, now: float) -> Entry | None:
         """The entry under `key` if a UDP reader thread may answer from it as it is: fresh,
@@ -481,7 +496,7 @@ class Resolver:
         answer the cache keeps under q.key)."""
         key = q.key
         ttl = math.ceil(entry.expires - now)
-        if key in self.shaper.pools or key in self.rotator.pools:  # (`shaped`, its owners')
+        if key in self._shaped_pools or key in self.rotator.pools:  # (`shaped`, its owners')
             shaped = self.shaped(key, entry)
             if shaped is not None:
                 return shaped.render(query, q, now, limit, ttl)
@@ -569,7 +584,7 @@ class Resolver:
             finish(srv_entry)
             return True
         srv_fetch = self._inflight.get(srv_key) or self._start_fetch(
-            wire.Query(srv_key, 0, TYPE_SRV, 0, q.do, q.cd)
+            wire.Query(srv_key, 0, wire.TYPE_SRV, 0, q.do, q.cd)
         )
         srv_fetch.wait(finish)
         return True
@@ -579,11 +594,10 @@ class Resolver:
     ) -> tuple[bytes, wire.Reply] | None:
         """The upstream's NODATA reply `msg` with the live SRV targets' addresses as its
         answer (TTL: the SRV answer's), or None when there are none."""
-        pool = None if srv is None else self.shaper.of(srv_key, srv)
-        if srv is None or not isinstance(pool, ShapedSrv):
+        if srv is None or self.shaper is None:
             return None
         now = self.clock()
-        addresses = pool.live_addresses(q.qtype == wire.TYPE_AAAA, now)
+        addresses = self.shaper.srv_addresses(srv_key, srv, q.qtype == wire.TYPE_AAAA, now)
         if not addresses:
             return None
         ttl = max(1, math.ceil(srv.expires - now))
@@ -643,6 +657,7 @@ class Resolver:
                 self._registry_bases[q.key] = base
                 self.cache.charge(q.key, "registry", REGISTRY_BASE_BYTES + len(base.msg))
             if zone is not None:
+                assert self.shaper is not None  # made with the first discovery zone
                 self.shaper.shape(q.key, entry, msg, reply, zone_name, q.do, zone.shaping, now)
             elif msg[6:8] >= b"\x00\x02" and self.rotate.route(q.key[:-5])[1]:  # 2+ answers
                 self.rotator.rotate(q.key, entry, msg, reply, q.do, now)
@@ -659,7 +674,9 @@ class Resolver:
         """The upstream reply `base.msg`, or the answer made from the service's Cloud Map
         listing instead (discovery/registry.py); counted. The addresses the registry added
         are held out of answers until their first probe."""
-        assert zone.registry is not None
+        from sidecar.discovery.registry import registry_reply  # loaded with the zone's registry
+
+        assert zone.registry is not None and self.endpoints is not None
         listing = zone.registry.listing(base.service, now)
         name = base.q.key[:-5]
         made = registry_reply(base.msg, reply, base.q.qtype, name, listing, negative_ttl)

@@ -63,6 +63,12 @@ class Shaper:
         pool = self.pools.get(key)
         return pool if pool is not None and pool.base is entry else None
 
+    def srv_addresses(self, key: bytes, entry: Entry, ipv6: bool, now: float) -> list[str]:
+        """The live targets' addresses (IPv6 or IPv4) of the SRV pool drawn from `entry`
+        under `key` (ShapedSrv.live_addresses); none without such a pool."""
+        pool = self.of(key, entry)
+        return pool.live_addresses(ipv6, now) if isinstance(pool, ShapedSrv) else []
+
     def retire(self, key: bytes) -> None:
         """The cache let the entry under `key` go."""
         self.pools.pop(key, None)

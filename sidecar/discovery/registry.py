@@ -38,7 +38,6 @@ from typing import Any
 
 from sidecar.core import bailiwick, wire
 
-TYPE_SRV = 33
 SRV_FIXED = struct.Struct("!HHH")  # priority, weight, port
 RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 AZ_ATTRIBUTE = "AVAILABILITY_ZONE"  # set by ECS on the instances it registers
@@ -148,7 +147,7 @@ def _dns_members(msg: bytes, reply: wire.Reply, qtype: int) -> set[tuple[str, in
     """What the DNS answer lists: addresses, or for SRV (target address, port) pairs (a
     target without an address in the additional section counts by its name)."""
     answers = [r for r in reply.records if r.section == 0]
-    if qtype != TYPE_SRV:
+    if qtype != wire.TYPE_SRV:
         return {
             (str(ipaddress.ip_address(msg[r.rdata_offset : r.rdata_offset + r.rdlength])), None)
             for r in answers
@@ -175,7 +174,7 @@ def _dns_members(msg: bytes, reply: wire.Reply, qtype: int) -> set[tuple[str, in
 def _members(instances: Iterable[Instance], qtype: int) -> set[tuple[str, int | None]]:
     out: set[tuple[str, int | None]] = set()
     for instance in instances:
-        if qtype == TYPE_SRV:
+        if qtype == wire.TYPE_SRV:
             for address in (instance.ipv4, instance.ipv6):
                 if address is not None and instance.port is not None:
                     out.add((address, instance.port))
@@ -187,7 +186,7 @@ def _members(instances: Iterable[Instance], qtype: int) -> set[tuple[str, int | 
 
 
 def _usable(instance: Instance, qtype: int) -> bool:
-    if qtype == TYPE_SRV:
+    if qtype == wire.TYPE_SRV:
         return instance.port is not None and _label(instance.instance_id) is not None
     return instance.address(qtype) is not None
 
@@ -202,7 +201,7 @@ def registry_reply(
 ) -> RegistryReply | None:
     """The answer made from `listing` for the upstream reply `msg` to a `qtype` question of
     the service name `name` (lowercased wire); None: the reply stands as it came."""
-    if listing is None or qtype not in (wire.TYPE_A, wire.TYPE_AAAA, TYPE_SRV):
+    if listing is None or qtype not in (wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_SRV):
         return None
     if reply.truncated or reply.rcode not in (wire.NOERROR, wire.NXDOMAIN):
         return None
@@ -238,7 +237,7 @@ def _message(
 ) -> bytes:
     """The upstream's reply made into one record per instance (wire.made_reply); SRV targets'
     addresses in the additional section."""
-    if qtype != TYPE_SRV:
+    if qtype != wire.TYPE_SRV:
         records = []
         for instance in chosen:
             address = instance.address(qtype)
@@ -255,7 +254,7 @@ def _message(
         assert label is not None and instance.port is not None
         target = label + name
         rdata = SRV_FIXED.pack(1, 1, instance.port) + target
-        record = b"\xc0\x0c" + RR_FIXED.pack(TYPE_SRV, 1, ttl, len(rdata)) + rdata
+        record = b"\xc0\x0c" + RR_FIXED.pack(wire.TYPE_SRV, 1, ttl, len(rdata)) + rdata
         target_at = offset + 2 + RR_FIXED.size + SRV_FIXED.size
         answers.append(record)
         offset += len(record)

@@ -43,7 +43,6 @@ from sidecar.discovery.shaping import (
     weights,
 )
 
-TYPE_SRV = 33
 SRV_FIXED = struct.Struct("!HHH")  # priority, weight, port
 WEIGHT_SCALE = 100
 
@@ -188,14 +187,14 @@ def shape_srv(
     if entry.negative or entry.rcode != wire.NOERROR or entry.ttl <= 0:
         return None
     qend = reply.question_end
-    if int.from_bytes(msg[qend - 4 : qend - 2], "big") != TYPE_SRV:
+    if int.from_bytes(msg[qend - 4 : qend - 2], "big") != wire.TYPE_SRV:
         return None
     answers = [r for r in reply.records if r.section == 0]
     additional = [r for r in reply.records if r.section == 2]
     try:
         records = []
         for index, r in enumerate(answers):
-            if r.rtype == TYPE_SRV and r.rdlength > SRV_FIXED.size:
+            if r.rtype == wire.TYPE_SRV and r.rdlength > SRV_FIXED.size:
                 priority, weight, port = SRV_FIXED.unpack_from(msg, r.rdata_offset)
                 target = bailiwick.read_name(msg, r.rdata_offset + SRV_FIXED.size)
                 records.append(SrvRecord(index, priority, weight, port, target))
