@@ -434,14 +434,16 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, reload))
-    # What start-up made lives as long as the process: out of the collector's sight, so that
-    # a full collection walks only what serving made since (4 ms for start-up's objects alone,
-    # a pause every answer waiting behind it would show); the young threshold for serving.
-    collector.settle()
     log.info("started", extra={"fields": {**config.describe(), "worker": worker}})
     if config.udp_reader_thread and not datagram_batch.available():
         log.warning("udp_reader_thread: no recvmmsg here (not Linux); the event loop reads UDP")
     await server.find_loops(send=worker == 0)
+    # What start-up made lives as long as the process: out of the collector's sight, so that
+    # a full collection walks only what serving made since (a pause every answer waiting
+    # behind it would show); the young threshold for serving. A second after the loop check
+    # (collector.SETTLE_AFTER), so that its one full collection is not in the way of the
+    # first answers.
+    loop.call_later(collector.SETTLE_AFTER, collector.settle)
     if not server.loop_found.is_set():
         server.ready, server.not_ready_reason = True, ""
         if started is not None:

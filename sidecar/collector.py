@@ -9,7 +9,8 @@ threshold, and everything when the long-lived objects grew by a quarter.
   were nearly all the objects it tracked (30,100 of 30,140 after 30,000 misses, start-up's
   frozen), and each full collection walked every one of them: 7.5 ms at 30,000 entries (0.1
   ms untracked), longer with more, a pause every query waiting behind it feels.
-- `settle()`, once start-up is done: start-up's objects frozen (never walked again), the
+- `settle()`, once start-up is done (SETTLE_AFTER seconds after the loop check, app.serve):
+  start-up's objects frozen (never walked again), the
   collector turned back on (sidecar/launch.py turns it off for start-up), and the
   young threshold at YOUNG_THRESHOLD instead of 700. A burst of 64 misses read in one turn
   makes ~1,100 objects that live a round trip: at 700 nearly every burst set off a young
@@ -39,6 +40,10 @@ import gc
 from collections.abc import Callable
 
 YOUNG_THRESHOLD = 2000  # the young generation's threshold while serving (CPython's: 700)
+# Seconds from the loop check to `settle()`: its one full collection walks everything start-up
+# made (~9 ms on the benchmark machine). Run before the listeners' first answers, it delayed
+# each of them by that much; a second later, the first answers are out.
+SETTLE_AFTER = 1.0
 
 
 def _untracker() -> Callable[[object], None]:

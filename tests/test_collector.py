@@ -123,3 +123,46 @@ def test_the_entry_points_run_start_up_with_the_collector_off(start: str) -> Non
         "sidecar.cli.main = lambda: print('collector on:', gc.isenabled()) or 0\n"
     )
     assert run_python(probe + start) == "collector on: False"
+
+
+def test_serve_settles_a_second_after_the_loop_check_not_before_the_first_answers() -> None:
+    # A sidecar served in a fresh interpreter with the collector off (as launch.py starts
+    # it), its upstream a loopback port nobody listens on; its state read when it is ready,
+    # then each 0.1 s until it has settled.
+    code = """
+import asyncio, gc, socket, time
+import sidecar.app
+from sidecar import collector
+from sidecar.config import load
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+gc.disable()
+config = load(
+    ["--listen", f"127.0.0.1:{free_port()}", "--upstream", f"127.0.0.1:{free_port()}",
+     "--metrics-listen", f"127.0.0.1:{free_port()}", "--attempt-timeout", "0.2"],
+    {},
+)
+
+def started(server):
+    ready = time.monotonic()
+    print("at ready:", gc.isenabled(), gc.get_freeze_count() > 0)
+
+    async def watch():
+        while not gc.isenabled():
+            await asyncio.sleep(0.1)
+        print("settled after", round(time.monotonic() - ready, 1), gc.get_freeze_count() > 0)
+        server.loop_found.set()  # ends serve() (as a found loop would)
+
+    asyncio.ensure_future(watch())
+
+asyncio.run(sidecar.app.serve(config, started=started))
+"""
+    lines = run_python(code).splitlines()
+    assert lines[0] == "at ready: False False"
+    seconds = float(lines[1].split()[2])
+    assert lines[1].endswith("True")
+    assert collector.SETTLE_AFTER - 0.2 <= seconds <= collector.SETTLE_AFTER + 0.3
