@@ -280,7 +280,8 @@ class Resolver:
             from sidecar.discovery.endpoints import EndpointTable
             from sidecar.discovery.pools import Shaper
 
-            endpoints = endpoints or EndpointTable()
+            if endpoints is None:
+                endpoints = EndpointTable()
             shaper = Shaper(endpoints, self.rng, metrics.answers_shaped, cache.charge)
         # The endpoints behind discovery answers (kept across any reload), and the shaped
         # pools of those answers by cache key (kept across a reload with the cache): both
