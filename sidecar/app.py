@@ -507,6 +507,8 @@ def supervise(config: Config, reload: Callable[[], Config] | None) -> int:
     token = os.urandom(6).hex()
     # Held until the parent's handlers are in place (see sidecar/supervisor.py).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.FORWARDED)
+    if has_discovery(config):  # imported here once, its pages shared by the workers
+        import sidecar.discovery_wiring  # noqa: F401
     gc.collect()
     gc.freeze()
     gc.enable()  # off for start-up (sidecar/launch.py): the parent lives on, the workers settle
