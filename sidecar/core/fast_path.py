@@ -444,18 +444,25 @@ class FastPath:
             metrics.cache_hits,
             metrics.responses["cache"],
         )
-        touch, admit, remember = source.touch, self.admit, self.remember
+        touch, admit = source.touch, self.admit
+        admitted: list[tuple[ColdHit, float]] = []
         while handed_cold:
             cold, now, seconds = handed_cold.popleft()
-            for query, q, entry in cold:
+            for cold_hit in cold:
+                query, q, entry = cold_hit
                 requests[q.qtype] += 1
                 form = entry.form
                 hits[form.negative] += 1
                 responses[form.rcode] += 1
                 touch(q.key)
                 if admit(entry, now):
-                    remember(query, q, entry, now)
+                    admitted.append((cold_hit, now))
             self._timed(durations, seconds, len(cold))
+        # Rows are made once the backlog is counted: making one refreshes it, which drains
+        # first, so a row made inside the loop above began a drain of the rest, one level
+        # deeper per row made (a backlog of 600 such batches went past the recursion limit).
+        for (query, q, entry), now in admitted:
+            self.remember(query, q, entry, now)
 
     def _timed(self, durations: Histogram, seconds: float, replies: int) -> None:
         """`replies` answered in one batch that took `seconds`: each took that long."""

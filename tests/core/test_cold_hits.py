@@ -114,3 +114,25 @@ def test_an_entry_due_for_prefetch_goes_to_the_loop_until_the_refresh_is_started
     assert resolver.fast.answer_cold(query(), 154.0, cold) is None  # the loop starts it
     resolver._prefetched.add(wire.parse_query(query()).key)  # as Resolver.prefetch does
     assert resolver.fast.answer_cold(query(), 154.5, cold) is not None
+
+
+def test_a_long_backlog_of_admitted_hits_is_drained_without_recursing() -> None:
+    # 600 names, each answered cold twice in batches of one (the second hit admits a row):
+    # one drain counts them all and makes 600 rows. Making each row inside the count began
+    # a nested drain of the rest, past the recursion limit.
+    resolver, metrics = setup()
+    fast = resolver.fast
+    names = [f"n{i}.example" for i in range(600)]
+    for name in names:
+        q = wire.parse_query(query(name))
+        msg = reply(ttl=60, name=name)
+        resolver.cache.store(q.key, msg, wire.parse_reply(msg), 100.0, False)
+    for when in (100.1, 100.2):
+        for name in names:
+            cold: list[ColdHit] = []
+            assert fast.answer_cold(query(name), when, cold) is not None
+            fast.hand_off_cold((cold, when, 0.00001))
+    fast.drain()
+    assert metrics.cache_hits[0] == 1200
+    assert len(fast) == 600
+    assert all(fast.get(query(name)[2:]) is not None for name in names)
