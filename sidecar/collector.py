@@ -10,13 +10,13 @@ threshold, and everything when the long-lived objects grew by a quarter.
   frozen), and each full collection walked every one of them: 7.5 ms at 30,000 entries (0.1
   ms untracked), longer with more, a pause every query waiting behind it feels.
 - `settle()`, once start-up is done (SETTLE_AFTER seconds after the loop check, app.serve):
-  start-up's objects frozen (never walked again), the
-  collector turned back on (sidecar/launch.py turns it off for start-up), and the
-  young threshold at YOUNG_THRESHOLD instead of 700. A burst of 64 misses read in one turn
-  makes ~1,100 objects that live a round trip: at 700 nearly every burst set off a young
-  collection that found them alive (and moved them on, to be walked again). At 2,000 most
-  are gone first: 2,152 young collections per 150,000 misses -> 167, each at most ~0.15 ms
-  (bench/NOTES.md); what a young collection walks is what is alive, not the threshold.
+  start-up's objects frozen (never walked again), the collector turned back on
+  (sidecar/launch.py turns it off for start-up), and the young threshold at YOUNG_THRESHOLD
+  instead of 700. A burst of 64 misses read in one turn makes ~1,100 objects that live a
+  round trip: at 700 nearly every burst set off a young collection that found them alive
+  (and moved them on, to be walked again). At 2,000 most are gone first: 2,152 young
+  collections per 150,000 misses -> 167, each at most ~0.15 ms (bench/NOTES.md); what a
+  young collection walks is what is alive, not the threshold.
 
 Invariants of `untrack`:
 - Only objects that cannot be part of a reference cycle are untracked: every reference they
