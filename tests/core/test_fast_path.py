@@ -200,6 +200,26 @@ def test_handed_off_hits_are_counted_before_a_drop_or_a_refresh_reads_them() -> 
     assert s.metrics.cache_hits == [3, 0]
 
 
+def test_hits_a_thread_served_from_a_row_dropped_meanwhile_are_counted() -> None:
+    s = Setup()
+    entry = s.store(reply(), 100.0)
+    data = query()
+    old = s.fast.remember(data, wire.parse_query(data), entry, 100.0)
+    assert old is not None
+    # A reader thread read `old` from the table; meanwhile the loop made a new row for the
+    # same bytes (a cold hit admitted again), which dropped `old`. The thread's batch comes
+    # after the drop, and its replies are still requests the sidecar answered.
+    new = s.fast.remember(data, wire.parse_query(data), entry, 100.1)
+    assert new is not None and new is not old
+    s.fast.hand_off(([old] * 32, 0.00002))
+    s.fast.hand_off(([new] * 3, 0.00002))
+    s.fast.flush()
+    assert s.metrics.cache_hits == [35, 0]
+    assert s.metrics.requests["udp"][QTYPE.A] == 35
+    s.fast.flush()
+    assert s.metrics.cache_hits == [35, 0]  # counted once
+
+
 def test_a_full_table_sweeps_rows_not_asked_lately_and_else_adds_none() -> None:
     s = Setup(capacity=2)
     rows = []
