@@ -22,6 +22,13 @@ client's ID. No TTL, no checks, no metrics, no retries. Two styles the sidecar c
   sidecar keeps, each waiting client answered with `render_with_ttl`, queries and replies
   sent once per turn of the loop. No retries, timers, routing or rows: what the work of a
   miss costs when nothing stands between its steps.
+- `flat-inline`: the ceiling of the "QPS with 5% misses" row (`python -m bench.mixed --toy
+  flat-inline`): one thread and no event loop, so no hand-over, no wake-up and no GIL to pass.
+  It reads client datagrams in batches and answers stored names through the sidecar's batch
+  closure (`batch`'s rows), does `flat`'s work for each miss in the same thread, and after
+  every batch sends the batch's upstream queries and reads every upstream reply waiting
+  (`flat`'s reply work, the answer stored as a row); with nothing to read it polls both
+  sockets. The least a Python process can do for that mix with the sidecar's work per query.
 
 Each is measured with dnsmasq and the sidecar on the all-miss workload (a fresh set of names
 per run, each asked once, answered by NSD's wildcard; the dnsperf settings of the all-miss row),
@@ -52,7 +59,7 @@ from bench import load, zones
 from bench.run import ROOT, cpu_busy_share, log
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
-MODES = ("callback", "batch", "flat")
+MODES = ("callback", "batch", "flat", "flat-inline")
 Address = tuple[str, int]
 
 
@@ -112,13 +119,21 @@ class Forwarder:
 class FlatForwarder:
     """The `flat` mode: the sidecar's per-miss work in two functions (see the docstring)."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        later: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        """`later`: how a flush is asked for when the first query or answer of a turn is
+        staged (the loop's call_soon; `flat-inline` flushes after each batch itself)."""
         from sidecar.collector import untrack
         from sidecar.core.cache import CacheSettings, TtlCache
         from sidecar.core.counters import Counters, Histogram
 
         self.client, self.upstream = client, upstream
-        self.loop = asyncio.get_event_loop()
+        self.later = later if later is not None else asyncio.get_running_loop().call_soon
+        self.stored: dict[bytes, StoredReply] | None = None  # `flat-inline`: answers as rows
         self.cache = TtlCache(CacheSettings(max_entries=10**6, prefetch_percent=0))
         self.counters = Counters()
         self.untrack = untrack
@@ -170,11 +185,12 @@ class FlatForwarder:
         self.deadlines.append((now + 1.0, qid))
         counters.upstream_packets["upstream"] += 1
         if not self.queries:
-            self.loop.call_soon(self.flush)
+            self.later(self.flush)
         self.queries.append(wire.query_packet(qid, question, q.cd, q.do))
 
     def upstream_readable(self) -> None:
         from sidecar.core import wire
+        from sidecar.errors import FormError
 
         recv, pending, counters, cache = self.upstream.recv, self.pending, self.counters, self.cache
         while True:
@@ -191,7 +207,7 @@ class FlatForwarder:
             key, question, do, sent = asked
             try:
                 reply = wire.parse_reply(msg, wire.HEADER_SIZE + len(question))
-            except wire.FormError:
+            except FormError:
                 continue
             rtt = now - sent
             self.rtt.observe(rtt)
@@ -200,9 +216,12 @@ class FlatForwarder:
             if entry.ttl > 0:
                 self.untrack(entry)
             ttl = math.ceil(entry.expires - now)
+            stored = self.stored
             for data, q, limit, addr, start in self.inflight.pop(key, ()):
                 answer = entry.render_with_ttl(data, q, ttl, limit)  # type: ignore[arg-type]
                 self._answer(answer, addr)
+                if stored is not None:
+                    stored[data[2:]] = StoredReply(answer[2:])
                 counters.responses["upstream"][answer[3] & 0x0F] += 1
                 self.durations.observe(time.monotonic() - start)
         deadlines = self.deadlines
@@ -211,7 +230,7 @@ class FlatForwarder:
 
     def _answer(self, reply: bytes, addr: Address) -> None:
         if not self.answers:
-            self.loop.call_soon(self.flush)
+            self.later(self.flush)
         self.answers.append((reply, addr))
 
     def flush(self) -> None:
@@ -266,6 +285,38 @@ def _batch_thread(forwarder: Forwarder, loop: asyncio.AbstractEventLoop) -> None
         serve(batch.receive())
 
 
+def _serve_inline(host: str, port: int, upstream: Address) -> None:
+    """`flat-inline` (see the module's docstring): one thread, no event loop."""
+    import select
+
+    from sidecar.server.datagram_batch import DatagramBatch
+
+    client, up = _sockets(host, port, upstream)
+    flat = FlatForwarder(client, up, later=lambda _flush: None)
+    rows: dict[bytes, StoredReply] = {}
+    flat.stored = rows
+    query = flat.query
+
+    def lend(rest: list[tuple[bytes, tuple[str | int, ...]]]) -> None:
+        for data, addr in rest:
+            query(data, addr)  # type: ignore[arg-type]
+
+    batch = DatagramBatch(client)
+    serve = batch.server(rows.get, None, lambda _served: None, lend, time.monotonic)
+    poll = select.poll()
+    poll.register(client.fileno(), select.POLLIN)
+    poll.register(up.fileno(), select.POLLIN)
+    while True:
+        count = batch.receive(wait=False)
+        if count:
+            serve(count)
+        flat.flush()  # the batch's queries upstream
+        flat.upstream_readable()
+        flat.flush()  # the answers to the replies read
+        if not count:
+            poll.poll(1000)
+
+
 async def _serve(mode: str, host: str, port: int, upstream: Address) -> None:
     loop = asyncio.get_running_loop()
     client, up = _sockets(host, port, upstream)
@@ -298,6 +349,9 @@ def serve(argv: Sequence[str]) -> int:
     host, port = args.listen.rsplit(":", 1)
     up_host, up_port = args.upstream.rsplit(":", 1)
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))
+    if args.mode == "flat-inline":
+        _serve_inline(host, int(port), (up_host, int(up_port)))
+        return 0
     uvloop.run(_serve(args.mode, host, int(port), (up_host, int(up_port))))
     return 0
 

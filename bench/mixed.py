@@ -39,11 +39,13 @@ def switches(pid: int) -> int:
     return total
 
 
-def make(label: str, work: Path, upstream: str, sidecar_args: list[str]) -> Server:
+def make(
+    label: str, work: Path, upstream: str, sidecar_args: list[str], toy: str = "batch"
+) -> Server:
     if label == "sidecar":
         return Sidecar(label, HOSTS[label], work / label, "1", upstream, {}, 10**6, sidecar_args)
-    if label == "toy":  # bench/ceiling_miss.py's batch toy: what Python can do here
-        return MissResponder("batch", HOSTS[label], work / label, "1", upstream)
+    if label == "toy":  # a toy of bench/ceiling_miss.py: what Python can do here
+        return MissResponder(toy, HOSTS[label], work / label, "1", upstream)
     return Dnsmasq(label, HOSTS[label], work / label, "1", upstream, {}, 10**6)
 
 
@@ -55,9 +57,13 @@ def main() -> None:
     parser.add_argument("--only", choices=tuple(HOSTS), default=None)
     parser.add_argument(
         "--toy",
-        action="store_true",
-        help="also the ceiling: bench/ceiling_miss.py's batch toy (stored replies answered in "
-        "its reader thread, misses forwarded, no TTL, checks or counters)",
+        nargs="?",
+        const="batch",
+        default=None,
+        choices=("batch", "flat-inline"),
+        help="also a ceiling, one of bench/ceiling_miss.py's toys: `batch` (stored replies "
+        "answered in its reader thread, misses forwarded, no TTL, checks or counters), or "
+        "`flat-inline` (the same hits, the sidecar's work per miss, one thread)",
     )
     parser.add_argument("--sidecar-args", default="", help="more dns-sidecar flags")
     args = parser.parse_args()
@@ -73,7 +79,9 @@ def main() -> None:
         for run in range(args.runs):
             order = labels[run % len(labels) :] + labels[: run % len(labels)]
             for label in order:
-                server = make(label, work / f"run{run}", nsd.address, args.sidecar_args.split())
+                server = make(
+                    label, work / f"run{run}", nsd.address, args.sidecar_args.split(), args.toy
+                )
                 server.start()
                 try:
                     load.dnsperf(server.address, warm, seconds=60, clients=4, once=True)
