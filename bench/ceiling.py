@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import load, zones
-from bench.run import ROOT, cpu_busy_share, log
+from bench.run import ROOT, cpu_busy_share, log, steal_mark, stolen_since
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
 MODES = ("protocol", "reader", "blocking", "thread", "batch", "batch-cold")
@@ -247,6 +247,7 @@ def measure(argv: Sequence[str]) -> int:
     os.sched_setaffinity(0, {0})
     os.environ["PYTHONPATH"] = str(ROOT)  # the responders import bench
     busy = cpu_busy_share()
+    mark = steal_mark()
     work = Path(tempfile.mkdtemp(prefix="dns-bench-ceiling-"))
     nsd = Nsd("127.0.21.1", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(args.names)})
     servers: list[Server] = []
@@ -310,6 +311,7 @@ def measure(argv: Sequence[str]) -> int:
             server.stop()
         nsd.stop()
         shutil.rmtree(work, ignore_errors=True)
+    stolen = stolen_since(mark)
     base = statistics.median(results["dnsmasq"])
     lines = [
         "# The ceiling of a Python cache-hit path on this machine",
@@ -317,7 +319,8 @@ def measure(argv: Sequence[str]) -> int:
         f"`python -m bench.ceiling`: {args.rounds} rounds, each server {2 * args.rounds} runs "
         f"of {args.seconds:g} s (dnsperf -c 10 -q 100, {args.names:,} cached names, asked "
         "shuffled), servers pinned to CPU 1, dnsperf to CPU 0. "
-        f"Machine busy before the run: {busy:.0%}. "
+        f"Machine busy before the run: {busy:.0%}; CPU taken by the hypervisor during it: "
+        f"{stolen:.0%}. "
         "See bench/ceiling.py for the toy responders.",
         "",
         "| server | median QPS | / dnsmasq | server CPU busy | us of CPU per query | runs |",

@@ -56,7 +56,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import load, zones
-from bench.run import ROOT, cpu_busy_share, log
+from bench.run import ROOT, cpu_busy_share, log, steal_mark, stolen_since
 from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
 
 MODES = ("callback", "batch", "flat", "flat-inline")
@@ -383,6 +383,7 @@ def measure(argv: Sequence[str]) -> int:
     os.sched_setaffinity(0, {0})
     os.environ["PYTHONPATH"] = str(ROOT)  # the responders import bench
     busy = cpu_busy_share()
+    mark = steal_mark()
     work = Path(tempfile.mkdtemp(prefix="dns-bench-ceiling-miss-"))
     nsd = Nsd("127.0.22.1", work / "nsd", "0", {zones.BENCH_ZONE: zones.bench_zone(1)})
     servers: list[Server] = []
@@ -430,6 +431,7 @@ def measure(argv: Sequence[str]) -> int:
             server.stop()
         nsd.stop()
         shutil.rmtree(work, ignore_errors=True)
+    stolen = stolen_since(mark)
     base = statistics.median(qps["dnsmasq"])
     base_cost = statistics.median(cost["dnsmasq"])
     lines = [
@@ -438,7 +440,8 @@ def measure(argv: Sequence[str]) -> int:
         f"`python -m bench.ceiling_miss --rounds {args.rounds} --names {args.names}`: each "
         f"server answers {args.rounds} runs of {args.names:,} fresh names, each asked once "
         "(dnsperf -c 10 -q 100, NSD's wildcard answers upstream), servers pinned to CPU 1, "
-        f"dnsperf and NSD to CPU 0. Machine busy before the run: {busy:.0%} (shared with other "
+        f"dnsperf and NSD to CPU 0. Machine busy before the run: {busy:.0%}; CPU taken by the "
+        f"hypervisor during it: {stolen:.0%} (shared with other "
         "engineers' tests: CPU per miss is the measure, QPS is secondary). "
         "See bench/ceiling_miss.py for the toy forwarders.",
         "",

@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import load, zones
 from bench.ceiling_miss import MissResponder
 from bench.miss_cost import user_system
+from bench.run import steal_mark, stolen_since
 from bench.servers import Dnsmasq, Nsd, Server, Sidecar
 
 HIT_NAMES = 1000
@@ -90,7 +91,9 @@ def main() -> None:
                     mixed = zones.write_query_file(work / f"mixed-{run}-{label}.txt", names)
                     user0, sys0 = user_system(server.pid)
                     switched0 = switches(server.pid)
+                    mark = steal_mark()
                     res = load.dnsperf(server.address, mixed, seconds=args.seconds)
+                    stolen = stolen_since(mark)
                     user1, sys1 = user_system(server.pid)
                     switched = switches(server.pid) - switched0
                     cpu = (user1 - user0) + (sys1 - sys0)
@@ -100,7 +103,8 @@ def main() -> None:
                         f"run {run} {label}: {res.qps:,.0f} q/s, {res.lost} lost, "
                         f"CPU {cpu / answered * 1e6:.1f} us/query "
                         f"(user {(user1 - user0) / answered * 1e6:.1f}), "
-                        f"{switched / answered * args.miss_every:.1f} context switches per miss",
+                        f"{switched / answered * args.miss_every:.1f} context switches per miss, "
+                        f"{stolen:.0%} of the CPUs taken by the hypervisor",
                         flush=True,
                     )
                 finally:

@@ -270,14 +270,17 @@ def rounds_table(results: Results) -> list[str]:
     rows = [
         "| round | "
         + " | ".join(f"{c} hits" for c in cols)
-        + " | sidecar / dnsmasq | shaped / plain | CPU used by other processes |",
-        "|---|" + "---|" * (len(cols) + 3),
+        + " | sidecar / dnsmasq | shaped / plain | CPU used by other processes"
+        + " | CPU taken by the hypervisor |",
+        "|---|" + "---|" * (len(cols) + 4),
     ]
     for i in range(n):
         cells = [at(r.hits_qps[c], i, "qps") for c in cols]
         cells += [at(side_dm, i, "ratio2"), at(shaped_plain, i, "ratio2")]
         other = r.other_cpu_share[i] if i < len(r.other_cpu_share) else math.nan
         cells.append("-" if math.isnan(other) else f"{other:.0%}")
+        stolen = r.stolen_cpu_share[i] if i < len(r.stolen_cpu_share) else math.nan
+        cells.append("-" if math.isnan(stolen) else f"{stolen:.0%}")
         rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return rows
 

@@ -132,6 +132,7 @@ class Results:
     miss_latency_1: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     shaped_answers: list[float] = field(default_factory=list)
     other_cpu_share: list[float] = field(default_factory=list)  # per round, of all CPUs
+    stolen_cpu_share: list[float] = field(default_factory=list)  # per round: steal time
     # The server's CPU time / run time during the QPS runs ("hits", "discovery"): below 1.0
     # the server waited for queries, so dnsperf, not the server, set the pace.
     server_cpu: dict[str, dict[str, list[float]]] = field(
@@ -188,15 +189,31 @@ def wait_quiet(deadline: float, threshold: float = 0.10) -> float:
     return busy
 
 
-def cpu_snapshot(live_pids: Sequence[int] = ()) -> tuple[float, float]:
+def cpu_snapshot(live_pids: Sequence[int] = ()) -> tuple[float, float, float]:
     """(CPU-seconds the whole machine has been busy, CPU-seconds used by this process, its
-    reaped children and the still-running processes `live_pids`)."""
+    reaped children and the still-running processes `live_pids`, CPU-seconds stolen).
+    Stolen: time a virtual CPU wanted to run and the hypervisor ran something else (the
+    steal field of /proc/stat); on a shared host it comes and goes, and a round with much of
+    it measures the host as much as the servers. It is not counted as busy."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    stolen = fields[7] if len(fields) > 7 else 0
+    busy = (sum(fields) - fields[3] - fields[4] - stolen) / tick
     t = os.times()
     ours = t.user + t.system + t.children_user + t.children_system
     ours += sum(cpu_seconds(pid) for pid in live_pids)
-    return busy, ours
+    return busy, ours, stolen / tick
+
+
+def steal_mark() -> tuple[float, float]:
+    """(now, CPU-seconds stolen by the hypervisor so far): for `stolen_since`."""
+    return time.monotonic(), cpu_snapshot()[2]
+
+
+def stolen_since(mark: tuple[float, float]) -> float:
+    """The share of all CPUs the hypervisor took since `mark` (cpu_snapshot's notes)."""
+    (t0, stolen0), (t1, stolen1) = mark, steal_mark()
+    return (stolen1 - stolen0) / max((t1 - t0) * (os.cpu_count() or 1), 1e-9)
 
 
 def sidecar_metric(server: Sidecar, name: str) -> float:
@@ -596,17 +613,21 @@ class Bench:
         for round_no in range(self.s.rounds):
             if round_no:
                 wait_quiet(self.quiet_deadline)
-            t0, (busy0, ours0) = time.monotonic(), cpu_snapshot([self.nsd.pid])
+            t0, (busy0, ours0, stolen0) = time.monotonic(), cpu_snapshot([self.nsd.pid])
             self.life_a(round_no)
             self.life_b(round_no)
-            t1, (busy1, ours1) = time.monotonic(), cpu_snapshot([self.nsd.pid])
+            t1, (busy1, ours1, stolen1) = time.monotonic(), cpu_snapshot([self.nsd.pid])
             # CPU time of processes that are not part of the benchmark (other work on the
-            # machine), as a share of both CPUs: what disturbed this round.
+            # machine), and CPU time the hypervisor took, as shares of both CPUs: what
+            # disturbed this round.
+            cpus = (t1 - t0) * (os.cpu_count() or 1)
             other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-            self.results.other_cpu_share.append(other / ((t1 - t0) * (os.cpu_count() or 1)))
+            self.results.other_cpu_share.append(other / cpus)
+            self.results.stolen_cpu_share.append((stolen1 - stolen0) / cpus)
             log(
                 f"round {round_no + 1}: other processes used "
-                f"{self.results.other_cpu_share[-1]:.0%} of the CPUs"
+                f"{self.results.other_cpu_share[-1]:.0%} of the CPUs, the hypervisor took "
+                f"{self.results.stolen_cpu_share[-1]:.0%}"
             )
         return self.results
 
