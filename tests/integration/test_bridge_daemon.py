@@ -247,16 +247,21 @@ def test_bridge_containers_resolve_through_the_daemon_and_a_cold_burst_stays_in_
 
 
 def test_without_the_budget_the_whole_burst_goes_upstream_at_once(lab: BridgeLab) -> None:
-    """The control: what the budget held back above would have been sent at the clients' pace,
-    far above the limit's (the busiest quarter second alone holds more than 1024 / 4)."""
+    """The control: the burst the budget held back above came faster than the limit's
+    pace, and without the budget every query of it goes upstream. How fast the upstream sees
+    them is the sidecar's reading speed, printed, not asserted: its busiest quarter second held
+    252-392 packets here and 216 on a slower CI machine (the bound it was held to, 1024 / 4,
+    failed there)."""
     lab.start_sidecar(0)
     results = lab.burst()
     seen = lab.upstream.queries()
     rcodes = Counter(str(rcode) for *_, rcode in results)
-    quarter = busiest_second(seen, 0.25)
+    sent = [float(str(at)) for _, at, _, _ in results]
+    pace = len(sent) / max(max(sent) - min(sent), 1e-3)
     print(
-        f"\nno budget: upstream saw {len(seen)} packets, at most {busiest_second(seen)} in one "
-        f"second, {quarter} in a quarter second; answers by rcode {dict(rcodes)}"
+        f"\nno budget: clients sent {len(sent)} queries at {pace:,.0f}/s; upstream saw "
+        f"{len(seen)} packets, at most {busiest_second(seen)} in one second, "
+        f"{busiest_second(seen, 0.25)} in a quarter second; answers by rcode {dict(rcodes)}"
     )
+    assert pace > VPC_LIMIT
     assert len(seen) >= NAMES and rcodes == {"NOERROR": NAMES}
-    assert quarter > VPC_LIMIT / 4
