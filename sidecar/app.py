@@ -48,16 +48,9 @@ TYPE_NS_IN = b"\x00\x02\x00\x01"
 CLOCK = time.monotonic
 
 
-def has_discovery(config: Config) -> bool:
-    """Whether `config` has a discovery zone (one with a health check). Only then are the
-    discovery modules imported, through discovery_wiring.py: ~20 ms of start-up and their
-    memory, which a sidecar without one does not pay."""
-    return any(zone.health_check is not None for zone in config.zones)
-
-
 def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
     """One Cloud Map source per discovery zone that asks for one (discovery_wiring.py)."""
-    if not has_discovery(config):
+    if not config.discovery_zones():
         return {}
     from sidecar import discovery_wiring as wiring
 
@@ -104,7 +97,7 @@ def build_resolver(
         },
     )
     discovery: ZoneRouter[DiscoveryZone | None] = ZoneRouter(None, {})
-    if has_discovery(config):
+    if config.discovery_zones():
         from sidecar import discovery_wiring as wiring
 
         discovery = ZoneRouter(None, wiring.discovery_zones(config, cloudmap))
@@ -263,7 +256,7 @@ class Server:
     def endpoint_table(self) -> object:
         """/debug/endpoints and `dns-sidecar status`: the endpoint table as JSON."""
         table = self.resolver.endpoints
-        checks = {z.name: str(z.health_check) for z in self.config.zones if z.health_check}
+        checks = {z.name: str(z.health_check) for z in self.config.discovery_zones()}
         return {
             "discovery_zones": checks,
             "endpoints": [] if table is None else table.describe(self.resolver.clock()),
@@ -282,7 +275,7 @@ class Server:
                 config.upstream.probe_interval,
             )
         ]
-        if has_discovery(config):
+        if config.discovery_zones():
             from sidecar import discovery_wiring as wiring
 
             work.extend(wiring.background_work(config, resolver, self.cloudmap))
@@ -507,7 +500,7 @@ def supervise(config: Config, reload: Callable[[], Config] | None) -> int:
     token = os.urandom(6).hex()
     # Held until the parent's handlers are in place (see sidecar/supervisor.py).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.FORWARDED)
-    if has_discovery(config):  # imported here once, its pages shared by the workers
+    if config.discovery_zones():  # imported here once, its pages shared by the workers
         import sidecar.discovery_wiring  # noqa: F401
     gc.collect()
     gc.freeze()

@@ -36,8 +36,8 @@ def cloudmap_sources(config: Config) -> dict[str, CloudMapSource]:
     url = os.environ.get("AWS_ENDPOINT_URL_SERVICEDISCOVERY") or os.environ.get("AWS_ENDPOINT_URL")
     return {
         zone.name: CloudMapSource(zone.name, zone.cloudmap_namespace, endpoint_url=url or None)
-        for zone in config.zones
-        if zone.health_check is not None and zone.cloudmap_namespace
+        for zone in config.discovery_zones()
+        if zone.cloudmap_namespace
     }
 
 
@@ -58,8 +58,7 @@ def discovery_zones(
             synthesize_a=bool(zone.synthesize_a),
             registry=cloudmap.get(zone.name),
         )
-        for zone in config.zones
-        if zone.health_check is not None
+        for zone in config.discovery_zones()
     }
 
 

@@ -276,7 +276,7 @@ class Resolver:
         self.rng = rng or random.Random()
         if shaper is None and any(zone for _name, zone in self.discovery.targets()):
             # The discovery modules load here, with the first discovery zone: a resolver
-            # without one holds neither the endpoint table nor the shaper (app.has_discovery).
+            # without one holds neither the endpoint table nor the shaper (Config.discovery_zones).
             from sidecar.discovery.endpoints import EndpointTable
             from sidecar.discovery.pools import Shaper
 

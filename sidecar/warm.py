@@ -19,7 +19,7 @@ SERVING = (
     "sidecar.healthcheck",
     "sidecar.status",
     "sidecar.metrics",  # imported at the first /metrics request (server/http.py)
-    "sidecar.discovery_wiring",  # with the first discovery zone (app.has_discovery)
+    "sidecar.discovery_wiring",  # with the first discovery zone (Config.discovery_zones)
     "dnslib",  # imported when the first discovery answer is shaped
 )
 

@@ -140,6 +140,11 @@ class Config:
     manage_resolv_conf: bool = False  # rewrite resolv.conf to us at start, restore at exit
     resolv_conf_path: str = DEFAULT_RESOLV_CONF
 
+    def discovery_zones(self) -> tuple[Zone, ...]:
+        """The discovery zones: those with a health check, whose answers are shaped. Without
+        one, no discovery module is imported (sidecar/discovery_wiring.py)."""
+        return tuple(zone for zone in self.zones if zone.health_check is not None)
+
     def describe(self) -> dict[str, object]:
         """A JSON-able summary for the start-up log line; each group is a nested object."""
         summary: dict[str, object] = {

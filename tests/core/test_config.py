@@ -635,6 +635,8 @@ def test_discovery_zones_from_file_and_flags(tmp_path: Path) -> None:
     assert local.cloudmap_namespace == "local"
     assert zones["svc.test"].health_check == cfg.HealthCheck("tcp", 81, "/")
     assert zones["corp.example"].health_check is None
+    assert {zone.name for zone in config.discovery_zones()} == {"local", "svc.test"}
+    assert cfg.load(["--upstream", "10.0.0.2"], {}).discovery_zones() == ()
 
 
 def test_discovery_settings_from_env() -> None:
