@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +26,29 @@ def free_port() -> Callable[..., int]:
 def loopback() -> Callable[[], str]:
     """Hands out distinct IPv4 loopback addresses (127.0.9.x) for servers a test starts."""
     return lambda: loopback_host(9)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The atheris run (tests/integration/test_fuzz_atheris.py), started now when it is to
+    run: CPU-bound in a process of its own for 20 s, it uses the CPU the unit tests leave
+    idle, and its test collects it."""
+    from tests.integration import test_fuzz_atheris as fuzz
+
+    if not any(item.nodeid == fuzz.NODE_ID for item in session.items):
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    proc = fuzz.start_fuzzing(workdir)
+    if proc is not None:
+        session.stash[fuzz.FUZZING] = (proc, workdir)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.integration import test_fuzz_atheris as fuzz
+
+    started = session.stash.get(fuzz.FUZZING, None)
+    if started is not None:
+        proc, workdir = started
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -4,6 +4,7 @@ the wire reader in every CI run. `make fuzz` runs it longer, with a corpus kept 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,25 +17,48 @@ from tests.integration.conftest import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
+NODE_ID = "tests/integration/test_fuzz_atheris.py::test_atheris_finds_no_crash_in_the_wire_reader"
 
 
-def test_atheris_finds_no_crash_in_the_wire_reader(tmp_path: Path) -> None:
+def start_fuzzing(workdir: Path) -> subprocess.Popen[bytes] | None:
+    """The harness running for SECONDS in `workdir` (its corpus, crashes and output there), or
+    None without atheris. tests/conftest.py starts it when the session begins: it keeps one
+    CPU busy, and the unit tests, which run first, use the other (~20 s off the suite)."""
+    if importlib.util.find_spec("atheris") is None:
+        return None
+    with open(workdir / "fuzz.err", "wb") as err:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO_ROOT / "fuzz" / "fuzz_wire.py"),
+                str(workdir / "corpus"),
+                f"-max_total_time={SECONDS}",
+                "-rss_limit_mb=1024",
+                f"-artifact_prefix={workdir}/",
+            ],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def test_atheris_finds_no_crash_in_the_wire_reader(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     pytest.importorskip("atheris", reason="atheris is in the test extra; pip install -e '.[test]'")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "fuzz" / "fuzz_wire.py"),
-            str(tmp_path / "corpus"),
-            f"-max_total_time={SECONDS}",
-            "-rss_limit_mb=1024",
-            f"-artifact_prefix={tmp_path}/",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=SECONDS + 120,
-        check=False,
-    )
-    crashes = sorted(p.name for p in tmp_path.glob("crash-*"))
-    assert proc.returncode == 0 and not crashes, proc.stderr[-5000:]
-    assert "Done " in proc.stderr  # libFuzzer's closing line: it ran
+    started = request.session.stash.get(FUZZING, None)
+    proc, workdir = started if started is not None else (start_fuzzing(tmp_path), tmp_path)
+    assert proc is not None
+    try:
+        proc.wait(timeout=SECONDS + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = (workdir / "fuzz.err").read_text(errors="replace")
+    crashes = sorted(p.name for p in workdir.glob("crash-*"))
+    assert proc.returncode == 0 and not crashes, stderr[-5000:]
+    assert "Done " in stderr  # libFuzzer's closing line: it ran
+
+
+FUZZING = pytest.StashKey[tuple[subprocess.Popen[bytes], Path]]()
