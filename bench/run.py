@@ -613,17 +613,17 @@ class Bench:
         for round_no in range(self.s.rounds):
             if round_no:
                 wait_quiet(self.quiet_deadline)
-            t0, (busy0, ours0, stolen0) = time.monotonic(), cpu_snapshot([self.nsd.pid])
+            mark = steal_mark()
+            t0, (busy0, ours0, _) = time.monotonic(), cpu_snapshot([self.nsd.pid])
             self.life_a(round_no)
             self.life_b(round_no)
-            t1, (busy1, ours1, stolen1) = time.monotonic(), cpu_snapshot([self.nsd.pid])
+            t1, (busy1, ours1, _) = time.monotonic(), cpu_snapshot([self.nsd.pid])
             # CPU time of processes that are not part of the benchmark (other work on the
             # machine), and CPU time the hypervisor took, as shares of both CPUs: what
             # disturbed this round.
-            cpus = (t1 - t0) * (os.cpu_count() or 1)
             other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-            self.results.other_cpu_share.append(other / cpus)
-            self.results.stolen_cpu_share.append((stolen1 - stolen0) / cpus)
+            self.results.other_cpu_share.append(other / ((t1 - t0) * (os.cpu_count() or 1)))
+            self.results.stolen_cpu_share.append(stolen_since(mark))
             log(
                 f"round {round_no + 1}: other processes used "
                 f"{self.results.other_cpu_share[-1]:.0%} of the CPUs, the hypervisor took "

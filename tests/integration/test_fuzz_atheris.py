@@ -18,6 +18,8 @@ pytestmark = pytest.mark.integration
 
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
 NODE_ID = "tests/integration/test_fuzz_atheris.py::test_atheris_finds_no_crash_in_the_wire_reader"
+# The run tests/conftest.py started (the process, its work directory), in the session's stash.
+FUZZING = pytest.StashKey[tuple[subprocess.Popen[bytes], Path]]()
 
 
 def start_fuzzing(workdir: Path) -> subprocess.Popen[bytes] | None:
@@ -59,6 +61,3 @@ def test_atheris_finds_no_crash_in_the_wire_reader(
     crashes = sorted(p.name for p in workdir.glob("crash-*"))
     assert proc.returncode == 0 and not crashes, stderr[-5000:]
     assert "Done " in stderr  # libFuzzer's closing line: it ran
-
-
-FUZZING = pytest.StashKey[tuple[subprocess.Popen[bytes], Path]]()

@@ -54,8 +54,11 @@ def ask(sc: Sidecar, label: str) -> bool:
             query.id = qid
             client.send(query.to_wire())
             reply = client.recv(65535)
-            counts_ok = reply[6:8] == ADDRESSES.to_bytes(2, "big")  # ANCOUNT
-            answered += reply[:2] == qid.to_bytes(2, "big") and reply[3] & 0x0F == 0 and counts_ok
+            answered += (
+                reply[:2] == qid.to_bytes(2, "big")  # its ID
+                and reply[3] & 0x0F == 0  # NOERROR
+                and reply[6:8] == ADDRESSES.to_bytes(2, "big")  # ANCOUNT: every address
+            )
     return answered == 3
 
 

@@ -60,7 +60,7 @@ Lab = tuple[subprocess.Popen[bytes], Path]
 # Scenarios that mostly wait (a lookup and a connection every 10-20 ms) and hold no deadline
 # tighter than a second: started with the module when their test is to run, each in a
 # namespace of its own, they run while the scenarios before them do, and their tests (the
-# module's last) collect them. Run one after another, the module took 95 s; so, ~35.
+# module's last) collect them. Run one after another, the module took 95 s; so, ~44.
 IN_BACKGROUND = {
     "test_three_azs_with_a_dead_local_endpoint_spill_over_as_documented": ("azs",),
     "test_without_cloud_map_the_same_client_reaches_only_the_8_dns_gave": (
@@ -71,10 +71,11 @@ IN_BACKGROUND = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def background_labs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Lab]]:
+    """Autouse: set up before the module's first test, which starts them."""
     labs: dict[str, Lab] = {}
     try:
         for item in request.session.items:
@@ -88,11 +89,6 @@ def background_labs(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-@pytest.fixture(autouse=True)
-def _start_background_labs(background_labs: dict[str, Lab]) -> None:
-    """Requested by every test of the module, so the first starts them."""
 
 
 def collect(background_labs: dict[str, Lab], request: pytest.FixtureRequest) -> Any:
