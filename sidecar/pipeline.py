@@ -79,7 +79,7 @@ class Fetch(Forwarded):
     the question's decisions, its exchanges and this), and who waits on it: plain data, no
     future (a miss crossed four future hops before, each a loop iteration)."""
 
-    __slots__ = ("ended", "q", "resolver", "route", "waiters")
+    __slots__ = ("clients", "ended", "q", "resolver", "route", "waiters")
 
     def __init__(
         self,
@@ -98,6 +98,9 @@ class Fetch(Forwarded):
         self.q = q
         self.route = route  # the zone it was routed by
         self.waiters: list[Fetched] = []
+        # Client queries with no stale answer to fall back on, answered when the fetch ends
+        # (the common waiter, as plain data: no object or callback each).
+        self.clients: list[tuple[bytes, wire.Query, int, Deliver]] = []
         self.ended: tuple[Entry | None, BaseException | None] | None = None
 
     def settled(
@@ -111,6 +114,18 @@ class Fetch(Forwarded):
         if error is not None and not isinstance(error, UpstreamError):
             log.error("fetch failed", exc_info=error)
         self.ended = (entry, error)
+        clients, self.clients = self.clients, []
+        if clients:
+            resolver = self.resolver
+            now = resolver.clock()
+            for query, q, limit, deliver in clients:
+                try:
+                    if entry is not None:
+                        deliver(resolver.render(entry, query, q, now, limit), "upstream")
+                    else:
+                        deliver(*resolver.answer_failed(query, q, limit, None, error))
+                except Exception:
+                    log.exception("answering a fetched query failed")
         waiters, self.waiters = self.waiters, []
         for fetched in waiters:
             try:
@@ -128,8 +143,9 @@ class Fetch(Forwarded):
 
 
 class _Waiter:
-    """One client query waiting on a fetch; with a stale entry, also on a timer that gives it
-    the stale answer after stale_answer_after (RFC 8767), whichever comes first."""
+    """One client query waiting on a fetch with a stale entry to fall back on (one without
+    is plain data in `Fetch.clients`), also on a timer that gives it the stale answer after
+    stale_answer_after (RFC 8767), whichever comes first; or on a fetch that has ended."""
 
     __slots__ = ("deliver", "limit", "q", "query", "resolver", "stale", "timer")
 
@@ -451,6 +467,9 @@ class Resolver:
             return
         else:
             fetch = self._start_fetch(q)
+        if stale is None and fetch.ended is None:  # the common waiter: plain data (Fetch.end)
+            fetch.clients.append((query, q, limit, deliver))
+            return
         waiter = _Waiter(self, query, q, limit, deliver, stale)
         fetch.wait(waiter.fetched)
         if stale is not None and waiter.deliver is not None:
@@ -527,7 +546,9 @@ class Resolver:
                 raise error or UpstreamError("no outcome")
             msg, reply = outcome
             route = fetch.route
-            zone_name, zone = self.discovery.route(q.key[:-5])
+            zone_name, zone = ".", None
+            if self.shaper is not None:  # made with the first discovery zone: look it up
+                zone_name, zone = self.discovery.route(q.key[:-5])
             if zone is None:  # rotated if its zone's answer_order says so
                 entry = self._store(q, route, msg, reply, self.clock(), ".", None, None)
             elif zone.synthesize_a and self._synthesize_address(
