@@ -67,17 +67,24 @@ soak: $(STAMP)
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
+# The sidecar runs on Debian's python3.11, optimised as the image's interpreter is (bench/image.py):
+# its venv module comes in python3.11-venv, installed when missing (no command tells it apart).
+BENCH_DEPS := bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
+BENCH_VENV_DEP := /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null || DEPS_PATH=/nonexistent bash .ci/install-deps.sh bench python3.11-venv=python3.11-venv
+
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
+	$(BENCH_DEPS)
+	$(BENCH_VENV_DEP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: $(BENCH_STAMP)
-	bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
+	$(BENCH_DEPS)
+	$(BENCH_VENV_DEP)
 	$(BIN)/python -m bench.run --quick --out bench/results/quick $(BENCH_ARGS)
 
 # A fleet of 50 sidecars polling Cloud Map (moto) through a throttling shim, 2 minutes

@@ -48,8 +48,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import load, zones
+from bench.image import image_python, interpreter_line
 from bench.run import ROOT, cpu_busy_share, log, steal_mark, stolen_since
-from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
+from bench.servers import Dnsmasq, Nsd, Server, Sidecar
 
 MODES = ("protocol", "reader", "blocking", "thread", "batch", "batch-cold")
 HALF_LOAD_SECONDS = 1.5  # as bench/run.py's latency runs
@@ -223,7 +224,7 @@ class Responder(Server):
         self.names = names
 
     def command(self) -> list[str]:
-        exe = str(VENV_BIN / "python")
+        exe = str(image_python())  # the sidecar's interpreter (bench/image.py)
         return [
             *(exe, "-m", "bench.ceiling", "serve", "--mode", self.mode),
             *("--listen", self.address, "--names", str(self.names)),
@@ -321,7 +322,8 @@ def measure(argv: Sequence[str]) -> int:
         "shuffled), servers pinned to CPU 1, dnsperf to CPU 0. "
         f"Machine busy before the run: {busy:.0%}; CPU taken by the hypervisor during it: "
         f"{stolen:.0%}. "
-        "See bench/ceiling.py for the toy responders.",
+        "See bench/ceiling.py for the toy responders. "
+        f"The sidecar and the toys run on {interpreter_line()}.",
         "",
         "| server | median QPS | / dnsmasq | server CPU busy | us of CPU per query | runs |",
         "|---|---:|---:|---:|---:|---|",

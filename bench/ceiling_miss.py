@@ -56,8 +56,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import load, zones
+from bench.image import image_python, interpreter_line
 from bench.run import ROOT, cpu_busy_share, log, steal_mark, stolen_since
-from bench.servers import VENV_BIN, Dnsmasq, Nsd, Server, Sidecar
+from bench.servers import Dnsmasq, Nsd, Server, Sidecar
 
 MODES = ("callback", "batch", "flat", "flat-inline")
 Address = tuple[str, int]
@@ -367,7 +368,7 @@ class MissResponder(Server):
         self.upstream = upstream
 
     def command(self) -> list[str]:
-        exe = str(VENV_BIN / "python")
+        exe = str(image_python())  # the sidecar's interpreter (bench/image.py)
         return [
             *(exe, "-m", "bench.ceiling_miss", "serve", "--mode", self.mode),
             *("--listen", self.address, "--upstream", self.upstream),
@@ -443,7 +444,8 @@ def measure(argv: Sequence[str]) -> int:
         f"dnsperf and NSD to CPU 0. Machine busy before the run: {busy:.0%}; CPU taken by the "
         f"hypervisor during it: {stolen:.0%} (shared with other "
         "engineers' tests: CPU per miss is the measure, QPS is secondary). "
-        "See bench/ceiling_miss.py for the toy forwarders.",
+        "See bench/ceiling_miss.py for the toy forwarders. "
+        f"The sidecar and the toys run on {interpreter_line()}.",
         "",
         "| server | median us of CPU per miss | / dnsmasq | median QPS | / dnsmasq | "
         "us per miss, runs | QPS, runs |",

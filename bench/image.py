@@ -9,8 +9,18 @@ use: 4% more instructions to import the server (callgrind: 425.6 against 409.6 m
 ms of a ~170 ms start to the first answer (median of 30 starts each, bench/NOTES.md,
 2026-12-06). No deployed sidecar pays it.
 
+The interpreter differs too. The image's (the official `python:3.11` image) is built with
+profile-guided and link-time optimisation; so is Debian's `python3.11`, while a plain build
+(pyenv's default, which this machine's `python3` and `.venv` are) runs the sidecar's Python
+15-20% slower: `bench.miss_path` 28-29 against 19-26 us per miss, alternated, 2026-12-06. The
+toys of `bench.ceiling` and `bench.ceiling_miss` run on it too, so a ceiling is measured on
+the same interpreter as the sidecar beside it.
+
 So the benchmark runs `dns-sidecar` from `.venv/bench-image`, made here the same way:
-- built again only when requirements.lock changes (its SHA-256 kept in the venv);
+- on `OPTIMISED_PYTHON` when it is there with its venv module (Debian: python3.11-venv),
+  else on this process's interpreter, said in the results (`BENCH_PYTHON` chooses another);
+- built again only when requirements.lock or that interpreter changes (their SHA-256 kept in
+  the venv);
 - the project reinstalled from this tree at the start of every benchmark process, so the run
   measures the code it sits next to;
 - no setuptools left in it (the Dockerfile pins the one it builds with and removes it); pip
@@ -20,6 +30,7 @@ So the benchmark runs `dns-sidecar` from `.venv/bench-image`, made here the same
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +44,26 @@ SETUPTOOLS = "setuptools==80.9.0"  # the Dockerfile's build-time pin
 _STAMP = ".requirements-lock.sha256"
 _PROJECT_FILES = ("pyproject.toml", "README.md")
 
+# Built as the image's interpreter is (profile-guided, link-time optimised): see above.
+OPTIMISED_PYTHON = Path("/usr/bin/python3.11")
+
 _installed: list[Path] = []
+
+
+def base_python() -> str:
+    """The interpreter the image-like virtualenv is made with (see the module's docstring)."""
+    chosen = os.environ.get("BENCH_PYTHON")
+    if chosen:
+        return chosen
+    if OPTIMISED_PYTHON.exists():
+        probe = subprocess.run(
+            [str(OPTIMISED_PYTHON), "-c", "import ensurepip, venv"],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return str(OPTIMISED_PYTHON)
+    return getattr(sys, "_base_executable", sys.executable)
 
 
 def _pip(*args: str) -> None:
@@ -54,9 +84,8 @@ def _venv_current(digest: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == digest
 
 
-def _build_venv(digest: str) -> None:
+def _build_venv(digest: str, base: str) -> None:
     shutil.rmtree(IMAGE_VENV, ignore_errors=True)
-    base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(IMAGE_VENV)], check=True)
     _pip("--no-deps", "--only-binary=:all:", "-r", str(LOCK))
     (IMAGE_VENV / _STAMP).write_text(digest + "\n")
@@ -84,9 +113,34 @@ def image_bin() -> Path:
     """The bin directory of the image-like virtualenv, with this tree installed in it; made
     once per benchmark process."""
     if not _installed:
-        digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+        base = base_python()
+        digest = hashlib.sha256(LOCK.read_bytes() + os.fsencode(base)).hexdigest()
         if not _venv_current(digest):
-            _build_venv(digest)
+            _build_venv(digest, base)
         _install_project()
         _installed.append(IMAGE_VENV / "bin")
     return _installed[0]
+
+
+def image_python() -> Path:
+    """The image-like virtualenv's interpreter (the toys beside the sidecar run on it)."""
+    return image_bin() / "python"
+
+
+def interpreter_line() -> str:
+    """Which interpreter runs the sidecar, for the results: its version and whether it is
+    the optimised build (see the module's docstring)."""
+    exe = image_python()
+    version = subprocess.run(
+        [str(exe), "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    base = base_python()
+    kind = (
+        "built with profile-guided and link-time optimisation, as the image's is"
+        if base == str(OPTIMISED_PYTHON)
+        else "a build of unknown optimisation, not necessarily the image's"
+    )
+    return f"CPython {version} ({base}: {kind})"

@@ -304,7 +304,9 @@ def markdown(results: Results, meta: dict[str, Any]) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; CPUs busy before the "
         f"run {meta['busy_before']:.0%}, after {meta['busy_after']:.0%} (load average before: "
         f"{meta['loadavg_before']})",
-        f"- Servers: {m['sidecar']} on Python {m['python']} + uvloop {m['uvloop']}; "
+        f"- Servers: {m['sidecar']} on "
+        + (m["python"] if m["python"].startswith("CPython") else f"Python {m['python']}")
+        + f" + uvloop {m['uvloop']}; "
         f"{m['dnsmasq']}; Unbound {m['unbound'].replace('Version ', '')}; upstream {m['nsd']}; "
         f"load from dnsperf {m['dnsperf']}",
         f"- Method: {s['rounds']} round(s), servers started afresh each round and measured in a "

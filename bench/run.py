@@ -39,7 +39,7 @@ from typing import Any
 
 from bench import load, report, zones
 from bench.fixtures import CountingProxy, LoopThread, TcpBackends
-from bench.image import image_bin
+from bench.image import image_bin, interpreter_line
 from bench.servers import (
     Dnsmasq,
     Nsd,
@@ -667,7 +667,7 @@ def machine_info() -> dict[str, str]:
         "cpu": model,
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
-        "python": platform.python_version(),
+        "python": interpreter_line(),  # the sidecar's, not this process's
         "uvloop": str(getattr(uvloop, "__version__", "?")),
         "sidecar": first_line([sidecar_exe, "--version"])
         + f" (commit {commit}"

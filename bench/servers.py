@@ -18,7 +18,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,6 @@ from pathlib import Path
 from bench.image import image_bin
 from bench.zones import hit_name
 
-VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 
