@@ -219,7 +219,17 @@ class FastPath:
         within half a second) and before 8,192 to 16,384 other names were. Names asked less
         often would only churn the table (100,000 names asked in turn filled and swept it
         every second, a row made per query and never used); a reader thread answers them from
-        their entries (`answer_cold`). At most 2 x ADMIT_MEMORY entries are remembered."""
+        their entries (`answer_cold`). At most 2 x ADMIT_MEMORY entries are remembered (and
+        a reader thread's batch more: `drain` judges a batch's hits at one moment)."""
+        asked, before = self._generations(now)
+        if entry in asked or entry in before:
+            return True
+        asked.add(entry)
+        return False
+
+    def _generations(self, now: float) -> tuple[set[Entry], set[Entry]]:
+        """The admission memory at `now` (see `admit`): the current generation and the one
+        before, a new one begun when due."""
         asked = self.asked
         if now - self.asked_since >= ADMIT_WITHIN / 2 or len(asked) >= ADMIT_MEMORY:
             # The generation ends; the one before goes, and so does this one if it began
@@ -228,11 +238,7 @@ class FastPath:
             if now - self.asked_since >= ADMIT_WITHIN:
                 asked = set()
             self.asked_before, self.asked, self.asked_since = asked, set(), now
-            asked = self.asked
-        if entry in asked or entry in self.asked_before:
-            return True
-        asked.add(entry)
-        return False
+        return self.asked, self.asked_before
 
     def remember(
         self, query: bytes, q: wire.Query, entry: Entry, now: float, reply: bytes = b""
@@ -413,7 +419,7 @@ class FastPath:
         if entry is None:
             return None
         ttl = math.ceil(entry.expires - now)
-        reply = entry.render_with_ttl(query, q, ttl, wire.udp_limit(q.edns_size))
+        reply = entry.render_with_ttl(query, q, ttl, q.edns_size or wire.PLAIN_UDP_LIMIT)
         cold.append((query, q, entry))
         return reply
 
@@ -453,10 +459,11 @@ class FastPath:
             metrics.cache_hits,
             metrics.responses["cache"],
         )
-        touch, admit = source.touch, self.admit
+        touch = source.touch
         admitted: list[tuple[ColdHit, float]] = []
         while handed_cold:
             cold, now, seconds = handed_cold.popleft()
+            asked, before = self._generations(now)  # `admit`, for the batch's moment
             for cold_hit in cold:
                 query, q, entry = cold_hit
                 requests[q.qtype] += 1
@@ -464,8 +471,10 @@ class FastPath:
                 hits[form.negative] += 1
                 responses[form.rcode] += 1
                 touch(q.key)
-                if admit(entry, now):
+                if entry in asked or entry in before:
                     admitted.append((cold_hit, now))
+                else:
+                    asked.add(entry)
             self._timed(durations, seconds, len(cold))
         # Rows are made once the backlog is counted: making one refreshes it, which drains
         # first, so a row made inside the loop above began a drain of the rest, one level
