@@ -7,7 +7,9 @@ rendered, delivered. Prints the microseconds per miss of each round. What it lea
 listener, the sockets and the event loop (bench.miss_cost measures those too, with their
 noise of +-5% between runs); what it keeps is steady to about 1%, so a change to the
 pipeline, the forwarder or the core shows here first. A profile of the same loop:
-`--profile` (cProfile: its counts are exact, its times inflated).
+`--profile` (cProfile: its counts are exact, its times inflated). `--callgrind`, run under
+valgrind's callgrind: the instructions per miss of the last round alone (its counters zeroed
+before and dumped after with `callgrind_control`), a count that does not move with the host.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import os
 import pstats
+import subprocess
 import time
 from collections.abc import Sequence
 
@@ -55,6 +59,11 @@ class RecordingExchanges:
         pass
 
 
+def callgrind(action: str) -> None:
+    """`callgrind_control -z` (zero) or `-d` (dump) for this process, run under callgrind."""
+    subprocess.run(["callgrind_control", action, str(os.getpid())], check=True, capture_output=True)
+
+
 def workload(names: int, round_no: int) -> list[tuple[bytes, bytes]]:
     """(query, reply) for `names` new names; each reply's ID is left to the transport."""
     pairs = []
@@ -69,15 +78,20 @@ def workload(names: int, round_no: int) -> list[tuple[bytes, bytes]]:
 
 
 def one_round(
-    resolver: Resolver, transport: RecordingExchanges, pairs: list[tuple[bytes, bytes]]
+    resolver: Resolver,
+    transport: RecordingExchanges,
+    pairs: list[tuple[bytes, bytes]],
+    count: bool = False,
 ) -> float:
-    """Microseconds per miss over `pairs`."""
+    """Microseconds per miss over `pairs`; `count`: under callgrind, only this counted."""
     answered: list[bytes] = []
 
     def deliver(reply: bytes, _source: str) -> None:
         answered.append(reply)
 
     gc.collect()
+    if count:
+        callgrind("-z")
     started = time.perf_counter()
     for at in range(0, len(pairs), READ_EVERY):
         transport.started.clear()
@@ -89,12 +103,14 @@ def one_round(
         for (_query, reply), (attempt, asker) in zip(batch, transport.started, strict=True):
             asker.exchanged(attempt, reply, None)
     elapsed = time.perf_counter() - started
+    if count:
+        callgrind("-d")
     if len(answered) != len(pairs):
         raise SystemExit(f"{len(answered)} of {len(pairs)} misses answered")
     return elapsed / len(pairs) * 1e6
 
 
-async def measure(names: int, rounds: int, profile: bool) -> list[float]:
+async def measure(names: int, rounds: int, profile: bool, count: bool = False) -> list[float]:
     metrics = Counters()
     transport = RecordingExchanges()
     resolver = Resolver(
@@ -115,7 +131,8 @@ async def measure(names: int, rounds: int, profile: bool) -> list[float]:
             stats = pstats.Stats(profiler)
             stats.sort_stats("tottime").print_stats(40)
         else:
-            per_miss.append(one_round(resolver, transport, pairs))
+            last = round_no == rounds - 1
+            per_miss.append(one_round(resolver, transport, pairs, count and last))
     return per_miss
 
 
@@ -124,8 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--names", type=int, default=20000, help="new names per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="cProfile one more round")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="under callgrind: dump the last round's count"
+    )
     args = parser.parse_args(argv)
-    per_miss = asyncio.run(measure(args.names, args.rounds + args.profile, args.profile))
+    per_miss = asyncio.run(
+        measure(args.names, args.rounds + args.profile, args.profile, args.callgrind)
+    )
     rounds = " ".join(f"{us:.2f}" for us in per_miss)
     print(f"us per miss, by round: {rounds}; best {min(per_miss):.2f}")
     return 0

@@ -1,0 +1,105 @@
+"""Hits without a row in one process, no sockets: `python -m bench.cold_path [--names N]`.
+
+Each round stores N names in a cache (one A record each), then asks each once through
+`FastPath.answer_cold` (a reader thread's work for a name with no row), hands the hits off 32
+at a time and drains them every DRAIN_AT batches (the loop's work: counts, LRU, admission), as
+the 100,000-name row of `make bench` does. Prints the microseconds per hit of each round;
+`--bare` does only a bare responder's parse, look-up and render instead (bench.ceiling's
+`batch-cold`). `--callgrind`, run under valgrind's callgrind: the instructions per hit of the
+measured part alone (its counters zeroed before and dumped after with `callgrind_control`),
+a count that does not move with the host's speed (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+
+from bench.miss_path import RecordingExchanges, callgrind, workload
+from sidecar.addresses import HostPort
+from sidecar.core import wire
+from sidecar.core.cache import CacheSettings, TtlCache
+from sidecar.core.counters import Counters
+from sidecar.core.fast_path import DRAIN_AT, ColdHit
+from sidecar.core.routing import ZoneRouter
+from sidecar.core.upstream_health import UpstreamSet
+from sidecar.forwarder import Forwarder
+from sidecar.pipeline import Resolver
+
+BATCH = 32  # hits per reader-thread batch (server/datagram_batch.py's SIZE)
+
+
+async def one_round(names: int, round_no: int, bare: bool, count: bool = False) -> float:
+    """Microseconds per hit over `names` names, each asked once; `count`: under callgrind,
+    only this part counted (see the module's docstring)."""
+    metrics = Counters()
+    cache = TtlCache(CacheSettings(prefetch_percent=0, max_entries=10**6))
+    resolver = Resolver(
+        cache,
+        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
+        Forwarder(RecordingExchanges(), metrics, attempt_timeout=1.0, clock=time.monotonic),
+        metrics,
+        query_timeout=4.0,
+    )
+    now = time.monotonic()
+    queries = []
+    for query, reply in workload(names, round_no):
+        q = wire.parse_query(query)
+        cache.store(q.key, reply, wire.parse_reply(reply), now, q.do)
+        queries.append(query)
+    fast, peek, parse = resolver.fast, cache.peek, wire.parse_query
+    cold: list[ColdHit] = []
+    answered = 0
+    if count:
+        callgrind("-z")
+    started = time.perf_counter()
+    for query in queries:
+        if bare:
+            q = parse(query)
+            entry = peek(q.key)
+            reply = None
+            if entry is not None and entry.expires > now:
+                limit = q.edns_size or wire.PLAIN_UDP_LIMIT
+                reply = entry.render_with_ttl(query, q, math.ceil(entry.expires - now), limit)
+        else:
+            reply = fast.answer_cold(query, now, cold)
+            if len(cold) == BATCH:
+                fast.hand_off_cold((cold, now, 1e-4))
+                cold = []
+                if len(fast._handed_cold) >= DRAIN_AT:
+                    fast.drain()
+        answered += reply is not None
+    if cold:
+        fast.hand_off_cold((cold, now, 1e-4))
+    fast.drain()
+    elapsed = time.perf_counter() - started
+    if count:
+        callgrind("-d")
+    if answered != names:
+        raise SystemExit(f"{answered} of {names} hits answered")
+    return elapsed / names * 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cold_path")
+    parser.add_argument("--names", type=int, default=20000, help="names stored and asked once")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--bare", action="store_true", help="a bare responder's work only")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="under callgrind: dump the last round's count"
+    )
+    args = parser.parse_args(argv)
+    per_hit = [
+        asyncio.run(one_round(args.names, r, args.bare, args.callgrind and r == args.rounds - 1))
+        for r in range(args.rounds)
+    ]
+    rounds = " ".join(f"{us:.2f}" for us in per_hit)
+    print(f"us per hit, by round: {rounds}; best {min(per_hit):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
