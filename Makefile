@@ -68,9 +68,10 @@ BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
 # The sidecar runs on Debian's python3.11, optimised as the image's interpreter is (bench/image.py):
-# its venv module comes in python3.11-venv, installed when missing (no command tells it apart).
+# its venv module comes in python3.11-venv, installed when that import fails (the package has no
+# command of its own, so install-deps.sh never finds it and installs it).
 BENCH_DEPS := bash .ci/install-deps.sh bench dnsperf=dnsperf nsd=nsd dnsmasq=dnsmasq-base unbound=unbound taskset=util-linux
-BENCH_VENV_DEP := /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null || DEPS_PATH=/nonexistent bash .ci/install-deps.sh bench python3.11-venv=python3.11-venv
+BENCH_VENV_DEP := /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null || bash .ci/install-deps.sh bench python3.11-venv=python3.11-venv
 
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

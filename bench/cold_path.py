@@ -18,16 +18,9 @@ import math
 import time
 from collections.abc import Sequence
 
-from bench.miss_path import RecordingExchanges, callgrind, workload
-from sidecar.addresses import HostPort
+from bench.miss_path import RecordingExchanges, callgrind, resolver_on, workload
 from sidecar.core import wire
-from sidecar.core.cache import CacheSettings, TtlCache
-from sidecar.core.counters import Counters
 from sidecar.core.fast_path import DRAIN_AT, ColdHit
-from sidecar.core.routing import ZoneRouter
-from sidecar.core.upstream_health import UpstreamSet
-from sidecar.forwarder import Forwarder
-from sidecar.pipeline import Resolver
 
 BATCH = 32  # hits per reader-thread batch (server/datagram_batch.py's SIZE)
 
@@ -35,15 +28,8 @@ BATCH = 32  # hits per reader-thread batch (server/datagram_batch.py's SIZE)
 async def one_round(names: int, round_no: int, bare: bool, count: bool = False) -> float:
     """Microseconds per hit over `names` names, each asked once; `count`: under callgrind,
     only this part counted (see the module's docstring)."""
-    metrics = Counters()
-    cache = TtlCache(CacheSettings(prefetch_percent=0, max_entries=10**6))
-    resolver = Resolver(
-        cache,
-        ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
-        Forwarder(RecordingExchanges(), metrics, attempt_timeout=1.0, clock=time.monotonic),
-        metrics,
-        query_timeout=4.0,
-    )
+    resolver = resolver_on(RecordingExchanges())
+    cache = resolver.cache
     now = time.monotonic()
     queries = []
     for query, reply in workload(names, round_no):
@@ -62,8 +48,8 @@ async def one_round(names: int, round_no: int, bare: bool, count: bool = False) 
             entry = peek(q.key)
             reply = None
             if entry is not None and entry.expires > now:
-                limit = q.edns_size or wire.PLAIN_UDP_LIMIT
-                reply = entry.render_with_ttl(query, q, math.ceil(entry.expires - now), limit)
+                ttl = math.ceil(entry.expires - now)
+                reply = entry.render_with_ttl(query, q, ttl, wire.udp_limit(q.edns_size))
         else:
             reply = fast.answer_cold(query, now, cold)
             if len(cold) == BATCH:

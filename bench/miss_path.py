@@ -110,16 +110,21 @@ def one_round(
     return elapsed / len(pairs) * 1e6
 
 
-async def measure(names: int, rounds: int, profile: bool, count: bool = False) -> list[float]:
+def resolver_on(transport: RecordingExchanges) -> Resolver:
+    """A resolver with one upstream, no prefetch and room for every name, over `transport`."""
     metrics = Counters()
-    transport = RecordingExchanges()
-    resolver = Resolver(
+    return Resolver(
         TtlCache(CacheSettings(prefetch_percent=0, max_entries=10**6)),
         ZoneRouter(UpstreamSet([HostPort("127.0.0.1", 53)]), {}),
         Forwarder(transport, metrics, attempt_timeout=1.0, clock=time.monotonic),
         metrics,
         query_timeout=4.0,
     )
+
+
+async def measure(names: int, rounds: int, profile: bool, count: bool = False) -> list[float]:
+    transport = RecordingExchanges()
+    resolver = resolver_on(transport)
     per_miss = []
     for round_no in range(rounds):
         pairs = workload(names, round_no)

@@ -115,17 +115,12 @@ class Fetch(Forwarded):
             log.error("fetch failed", exc_info=error)
         self.ended = (entry, error)
         clients, self.clients = self.clients, []
-        if clients:
-            resolver = self.resolver
-            now = resolver.clock()
-            for query, q, limit, deliver in clients:
-                try:
-                    if entry is not None:
-                        deliver(resolver.render(entry, query, q, now, limit), "upstream")
-                    else:
-                        deliver(*resolver.answer_failed(query, q, limit, None, error))
-                except Exception:
-                    log.exception("answering a fetched query failed")
+        answer = self.resolver.answer_fetched
+        for query, q, limit, deliver in clients:
+            try:
+                deliver(*answer(query, q, limit, None, entry, error))
+            except Exception:
+                log.exception("answering a fetched query failed")
         waiters, self.waiters = self.waiters, []
         for fetched in waiters:
             try:
@@ -173,12 +168,8 @@ class _Waiter:
         self.deliver = None
         if self.timer is not None:
             self.timer.cancel()
-        resolver = self.resolver
-        if entry is not None:
-            reply = resolver.render(entry, self.query, self.q, resolver.clock(), self.limit)
-            deliver(reply, "upstream")
-        else:
-            deliver(*resolver.answer_failed(self.query, self.q, self.limit, self.stale, error))
+        answer = self.resolver.answer_fetched
+        deliver(*answer(self.query, self.q, self.limit, self.stale, entry, error))
 
     def stale_due(self) -> None:
         deliver = self.deliver
@@ -476,17 +467,19 @@ class Resolver:
             loop = asyncio.get_running_loop()
             waiter.timer = loop.call_later(self.stale_answer_after, waiter.stale_due)
 
-    def answer_failed(
+    def answer_fetched(
         self,
         query: bytes,
         q: wire.Query,
         limit: int,
         stale: Entry | None,
+        entry: Entry | None,
         error: BaseException | None,
     ) -> tuple[bytes, str]:
-        """A waiting query's answer once its fetch failed (one that succeeded: the entry,
-        rendered for it): after any kind of upstream failure, one rule: stale or SERVFAIL;
-        after a bug, SERVFAIL."""
+        """A waiting query's answer once its fetch ended: the entry, rendered for it; after
+        any kind of upstream failure, one rule: stale or SERVFAIL; after a bug, SERVFAIL."""
+        if entry is not None:
+            return self.render(entry, query, q, self.clock(), limit), "upstream"
         if isinstance(error, UpstreamError):
             return self._stale_or_servfail(query, q, stale, limit, "upstream", failure_ede(error))
         return wire.rcode_reply(query, q, wire.SERVFAIL), "local"  # a bug, logged by Fetch.end

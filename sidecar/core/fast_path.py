@@ -419,7 +419,7 @@ class FastPath:
         if entry is None:
             return None
         ttl = math.ceil(entry.expires - now)
-        reply = entry.render_with_ttl(query, q, ttl, q.edns_size or wire.PLAIN_UDP_LIMIT)
+        reply = entry.render_with_ttl(query, q, ttl, wire.udp_limit(q.edns_size))
         cold.append((query, q, entry))
         return reply
 

@@ -143,7 +143,7 @@ class Forwarding:
     def replied(self, attempt: Attempt, msg: bytes, now: float) -> Attempt | None:
         """`attempt` (the current one or an earlier one, late) brought `msg` (its ID and
         question already matched). The next attempt to start, if any."""
-        if self.outcome is not None or self.error is not None:  # done (inline: once a miss)
+        if self.done:
             return None
         server = attempt.server
         if msg[2] & wire.TC and not attempt.tcp:

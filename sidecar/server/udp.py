@@ -237,8 +237,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if self.transport is None or self._draining:
             return None
         if self.guarded:
-            # A client judged allowed before passes with one look-up (_admit's first, inline).
-            if self.admitted.get(addr[0]) is not True and not self._admit(data, addr, now):
+            if not self._admit(data, addr, now):
                 return None
             if hit is None:
                 hit = self.fast.get(data[2:])
@@ -255,7 +254,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 )
             return None
         self.requests[q.qtype] += 1
-        limit = q.edns_size or wire.PLAIN_UDP_LIMIT  # wire.udp_limit, inline
+        limit = wire.udp_limit(q.edns_size)
         cached = self._resolver.cached(q, now)
         if cached is not None:
             reply = self._resolver.render(cached, data, q, now, limit)

@@ -145,7 +145,7 @@ class _Query:
 
     def cancel(self) -> None:
         """Abandon the query: nothing more is told; its ID is released."""
-        if self.then is None and not self.lingering:  # over (inline: once per question)
+        if self.over:
             return
         self.then = self.late = None
         self.lingering = False
@@ -192,7 +192,7 @@ class Deadlines:
         kept an attempt timeout, a burst of misses left a `_Query` per miss for the collector
         to walk (30,000 of its 60,000 objects after 30,000 misses)."""
         fifo = self.fifo
-        while fifo and fifo[0].then is None and not fifo[0].lingering:  # over, inline
+        while fifo and fifo[0].over:
             fifo.popleft()
 
     def _arm(self, when: float) -> None:
@@ -304,8 +304,8 @@ class UpstreamSocket:
         """Send `query` now (from the outbox); a failure is told to it, or to every query on
         the socket when the socket reports an error (on the loop's next turn, either way)."""
         sock = self.sock
-        if sock is None or (query.then is None and not query.lingering):
-            return  # over (abandoned, or failed with its socket) meanwhile
+        if sock is None or query.over:
+            return  # abandoned, or failed with its socket, meanwhile
         try:
             sock.send(packet)
         except BlockingIOError as exc:  # the send buffer is full: this query only
