@@ -2,9 +2,9 @@
 
 Each round stores N names in a cache (one A record each), then asks each once through
 `FastPath.answer_cold` (a reader thread's work for a name with no row), hands the hits off 32
-at a time and drains them every DRAIN_AT batches (the loop's work: counts, LRU, admission), as
-the 100,000-name row of `make bench` does. Prints the microseconds per hit of each round;
-`--bare` does only a bare responder's parse, look-up and render instead (bench.ceiling's
+at a time and drains them every DRAIN_COLD_AT batches (the loop's work: counts, LRU,
+admission), as the 100,000-name row of `make bench` does. Prints the microseconds per hit of
+each round; `--bare` does only a bare responder's parse, look-up and render instead (bench.ceiling's
 `batch-cold`). `--callgrind`, run under valgrind's callgrind: the instructions per hit of the
 measured part alone (its counters zeroed before and dumped after with `callgrind_control`),
 a count that does not move with the host's speed (bench/README.md).
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from bench.miss_path import RecordingExchanges, callgrind, resolver_on, workload
 from sidecar.core import wire
-from sidecar.core.fast_path import DRAIN_AT, ColdHit
+from sidecar.core.fast_path import DRAIN_COLD_AT, ColdHit
 
 BATCH = 32  # hits per reader-thread batch (server/datagram_batch.py's SIZE)
 
@@ -55,7 +55,7 @@ async def one_round(names: int, round_no: int, bare: bool, count: bool = False) 
             if len(cold) == BATCH:
                 fast.hand_off_cold((cold, now, 1e-4))
                 cold = []
-                if len(fast._handed_cold) >= DRAIN_AT:
+                if len(fast._handed_cold) >= DRAIN_COLD_AT:
                     fast.drain()
         answered += reply is not None
     if cold:

@@ -8,7 +8,7 @@ from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
 from sidecar.core import wire
 from sidecar.core.cache import Entry
 from sidecar.core.counters import Counters
-from sidecar.core.fast_path import ColdHit
+from sidecar.core.fast_path import DRAIN_AT, DRAIN_COLD_AT, ColdHit
 from sidecar.pipeline import Resolver
 from tests.core.test_fast_path import reply
 from tests.listener_parts import cache_resolver
@@ -69,6 +69,22 @@ def test_an_entry_is_answered_with_the_callers_id_and_the_ttl_left_and_counted_w
     assert len(fast) == 1  # the second hit within a second: the loop made the row
     hit = fast.get(data[2:])
     assert hit is not None and hit.tail == answer[2:]
+
+
+def test_a_backlog_of_cold_hits_asks_the_loop_to_count_it_before_rows_would() -> None:
+    resolver, metrics = setup()
+    fast = resolver.fast
+    store(resolver, reply(ttl=60), 100.0)
+    asked: list[int] = []
+    fast.on_backlog = lambda: asked.append(len(fast._handed_cold))
+    for _ in range(DRAIN_COLD_AT * 2):
+        cold: list[ColdHit] = []
+        assert fast.answer_cold(query(), 100.5, cold) is not None
+        fast.hand_off_cold((cold, 100.5, 0.00001))
+    assert DRAIN_COLD_AT < DRAIN_AT  # each hit's own objects are counted while still warm
+    assert asked == [DRAIN_COLD_AT]  # once, as the backlog passes the mark
+    fast.drain()
+    assert metrics.cache_hits[0] == 2 * DRAIN_COLD_AT
 
 
 def test_the_loop_keeps_an_entry_answered_by_the_thread_recently_used() -> None:
