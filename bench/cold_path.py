@@ -4,21 +4,28 @@ Each round stores N names in a cache (one A record each), then asks each once th
 `FastPath.answer_cold` (a reader thread's work for a name with no row), hands the hits off 32
 at a time and drains them every DRAIN_COLD_AT batches (the loop's work: counts, LRU,
 admission), as the 100,000-name row of `make bench` does. Prints the microseconds per hit of
-each round; `--bare` does only a bare responder's parse, look-up and render instead (bench.ceiling's
-`batch-cold`). `--callgrind`, run under valgrind's callgrind: the instructions per hit of the
-measured part alone (its counters zeroed before and dumped after with `callgrind_control`),
-a count that does not move with the host's speed (bench/README.md).
+each round; `--bare` does only a bare responder's parse, look-up and render instead
+(bench.ceiling's `batch-cold`). `--callgrind`, run under valgrind's callgrind: the
+instructions per hit of the measured part alone (its counters zeroed before and dumped after
+with `callgrind_control`), a count that does not move with the host's speed
+(bench/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import time
 from collections.abc import Sequence
 
-from bench.miss_path import RecordingExchanges, callgrind, resolver_on, workload
+from bench.miss_path import (
+    RecordingExchanges,
+    callgrind,
+    print_rounds,
+    resolver_on,
+    rounds_parser,
+    workload,
+)
 from sidecar.core import wire
 from sidecar.core.fast_path import DRAIN_COLD_AT, ColdHit
 
@@ -70,20 +77,14 @@ async def one_round(names: int, round_no: int, bare: bool, count: bool = False) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cold_path")
-    parser.add_argument("--names", type=int, default=20000, help="names stored and asked once")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser = rounds_parser("python -m bench.cold_path", "names stored and asked once")
     parser.add_argument("--bare", action="store_true", help="a bare responder's work only")
-    parser.add_argument(
-        "--callgrind", action="store_true", help="under callgrind: dump the last round's count"
-    )
     args = parser.parse_args(argv)
     per_hit = [
         asyncio.run(one_round(args.names, r, args.bare, args.callgrind and r == args.rounds - 1))
         for r in range(args.rounds)
     ]
-    rounds = " ".join(f"{us:.2f}" for us in per_hit)
-    print(f"us per hit, by round: {rounds}; best {min(per_hit):.2f}")
+    print_rounds("hit", per_hit)
     return 0
 
 

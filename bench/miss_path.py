@@ -141,20 +141,30 @@ async def measure(names: int, rounds: int, profile: bool, count: bool = False) -
     return per_miss
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.miss_path")
-    parser.add_argument("--names", type=int, default=20000, help="new names per round")
+def rounds_parser(prog: str, names_help: str) -> argparse.ArgumentParser:
+    """The options of a one-process harness: --names, --rounds, --callgrind."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--names", type=int, default=20000, help=names_help)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--profile", action="store_true", help="cProfile one more round")
     parser.add_argument(
         "--callgrind", action="store_true", help="under callgrind: dump the last round's count"
     )
+    return parser
+
+
+def print_rounds(unit: str, per_round: list[float]) -> None:
+    rounds = " ".join(f"{us:.2f}" for us in per_round)
+    print(f"us per {unit}, by round: {rounds}; best {min(per_round):.2f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = rounds_parser("python -m bench.miss_path", "new names per round")
+    parser.add_argument("--profile", action="store_true", help="cProfile one more round")
     args = parser.parse_args(argv)
     per_miss = asyncio.run(
         measure(args.names, args.rounds + args.profile, args.profile, args.callgrind)
     )
-    rounds = " ".join(f"{us:.2f}" for us in per_miss)
-    print(f"us per miss, by round: {rounds}; best {min(per_miss):.2f}")
+    print_rounds("miss", per_miss)
     return 0
 
 

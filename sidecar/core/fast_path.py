@@ -34,9 +34,9 @@ Theory of operation
   of rows or DRAIN_COLD_AT of hits answered from entries wait (`on_backlog`, which the glue
   makes a thread-safe call of `drain` on the loop). Rows cached in one burst come due
   together once a second, and a second of batches at full load (~11k of them) held ~4 MiB
-  that the process kept. A thread may serve a row the loop has
-  just dropped (it read the row before): those hits are counted as they are drained, since
-  no flush sees a dropped row.
+  that the process kept. A thread may serve a row the loop has just dropped (it read the
+  row before): those hits are counted as they are drained, since no flush sees a dropped
+  row.
 - The cache's LRU order sees a row's entry used at every refresh (about once a second while
   the row is asked), not at every hit.
 - Refreshed ahead: a row asked since its last refresh is refreshed again shortly before its
