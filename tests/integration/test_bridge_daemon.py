@@ -207,6 +207,13 @@ def metric(page: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in page.splitlines() if line.startswith(name))
 
 
+def kernel_drops(page: str) -> int:
+    """Queries the kernel dropped at the sidecar's listeners, their receive buffers full: on a
+    loaded machine the sidecar can read a 5,000-a-second burst more slowly than it comes (a
+    loaded CI run saw 363 of the 500 names upstream), and a client never hears of those."""
+    return int(metric(page, 'dns_sidecar_dropped_total{reason="kernel"}'))
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[BridgeLab]:
     why = _netns_usable()
@@ -240,7 +247,8 @@ def test_bridge_containers_resolve_through_the_daemon_and_a_cold_burst_stays_in_
     )
     assert not any(r.dropped for r in seen)  # nothing over the VPC resolver's limit
     assert busiest <= BUDGET * (1 + BURST_SECONDS)
-    assert set(rcodes) <= {"NOERROR", "SERVFAIL"} and "None" not in rcodes  # none lost
+    assert set(rcodes) <= {"NOERROR", "SERVFAIL", "None"}
+    assert rcodes["None"] == kernel_drops(page)  # none lost but by a full receive buffer
     assert rcodes["NOERROR"] == len(seen)  # each name sent was answered, the rest denied
     assert rcodes["SERVFAIL"] == denied > 0
     assert latest < QUERY_TIMEOUT
@@ -255,13 +263,17 @@ def test_without_the_budget_the_whole_burst_goes_upstream_at_once(lab: BridgeLab
     lab.start_sidecar(0)
     results = lab.burst()
     seen = lab.upstream.queries()
+    lost = kernel_drops(lab.metrics())
     rcodes = Counter(str(rcode) for *_, rcode in results)
     sent = [float(str(at)) for _, at, _, _ in results]
     pace = len(sent) / max(max(sent) - min(sent), 1e-3)
     print(
         f"\nno budget: clients sent {len(sent)} queries at {pace:,.0f}/s; upstream saw "
         f"{len(seen)} packets, at most {busiest_second(seen)} in one second, "
-        f"{busiest_second(seen, 0.25)} in a quarter second; answers by rcode {dict(rcodes)}"
+        f"{busiest_second(seen, 0.25)} in a quarter second; answers by rcode {dict(rcodes)};"
+        f" dropped by the listener's full receive buffer {lost:.0f}"
     )
     assert pace > VPC_LIMIT
-    assert len(seen) >= NAMES and rcodes == {"NOERROR": NAMES}
+    assert lost < NAMES / 2, "the sidecar read too little of the burst to show anything"
+    assert len(seen) == rcodes["NOERROR"] == NAMES - lost
+    assert rcodes["None"] == lost

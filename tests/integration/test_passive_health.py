@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.discovery.endpoints import JITTER
+from sidecar.discovery.passive import PROBE_STRETCH
 from tests.integration.conftest import REPO_ROOT
 from tests.integration.test_discovery import (
     NAME,
@@ -377,21 +379,37 @@ def probes_total(metrics: str) -> float:
 def test_healthy_traffic_stretches_the_probe_interval(
     faults_cleared: PassiveLab, passive: str
 ) -> None:
+    """Probes are counted from the moment every endpoint has shown traffic and has had its
+    last unstretched probe (one interval plus jitter), to the application's end; the start-up
+    of a loaded machine is not in the window."""
     lab = faults_cleared
     sidecar = lab.sidecar(
         f"sidecar-stretch-{passive}", "--endpoint-probe-interval", "1", "--passive-health", passive
     )
+    window: dict[str, float] = {}
+
+    def open_window(lab: PassiveLab) -> None:
+        if passive == "on":
+            lab.wait_for(
+                lambda: all(e["passive"]["traffic_ago_s"] is not None for e in lab.endpoints()),
+                "traffic on every endpoint",
+            )
+            time.sleep(1.0 * (1 + JITTER))
+        window["probes"] = probes_total(lab.metrics())
+        window["start"] = time.monotonic()
+
     try:
-        start = probes_total(lab.metrics())
-        lab.app(15.0, "--keep-alive", "--threads", "8", "--pause", "0.05")
-        probes = probes_total(lab.metrics()) - start
+        lab.app(15.0, "--keep-alive", "--threads", "8", "--pause", "0.05", then=open_window)
+        probes = probes_total(lab.metrics()) - window["probes"]
+        seconds = time.monotonic() - window["start"]
     finally:
         stop_sidecar(lab, sidecar)
-    print(f"\npassive {passive}: {probes:.0f} probes of 4 endpoints in 15 s")
+    print(f"\npassive {passive}: {probes:.0f} probes of 4 endpoints in {seconds:.1f} s")
+    assert seconds >= 8.0, "the application's traffic came too late to measure"
     if passive == "off":
-        assert probes >= 4 * 15 * 0.8
-    else:
-        assert probes <= 4 * 15 / 5 * 1.5
+        assert probes >= 4 * seconds / (1 + JITTER) * 0.9
+    else:  # at most one probe each due at the window's start, then one per stretched interval
+        assert probes <= 4 * (seconds / (PROBE_STRETCH * (1 - JITTER)) + 1)
 
 
 NOBODY_READER = """
