@@ -310,8 +310,9 @@ def markdown(results: Results, meta: dict[str, Any]) -> str:
         f"{m['dnsmasq']}; Unbound {m['unbound'].replace('Version ', '')}; upstream {m['nsd']}; "
         f"load from dnsperf {m['dnsperf']}",
         f"- Method: {s['rounds']} round(s), servers started afresh each round and measured in a "
-        "rotated order; medians of rounds. QPS: each server runs once in order and once in "
-        "reverse order (A B C C B A), the mean of the two is the round's value; ratios in the "
+        "rotated order; medians of rounds. Every measure but the fills' all-miss rate runs each "
+        "server once in order and once in reverse order (A B C C B A): QPS the mean of the two "
+        "runs, latencies the percentiles of both halves pooled; ratios in the "
         "targets are medians of per-round ratios. Server pinned to CPU "
         f"{s['server_cpu']}, dnsperf, NSD and the benchmark to CPU {s['load_cpu']}. "
         "Throughput runs: "

@@ -153,6 +153,13 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def in_and_back(labels: Sequence[str]) -> list[tuple[str, bool]]:
+    """The order of a measure's runs within a round: each server once in order, then once in
+    reverse order (A B C C B A), so that a drift of the machine during the round weighs on all
+    alike; with whether it is the second run. Every row of a round is measured so."""
+    return [(label, False) for label in labels] + [(label, True) for label in reversed(labels)]
+
+
 def rotated(items: Sequence[str], by: int) -> list[str]:
     k = by % len(items) if items else 0
     return [*items[k:], *items[:k]]
@@ -281,11 +288,12 @@ class Bench:
             )
             previous = n
 
-    def mixed_file(self, round_no: int) -> Path:
-        """The 5%-miss workload: enough lines that no run gets through it (no repeats)."""
+    def mixed_file(self, tag: str) -> Path:
+        """The 5%-miss workload, its misses named with `tag` (new in each file): enough lines
+        that no run gets through it (no repeats)."""
         lines = int(self.s.hit_seconds * 120_000)
-        names = zones.mixed_names(self.s.hit_names, lines, self.s.miss_every, f"r{round_no}")
-        return zones.write_query_file(self.work / "queries" / f"mixed{round_no}.txt", names)
+        names = zones.mixed_names(self.s.hit_names, lines, self.s.miss_every, tag)
+        return zones.write_query_file(self.work / "queries" / f"mixed-{tag}.txt", names)
 
     def start_upstreams(self) -> None:
         biggest = max(self.s.growth)
@@ -417,7 +425,6 @@ class Bench:
                 self.warm(live[label], self.files["hits"])
             for label in discovery_labels:
                 self.warm(live[label], self.files["discovery"])
-            perf = {"seconds": s.hit_seconds, "clients": s.clients, "outstanding": s.outstanding}
 
             log("cache-hit QPS")
             hit_qps = self.measure_qps("hits", live, cmp_labels, self.files["hits"])
@@ -440,12 +447,18 @@ class Bench:
 
             log("latency, one query in flight")
             names = zones.hit_names(s.hit_names)
-            for label in core:
+            pooled: dict[str, list[float]] = {label: [] for label in core}
+            for label, _ in in_and_back(core):  # each half of the run in turn
                 lat, lost = load.one_in_flight(
-                    live[label].address, names, count=s.latency_count, seconds=s.latency_seconds
+                    live[label].address,
+                    names,
+                    count=s.latency_count // 2,
+                    seconds=s.latency_seconds / 2,
                 )
                 if lost:
                     r.warnings.append(f"latency-1 {label}: {lost} queries unanswered")
+                pooled[label] += lat
+            for label, lat in pooled.items():
                 for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
                     r.add_nested(r.latency_1, label, f"p{p:g}", v)
 
@@ -463,25 +476,27 @@ class Bench:
                     r.add_nested(r.miss_latency_1, label, f"p{p:g}", v)
 
             log("latency at 50% of each server's cache-hit QPS")
-            for label in core:
-                rate = hit_qps[label] / 2
+            pooled = {label: [] for label in core}
+            rates: dict[str, list[float]] = {label: [] for label in core}
+            for label, _ in in_and_back(core):  # each half of the run in turn
                 out = self.work / f"a{round_no}" / label / "dnsperf-half.txt"
                 res = self.run_dnsperf(
                     "latency-half",
                     live[label],
                     self.files["hits"],
-                    seconds=s.latency_seconds,
+                    seconds=s.latency_seconds / 2,
                     clients=s.clients,
                     outstanding=s.outstanding,
-                    rate=rate,
+                    rate=hit_qps[label] / 2,
                     verbose=True,
                     output=out,
                 )
                 out.unlink()
-                r.add(r.half_rate, label, res.qps)
-                for p, v in zip(
-                    PERCENTILES, load.percentiles(res.latencies, PERCENTILES), strict=True
-                ):
+                rates[label].append(res.qps)
+                pooled[label] += res.latencies
+            for label, lat in pooled.items():
+                r.add(r.half_rate, label, statistics.fmean(rates[label]))
+                for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
                     r.add_nested(r.latency_half, label, f"p{p:g}", v)
 
             log("burst of identical misses")
@@ -514,35 +529,43 @@ class Bench:
                     r.add(r.burst_sidecar_own, label, own / asked)
 
             log("QPS with 5% misses")
-            mixed = self.mixed_file(round_no)
-            for label in cmp_labels:
-                res = self.run_dnsperf("5%-miss", live[label], mixed, **perf)
-                r.add(r.miss_qps, label, res.qps)
+            mixed, mixed_again = self.mixed_file(f"r{round_no}"), self.mixed_file(f"s{round_no}")
+            miss_qps = self.measure_qps("5%-miss", live, cmp_labels, mixed, mixed_again)
+            for label, qps in miss_qps.items():
+                r.add(r.miss_qps, label, qps)
             mixed.unlink()
+            mixed_again.unlink()
 
     def measure_qps(
-        self, what: str, live: dict[str, Server], labels: Sequence[str], datafile: Path
+        self,
+        what: str,
+        live: dict[str, Server],
+        labels: Sequence[str],
+        datafile: Path,
+        second_file: Path | None = None,
     ) -> dict[str, float]:
-        """Cache-hit QPS of each server: one run each in order, then one each in reverse
-        order (A B C C B A), so that drift of the machine weighs on all alike; the mean of
-        the two runs."""
+        """QPS of each server: one run each in order, then one each in reverse order
+        (`in_and_back`), the mean of the two; the second runs read `second_file` if given
+        (new misses for a workload with misses). The servers' CPU share is kept for the
+        rows that have one (`server_cpu`)."""
         s = self.s
         runs: dict[str, list[float]] = {label: [] for label in labels}
         cpu: dict[str, list[float]] = {label: [] for label in labels}
-        for label in [*labels, *reversed(labels)]:
+        for label, second in in_and_back(labels):
             cpu0 = live[label].cpu_seconds()
             res = self.run_dnsperf(
                 what,
                 live[label],
-                datafile,
+                second_file if second and second_file is not None else datafile,
                 seconds=s.hit_seconds,
                 clients=s.clients,
                 outstanding=s.outstanding,
             )
             runs[label].append(res.qps)
             cpu[label].append((live[label].cpu_seconds() - cpu0) / max(res.runtime, 0.001))
-        for label, shares in cpu.items():
-            self.results.add(self.results.server_cpu[what], label, statistics.fmean(shares))
+        if what in self.results.server_cpu:
+            for label, shares in cpu.items():
+                self.results.add(self.results.server_cpu[what], label, statistics.fmean(shares))
         return {label: statistics.fmean(v) for label, v in runs.items()}
 
     @staticmethod
@@ -577,30 +600,22 @@ class Bench:
                             per_1000 = (live[label].cpu_seconds() - cpu0) / res.sent * 1000
                             r.add_nested(r.fill_cpu, label, str(n - previous), per_1000)
                 previous = n
+                sidecars = {x: y for x, y in live.items() if isinstance(y, Sidecar)}
+                misses0 = {
+                    x: sidecar_metric(y, "dns_sidecar_cache_misses_total")
+                    for x, y in sidecars.items()
+                }
+                qps = self.measure_qps(f"growth-{n}", live, labels, self.files[f"grow{n}"])
+                for label, server in sidecars.items():
+                    misses = sidecar_metric(server, "dns_sidecar_cache_misses_total")
+                    if misses - misses0[label] > 0.01 * qps[label] * 2 * s.hit_seconds:
+                        r.warnings.append(
+                            f"growth-{n} {label}: {misses - misses0[label]:.0f} queries were"
+                            " cache misses in its two runs (the cache did not hold every name)"
+                        )
                 for label in labels:
-                    server = live[label]
-                    misses0 = (
-                        sidecar_metric(server, "dns_sidecar_cache_misses_total")
-                        if isinstance(server, Sidecar)
-                        else 0.0
-                    )
-                    res = self.run_dnsperf(
-                        f"growth-{n}",
-                        server,
-                        self.files[f"grow{n}"],
-                        seconds=s.hit_seconds,
-                        clients=s.clients,
-                        outstanding=s.outstanding,
-                    )
-                    if isinstance(server, Sidecar):
-                        misses = sidecar_metric(server, "dns_sidecar_cache_misses_total") - misses0
-                        if misses > 0.01 * res.sent:
-                            r.warnings.append(
-                                f"growth-{n} {label}: {misses:.0f} of {res.sent} queries were "
-                                "cache misses (the cache did not hold every name)"
-                            )
-                    r.add_nested(r.growth_qps, label, str(n), res.qps)
-                    r.add_nested(r.growth_rss_kib, label, str(n), server.rss_kib())
+                    r.add_nested(r.growth_qps, label, str(n), qps[label])
+                    r.add_nested(r.growth_rss_kib, label, str(n), live[label].rss_kib())
                 log(
                     f"  {n} names: "
                     + ", ".join(f"{x} {r.growth_qps[x][str(n)][-1]:,.0f} qps" for x in labels)
