@@ -21,6 +21,7 @@ import pytest
 
 from sidecar import supervisor
 from tests.integration.conftest import clean_env
+from tests.processes import end
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,9 +155,7 @@ def test_the_parent_of_workers_becomes_lean_and_still_stops_them(
         proc.send_signal(signal.SIGTERM)  # passed on to both workers, which drain and stop
         assert proc.wait(timeout=15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     text = log.read_text()
     assert text.count("stopped") >= 2, text
     assert "a worker failed" not in text, text

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.processes import end
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASK_DEF = REPO_ROOT / "ecs-task-def.json"
 TASK_DEF_AWSVPC = REPO_ROOT / "config" / "ecs-task-def-awsvpc.json"
@@ -129,13 +131,7 @@ def running(argv: list[str], env: Mapping[str, str], log_path: Path) -> Iterator
     try:
         yield run
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end(proc, signal.SIGTERM, timeout=20)
 
 
 def describe(argv: list[str]) -> str:

@@ -13,6 +13,7 @@ import errno
 import itertools
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +27,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+
+from tests.processes import end
 
 NSD_BINARY = shutil.which("nsd") or "/usr/sbin/nsd"
 
@@ -170,13 +173,7 @@ class NsdServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end(proc, signal.SIGTERM, timeout=5)
 
     def __enter__(self) -> NsdServer:
         if self.proc is None:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.fakes.nsd import NsdServer, free_port, loopback_host, running_nsd
 from tests.fakes.scripted_upstream import Answer, ScriptedUpstream
+from tests.processes import end, end_all
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,17 +108,10 @@ class Sidecar:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Send `sig` and wait for the exit; returns the exit code (fails if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(
-                    f"sidecar did not exit within {timeout}s of signal {sig}:\n"
-                    + self.stderr_text()
-                )
+        if not end(self.proc, sig, timeout):
+            pytest.fail(
+                f"sidecar did not exit within {timeout}s of signal {sig}:\n" + self.stderr_text()
+            )
         return self.proc.returncode
 
 
@@ -224,17 +218,8 @@ class SidecarFactory:
 
     def close(self) -> None:
         """SIGTERM to every sidecar still running; fails if one does not exit."""
-        hung = []
-        for sc in self.started:
-            if sc.proc.poll() is None:
-                sc.proc.send_signal(signal.SIGTERM)
-        for sc in self.started:
-            try:
-                sc.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                sc.proc.kill()
-                sc.proc.wait()
-                hung.append(sc)
+        killed = end_all([sc.proc for sc in self.started], signal.SIGTERM)
+        hung = [sc for sc in self.started if sc.proc in killed]
         assert not hung, "sidecar did not exit on SIGTERM:\n" + "\n".join(
             sc.stderr_text() for sc in hung
         )

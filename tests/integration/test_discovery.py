@@ -46,6 +46,7 @@ from sidecar.core.fast_path import SHAPED_RECHECK
 from tests.fakes.backends import Backend, BackendPool
 from tests.fakes.nsd import NSD_BINARY, NsdServer, free_port, loopback_host, running_nsd
 from tests.integration.conftest import REPO_ROOT, Sidecar, StartSidecar, clean_env
+from tests.processes import end
 
 pytestmark = pytest.mark.integration
 
@@ -453,13 +454,7 @@ def _netns_env() -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    end(proc, sig)
     if proc.stdout is not None:
         proc.stdout.close()
 

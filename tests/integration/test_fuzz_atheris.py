@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO_ROOT
+from tests.processes import end
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +55,7 @@ def test_atheris_finds_no_crash_in_the_wire_reader(
     try:
         proc.wait(timeout=SECONDS + 120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     stderr = (workdir / "fuzz.err").read_text(errors="replace")
     crashes = sorted(p.name for p in workdir.glob("crash-*"))
     assert proc.returncode == 0 and not crashes, stderr[-5000:]

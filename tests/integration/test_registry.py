@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import REPO_ROOT, clean_env
+from tests.processes import end
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,9 +40,7 @@ def lab_result(proc: subprocess.Popen[bytes], tmp_path: Path, scenario: str) -> 
     try:
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end(proc)
     log = tmp_path / "sidecar.log"
     sidecar = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     stderr = (tmp_path / "lab.err").read_text(errors="replace")
@@ -86,9 +85,7 @@ def background_labs(
         yield labs
     finally:
         for proc, _ in labs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            end(proc)
 
 
 def collect(background_labs: dict[str, Lab], request: pytest.FixtureRequest) -> Any:

@@ -38,6 +38,7 @@ from tests.fakes.scripted_upstream import (
     Silent,
 )
 from tests.integration.conftest import READY_NAME, REPO_ROOT, Sidecar, StartSidecar, clean_env
+from tests.processes import end_all
 
 pytestmark = pytest.mark.integration
 
@@ -174,15 +175,7 @@ def raw_sidecar(tmp_path: Path, free_port: FreePort) -> Iterator[RawSidecar]:
 
     yield start
 
-    for sc in started:
-        if sc.proc.poll() is None:
-            sc.proc.send_signal(signal.SIGTERM)
-    for sc in started:
-        try:
-            sc.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sc.proc.kill()
-            sc.proc.wait()
+    end_all([sc.proc for sc in started], signal.SIGTERM)
 
 
 def wait_answering(sc: Sidecar, timeout: float = 15.0) -> None:
