@@ -143,6 +143,7 @@ class FastHit:
     __slots__ = (
         "cost",
         "counted",
+        "dropped",
         "entry",
         "generation",
         "hits",
@@ -170,7 +171,8 @@ class FastHit:
         self.tail = b""
         self.shown_ttl = -1
         self.generation = -1
-        self.valid_until = -math.inf
+        self.valid_until = -math.inf  # rendered at once by `remember`
+        self.dropped = False  # out of the table: no flush counts it any more (`drop`)
         self.cost = 0  # estimated bytes of this row, charged to its entry's key
         # Written by the event loop only (FastPath.served), read after FastPath.drain.
         self.hits = 0  # served from this row since its last flush
@@ -444,12 +446,11 @@ class FastPath:
         before any count is read."""
         handed = self._handed
         durations = self.metrics.durations["cache"]
-        gone = -math.inf
         while handed:
             rows, seconds = handed.popleft()
             for hit in rows:
                 hit.hits += 1
-                if hit.valid_until == gone:
+                if hit.dropped:
                     # Dropped after the thread read it from the table (a new row for the same
                     # bytes, a retired entry): no flush sees it any more, so it is counted now
                     # (a shaped row's late replies without their action, its pool gone). Left
@@ -525,7 +526,8 @@ class FastPath:
         if self._handed or self._handed_cold:
             self.drain()
         self.flush_row(hit)
-        hit.valid_until = -math.inf
+        hit.dropped = True
+        hit.valid_until = -math.inf  # never current again, for a thread that holds it
         if hit.shaped is not None:
             # The row may wait in `due` a while yet: let its pool and all but one of its
             # replies go now (a reader thread that read the row just before still gets a

@@ -377,7 +377,7 @@ def test_rows_refreshed_on_demand_or_gone_are_skipped_when_their_bucket_comes() 
     s.served(a_data, 101.5)  # a: refreshed on demand past its moment (a late timer)
     assert a.valid_until == 102.0
     s.store(reply(("192.0.2.9",), name="b.example"), 100.5, "b.example")  # b's entry replaced
-    assert b.valid_until == -math.inf
+    assert b.dropped and b.valid_until == -math.inf
     s.fast.refresh_due(101.0)
     assert a.valid_until == 102.0  # not refreshed twice for one moment
     assert s.fast.get(b.key) is None
