@@ -148,6 +148,13 @@ class Results:
     ) -> None:
         table.setdefault(server, {}).setdefault(key, []).append(value)
 
+    def add_percentiles(
+        self, table: dict[str, dict[str, list[float]]], server: str, latencies: list[float]
+    ) -> None:
+        """The PERCENTILES of one round's `latencies`, each under its "pNN" key."""
+        for p, v in zip(PERCENTILES, load.percentiles(latencies, PERCENTILES), strict=True):
+            self.add_nested(table, server, f"p{p:g}", v)
+
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -459,8 +466,7 @@ class Bench:
                     r.warnings.append(f"latency-1 {label}: {lost} queries unanswered")
                 pooled[label] += lat
             for label, lat in pooled.items():
-                for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
-                    r.add_nested(r.latency_1, label, f"p{p:g}", v)
+                r.add_percentiles(r.latency_1, label, lat)
 
             log("miss latency, one query in flight (new names; and NSD asked directly)")
             fresh = zones.hit_names(MISS_LATENCY_NAMES, max(s.growth) - MISS_LATENCY_NAMES)
@@ -472,8 +478,7 @@ class Bench:
                 )
                 if lost:
                     r.warnings.append(f"miss-latency-1 {label}: {lost} queries unanswered")
-                for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
-                    r.add_nested(r.miss_latency_1, label, f"p{p:g}", v)
+                r.add_percentiles(r.miss_latency_1, label, lat)
 
             log("latency at 50% of each server's cache-hit QPS")
             pooled = {label: [] for label in core}
@@ -496,8 +501,7 @@ class Bench:
                 pooled[label] += res.latencies
             for label, lat in pooled.items():
                 r.add(r.half_rate, label, statistics.fmean(rates[label]))
-                for p, v in zip(PERCENTILES, load.percentiles(lat, PERCENTILES), strict=True):
-                    r.add_nested(r.latency_half, label, f"p{p:g}", v)
+                r.add_percentiles(r.latency_half, label, lat)
 
             log("burst of identical misses")
             assert self.proxy is not None
