@@ -15,7 +15,9 @@ Theory of operation
   `passive()`: a stalled connect counts as `fall` failures at once (the application has
   already waited `connect_timeout` for it), so the endpoint is left out of answers within a
   dump of the stall, fail-open included; a stalled transfer (repeated retransmission timeouts)
-  counts as one failure, as a failed probe does. While the application has connections with RTT
+  counts as one failure, as a failed probe does; a dump in which the endpoint acked the
+  application (and nothing stalled) ends the run of failures, as a good probe does, but only
+  probes count towards `rise`. While the application has connections with RTT
   samples, the published latency is the kernel's (loss included) weighted 0.8 over the probe's;
   and an endpoint healthy with recent traffic is probed `stretch` times less often. Probes alone
   bring a demoted endpoint back (rise), as they do after a probe failure.
@@ -356,6 +358,8 @@ class EndpointTable:
                     endpoint.failures = max(endpoint.failures + 1, s.fall)
                 if endpoint.state == UNKNOWN or endpoint.failures >= s.fall:
                     endpoint.state = UNHEALTHY
+            elif seen is not None and seen.acked:
+                endpoint.failures = 0  # the endpoint answers: later failures are not in a row
             endpoint.mix_latency(now, s.interval * s.stretch)
             if self._settle(endpoint, before) and before is not False:
                 zone = endpoint.zone

@@ -12,6 +12,11 @@ Theory of operation
   established connection with three retransmission timeouts in a row (at least 1.4 s without
   an ack at the minimum RTO of 200 ms; two in a row are common on a merely lossy path). Each
   socket's stall counts once; a connection that recovers may stall again.
+- An endpoint acked the application when a complete dump shows one of its established
+  connections, not stalled, with an ack received since the previous complete dump. That is a
+  success as far as "failures in a row" go (discovery/endpoints.py): on a lossy path, stalls
+  far apart with acked traffic between them are not in a row. Idle connections receive no
+  acks, so they prove nothing about an endpoint that has stopped answering.
 - The latency a connection shows is the kernel's smoothed RTT plus its RTO times the share of
   its data segments that had to be retransmitted: a lost segment costs the application an RTO,
   which the smoothed RTT alone (Karn's rule leaves retransmitted segments out) never shows.
@@ -50,6 +55,7 @@ class Traffic:
     timeouts: int = 0  # established connections that stalled since the last dump
     retransmits: int = 0  # segments retransmitted, summed over the open connections
     latency: float | None = None  # mean over established connections with an RTT sample
+    acked: bool = False  # an unstalled connection received an ack since the last complete dump
     reason: str = ""  # the first stall's description, for the log line
 
 
@@ -59,6 +65,7 @@ class PassiveWatch:
     first_seen: dict[bytes, float] = field(default_factory=dict)  # cookie -> now
     stalled: set[bytes] = field(default_factory=set)  # cookies already counted
     established: list[TcpSocket] = field(default_factory=list)  # of the last complete dump
+    complete_at: float | None = None  # when the last complete dump was summarised
 
     def summarise(
         self, sockets: list[TcpSocket], now: float, *, complete: bool = True
@@ -66,8 +73,12 @@ class PassiveWatch:
         """Per endpoint address, what this dump shows (with `complete` False: a dump of
         connects only, the last complete dump's established sockets standing in for the rest);
         forgets sockets no longer present."""
+        acked_within = None  # how recent an ack is news: since the last complete dump
         if complete:
             self.established = [s for s in sockets if s.state == TCP_ESTABLISHED]
+            if self.complete_at is not None:
+                acked_within = now - self.complete_at
+            self.complete_at = now
         else:
             sockets = sockets + self.established
         first_seen = {s.cookie: self.first_seen.get(s.cookie, now) for s in sockets}
@@ -89,6 +100,8 @@ class PassiveWatch:
                 else:
                     traffic.timeouts += 1
                 traffic.reason = traffic.reason or why
+            if why is None and acked_within is not None and sock.ack_age <= acked_within:
+                traffic.acked = True
             if sock.state == TCP_ESTABLISHED and sock.rtt is not None and why is None:
                 lost = sock.total_retrans / sock.data_segs_out if sock.data_segs_out else 0.0
                 latencies.setdefault(sock.address, []).append(sock.rtt + sock.rto * min(lost, 1))

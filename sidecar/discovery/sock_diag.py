@@ -9,7 +9,7 @@ port), and an INET_DIAG_REQ_BYTECODE program of D_COND tests, one per destinatio
 machine's kernel (6.18) honours the states and the port and ignores the program, so replies are
 also matched on their destination in user space (parse_dump's `wanted`). Each reply carries
 `struct tcp_info` (INET_DIAG_INFO): the state, the retransmission timeouts in a row, the
-smoothed RTT, the RTO and the segment counts.
+time since the last ack, the smoothed RTT, the RTO and the segment counts.
 
 Plain bytes in and out; the socket is opened in discovery/passive_reader.py. A malformed or
 truncated reply message is skipped, never raised.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import struct
 from collections.abc import Container, Iterable, Iterator
 from typing import NamedTuple
@@ -48,8 +49,9 @@ BC_OP = struct.Struct("=BBH")  # code, yes, no: jump lengths in bytes
 U32, I32 = struct.Struct("=I"), struct.Struct("=i")
 HOSTCOND = struct.Struct("=BBxxi")  # family, prefix_len, port (-1: any)
 # struct tcp_info offsets (linux/tcp.h): fields added since 2.6 are read only when present
-# tcpi_retransmits, tcpi_rto, tcpi_rtt, tcpi_total_retrans: the fields present since 2.6
-TCP_INFO_HEAD = struct.Struct("=2xB5xI56xI28xI")
+# tcpi_retransmits, tcpi_rto, tcpi_last_ack_recv, tcpi_rtt, tcpi_total_retrans: the fields
+# present since 2.6
+TCP_INFO_HEAD = struct.Struct("=2xB5xI44xI8xI28xI")
 TCPI_DATA_SEGS_OUT = 156  # Linux 4.6+
 
 
@@ -66,6 +68,7 @@ class TcpSocket(NamedTuple):
     rto: float  # seconds
     total_retrans: int  # segments retransmitted over the socket's life
     data_segs_out: int | None  # None on kernels older than 4.6
+    ack_age: float = math.inf  # seconds since the last ack received (none in SYN_SENT)
 
 
 def _bytecode(destinations: Iterable[tuple[str, int | None]]) -> bytes:
@@ -158,15 +161,16 @@ def _tcp_socket(
     info, size = offset + ATTRIBUTE.size, length - ATTRIBUTE.size
     if size < TCP_INFO_HEAD.size:
         return None
-    retransmits, rto_us, rtt_us, total_retrans = TCP_INFO_HEAD.unpack_from(data, info)
+    retransmits, rto_us, ack_age_ms, rtt_us, total_retrans = TCP_INFO_HEAD.unpack_from(data, info)
     segs = (
         U32.unpack_from(data, info + TCPI_DATA_SEGS_OUT)[0]
         if size >= TCPI_DATA_SEGS_OUT + 4
         else None
     )
+    ack_age = ack_age_ms / 1e3 if state == TCP_ESTABLISHED else math.inf
     return TcpSocket(
         address, dport, cookie, state, retransmits, rtt_us / 1e6 if rtt_us else None,
-        rto_us / 1e6, total_retrans, segs,
+        rto_us / 1e6, total_retrans, segs, ack_age,
     )  # fmt: skip
 
 

@@ -17,9 +17,17 @@ def connecting(address: str, cookie: int, retransmits: int = 0) -> TcpSocket:
 
 
 def talking(
-    address: str, cookie: int, rtt: float = 0.002, retrans: int = 0, segs: int = 100, rtos: int = 0
+    address: str,
+    cookie: int,
+    rtt: float = 0.002,
+    retrans: int = 0,
+    segs: int = 100,
+    rtos: int = 0,
+    ack_age: float = 60.0,
 ) -> TcpSocket:
-    return TcpSocket(address, 80, bytes([cookie]), TCP_ESTABLISHED, rtos, rtt, 0.2, retrans, segs)
+    return TcpSocket(
+        address, 80, bytes([cookie]), TCP_ESTABLISHED, rtos, rtt, 0.2, retrans, segs, ack_age
+    )
 
 
 def test_a_connect_stalls_after_the_timeout_from_first_sight_and_counts_once() -> None:
@@ -64,6 +72,40 @@ def test_a_stalled_transfer_counts_as_one_failure_as_a_failed_probe_does() -> No
         first
     ]
     assert first.state == UNHEALTHY and t.passive_demotions == {"local": 1}
+
+
+def test_an_ack_since_the_last_complete_dump_on_an_unstalled_connection_is_news() -> None:
+    watch = PassiveWatch()
+    first = watch.summarise([talking("10.0.0.1", 1, ack_age=0.1)], 1.0)
+    assert not first["10.0.0.1"].acked  # no complete dump before it: no window yet
+    assert watch.summarise([talking("10.0.0.1", 1, ack_age=0.9)], 2.0)["10.0.0.1"].acked
+    assert not watch.summarise([talking("10.0.0.1", 1, ack_age=1.1)], 3.0)["10.0.0.1"].acked
+    stalled = watch.summarise([talking("10.0.0.1", 1, rtos=3, ack_age=0.5)], 4.0)["10.0.0.1"]
+    assert stalled.timeouts == 1 and not stalled.acked
+    both = watch.summarise(
+        [talking("10.0.0.1", 1, rtos=3, ack_age=2.0), talking("10.0.0.1", 2, ack_age=0.2)], 5.0
+    )["10.0.0.1"]
+    assert both.acked and both.timeouts == 0  # socket 1's stall was counted at 4.0
+    standing_in = watch.summarise([], 5.25, complete=False)["10.0.0.1"]
+    assert not standing_in.acked  # the last complete dump's acks are not news again
+
+
+def test_acked_traffic_ends_a_run_of_stalled_transfers_but_never_brings_one_back() -> None:
+    t = table()
+    first = t.get("local", "10.0.0.1")
+    assert first is not None
+    t.passive({"10.0.0.1": Traffic(connections=2, timeouts=1)}, 1.0)
+    t.passive({"10.0.0.1": Traffic(connections=2, acked=True)}, 2.0)  # the endpoint answers
+    assert (first.state, first.failures) == (HEALTHY, 0)
+    t.passive({"10.0.0.1": Traffic(connections=2, timeouts=1, acked=True)}, 3.0)
+    assert (first.state, first.failures) == (HEALTHY, 1)  # a stall in the dump still counts
+    t.passive({"10.0.0.1": Traffic(connections=2, timeouts=1)}, 4.0)
+    assert first.state == UNHEALTHY
+    t.passive({"10.0.0.1": Traffic(connections=2, acked=True)}, 5.0)
+    assert first.state == UNHEALTHY  # only probes bring it back
+    t.probed(first, True, 0.001, 11.0)
+    t.probed(first, True, 0.001, 21.0)
+    assert first.state == HEALTHY
 
 
 def test_latency_is_the_kernel_rtt_plus_the_rto_share_of_lost_segments() -> None:

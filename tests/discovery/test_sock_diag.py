@@ -82,11 +82,11 @@ def test_the_request_carries_the_states_and_the_destination_port() -> None:
 
 
 def tcp_info(
-    state: int, retransmits: int, rto_us: int, rtt_us: int, retrans: int, segs: int
+    state: int, retransmits: int, rto_us: int, rtt_us: int, retrans: int, segs: int, ack_ms: int = 0
 ) -> bytes:
     info = bytearray(232)
     info[0], info[2] = state, retransmits
-    for offset, value in ((8, rto_us), (68, rtt_us), (100, retrans), (156, segs)):
+    for offset, value in ((8, rto_us), (56, ack_ms), (68, rtt_us), (100, retrans), (156, segs)):
         struct.pack_into("=I", info, offset, value)
     return bytes(info)
 
@@ -108,11 +108,11 @@ DONE = d.NLMSG_HEADER.pack(20, d.NLMSG_DONE, 2, 1, 0) + bytes(4)
 
 
 def test_replies_are_parsed_until_done() -> None:
-    data = reply("10.0.0.1", 80, 5, tcp_info(1, 0, 204_000, 1500, 3, 30)) + DONE
+    data = reply("10.0.0.1", 80, 5, tcp_info(1, 0, 204_000, 1500, 3, 30, 250)) + DONE
     sockets, done = d.parse_dump(data)
     assert done
     assert sockets == [
-        d.TcpSocket("10.0.0.1", 80, (5).to_bytes(8, "little"), 1, 0, 0.0015, 0.204, 3, 30)
+        d.TcpSocket("10.0.0.1", 80, (5).to_bytes(8, "little"), 1, 0, 0.0015, 0.204, 3, 30, 0.25)
     ]
 
 
@@ -125,6 +125,7 @@ def test_an_ipv4_mapped_destination_is_spelled_as_ipv4_and_an_old_tcp_info_has_n
     assert (sock.address, sock.state, sock.retransmits, sock.rtt, sock.data_segs_out) == (
         "10.0.0.2", 2, 1, None, None,
     )  # fmt: skip
+    assert sock.ack_age == float("inf")  # a connect has received no ack
 
 
 @pytest.mark.parametrize(
