@@ -68,7 +68,8 @@ def main(workdir: Path, origin: str, zone_file: Path, names: list[str]) -> dict[
         log = (workdir / "sidecar.log").open("wb")
         sidecar = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "--listen", "127.0.0.1:53", "--upstream",
-             f"127.0.0.1:{NSD_PORT}", "--metrics-listen", "127.0.0.1:9153"],
+             f"127.0.0.1:{NSD_PORT}", "--metrics-listen", "127.0.0.1:9153", "--drain-seconds",
+             "0"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         try:

@@ -184,7 +184,9 @@ class SidecarFactory:
         host = host or loopback_host(1)
         port = free_port(host)
         bracketed = f"[{host}]" if ":" in host else host
-        defaults: list[str] = []
+        # No drain window at SIGTERM unless the test asks for one: a stop at teardown has
+        # nothing in flight, and the default window (2 s) would only be waited out.
+        defaults: list[str] = [] if "--drain-seconds" in args else ["--drain-seconds", "0"]
         if "--metrics-listen" not in args:
             metrics_port = free_port(host)
             while metrics_port == port:
@@ -233,8 +235,8 @@ def sidecar(tmp_path: Path) -> Iterator[StartSidecar]:
 
     `--upstream` must be given: without it the sidecar would read /etc/resolv.conf, and the
     tests never talk to anything off loopback. Unless given, `--metrics-listen` on a free port
-    of the same host is added, so that sidecars can run side by side. The sidecar's own drain
-    window applies (pass `--drain-seconds 0` for a stop without one).
+    of the same host is added, so that sidecars can run side by side, and `--drain-seconds 0`
+    (pass `--drain-seconds` to test the drain window).
     """
     factory = SidecarFactory(tmp_path)
     yield factory

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import dns.flags
 import dns.message
@@ -76,19 +75,6 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-@pytest.fixture
-def fast_sidecar(sidecar: StartSidecar) -> StartSidecar:
-    """The `sidecar` factory with no drain window at SIGTERM unless one is asked for: these
-    tests have nothing in flight when they stop, and the stop should take no time."""
-
-    def start(*args: str, **kwargs: Any) -> Sidecar:
-        if "--drain-seconds" not in args:
-            args = (*args, "--drain-seconds", "0")
-        return sidecar(*args, **kwargs)
-
-    return start
-
-
 @pytest.fixture(scope="module")
 def routed(module_sidecar: StartSidecar, nsd_default: NsdServer, nsd_local: NsdServer) -> Sidecar:
     """A sidecar sending `local` to the NSD for local. and everything else to example.test's.
@@ -138,8 +124,8 @@ def test_zone_goes_to_its_upstream_and_the_rest_to_the_default_dnspython(
     assert [rrset.rdtype for rrset in missing.authority] == [dns.rdatatype.SOA]
 
 
-def test_listens_on_ipv6_loopback(fast_sidecar: StartSidecar, nsd_local: NsdServer) -> None:
-    sc = fast_sidecar("--upstream", nsd_local.address, host="::1")
+def test_listens_on_ipv6_loopback(sidecar: StartSidecar, nsd_local: NsdServer) -> None:
+    sc = sidecar("--upstream", nsd_local.address, host="::1")
     assert rdatas(ask(sc, "resource-server.local.")) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     assert rdatas(ask(sc, "resource-server.local.", tcp=True)) == [
         "10.0.0.1",
@@ -149,9 +135,9 @@ def test_listens_on_ipv6_loopback(fast_sidecar: StartSidecar, nsd_local: NsdServ
 
 
 def test_event_loop_reads_udp_when_the_reader_thread_is_off(
-    fast_sidecar: StartSidecar, nsd_local: NsdServer
+    sidecar: StartSidecar, nsd_local: NsdServer
 ) -> None:
-    sc = fast_sidecar("--upstream", nsd_local.address, "--udp-reader-thread", "false")
+    sc = sidecar("--upstream", nsd_local.address, "--udp-reader-thread", "false")
     for qid in range(1, 6):  # a miss, a hit, then hits from a fast-path row
         reply = ask(sc, "resource-server.local.", qid=qid)
         assert reply.id == qid and rdatas(reply) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
@@ -163,11 +149,11 @@ def test_event_loop_reads_udp_when_the_reader_thread_is_off(
 
 
 def test_cached_answer_reaches_upstream_once_and_its_ttl_counts_down(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
 ) -> None:
     up = scripted_upstream
     up.set("cached.example.", Answer(("A 192.0.2.20",), ttl=60))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
 
     first = ask(sc, "cached.example.")
     time.sleep(1.1)  # TTLs are whole seconds: let one pass
@@ -195,11 +181,11 @@ def test_cache_hit_through_dig(routed: Sidecar, dig: Dig) -> None:
 
 
 def test_nxdomain_reaches_upstream_once_and_carries_soa(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
 ) -> None:
     up = scripted_upstream
     up.set("gone.example.", NxDomain(soa_ttl=300, minimum=20))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
 
     replies = [ask(sc, "gone.example."), ask(sc, "gone.example."), ask(sc, "gone.example.")]
 
@@ -216,12 +202,12 @@ def test_nxdomain_reaches_upstream_once_and_carries_soa(
 
 @pytest.mark.parametrize("discovery", [True, False], ids=["discovery", "plain"])
 def test_a_discovery_zone_keeps_negative_answers_only_negative_ttl(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, discovery: bool
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, discovery: bool
 ) -> None:
     up = scripted_upstream
     up.set("gone.svc.test.", NxDomain(soa_ttl=300, minimum=300, zone="svc.test."))
     check = ["--health-check", "svc.test=tcp:1"] if discovery else []
-    sc = fast_sidecar("--upstream", up.address, "--zone", f"svc.test={up.address}", *check)
+    sc = sidecar("--upstream", up.address, "--zone", f"svc.test={up.address}", *check)
 
     first = ask(sc, "gone.svc.test.")
     assert first.rcode() == dns.rcode.NXDOMAIN
@@ -245,11 +231,11 @@ def test_nxdomain_from_nsd_through_dig(routed: Sidecar, dig: Dig) -> None:
 
 
 def test_truncated_upstream_reply_reaches_edns_client_whole(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
 ) -> None:
     up = scripted_upstream
     up.set("big.example.", TruncateUdp(count=40))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
 
     result = dig(sc.addr, sc.port, "big.example.", "A", "+bufsize=4096", "+ignore")
 
@@ -261,11 +247,11 @@ def test_truncated_upstream_reply_reaches_edns_client_whole(
 
 
 def test_truncated_upstream_reply_gives_tc_to_client_without_edns(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
 ) -> None:
     up = scripted_upstream
     up.set("big.example.", TruncateUdp(count=40))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
 
     plain = dig(sc.addr, sc.port, "big.example.", "A", "+noedns", "+ignore")
     assert plain.status == "NOERROR", plain.output
@@ -307,11 +293,11 @@ def _udp_raw(sc: Sidecar, wire: bytes, timeout: float = 3.0) -> bytes:
 
 
 def test_silent_upstream_gives_servfail_within_the_deadline(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
 ) -> None:
     up = scripted_upstream
     up.default = Silent()
-    sc = fast_sidecar("--upstream", up.address, *FAST_FAIL)
+    sc = sidecar("--upstream", up.address, *FAST_FAIL)
 
     started = time.monotonic()
     reply = ask(sc, "quiet.example.", timeout=5)
@@ -323,10 +309,10 @@ def test_silent_upstream_gives_servfail_within_the_deadline(
 
 
 def test_silent_upstream_gives_servfail_to_dig(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, dig: Dig
 ) -> None:
     scripted_upstream.default = Silent()
-    sc = fast_sidecar("--upstream", scripted_upstream.address, *FAST_FAIL)
+    sc = sidecar("--upstream", scripted_upstream.address, *FAST_FAIL)
     result = dig(sc.addr, sc.port, "quiet.example.", "A", "+tcp")
     assert result.status == "SERVFAIL", result.output
 
@@ -342,13 +328,13 @@ BAD_FIRST = [
 
 @pytest.mark.parametrize("kind", BAD_FIRST)
 def test_bad_reply_is_ignored_and_the_right_one_taken(
-    fast_sidecar: StartSidecar,
+    sidecar: StartSidecar,
     scripted_upstream: ScriptedUpstream,
     kind: type[WrongId | WrongQuestion | Garbage],
 ) -> None:
     up = scripted_upstream
     up.set("spoofed.example.", kind(then=Answer(("A 192.0.2.30",), ttl=60)))
-    sc = fast_sidecar("--upstream", up.address, *FAST_FAIL)
+    sc = sidecar("--upstream", up.address, *FAST_FAIL)
 
     reply = ask(sc, "spoofed.example.")
 
@@ -360,13 +346,13 @@ def test_bad_reply_is_ignored_and_the_right_one_taken(
 
 @pytest.mark.parametrize("kind", BAD_FIRST)
 def test_bad_reply_alone_gives_servfail(
-    fast_sidecar: StartSidecar,
+    sidecar: StartSidecar,
     scripted_upstream: ScriptedUpstream,
     kind: type[WrongId | WrongQuestion | Garbage],
 ) -> None:
     up = scripted_upstream
     up.set("spoofed.example.", kind(then=None))
-    sc = fast_sidecar("--upstream", up.address, *FAST_FAIL)
+    sc = sidecar("--upstream", up.address, *FAST_FAIL)
 
     started = time.monotonic()
     reply = ask(sc, "spoofed.example.", timeout=5)
@@ -406,12 +392,12 @@ def test_pipelined_tcp_queries_are_all_answered(routed: Sidecar) -> None:
 
 
 def test_pipelined_tcp_queries_slow_one_does_not_hold_back_the_others(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream
 ) -> None:
     up = scripted_upstream
     up.set("slow.example.", Delay(0.6, then=Answer(("A 192.0.2.40",))))
     up.set("fast.example.", Answer(("A 192.0.2.41",)))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
     queries = [
         dns.message.make_query("slow.example.", "A", id=0x2201),
         dns.message.make_query("fast.example.", "A", id=0x2202),
@@ -439,11 +425,11 @@ def test_pipelined_tcp_queries_slow_one_does_not_hold_back_the_others(
     ids=["lower-first", "mixed-first"],
 )
 def test_question_case_is_echoed_and_shares_the_cache_entry(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, names: tuple[str, str]
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, names: tuple[str, str]
 ) -> None:
     up = scripted_upstream
     up.set("resource-server.local.", Answer(("A 10.0.0.1", "A 10.0.0.2", "A 10.0.0.3")))
-    sc = fast_sidecar("--upstream", up.address)
+    sc = sidecar("--upstream", up.address)
 
     for name in names:
         query = dns.message.make_query(name, "A")
@@ -519,9 +505,9 @@ def test_bad_config_value_exits_2_with_one_line_naming_it(flag: str, value: str)
 
 @pytest.mark.parametrize("drain", ["0", "0.3"])
 def test_sigterm_exits_0(
-    fast_sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, drain: str
+    sidecar: StartSidecar, scripted_upstream: ScriptedUpstream, drain: str
 ) -> None:
-    sc = fast_sidecar("--upstream", scripted_upstream.address, "--drain-seconds", drain)
+    sc = sidecar("--upstream", scripted_upstream.address, "--drain-seconds", drain)
     assert rdatas(ask(sc, "before-stop.example.")) == ["192.0.2.1"]
     started = time.monotonic()
     assert sc.stop() == 0, sc.stderr_text()

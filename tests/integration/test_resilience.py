@@ -402,13 +402,16 @@ def test_sigterm_answers_in_flight_and_drain_window_queries_then_exits_0(
     slow = "slow.example.test."
     scripted_upstream.set(slow, Delay(1.0, Answer(("A 192.0.2.51",))))
     # The attempt timeout (1 s by default) must outlast the upstream's 1 s delay.
-    sc = sidecar("--upstream", scripted_upstream.address, "--attempt-timeout", "2")
+    sc = sidecar(
+        "--upstream", scripted_upstream.address, "--attempt-timeout", "2",
+        "--drain-seconds", "2",  # the default
+    )  # fmt: skip
 
     with PendingQuery(sc.addr, sc.port, slow) as in_flight:
         assert scripted_upstream.wait_for(1, slow, timeout=3.0), sc.stderr_text()
         sc.proc.send_signal(signal.SIGTERM)
         term_sent = time.monotonic()
-        time.sleep(0.5)  # into the drain window (2 s by default)
+        time.sleep(0.5)  # into the drain window
         late, _ = ask_sidecar(sc, "late.example.test.", timeout=2.0)
         assert late.rcode() == dns.rcode.NOERROR, late
         assert a_records(late) == ["192.0.2.1"]
