@@ -1,49 +1,56 @@
 """Instructions per miss of the whole sidecar process: `python -m bench.miss_count`.
 
-The sidecar runs from this tree on the image's kind of interpreter under valgrind's callgrind,
-NSD on loopback answers its upstream queries, and a client here keeps WINDOW queries for new
-names in flight (a reply in, the next query out), as the all-miss row's dnsperf keeps the
-socket full. Under callgrind the sidecar runs ~50 times slower than the client and NSD, so its
-socket is always full and every run meets the same conditions: two runs of one build agree to
-~0.05% (bench.miss_cost's CPU time moves +-5%, the host's speed with it). After `--warm-up`
-misses the counters are zeroed (`callgrind_control -z`) and dumped after `--names` more
-(`-d`); what it prints is the dump's total over the names. It covers what bench.miss_path
-leaves out: the listener, the sockets, the upstream transport and the event loop.
+The benchmark's sidecar (bench/servers.py: this tree installed as the image installs it, its
+flags) runs under valgrind's callgrind, NSD on loopback answers its upstream queries, and a
+client here keeps WINDOW queries for new names in flight (a reply in, the next query out), as
+the all-miss row's dnsperf keeps the socket full. Under callgrind the sidecar runs ~50 times
+slower than the client and NSD, so its socket is always full and every run meets the same
+conditions: two runs of one build agree to ~0.07% (bench.miss_cost's CPU time moves +-5%, the
+host's speed with it). After `--warm-up` misses the counters are zeroed (`callgrind_control
+-z`) and dumped after `--names` more (`-d`); what it prints is the dump's total over the
+names. It covers what bench.miss_path leaves out: the listener, the sockets, the upstream
+transport and the event loop. Callgrind counts user space only: work a change saves or adds
+in the kernel (a system call) does not show here.
 
     .venv/bin/python -m bench.miss_count [--names 3000] [--window 200] [--out /tmp/mc.out]
 
 `callgrind_annotate --inclusive=yes OUT.1` shows the C side (uvloop's callbacks, system
-calls, the interpreter); Python functions show as the interpreter's frames.
+calls' wrappers, the interpreter); Python functions show as the interpreter's frames.
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
-import struct
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import zones
 from bench.image import image_bin
-from bench.run import ROOT
-from bench.servers import Nsd, Sidecar, free_port
+from bench.miss_path import callgrind
+from bench.servers import Nsd, Sidecar, build_query
 
 
-def query(qid: int, name: str) -> bytes:
-    """A plain A query for `name` (no EDNS), its ID `qid` (mod 2**16)."""
-    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p)
-    return struct.pack("!HHHHHH", qid & 0xFFFF, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
+class CallgrindSidecar(Sidecar):
+    """The benchmark's sidecar under callgrind, its dumps written to `out` (`out.1`, ...)."""
+
+    def __init__(self, workdir: Path, upstream: str, out: Path) -> None:
+        super().__init__(
+            "sidecar", "127.0.0.78", workdir, None, upstream, {}, 100_000, ["--drain-seconds", "0"]
+        )
+        self.out = out
+
+    def command(self) -> list[str]:
+        callgrind_run = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}"]
+        return [*callgrind_run, str(image_bin() / "python"), *super().command()]
 
 
 def ask_window(sock: socket.socket, names: Sequence[str], window: int) -> None:
     """Ask every name once, `window` in flight: each reply lets the next query go."""
     sent = 0
     for _ in range(min(window, len(names))):
-        sock.send(query(sent, names[sent]))
+        sock.send(build_query(names[sent], qid=sent & 0xFFFF))
         sent += 1
     for _ in range(len(names)):
         try:
@@ -51,26 +58,14 @@ def ask_window(sock: socket.socket, names: Sequence[str], window: int) -> None:
         except TimeoutError:
             raise SystemExit(f"no reply within {sock.gettimeout()} s: a query was lost") from None
         if sent < len(names):
-            sock.send(query(sent, names[sent]))
+            sock.send(build_query(names[sent], qid=sent & 0xFFFF))
             sent += 1
 
 
-def wait_serving(sock: socket.socket, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.send(query(1, f"ready.{zones.MISS_ZONE}"))
-            sock.recv(4096)
-            return
-        except OSError:  # refused (not bound yet) or timed out
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def summary(dump: Path) -> int:
+    """The total of a callgrind dump (its `summary:` line)."""
     for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
+        if line.startswith("summary:"):
             return int(line.split()[1])
     raise SystemExit(f"{dump}: no summary line")
 
@@ -85,35 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="miss-count-"))
     nsd = Nsd("127.0.0.77", work / "nsd", None, {zones.BENCH_ZONE: zones.bench_zone(1)})
     nsd.start()
-    host = "127.0.0.78"
-    sidecar = Sidecar("sidecar", host, work / "sidecar", None, nsd.address, {}, 100_000)
-    sidecar.port = free_port(host)
-    flags = sidecar.command()[1:]  # the benchmark's flags, for this tree's `python -m sidecar`
-    for stale in args.out.parent.glob(args.out.name + "*"):
-        stale.unlink()
-    command = [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={args.out}",
-        str(image_bin() / "python"), "-m", "sidecar", *flags, "--drain-seconds", "0",
-    ]  # fmt: skip
-    with (work / "sidecar.log").open("wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=sidecar.env(), stdout=log, stderr=log)
+    for stale in [args.out, *args.out.parent.glob(args.out.name + ".*")]:
+        stale.unlink(missing_ok=True)  # an older run's dumps
+    sidecar = CallgrindSidecar(work / "sidecar", nsd.address, args.out)
     try:
+        sidecar.start(timeout=120.0)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((host, sidecar.port))
-            sock.settimeout(2.0)
-            wait_serving(sock, timeout=120.0)
+            sock.connect((sidecar.host, sidecar.port))
             sock.settimeout(60.0)
             ask_window(sock, [f"w{i}.{zones.MISS_ZONE}" for i in range(args.warm_up)], args.window)
-            subprocess.run(
-                ["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True
-            )
+            callgrind("-z", sidecar.pid)
             ask_window(sock, [f"m{i}.{zones.MISS_ZONE}" for i in range(args.names)], args.window)
-            subprocess.run(
-                ["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True
-            )
+            callgrind("-d", sidecar.pid)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        sidecar.stop()
         nsd.stop()
     total = summary(Path(f"{args.out}.1"))
     print(

@@ -59,9 +59,14 @@ class RecordingExchanges:
         pass
 
 
-def callgrind(action: str) -> None:
-    """`callgrind_control -z` (zero) or `-d` (dump) for this process, run under callgrind."""
-    subprocess.run(["callgrind_control", action, str(os.getpid())], check=True, capture_output=True)
+def callgrind(action: str, pid: int | None = None) -> None:
+    """`callgrind_control -z` (zero) or `-d` (dump) for process `pid` (by default this one),
+    run under callgrind."""
+    subprocess.run(
+        ["callgrind_control", action, str(os.getpid() if pid is None else pid)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def workload(names: int, round_no: int) -> list[tuple[bytes, bytes]]:

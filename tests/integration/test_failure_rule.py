@@ -86,7 +86,7 @@ def test_every_failure_mode_under_load_gets_stale_answers_and_bounded_upstream_q
 ) -> None:
     for index, name in enumerate(NAMES):
         scripted_upstream.set(name, Answer((f"A 192.0.2.{index + 1}",), ttl=1))
-    sc = sidecar("--upstream", scripted_upstream.address, "--drain-seconds", "0", "--min-ttl", "1")
+    sc = sidecar("--upstream", scripted_upstream.address, "--min-ttl", "1")
     for name in NAMES:
         reply = dns.query.udp(dns.message.make_query(name, "A"), sc.addr, port=sc.port, timeout=2)
         assert reply.rcode() == dns.rcode.NOERROR
@@ -131,8 +131,6 @@ def test_an_upstream_slower_than_the_attempt_timeout_answers_the_client_in_its_o
         "1",
         "--query-timeout",
         "4",
-        "--drain-seconds",
-        "0",
     )
     started = time.monotonic()
     reply = dns.query.udp(dns.message.make_query(name, "A"), sc.addr, port=sc.port, timeout=6)

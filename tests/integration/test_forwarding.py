@@ -86,8 +86,6 @@ def routed(module_sidecar: StartSidecar, nsd_default: NsdServer, nsd_local: NsdS
         nsd_default.address,
         "--zone",
         f"local={nsd_local.address}",
-        "--drain-seconds",
-        "0",
     )
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def shared(module_sidecar: StartSidecar, nsd_local: NsdServer) -> Sidecar:
-    return module_sidecar("--upstream", nsd_local.address, "--drain-seconds", "0")
+    return module_sidecar("--upstream", nsd_local.address)
 
 
 def ask_tcp(sc: Sidecar, data: bytes) -> bytes:
@@ -120,7 +120,7 @@ def ede_codes(reply: dns.message.Message) -> list[int]:
 def test_refused_by_access_control_says_prohibited(
     sidecar: StartSidecar, nsd_local: NsdServer
 ) -> None:
-    sc = sidecar("--upstream", nsd_local.address, "--allow", "127.0.0.1/32", "--drain-seconds", "0")
+    sc = sidecar("--upstream", nsd_local.address, "--allow", "127.0.0.1/32")
     query = dns.message.make_query("resource-server.local", "A", use_edns=0)
     outsider = dns.query.udp(query, sc.addr, port=sc.port, timeout=3, source="127.0.0.12")
     assert outsider.rcode() == dns.rcode.REFUSED
@@ -142,8 +142,6 @@ def test_servfail_after_every_attempt_timed_out_says_no_reachable_authority(
             "0.2",
             "--query-timeout",
             "0.5",
-            "--drain-seconds",
-            "0",
         )
         query = dns.message.make_query("resource-server.local", "A", use_edns=0)
         for _ in range(2):  # the fetch that fails, then the failure memory's answer
@@ -158,7 +156,7 @@ def test_stale_answer_says_so_and_echoes_do(
 ) -> None:
     name = "stale.example.test."
     scripted_upstream.set(name, Answer(("A 192.0.2.31",), ttl=1))
-    sc = sidecar("--upstream", scripted_upstream.address, "--drain-seconds", "0")
+    sc = sidecar("--upstream", scripted_upstream.address)
     query = dns.message.make_query(name, "A", use_edns=0, want_dnssec=True)
     stored = time.monotonic()
     fresh = ask(sc, query, transport)

@@ -42,7 +42,6 @@ pytestmark = pytest.mark.integration
 
 Loopback = Callable[[], str]
 RESOURCE_SERVER = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
-NO_DRAIN = ("--drain-seconds", "0")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def no_tracebacks(sc: Sidecar) -> None:
 @pytest.fixture(scope="module")
 def shared(module_sidecar: StartSidecar, nsd_local: NsdServer) -> Sidecar:
     """One sidecar for the per-case tests: NSD's `local.` for everything."""
-    return module_sidecar("--upstream", nsd_local.address, *NO_DRAIN)
+    return module_sidecar("--upstream", nsd_local.address)
 
 
 # --- 1. malformed queries, case by case -------------------------------------------------------
@@ -235,7 +234,6 @@ def quick_tcp(sidecar: StartSidecar, nsd_local: NsdServer) -> Sidecar:
         "0.5",
         "--tcp-idle-timeout",
         "3",
-        *NO_DRAIN,
     )
 
 
@@ -318,7 +316,7 @@ RSS_LIMIT_MB = 150
 def test_flood_of_hostile_datagrams_and_junk_tcp_streams(
     sidecar: StartSidecar, nsd_local: NsdServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sc = sidecar("--upstream", nsd_local.address, *NO_DRAIN)
+    sc = sidecar("--upstream", nsd_local.address)
     assert_answers_correctly(sc)
     rss_start = rss_mb(sc)
     rng = random.Random(8)
@@ -417,7 +415,6 @@ def test_forged_replies_for_every_id_are_never_taken_or_cached(
         "20",
         "--query-timeout",
         "25",
-        *NO_DRAIN,
     )
     name = "spoof.example.test."
     held_upstream.hold(name)
@@ -481,7 +478,7 @@ def test_forged_replies_for_every_id_are_never_taken_or_cached(
 def test_out_of_bailiwick_records_are_not_cached(
     sidecar: StartSidecar, held_upstream: HeldUpstream
 ) -> None:
-    sc = sidecar("--upstream", held_upstream.address, *NO_DRAIN)
+    sc = sidecar("--upstream", held_upstream.address)
     held_upstream.extra["bail.example.test."] = [
         RR("www.bank.test.", QTYPE.A, ttl=86400, rdata=A("6.6.6.6"))
     ]
@@ -504,7 +501,7 @@ def test_out_of_bailiwick_records_are_not_cached(
 
 
 def test_allow_one_address_refuses_the_rest(sidecar: StartSidecar, nsd_local: NsdServer) -> None:
-    sc = sidecar("--upstream", nsd_local.address, "--allow", "127.0.0.1/32", *NO_DRAIN)
+    sc = sidecar("--upstream", nsd_local.address, "--allow", "127.0.0.1/32")
     query = dns.message.make_query("resource-server.local.", "A")
     outsider = dns.query.udp(query, sc.addr, port=sc.port, timeout=3, source="127.0.0.12")
     assert outsider.rcode() == dns.rcode.REFUSED and outsider.answer == []
@@ -527,7 +524,7 @@ def test_sighup_applies_a_new_allow_list(
 ) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text('allow = ["127.0.0.1/32"]\n')
-    sc = sidecar("--config", str(config), "--upstream", nsd_local.address, *NO_DRAIN)
+    sc = sidecar("--config", str(config), "--upstream", nsd_local.address)
     query = dns.message.make_query("resource-server.local.", "A")
     before = dns.query.udp(query, sc.addr, port=sc.port, timeout=3, source="127.0.0.12")
     assert before.rcode() == dns.rcode.REFUSED
@@ -544,7 +541,7 @@ def test_sighup_applies_a_new_allow_list(
 def test_rate_limit_drops_a_client_beyond_its_rate(
     sidecar: StartSidecar, nsd_local: NsdServer
 ) -> None:
-    sc = sidecar("--upstream", nsd_local.address, "--rate-limit", "20", *NO_DRAIN)
+    sc = sidecar("--upstream", nsd_local.address, "--rate-limit", "20")
     query = dns.message.make_query("resource-server.local.", "A")
     answered = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -568,7 +565,7 @@ def test_rate_limit_drops_a_client_beyond_its_rate(
 def test_300_idle_tcp_connections_do_not_stop_queries(
     sidecar: StartSidecar, nsd_local: NsdServer, dig: Dig
 ) -> None:
-    sc = sidecar("--upstream", nsd_local.address, *NO_DRAIN)  # tcp.max_connections 256
+    sc = sidecar("--upstream", nsd_local.address)  # tcp.max_connections 256
     idle = []
     try:
         for _ in range(300):
