@@ -14,10 +14,14 @@
 FROM python:3.11.14-alpine3.22 AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-# --copies: the virtualenv gets its own interpreter binary, the only file that the runtime stage
-# gives the right to bind port 53 (see below).
-RUN python -m venv --copies /opt/venv
-COPY requirements.lock requirements-cloudmap.lock /tmp/
+# A C compiler for mypyc, which compiles the query path's modules (setup.py): in this stage only,
+# never in the image. Not pinned by version: Alpine keeps one version per release, and the base
+# image pins the release. --copies: the virtualenv gets its own interpreter binary, the only file
+# that the runtime stage gives the right to bind port 53 (see below).
+# hadolint ignore=DL3018
+RUN apk add --no-cache gcc musl-dev \
+    && python -m venv --copies /opt/venv
+COPY requirements.lock requirements-cloudmap.lock requirements-build.lock /tmp/
 # CLOUDMAP=true adds boto3 for Cloud Map health (zones with `cloudmap`); off by default to keep
 # the image small. Without it a config that asks for Cloud Map stops at start with a clear error.
 ARG CLOUDMAP=false
@@ -27,14 +31,16 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
         /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
             -r /tmp/requirements-cloudmap.lock; \
     fi \
-    && /opt/venv/bin/pip install --no-cache-dir --no-deps setuptools==80.9.0
-COPY pyproject.toml README.md /src/
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
+        -r /tmp/requirements-build.lock
+COPY pyproject.toml README.md setup.py /src/
 COPY sidecar /src/sidecar
-# The project itself, not editable, without re-resolving dependencies; then check that the lock
-# was complete and drop the build tools from the virtualenv.
+# The project itself, not editable, without re-resolving dependencies, its query path compiled;
+# then check that the locks were complete and drop the build tools from the virtualenv.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
     && /opt/venv/bin/pip check \
-    && /opt/venv/bin/pip uninstall --yes setuptools pip \
+    && /opt/venv/bin/pip uninstall --yes -r /tmp/requirements-build.lock \
+    && /opt/venv/bin/pip uninstall --yes pip \
     && /opt/venv/bin/dns-sidecar --version
 
 

@@ -5,45 +5,58 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?= --listen 127.0.0.1:5353 --log-format text
 
-.PHONY: run test test-deps lint typecheck unit integration clean
+.PHONY: run test test-deps lint typecheck unit integration native clean
 
+# The editable install itself compiles nothing (DNS_SIDECAR_PURE=1); `native` then compiles the
+# query path's modules in place with mypyc (setup.py, docs/architecture.md#compiled-modules),
+# again whenever a source changes: a compiled module shadows its .py until it is built again.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+NATIVE := $(VENV)/.native
+$(NATIVE): $(STAMP) setup.py $(shell find sidecar -name '*.py')
+	$(BIN)/python setup.py --quiet build_ext --inplace --parallel 2 >$(VENV)/native.log 2>&1 \
+		|| { cat $(VENV)/native.log; exit 1; }
+	find sidecar -name '*.so' -exec touch {} +
+	touch $(NATIVE)
+
+native: $(NATIVE)
+
+run: $(NATIVE)
 	$(BIN)/dns-sidecar $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests fuzz
-	$(BIN)/ruff format --check sidecar tests fuzz
+	$(BIN)/ruff check sidecar tests fuzz setup.py
+	$(BIN)/ruff format --check sidecar tests fuzz setup.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(NATIVE)
 	$(BIN)/pytest -m "not integration" -q
 
-integration: $(STAMP)
+integration: $(NATIVE)
 	$(BIN)/pytest -m integration -q
 
 # The Debian packages the tests run (nsd as the upstream; dig, kdig, drill as clients; promtool;
-# ip and unshare for network namespaces, nft for the faults in them): installed as root with
-# apt-get when missing, else `make test` stops at once naming them.
+# ip and unshare for network namespaces, nft for the faults in them; gcc for `native`):
+# installed as root with apt-get when missing, else `make test` stops at once naming them.
 TEST_DEPS := nsd=nsd dig=dnsutils kdig=knot-dnsutils drill=ldnsutils promtool=prometheus \
-	ip=iproute2 unshare=util-linux nft=nftables
+	ip=iproute2 unshare=util-linux nft=nftables gcc=gcc
 
 test-deps:
 	bash .ci/install-deps.sh test $(TEST_DEPS)
 
-test: test-deps $(STAMP) lint typecheck
+test: test-deps $(NATIVE) lint typecheck
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	find sidecar -name '*.so' -delete
 
 # Hostile input, longer than CI runs it (CONTRIBUTING.md, Tests). Neither is part of `make test`, which
 # runs the same fuzz harness for 20 s. `make fuzz` keeps its corpus in fuzz/corpus; a crash is
@@ -75,7 +88,7 @@ BENCH_VENV_DEP := /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null ||
 
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -107,7 +120,7 @@ BENCH_DISCOVERY_ARGS ?=
 
 $(BENCH_DISCOVERY_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[bench]' 'dnspython>=2.6'
+	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[bench]' 'dnspython>=2.6'
 	touch $(BENCH_DISCOVERY_STAMP)
 
 bench-discovery: $(BENCH_DISCOVERY_STAMP)

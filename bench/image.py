@@ -1,8 +1,9 @@
 """The sidecar installed as the image installs it, for the benchmark to run.
 
 The Dockerfile builds a virtualenv from the pinned wheels of requirements.lock, installs the
-project into it from a copy of `pyproject.toml`, `README.md` and `sidecar/` (not editable), and
-removes pip and setuptools. The development virtualenv (.venv) differs in what every start of
+project into it from a copy of `pyproject.toml`, `README.md`, `setup.py` and `sidecar/` (not
+editable; the query path compiled with mypyc by the build tools of requirements-build.lock), and
+removes pip and those tools. The development virtualenv (.venv) differs in what every start of
 the interpreter pays: the editable install's finder and setuptools' distutils hook are `.pth`
 files that site runs, importing pathlib, fnmatch and urllib.parse, which the sidecar does not
 use: 4% more instructions to import the server (callgrind: 425.6 against 409.6 million), ~4
@@ -23,8 +24,9 @@ So the benchmark runs `dns-sidecar` from `.venv/bench-image`, made here the same
   the venv);
 - the project reinstalled from this tree at the start of every benchmark process, so the run
   measures the code it sits next to;
-- no setuptools left in it (the Dockerfile pins the one it builds with and removes it); pip
-  stays, for the next reinstall, and adds no `.pth` file.
+- built as the image is built: the tools of requirements-build.lock (setuptools, mypy for
+  mypyc) installed for the build and removed after it; pip stays, for the next reinstall,
+  and adds no `.pth` file.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_VENV = REPO / ".venv" / "bench-image"
 LOCK = REPO / "requirements.lock"
-SETUPTOOLS = "setuptools==80.9.0"  # the Dockerfile's build-time pin
+BUILD_LOCK = REPO / "requirements-build.lock"  # the Dockerfile's build-time tools
 _STAMP = ".requirements-lock.sha256"
-_PROJECT_FILES = ("pyproject.toml", "README.md")
+_PROJECT_FILES = ("pyproject.toml", "README.md", "setup.py")
 
 # Built as the image's interpreter is (profile-guided, link-time optimised): see above.
 OPTIMISED_PYTHON = Path("/usr/bin/python3.11")
@@ -93,18 +95,18 @@ def _build_venv(digest: str, base: str) -> None:
 
 def _install_project() -> None:
     """This tree's project, built from a copy of what the Dockerfile copies (no build
-    directory or egg-info left in the tree), then setuptools removed again."""
-    _pip("--no-deps", SETUPTOOLS)
+    directory or egg-info left in the tree) with the image's build tools, removed again."""
+    _pip("--no-deps", "--only-binary=:all:", "-r", str(BUILD_LOCK))
     with tempfile.TemporaryDirectory(prefix="bench-image-src-") as tmp:
         src = Path(tmp)
         for name in _PROJECT_FILES:
             shutil.copy2(REPO / name, src / name)
         shutil.copytree(
-            REPO / "sidecar", src / "sidecar", ignore=shutil.ignore_patterns("__pycache__")
+            REPO / "sidecar", src / "sidecar", ignore=shutil.ignore_patterns("__pycache__", "*.so")
         )
         _pip("--no-deps", "--no-build-isolation", "--force-reinstall", str(src))
     subprocess.run(
-        [str(IMAGE_VENV / "bin" / "pip"), "uninstall", "--quiet", "--yes", "setuptools"],
+        [str(IMAGE_VENV / "bin" / "pip"), "uninstall", "--quiet", "--yes", "-r", str(BUILD_LOCK)],
         check=True,
     )
 

@@ -8,12 +8,22 @@ hypothesis suite (tests/core/test_fuzz_wire.py): parse_query raises only ClientE
 parse_reply only FormError, and whatever parses can be answered, cached, judged for
 bailiwick and rendered. Any other exception is a crash: libFuzzer saves the input as
 crash-<hash> in the current directory and exits non-zero.
+
+Those checks run on the modules as the sidecar runs them, compiled with mypyc when they are
+(setup.py), where atheris sees no coverage. So the wire reader's Python source is loaded
+beside them, instrumented: it guides the fuzzing, and each input must read the same in both
+(the same Query or Reply, or the same error), which also finds where compiled code parts
+from Python's semantics (docs/architecture.md, "Compiled modules").
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 import atheris
 
@@ -22,12 +32,48 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with atheris.instrument_imports():
     import sidecar.core.bailiwick
     import sidecar.core.cache
-    import sidecar.core.wire  # noqa: F401
+    import sidecar.core.wire
 
 from tests.core.test_fuzz_wire import check_query, check_reply
 
+WIRE_SOURCE = os.path.join(os.path.dirname(sidecar.core.bailiwick.__file__), "wire.py")
+
+
+def source_module(path: str, name: str) -> ModuleType:
+    """The Python source at `path` as a module of its own, each function instrumented."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    for _, function in inspect.getmembers(module, inspect.isfunction):
+        if function.__module__ == name:
+            atheris.instrument_func(function)
+    return module
+
+
+wire_source = source_module(WIRE_SOURCE, "fuzz_wire_source")
+
+
+def outcome(read: Callable[[bytes], tuple[object, ...]], data: bytes) -> tuple[object, ...]:
+    """What a reader makes of `data`: its tuple, or its error's kind, text and rcode."""
+    try:
+        return ("read", tuple(read(data)))
+    except Exception as exc:
+        return (type(exc).__name__, str(exc), getattr(exc, "rcode", None))
+
+
+def read_alike(data: bytes) -> None:
+    """The imported wire reader (compiled or not) and its source read `data` the same."""
+    for name in ("parse_query", "parse_reply"):
+        ours = outcome(getattr(sidecar.core.wire, name), data)
+        source = outcome(getattr(wire_source, name), data)
+        if ours != source:
+            raise AssertionError(f"{name}: {ours!r} where the source gives {source!r}")
+
 
 def test_one_input(data: bytes) -> None:
+    read_alike(data)
     check_query(data)
     check_reply(data)
 

@@ -28,7 +28,7 @@ from sidecar.core.routing import ZoneRouter, name_to_wire
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.forwarder import Forwarder, probe_down_upstreams
-from sidecar.pipeline import DiscoveryZone, Resolver
+from sidecar.pipeline import Resolver
 from sidecar.server import datagram_batch, sockets
 from sidecar.server.http import HttpListener
 from sidecar.server.tcp import TcpListener
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from sidecar.discovery.cloudmap import CloudMapSource
     from sidecar.discovery.endpoints import EndpointTable
     from sidecar.discovery.pools import Shaper
+    from sidecar.discovery.zone import DiscoveryZone
     from sidecar.prometheus_lean import CollectorRegistry
 
 TYPE_NS_IN = b"\x00\x02\x00\x01"

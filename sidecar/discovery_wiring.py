@@ -23,7 +23,7 @@ from sidecar.discovery.endpoints import EndpointTable, ProbeSettings
 from sidecar.discovery.passive import PROBE_STRETCH, PassiveSettings
 from sidecar.discovery.probes import run_probes
 from sidecar.discovery.shaping import ShapeSettings
-from sidecar.pipeline import DiscoveryZone
+from sidecar.discovery.zone import DiscoveryZone
 
 if TYPE_CHECKING:
     from sidecar.pipeline import Resolver

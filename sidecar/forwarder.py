@@ -303,8 +303,14 @@ class Forwarder:
         self.exchanges.close(now=now)
 
 
+class Prober(Protocol):
+    """What probe_down_upstreams asks with: a Forwarder."""
+
+    async def probe(self, server: HostPort, question: bytes) -> float: ...
+
+
 async def probe_down_upstreams(
-    forwarder: Forwarder,
+    forwarder: Prober,
     sets: Sequence[UpstreamSet[HostPort]],
     question: bytes,
     interval: float,

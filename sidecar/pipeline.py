@@ -39,8 +39,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 from sidecar.addresses import HostPort
 from sidecar.collector import untrack
@@ -58,9 +57,9 @@ from sidecar.local_answers import is_local, local_reply
 if TYPE_CHECKING:  # imported at run time only with a discovery zone (see Resolver.__init__)
     from sidecar.discovery.endpoints import EndpointTable
     from sidecar.discovery.pools import Shaper
-    from sidecar.discovery.registry import Listing
-    from sidecar.discovery.shaping import ShapedAnswer, ShapeSettings
+    from sidecar.discovery.shaping import ShapedAnswer
     from sidecar.discovery.srv_shaping import ShapedSrv
+    from sidecar.discovery.zone import DiscoveryZone
 
 TYPE_SRV_BYTES = wire.TYPE_SRV.to_bytes(2, "big")
 # Question types answered here, never forwarded: zone transfers (REFUSED) and ANY (RFC 8482).
@@ -184,14 +183,6 @@ class _Waiter:
         )
 
 
-class Registry(Protocol):
-    """A discovery zone's Cloud Map registry (discovery/cloudmap.py's CloudMapSource)."""
-
-    def listing(self, service: str, now: float) -> Listing | None: ...
-
-    def ages(self, now: float) -> list[tuple[str, float]]: ...
-
-
 # What a RegistryBase keeps beside its upstream reply's bytes, charged to its entry: the tuple,
 # its query (tuple and key), the service name, the dict slot and the reply's object header
 # (tracemalloc, CPython 3.11; tests/test_pipeline.py checks it).
@@ -207,24 +198,6 @@ class RegistryBase(NamedTuple):
     msg: bytes  # the upstream's reply
     zone: str
     service: str
-
-
-@dataclass(frozen=True)
-class DiscoveryZone:
-    """A zone whose A/AAAA answers are shaped by endpoint health and latency."""
-
-    shaping: ShapeSettings
-    # With Cloud Map: called with each service name asked for (the label below the zone).
-    asked: Callable[[str], object] | None = None
-    # An A/AAAA question of a name with only SRV records is answered with the addresses of
-    # its live SRV targets (host mode, fixed ports): see Resolver._synthesize_address.
-    synthesize_a: bool = False
-    # NXDOMAIN and NODATA are cached at most this long here (the VPC resolver keeps a private
-    # zone's NXDOMAIN 300 s; a service with no records for a moment of a deploy comes back).
-    negative_ttl: int = 5
-    # With Cloud Map: the registry whose instances answer for the zone's services
-    # (discovery/registry.py): all of them, none deregistered, none hidden by an NXDOMAIN.
-    registry: Registry | None = None
 
 
 def labels_below(wire_name: bytes, zone: str) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import native
 from tests.fakes.nsd import free_port as _free_port
 from tests.fakes.nsd import loopback_host
 
@@ -26,6 +27,24 @@ def free_port() -> Callable[..., int]:
 def loopback() -> Callable[[], str]:
     """Hands out distinct IPv4 loopback addresses (127.0.9.x) for servers a test starts."""
     return lambda: loopback_host(9)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once when a compiled module (`make native`) is older than its source: it
+    would be what the tests import, not the code beside it."""
+    stale = native.stale_modules()
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(stale)}; run `make native`",
+            returncode=2,
+        )
+
+
+def pytest_report_header() -> str:
+    built = native.compiled_modules()
+    if not built:
+        return "sidecar: pure Python (no compiled module: `make native` compiles them)"
+    return f"sidecar: {len(built)} modules compiled with mypyc (setup.py)"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

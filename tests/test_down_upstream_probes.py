@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from sidecar.addresses import HostPort
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.forwarder import probe_down_upstreams
 
@@ -15,23 +16,22 @@ class CountingForwarder:
     def __init__(self) -> None:
         self.probes: list[str] = []
 
-    async def probe(self, server: str, question: bytes) -> float:
-        self.probes.append(server)
+    async def probe(self, server: HostPort, question: bytes) -> float:
+        self.probes.append(server.host)
         return 0.001
 
 
 def test_a_down_upstream_is_probed_back_and_then_nothing_runs() -> None:
     async def scenario() -> tuple[list[str], list[str], bool, bool]:
-        ups = UpstreamSet(["a", "b"], max_fails=1)
+        a, b = HostPort("127.0.0.1", 53), HostPort("127.0.0.2", 53)
+        ups = UpstreamSet([a, b], max_fails=1)
         forwarder = CountingForwarder()
-        task = asyncio.ensure_future(
-            probe_down_upstreams(forwarder, [ups], b"q", 0.05)  # type: ignore[arg-type]
-        )
+        task = asyncio.ensure_future(probe_down_upstreams(forwarder, [ups], b"q", 0.05))
         await asyncio.sleep(0.3)
         idle = list(forwarder.probes)  # nothing down: no probe, whatever the time
-        ups.failed("b")
+        ups.failed(b)
         await asyncio.sleep(0.12)
-        back_up = ups.healthy("b")
+        back_up = ups.healthy(b)
         await asyncio.sleep(0.3)
         after = list(forwarder.probes)
         task.cancel()
@@ -40,7 +40,7 @@ def test_a_down_upstream_is_probed_back_and_then_nothing_runs() -> None:
 
     idle, after, back_up, released = asyncio.run(scenario())
     assert idle == []
-    assert back_up and after == ["b"]  # one probe brought it up; none since
+    assert back_up and after == ["127.0.0.2"]  # one probe brought it up; none since
     assert released  # the cancelled task no longer listens
 
 

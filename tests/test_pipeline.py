@@ -24,16 +24,10 @@ from sidecar.core.routing import ZoneRouter
 from sidecar.core.upstream_health import UpstreamSet
 from sidecar.discovery.registry import Instance, Listing
 from sidecar.discovery.shaping import ShapeSettings
+from sidecar.discovery.zone import DiscoveryZone, Registry
 from sidecar.errors import BadUpstreamReply, PacketBudgetSpent, UpstreamUnreachable
 from sidecar.forwarder import Forwarder
-from sidecar.pipeline import (
-    EDE_OTHER,
-    REGISTRY_BASE_BYTES,
-    DiscoveryZone,
-    Registry,
-    RegistryBase,
-    Resolver,
-)
+from sidecar.pipeline import EDE_OTHER, REGISTRY_BASE_BYTES, RegistryBase, Resolver
 from tests.fakes.scripted_exchanges import (
     FakeClock,
     ScriptedExchanges,

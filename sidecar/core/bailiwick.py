@@ -20,13 +20,15 @@ the reply out of bailiwick.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.core import wire
 from sidecar.errors import FormError
 
 TYPE_CNAME = 5
 TYPE_DNAME = 39
 TYPE_RRSIG = 46
-ROOT = b"\x00"
+ROOT: Final = b"\x00"
 
 
 def read_name(msg: bytes, offset: int) -> bytes:

@@ -198,8 +198,8 @@ class FastPath:
         self.get = self.rows.get  # the hot path's lookup; `rows` is never replaced
         self.by_key: dict[bytes, list[FastHit]] = {}  # the rows of each cache key
         # The entries whose last hit found no row, this generation and the one before.
-        self.asked: set[Entry] = set()
-        self.asked_before: set[Entry] = set()
+        self.asked: set[object] = set()  # entries, by identity (admit)
+        self.asked_before: set[object] = set()
         self.asked_since = -math.inf  # when the current generation began
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
@@ -219,7 +219,7 @@ class FastPath:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, entry: Entry, now: float) -> bool:
+    def admit(self, entry: object, now: float) -> bool:
         """Whether a hit on `entry` at `now` should get a row: a second hit while the first is
         remembered. Hits that found no row are remembered by entry (its identity) in two
         generations, a generation ending after half of ADMIT_WITHIN or ADMIT_MEMORY entries,
@@ -235,7 +235,7 @@ class FastPath:
         asked.add(entry)
         return False
 
-    def _generations(self, now: float) -> tuple[set[Entry], set[Entry]]:
+    def _generations(self, now: float) -> tuple[set[object], set[object]]:
         """The admission memory at `now` (see `admit`): the current generation and the one
         before, a new one begun when due."""
         asked = self.asked

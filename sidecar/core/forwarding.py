@@ -183,7 +183,7 @@ class Forwarding:
         self.last_error = error
         if attempt.number != self.attempts:
             return None  # an earlier attempt, late: the current one goes on
-        return self._next(now)
+        return self.next_attempt(now)
 
     def denied(self, attempt: Attempt) -> None:
         """The packet budget had no token for `attempt` (not sent): the question is over."""
@@ -194,7 +194,11 @@ class Forwarding:
         """Shutting down: no further attempt; failures from now on are not the upstream's."""
         self.stopped = True
 
-    def _next(self, now: float) -> Attempt | None:
+    def first(self, now: float) -> Attempt | None:
+        """The question's first attempt; None if there is no time for one (then `error` is set)."""
+        return self.next_attempt(now)
+
+    def next_attempt(self, now: float) -> Attempt | None:
         """The next attempt, or None once the question is over (then `error` is set)."""
         order, attempts = self.order, self.attempts
         new_round = attempts > 0 and attempts % len(order) == 0
@@ -215,7 +219,3 @@ class Forwarding:
         return _new_attempt(
             (order[attempts % len(order)], timeout, False, attempts + 1, left - timeout)
         )
-
-    # The first attempt; None if there is no time for one (then `error` is set). The same
-    # as `_next` (an alias: one call per question less).
-    first = _next

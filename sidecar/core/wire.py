@@ -415,7 +415,7 @@ def error_reply(
         + bytes((QR | opcode | (byte2 & RD), byte3 | (rcode & RCODE_MASK)))
         + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
     )
-    return header + query[HEADER_SIZE:question_end] + opt
+    return header + (query[HEADER_SIZE:question_end] if has_question else b"") + opt
 
 
 def rcode_reply(query: bytes, q: Query, rcode: int, ede: int | None = None) -> bytes:

@@ -47,9 +47,9 @@ from sidecar.discovery.endpoints import Endpoint, EndpointTable
 from sidecar.discovery.zone_affinity import affinity_weights
 
 # Estimated bytes of a pool beside its variants (tracemalloc, CPython 3.11): the object, and
-# per answer record its walked record, its address text and its slot.
+# per answer record its walked record (~110), its address text (~60) and its slot.
 POOL_OVERHEAD = 600
-PER_ANSWER = 100
+PER_ANSWER = 180
 HOLDER = "shaped"  # its name among an entry's charges
 MIN_RAMP = 0.05  # a slow-starting endpoint's weight is at least this share of its full one
 

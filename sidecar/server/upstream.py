@@ -49,6 +49,7 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from sidecar.addresses import HostPort
 from sidecar.core import wire
@@ -163,7 +164,7 @@ class Deadlines:
     mostly in the order queries went), or until the timer gets to it."""
 
     # A timer may fire up to a clock tick early (uvloop counts in milliseconds).
-    EARLY = 0.001
+    EARLY: Final = 0.001
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

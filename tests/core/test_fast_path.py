@@ -25,6 +25,7 @@ from sidecar.core.rotation import Rotator
 from sidecar.discovery.endpoints import EndpointTable
 from sidecar.discovery.pools import Shaper
 from sidecar.discovery.shaping import ShapeSettings
+from tests.native import attributes
 
 NAME = "a.example"
 
@@ -409,7 +410,7 @@ def test_nothing_writes_to_a_cached_entry_after_it_is_made() -> None:
     s = Setup(prefetch_percent=10)
     msg = reply(("10.0.0.1", "10.0.0.2"), ttl=60, name="svc.local")
     entry = s.store(msg, 100.0, "svc.local")
-    before = {name: getattr(entry, name) for name in Entry.__slots__}
+    before = {name: getattr(entry, name) for name in attributes(Entry)}
     data = query("svc.local")
     key = wire.parse_query(data).key
     s.source.shaper.shape(
@@ -422,7 +423,7 @@ def test_nothing_writes_to_a_cached_entry_after_it_is_made() -> None:
     s.fast.flush()
     assert s.prefetched == [key]
     s.store(reply(("10.0.0.3",), name="svc.local"), 159.0, "svc.local")  # replaced: retired
-    assert {name: getattr(entry, name) for name in Entry.__slots__} == before
+    assert {name: getattr(entry, name) for name in attributes(Entry)} == before
     assert s.fast.by_key == {} and len(s.source.shaper) == 0 and key not in s.source.started
 
 

@@ -11,6 +11,7 @@ from sidecar.core import wire
 from sidecar.core.cache import VARIANT_OVERHEAD, CacheSettings, Entry, TtlCache
 from sidecar.core.rotation import MAX_ORDERS, Rotator, address_rrset
 from sidecar.core.routing import name_to_wire
+from tests.native import attributes
 
 NAME = "web.example"
 
@@ -139,6 +140,6 @@ def test_the_pool_is_charged_to_its_key_and_goes_when_the_entry_retires() -> Non
 def test_the_cached_entry_is_never_written_to() -> None:
     s = Setup()
     key, entry = s.store(reply(["192.0.2.1", "192.0.2.2"]))
-    before = {slot: getattr(entry, slot) for slot in Entry.__slots__}
+    before = {slot: getattr(entry, slot) for slot in attributes(Entry)}
     s.answers(key, entry, 5)
-    assert {slot: getattr(entry, slot) for slot in Entry.__slots__} == before
+    assert {slot: getattr(entry, slot) for slot in attributes(Entry)} == before

@@ -102,6 +102,21 @@ def test_the_cloudmap_lock_pins_the_cloudmap_extra() -> None:
     assert not set(pinned) & set(read_pins(LOCK)), "pinned in both locks"
 
 
+def test_the_build_lock_pins_what_the_build_system_requires() -> None:
+    """setup.py compiles with mypyc: the image builds with the mypy and setuptools that
+    pyproject.toml's [build-system] asks for, each pinned in requirements-build.lock, and
+    the build lock shares no package with the runtime locks (the build removes it all)."""
+    build = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["build-system"]
+    pinned = read_pins(REPO_ROOT / "requirements-build.lock")
+    for text in build["requires"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{requirement.name} is not in requirements-build.lock"
+        assert requirement.specifier.contains(pinned[name]), (requirement, pinned[name])
+    runtime = set(read_pins(LOCK)) | set(read_pins(REPO_ROOT / "requirements-cloudmap.lock"))
+    assert not set(pinned) & runtime, "pinned in the build lock and a runtime lock"
+
+
 def test_base_images_are_pinned_and_the_same() -> None:
     bases = [args.split()[0] for word, args in instructions() if word == "FROM"]
     assert len(bases) == 2, bases  # multi-stage: build, then runtime
@@ -155,7 +170,7 @@ def test_the_build_context_holds_what_copy_needs() -> None:
             for source in sources:
                 assert source.rstrip("/") in allowed, source
                 assert (REPO_ROOT / source).exists(), source
-    assert {"README.md", "pyproject.toml"} <= allowed  # setuptools reads both
+    assert {"README.md", "pyproject.toml", "setup.py"} <= allowed  # setuptools reads them
 
 
 # --- the file capability for port 53 ------------------------------------------------------------
