@@ -27,6 +27,7 @@ NATIVE_MODULES = [
     "sidecar/core/wire.py",
     "sidecar/forwarder.py",
     "sidecar/pipeline.py",
+    "sidecar/server/datagram_batch.py",
     "sidecar/server/udp.py",
     "sidecar/server/upstream.py",
 ]

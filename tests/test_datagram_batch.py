@@ -171,13 +171,13 @@ def test_a_full_batch_sends_its_replies_in_one_call_a_smaller_one_flush_every_at
     with pair(socket.AF_INET, "127.0.0.1") as (batch, clients):
         where = batch.sock.getsockname()
         sends: list[int] = []
-        send = batch._send  # the module's own: counted, then sent as ever
+        sendmmsg = batch._sendmmsg  # the system call: counted, then made as ever
 
-        def counted(count: int) -> None:
+        def counted(fd: int, headers: int, count: int, flags: int) -> int:
             sends.append(count)
-            send(count)
+            return sendmmsg(fd, headers, count, flags)
 
-        monkeypatch.setattr(batch, "_send", counted)
+        monkeypatch.setattr(batch, "_sendmmsg", counted)
         s = Served(batch, {b"hit": Row(b" reply")})
         extra = datagram_batch.FLUSH_EVERY + 2
         for n in range(SIZE + extra):

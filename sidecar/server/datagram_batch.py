@@ -82,6 +82,8 @@ from functools import partial
 from termios import FIONREAD
 from typing import Protocol, TypeVar
 
+from sidecar.server.msghdr import IoVec, MMsgHdr, MsgHdr
+
 SIZE = 32  # datagrams per call
 SLOT = 4096  # bytes per query and per reply slot; a longer query is cut (and fails to parse)
 FLUSH_EVERY = 8  # replies staged at most before a send (a full batch: SIZE, see above)
@@ -112,29 +114,9 @@ R = TypeVar("R", bound=Row)
 C = TypeVar("C")  # what `answer_cold` notes of a datagram it answered, for `hand_off_cold`
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
-
-
 _NAME = 32  # bytes per sockaddr slot: sockaddr_in6 is 28
-_HDR = ctypes.sizeof(_MMsgHdr)
-_IOV = ctypes.sizeof(_IoVec)
+_HDR = ctypes.sizeof(MMsgHdr)
+_IOV = ctypes.sizeof(IoVec)
 _POINTER = ctypes.sizeof(ctypes.c_void_p)
 _SIZE_T = ctypes.sizeof(ctypes.c_size_t)
 
@@ -200,9 +182,9 @@ class DatagramBatch:
                 (in_hdrs, in_iovs, slots_at),
                 (out_hdrs, out_iovs, out_slots),
             ):
-                iov = _IoVec.from_buffer(self._memory, iovs + i * _IOV)
+                iov = IoVec.from_buffer(self._memory, iovs + i * _IOV)
                 iov.iov_base, iov.iov_len = base + slots + i * SLOT, SLOT
-                hdr = _MMsgHdr.from_buffer(self._memory, hdrs + i * _HDR).msg_hdr
+                hdr = MMsgHdr.from_buffer(self._memory, hdrs + i * _HDR).msg_hdr
                 hdr.msg_name, hdr.msg_namelen = base + names + i * _NAME, name_len
                 hdr.msg_iov, hdr.msg_iovlen = base + iovs + i * _IOV, 1
         self._in_hdrs_at, self._out_hdrs_at = base + in_hdrs, base + out_hdrs
@@ -212,7 +194,7 @@ class DatagramBatch:
         self._lengths = memory.cast("I")
         self._sizes = memory.cast("Q") if _SIZE_T == 8 else memory.cast("I")
         self._pointers = memory.cast("P")
-        length_at = (in_hdrs + _MMsgHdr.msg_len.offset) // 4
+        length_at = (in_hdrs + MMsgHdr.msg_len.offset) // 4
         host_start, host_end = (4, 8) if self.family == socket.AF_INET else (8, 24)
         # Per datagram i: where it starts, the index of its length in `_lengths`, and where
         # its sender's address (without the port) starts and ends.
@@ -227,8 +209,8 @@ class DatagramBatch:
         ]
         # Per reply slot j: where it starts, and the indexes of its length in `_sizes` and of
         # its destination in `_pointers`.
-        size_at = (out_iovs + _IoVec.iov_len.offset) // _SIZE_T
-        name_at = (out_hdrs + _MsgHdr.msg_name.offset) // _POINTER
+        size_at = (out_iovs + IoVec.iov_len.offset) // _SIZE_T
+        name_at = (out_hdrs + MsgHdr.msg_name.offset) // _POINTER
         self._outgoing = [
             (out_slots + j * SLOT, size_at + j * _IOV // _SIZE_T, name_at + j * _HDR // _POINTER)
             for j in range(SIZE)
