@@ -7,13 +7,13 @@ ARGS ?= --listen 127.0.0.1:5353 --log-format text
 
 .PHONY: run test test-deps lint typecheck unit integration native clean
 
-# The editable install itself compiles nothing (DNS_SIDECAR_PURE=1); `native` then compiles the
+# The editable install itself compiles nothing (SIDECAR_BUILD_PURE=1); `native` then compiles the
 # query path's modules in place with mypyc (setup.py, docs/architecture.md#compiled-modules),
 # again whenever a source changes: a compiled module shadows its .py until it is built again.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[test]'
+	SIDECAR_BUILD_PURE=1 $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 NATIVE := $(VENV)/.native
@@ -88,7 +88,7 @@ BENCH_VENV_DEP := /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null ||
 
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[bench]'
+	SIDECAR_BUILD_PURE=1 $(BIN)/pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -120,7 +120,7 @@ BENCH_DISCOVERY_ARGS ?=
 
 $(BENCH_DISCOVERY_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	DNS_SIDECAR_PURE=1 $(BIN)/pip install --quiet -e '.[bench]' 'dnspython>=2.6'
+	SIDECAR_BUILD_PURE=1 $(BIN)/pip install --quiet -e '.[bench]' 'dnspython>=2.6'
 	touch $(BENCH_DISCOVERY_STAMP)
 
 bench-discovery: $(BENCH_DISCOVERY_STAMP)

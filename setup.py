@@ -3,8 +3,9 @@ compiled to C extensions with mypyc (from mypy, the type checker `make test` alr
 from the same Python source. docs/architecture.md, "Compiled modules", says which, why and
 what the code in them must not do; bench/NOTES.md has what it bought.
 
-DNS_SIDECAR_PURE=1 builds without compiling (no C compiler needed): the same behaviour on
-the interpreter alone, about twice the CPU per cache miss.
+SIDECAR_BUILD_PURE=1 builds without compiling (no C compiler needed): the same behaviour on
+the interpreter alone, about twice the CPU per cache miss. Not a DNS_SIDECAR_* name: the
+sidecar refuses to start with an environment variable of that prefix it does not know.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ NATIVE_MODULES = [
 
 
 def native_extensions() -> list[object]:
-    if os.environ.get("DNS_SIDECAR_PURE") == "1":
+    if os.environ.get("SIDECAR_BUILD_PURE") == "1":
         return []
     from mypyc.build import mypycify
 

@@ -15,7 +15,8 @@ in the kernel (a system call) does not show here.
     .venv/bin/python -m bench.miss_count [--names 3000] [--window 200] [--out /tmp/mc.out]
 
 `callgrind_annotate --inclusive=yes OUT.1` shows the C side (uvloop's callbacks, system
-calls' wrappers, the interpreter); Python functions show as the interpreter's frames.
+calls' wrappers, the interpreter, and the compiled query path's functions by name in
+sidecar/native__mypyc); interpreted Python functions show as the interpreter's frames.
 """
 
 from __future__ import annotations

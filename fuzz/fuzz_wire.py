@@ -36,7 +36,10 @@ with atheris.instrument_imports():
 
 from tests.core.test_fuzz_wire import check_query, check_reply
 
-WIRE_SOURCE = os.path.join(os.path.dirname(sidecar.core.bailiwick.__file__), "wire.py")
+# The source in this tree, also when the wire module imported is compiled.
+WIRE_SOURCE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sidecar/core/wire.py"
+)
 
 
 def source_module(path: str, name: str) -> ModuleType:

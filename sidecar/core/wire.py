@@ -415,6 +415,7 @@ def error_reply(
         + bytes((QR | opcode | (byte2 & RD), byte3 | (rcode & RCODE_MASK)))
         + COUNTS.pack(1 if has_question else 0, 0, 0, 1 if opt else 0)
     )
+    # Not sliced without a question: compiled (mypyc 2.4.1), query[12:0] raises SystemError.
     return header + (query[HEADER_SIZE:question_end] if has_question else b"") + opt
 
 
