@@ -521,8 +521,11 @@ class Sidecar(Server):
 
     def env(self) -> dict[str, str]:
         """As the image runs it: installed as the image installs it (bench/image.py), with the
-        image's PYTHON* settings (image_python_env), its bytecode written beforehand."""
-        env = {**os.environ, **image_python_env()}
+        image's PYTHON* settings (image_python_env), its bytecode written beforehand. Without
+        PYTHONPATH, which the toys' runs set to this tree (bench/ceiling.py): with it, the
+        sidecar imported this tree's modules, compiled in place or not, not the installed."""
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(image_python_env())
         warm_bytecode(env)
         return env
 

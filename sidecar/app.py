@@ -231,8 +231,11 @@ class Server:
 
         fast.on_due = on_due
 
+        # All counted a turn, then REFRESH_BATCH rows made; a reader thread may answer between.
+        drain_turn = in_turns(lambda: fast.drain_turn(clock()), loop)
+
         def on_backlog() -> None:  # from a reader thread: count its hand-off soon
-            loop.call_soon_threadsafe(fast.drain)
+            loop.call_soon_threadsafe(drain_turn)
 
         fast.on_backlog = on_backlog
 

@@ -279,7 +279,9 @@ def test_a_lone_datagram_is_answered_from_its_entry_without_a_row() -> None:
         where = batch.sock.getsockname()
         cold_handed: list[tuple[list[bytes], float, float]] = []
 
-        def answer_cold(data: bytes, now: float, cold: list[bytes]) -> bytes | None:
+        def answer_cold(
+            data: bytes, now: float, cold: list[bytes], _resting: object | None
+        ) -> bytes | None:
             cold.append(data)
             return data[:2] + b" from the entry"
 

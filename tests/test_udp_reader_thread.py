@@ -64,13 +64,16 @@ class Served:
 
     async def counted(self, hits: int) -> None:
         """Wait until `hits` cache hits are counted: the thread hands a batch's rows to the
-        loop after its send, so the last reply may arrive before its batch is handed over."""
+        loop after its send, so the last reply may arrive before its batch is handed over.
+        Then the rows admitted are made, as the loop's turns after a backlog make them."""
         metrics = self.listener.metrics
         deadline = time.monotonic() + 2.0
         self.listener.fast.flush()  # what a scrape does first
         while metrics.cache_hits[0] < hits and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             self.listener.fast.flush()
+        while self.listener.fast.drain_turn(self.listener.resolver.clock()):
+            pass
 
     async def ask(self, data: bytes, timeout: float = 2.0) -> bytes:
         loop = asyncio.get_running_loop()

@@ -29,10 +29,11 @@ Theory of operation
   Only the event loop writes counts (`served`). A UDP reader thread (server/udp_thread.py)
   hands each batch's served rows and its time over with one `hand_off` (a deque's append,
   atomic in CPython and thread-safe in free-threaded builds); the loop folds them in (`drain`)
-  before anything reads the counts: at `flush`, at a row's refresh and drop, and before
-  `refresh_due` asks which rows were asked since their refresh, and whenever DRAIN_AT batches
-  of rows or DRAIN_COLD_AT of hits answered from entries wait (`on_backlog`, which the glue
-  makes a thread-safe call of `drain` on the loop). Rows cached in one burst come due
+  before anything reads the counts: at `flush`, at a row's refresh and drop (the rows'
+  batches), and before `refresh_due` asks which rows were asked since their refresh, and
+  whenever DRAIN_AT batches of rows or DRAIN_COLD_AT of hits answered from entries wait
+  (`on_backlog`, which the glue makes a thread-safe call of `drain_turn` on the loop, in
+  turns). Rows cached in one burst come due
   together once a second, and a second of batches at full load (~11k of them) held ~4 MiB
   that the process kept. A thread may serve a row the loop has just dropped (it read the
   row before): those hits are counted as they are drained, since no flush sees a dropped
@@ -51,14 +52,27 @@ Theory of operation
   while) is scheduled the same way. Without this, the rows cached in one burst all passed
   their moment together once a second, and for those milliseconds every query of them took
   the slow path (the p99 at half load, and reader-thread hand-offs).
+- Resting: a row not asked since its last refresh, REST_AFTER ago or more, is not refreshed
+  ahead and leaves `due`: past its moment it rests in the table (nothing wakes the loop for
+  it) until it is asked again. Then it is made current at once: on the loop by the hit itself
+  (`refresh`), from a reader thread by the loop's next turn (the thread answers the hit from
+  the entry with the row's parse, `answer_cold`, and the loop, counting it, admits it
+  without waiting for a second hit). Dropped instead, every row of a burst after a quiet
+  second had to be earned again by two hits, and the burst began on hits answered from
+  entries: most of the sidecar's answers over 500 us at half load (bench/NOTES.md). A
+  resting row stays charged to its entry's key, and goes with its entry, when the table is
+  full (the sweep), or when asked after its entry expired.
 - Admission: a row is made on the second hit of an entry while its first is remembered
   (`admit`): in two generations of at most half of ADMIT_WITHIN and ADMIT_MEMORY entries
   each, by entry identity (no copy of a key, nothing written to the entry). Hits with no row
   are answered from the entry itself: by a reader thread (`answer_cold`), which hands them
-  to the loop to count and admit, or on the loop.
-- Bounded: at most `capacity` rows. When full, rows not valid any more (not asked within about
-  a second) are swept out, at most once a second; if that frees nothing, no row is added and
-  such queries take the ordinary path.
+  to the loop to count and admit, or on the loop. The loop counts a reader thread's backlog
+  and makes the rows it admitted in turns (`drain_turn`: DRAIN_COLD_TURN batches counted and
+  REFRESH_BATCH rows made a turn, the GIL handed to the thread between turns), each row only
+  if its entry is still the cache's and servable then.
+- Bounded: at most `capacity` rows. When full, rows not valid any more (resting, or not asked
+  within about a second) are swept out, at most once a second; if that frees nothing, no row
+  is added and such queries take the ordinary path.
 Time is passed in as `now` (monotonic seconds); no I/O here.
 """
 
@@ -82,7 +96,13 @@ SWEEP_EVERY = 1.0
 REFRESH_LEAD = 0.05  # a row in use is refreshed this long before its moment, or up to TICK more
 TICK = 0.05  # rows come due in buckets this wide
 AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its moment
+# A row not asked since its last refresh rests (is not refreshed ahead) once that refresh is
+# this old: a row made or revived just before its moment is refreshed ahead once more, so the
+# name has time to be asked again. Rested at once, the rows revived at the start of a burst
+# all came due together within the burst and were answered from their entries again.
+REST_AFTER = 0.5
 REFRESH_BATCH = 8  # rows refreshed ahead per call (~50 us), then a reader thread may run
+RESTS_PER_REFRESH = 8  # rows set resting in a call count as one refreshed
 ADMIT_WITHIN = 1.0  # a row for an entry asked twice within about this many seconds...
 ADMIT_MEMORY = 8192  # ...and this many other entries asked (see `admit`)
 DRAIN_AT = 64  # batches of rows handed off before the loop is asked to count them
@@ -91,6 +111,7 @@ DRAIN_AT = 64  # batches of rows handed off before the loop is asked to count th
 # (each hit's objects are its own; a row's are shared). 100,000 names asked in turn: 64 ->
 # 16, 116k -> 130k QPS, 8.6 -> 7.7 us of CPU per query (bench/NOTES.md).
 DRAIN_COLD_AT = 16
+DRAIN_COLD_TURN = 8  # of those counted a turn (`drain_turn`): ~0.15 ms when they are full
 # Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
 # parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
 ROW_OVERHEAD = 550
@@ -150,6 +171,7 @@ class FastHit:
         "key",
         "next_tail",
         "q",
+        "refreshed_at",
         "seen",
         "shaped",
         "shown_ttl",
@@ -178,6 +200,7 @@ class FastHit:
         self.hits = 0  # served from this row since its last flush
         self.counted = 0  # hits flushed to the metrics so far
         self.seen = 0  # counted + hits at the last refresh: more since means asked since
+        self.refreshed_at = -math.inf  # when the last refresh ran
 
 
 class FastPath:
@@ -211,7 +234,11 @@ class FastPath:
         # The same for the hits a thread answered from entries (`answer_cold`): (the hits,
         # when the batch began, its time).
         self._handed_cold: deque[tuple[list[ColdHit], float, float]] = deque()
-        self.on_backlog: Callable[[], None] | None = None  # glue: have the loop call drain
+        self.on_backlog: Callable[[], None] | None = None  # glue: have the loop drain_turn
+        # Hits answered from entries that `drain` admitted, their rows not made yet (make_rows),
+        # and those entries (by identity): one hit each. At most ~2 x ADMIT_MEMORY (`admit`).
+        self._admitted: deque[ColdHit] = deque()
+        self._admitting: set[object] = set()
         # Hits faster than QUICK not in the latency histogram yet: how many, their time.
         self.quick = 0
         self.quick_seconds = 0.0
@@ -253,6 +280,12 @@ class FastPath:
     ) -> FastHit | None:
         """A row for `query` answered from `entry`, ready to serve; None if there is no room.
         `reply`: the plain (not shaped) reply just rendered from `entry` at `now`, if any."""
+        key = query[2:]
+        old = self.rows.get(key)
+        if old is not None:
+            if old.entry is entry:
+                return old if now < old.valid_until or self.refresh(old, query, now) else None
+            self.drop(old)
         if len(self.rows) >= self.capacity:
             if now - self._swept_at < SWEEP_EVERY:
                 return None
@@ -261,10 +294,6 @@ class FastPath:
                 self.drop(stale)
             if len(self.rows) >= self.capacity:
                 return None
-        key = query[2:]
-        old = self.rows.get(key)
-        if old is not None:
-            self.drop(old)
         hit = FastHit(key, entry, q, self.source.shaped(q.key, entry))
         if reply and hit.shaped is None:
             hit.tail = reply[2:]
@@ -290,8 +319,8 @@ class FastPath:
         """Make `hit` current at `now` (its valid_until has passed); False: the entry expired
         or went, and the row is dropped. `ran_at`: when this runs, if before `now` (a refresh
         ahead, rendered as of just after the row's moment)."""
-        if self._handed or self._handed_cold:
-            self.drain()  # the hits it served before this refresh are counted as of before
+        if self._handed:  # the hits it served before this refresh are counted as of before
+            self.drain(0)  # (hits answered from entries count for no row: left to drain_turn)
         entry = hit.entry
         if entry.expires <= now:
             self.drop(hit)
@@ -351,6 +380,7 @@ class FastPath:
             if self.rows.get(hit.key) is hit:  # a new row is charged once it is in the table
                 self._charge(q.key)
         hit.seen = hit.counted + hit.hits
+        hit.refreshed_at = now if ran_at is None else ran_at
         if self.on_due is not None:
             slot = int((valid_until - REFRESH_LEAD) / TICK)
             rows = self.due.get(slot)
@@ -363,31 +393,30 @@ class FastPath:
 
     def refresh_due(self, now: float, most: int = REFRESH_BATCH) -> bool:
         """Refresh ahead the rows whose bucket has come (see the module's notes): those still
-        in the table, not refreshed since they were scheduled, and asked since; a plain row
-        not asked since is dropped. At most
-        `most` of them: True if more are due (call again soon). Rows cached in one burst share
-        a bucket, and a thousand refreshes (~6 us each) in one go held the GIL for milliseconds
-        while the UDP reader thread waited (the glue hands it over between calls)."""
-        if self._handed or self._handed_cold:
-            self.drain()  # "asked since" reads the counts
+        in the table, not refreshed since they were scheduled, and asked since (or refreshed
+        less than REST_AFTER ago); the others rest. At most `most` refreshed (or
+        RESTS_PER_REFRESH times as many set resting): True if more are due (call again soon).
+        Rows cached in one burst share a bucket, and a thousand refreshes (~6 us each) in one
+        go held the GIL for milliseconds while the UDP reader thread waited (the glue hands it
+        over between calls)."""
+        if self._handed:
+            self.drain(0)  # "asked since" reads the rows' counts
         last = int(now / TICK)
-        done = 0
+        done = rested = 0
         for slot in sorted(slot for slot in self.due if slot <= last):
             rows = self.due[slot]
             while rows:
                 hit, moment = rows.pop()
                 if hit.valid_until == moment and self.rows.get(hit.key) is hit:
-                    if hit.counted + hit.hits != hit.seen:
-                        self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER), now)
-                    elif hit.shaped is None:
-                        # Not asked since its last refresh (about a second): the row goes, and
-                        # the entry answers (`answer_cold`) until a name asked often again gets
-                        # one. Left, rows of names no longer asked held ~0.75 KiB each.
-                        self.drop(hit)
+                    if hit.counted + hit.hits == hit.seen and now - hit.refreshed_at >= REST_AFTER:
+                        # Not asked since its last refresh, REST_AFTER ago or more: the row
+                        # rests, out of `due`, until it is asked again. Cheap (~0.3 us), but a
+                        # thousand of them in one turn held the GIL for 0.35 ms: counted too.
+                        rested += 1
                     else:
-                        continue  # a pool's row (its redraw is dear) waits for its next ask
-                    done += 1
-                    if done >= most:
+                        self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER), now)
+                        done += 1
+                    if done >= most or rested >= RESTS_PER_REFRESH * most:
                         if not rows:
                             del self.due[slot]
                         return any(slot <= last for slot in self.due)
@@ -413,16 +442,21 @@ class FastPath:
         if len(handed) == DRAIN_AT and self.on_backlog is not None:
             self.on_backlog()
 
-    def answer_cold(self, query: bytes, now: float, cold: list[ColdHit]) -> bytes | None:
+    def answer_cold(
+        self, query: bytes, now: float, cold: list[ColdHit], resting: FastHit | None = None
+    ) -> bytes | None:
         """From a reader thread: the reply to `query` (a datagram with no current row) from
         its cache entry as it is (`RowSource.servable`), rendered with the TTL left at `now`,
         and the hit appended to `cold` for the loop to count (`hand_off_cold`); None when
         the loop must answer it (malformed, a miss, a refresh due, a pool, ...). Reads only:
         the parse and the render are pure, the lookups single dict reads."""
-        try:
-            q = wire.parse_query(query)
-        except wire.ClientError:
-            return None
+        if resting is not None:
+            q = resting.q  # parsed from the same bytes after the ID: its key
+        else:
+            try:
+                q = wire.parse_query(query)
+            except wire.ClientError:
+                return None
         entry = self.source.servable(q.key, now)
         if entry is None:
             return None
@@ -439,11 +473,12 @@ class FastPath:
         if len(handed) == DRAIN_COLD_AT and self.on_backlog is not None:
             self.on_backlog()
 
-    def drain(self) -> None:
+    def drain(self, most_cold: int = -1) -> None:
         """Count the batches handed off by reader threads: each of their rows served one
         reply in the batch's time, and each hit answered from an entry is counted as the loop
-        counts a hit, its entry marked used, and given a row when admitted. On the event loop,
-        before any count is read."""
+        counts a hit, its entry marked used, and admitted to a row (`make_rows`) when its
+        second. On the event loop, before any count is read. `most_cold` >= 0: at most that
+        many batches of hits answered from entries (`drain_turn`)."""
         handed = self._handed
         durations = self.metrics.durations["cache"]
         while handed:
@@ -466,9 +501,10 @@ class FastPath:
             metrics.cache_hits,
             metrics.responses["cache"],
         )
-        touch = source.touch
-        admitted: list[tuple[ColdHit, float]] = []
-        while handed_cold:
+        touch, rows_get = source.touch, self.rows.get
+        admitted, admitting = self._admitted, self._admitting
+        while handed_cold and most_cold != 0:
+            most_cold -= 1
             cold, now, seconds = handed_cold.popleft()
             asked, before = self._generations(now)  # `admit`, for the batch's moment
             for cold_hit in cold:
@@ -478,16 +514,46 @@ class FastPath:
                 hits[form.negative] += 1
                 responses[form.rcode] += 1
                 touch(q.key)
+                if entry in admitting:
+                    continue  # its row is made in a coming turn
                 if entry in asked or entry in before:
-                    admitted.append((cold_hit, now))
+                    admitting.add(entry)
+                    admitted.append(cold_hit)
                 else:
-                    asked.add(entry)
+                    row = rows_get(query[2:])
+                    if row is not None and row.entry is entry:
+                        admitting.add(entry)
+                        admitted.append(cold_hit)  # a resting row, asked again
+                    else:
+                        asked.add(entry)
             self._timed(durations, seconds, len(cold))
-        # Rows are made once the backlog is counted: making one refreshes it, which drains
-        # first, so a row made inside the loop above began a drain of the rest, one level
-        # deeper per row made (a backlog of 600 such batches went past the recursion limit).
-        for (query, q, entry), now in admitted:
-            self.remember(query, q, entry, now)
+
+    def make_rows(self, now: float, most: int = REFRESH_BATCH) -> bool:
+        """Make (or make current again) at most `most` of the rows `drain` admitted, those
+        whose entry is still the cache's and servable at `now`: True if more wait. In turns,
+        as `refresh_due`: after a quiet spell every name of a burst is admitted within a few
+        milliseconds, and a drain that made them all (~2 us each) held the GIL for up to
+        0.8 ms while the reader thread waited with the burst's queries (bench/NOTES.md).
+        Not inside `drain`, also because making a row refreshes it, which drains first."""
+        admitted = self._admitted
+        servable = self.source.servable
+        done = 0
+        admitting = self._admitting
+        while admitted and done < most:
+            query, q, entry = admitted.popleft()
+            admitting.discard(entry)
+            if servable(q.key, now) is entry:
+                self.remember(query, q, entry, now)
+                done += 1
+        return bool(admitted)
+
+    def drain_turn(self, now: float) -> bool:
+        """The loop's turn after a reader thread's backlog (`on_backlog`): count the rows'
+        batches, at most DRAIN_COLD_TURN of hits answered from entries, then make at most
+        REFRESH_BATCH of the rows admitted; True if more wait. The first drain of a burst
+        after a quiet spell counted all its full batches at once (0.3 ms and more)."""
+        self.drain(DRAIN_COLD_TURN)
+        return self.make_rows(now) or bool(self._handed_cold)
 
     def _timed(self, durations: Histogram, seconds: float, replies: int) -> None:
         """`replies` answered in one batch that took `seconds`: each took that long."""
@@ -523,8 +589,8 @@ class FastPath:
 
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""
-        if self._handed or self._handed_cold:
-            self.drain()
+        if self._handed:
+            self.drain(0)
         self.flush_row(hit)
         hit.dropped = True
         hit.valid_until = -math.inf  # never current again, for a thread that holds it
@@ -556,3 +622,5 @@ class FastPath:
         for hit in list(self.rows.values()):
             self.drop(hit)
         self.due.clear()
+        self._admitted.clear()
+        self._admitting.clear()

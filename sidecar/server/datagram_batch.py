@@ -293,7 +293,7 @@ class DatagramBatch:
         hand_off: Callable[[tuple[list[R], float]], None],
         lend: Callable[[list[tuple[bytes, Address]]], None],
         clock: Callable[[], float],
-        answer_cold: Callable[[bytes, float, list[C]], bytes | None] | None = None,
+        answer_cold: Callable[[bytes, float, list[C], R | None], bytes | None] | None = None,
         hand_off_cold: Callable[[tuple[list[C], float, float]], None] | None = None,
     ) -> BatchServer:
         """The closure that serves datagrams 0..count-1 of the last receive(): a datagram
@@ -331,8 +331,9 @@ class DatagramBatch:
                 # its reply sent with a plain sendto, straight to its sender.
                 data = batch.lone_data
                 row = rows_get(data[2:])
+                resting = None
                 if row is not None and now >= row.valid_until:
-                    row = None
+                    resting, row = row, None
                 if (row is not None or answer_cold is not None) and (
                     admitted_get is None or admitted_get(lone[0]) is True
                 ):
@@ -341,7 +342,7 @@ class DatagramBatch:
                         reply = data[:2] + (row.tail or row.next_tail())
                     elif answer_cold is not None:
                         lone_cold: list[C] = []  # a row's hit allocates nothing it need not
-                        reply = answer_cold(data, now, lone_cold)
+                        reply = answer_cold(data, now, lone_cold, resting)
                     if reply is not None:
                         try:  # noqa: SIM105 (contextlib.suppress: ~0.5 us more here)
                             sock_sendto(reply, lone)
@@ -365,8 +366,9 @@ class DatagramBatch:
                 start, length, client_start, client_end = incoming[i]
                 data = bytes(memory[start : start + lengths[length]])
                 row = rows_get(data[2:])
+                resting = None
                 if row is not None and now >= row.valid_until:
-                    row = None  # past its moment: the entry's, or the loop's
+                    resting, row = row, None  # past its moment: the entry's, or the loop's
                 reply = None
                 if (row is not None or answer_cold is not None) and (
                     admitted_get is None
@@ -377,7 +379,7 @@ class DatagramBatch:
                         reply = data[:2] + (row.tail or row.next_tail())
                         served.append(row)
                     elif answer_cold is not None:
-                        reply = answer_cold(data, now, cold)
+                        reply = answer_cold(data, now, cold, resting)
                 if reply is not None:
                     size = len(reply)
                     if size <= SLOT:

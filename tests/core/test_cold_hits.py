@@ -8,7 +8,13 @@ from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
 from sidecar.core import wire
 from sidecar.core.cache import Entry
 from sidecar.core.counters import Counters
-from sidecar.core.fast_path import DRAIN_AT, DRAIN_COLD_AT, ColdHit
+from sidecar.core.fast_path import (
+    DRAIN_AT,
+    DRAIN_COLD_AT,
+    DRAIN_COLD_TURN,
+    REFRESH_BATCH,
+    ColdHit,
+)
 from sidecar.pipeline import Resolver
 from tests.core.test_fast_path import reply
 from tests.listener_parts import cache_resolver
@@ -66,6 +72,8 @@ def test_an_entry_is_answered_with_the_callers_id_and_the_ttl_left_and_counted_w
     assert fast.answer_cold(query(qid=42, edns=True), 110.5, again) is not None
     fast.hand_off_cold((again, 110.5, 0.00001))
     fast.drain()
+    assert len(fast) == 0 and metrics.cache_hits[0] == 2  # counted; the row waits for a turn
+    assert not fast.drain_turn(110.6)
     assert len(fast) == 1  # the second hit within a second: the loop made the row
     hit = fast.get(data[2:])
     assert hit is not None and hit.tail == answer[2:]
@@ -85,6 +93,25 @@ def test_a_backlog_of_cold_hits_asks_the_loop_to_count_it_before_rows_would() ->
     assert asked == [DRAIN_COLD_AT]  # once, as the backlog passes the mark
     fast.drain()
     assert metrics.cache_hits[0] == 2 * DRAIN_COLD_AT
+
+
+def test_a_resting_row_is_made_current_by_its_first_hit_answered_from_the_entry() -> None:
+    """A row not asked for a while rests past its moment (core/fast_path.py): the thread
+    answers its next hit from the entry, and the loop, draining it, makes the row current
+    at once: no second hit to wait for, as a name with no row has."""
+    resolver, _ = setup()
+    fast = resolver.fast
+    entry = store(resolver, reply(ttl=60), 100.0)
+    data = query()
+    row = fast.remember(data, wire.parse_query(data), entry, 100.2)
+    assert row is not None and row.valid_until == 101.0
+    cold: list[ColdHit] = []
+    assert fast.answer_cold(query(qid=9), 120.5, cold) is not None  # the row is past it
+    fast.hand_off_cold((cold, 120.5, 0.00001))
+    assert not fast.drain_turn(120.5)
+    assert fast.get(data[2:]) is row and row.valid_until == 121.0
+    assert DNSRecord.parse(b"\0\0" + row.tail).rr[0].ttl == 40
+    assert entry not in fast.asked  # not spent on admission
 
 
 def test_the_loop_keeps_an_entry_answered_by_the_thread_recently_used() -> None:
@@ -148,7 +175,32 @@ def test_a_long_backlog_of_admitted_hits_is_drained_without_recursing() -> None:
             cold: list[ColdHit] = []
             assert fast.answer_cold(query(name), when, cold) is not None
             fast.hand_off_cold((cold, when, 0.00001))
+    assert fast.drain_turn(100.3)
+    assert metrics.cache_hits[0] == DRAIN_COLD_TURN  # a few batches counted a turn...
     fast.drain()
-    assert metrics.cache_hits[0] == 1200
+    assert metrics.cache_hits[0] == 1200  # ...or all at once, before a count is read
+    assert len(fast) == 0  # rows are made in turns, a few a turn (the GIL handed over)
+    more = turns = 0
+    while turns == 0 or more:
+        more = fast.drain_turn(100.3)
+        turns += 1
+        assert len(fast) == turns * REFRESH_BATCH
+    assert turns == 600 // REFRESH_BATCH
     assert len(fast) == 600
     assert all(fast.get(query(name)[2:]) is not None for name in names)
+
+
+def test_a_row_admitted_is_not_made_once_its_entry_has_gone() -> None:
+    """Rows are made a turn after their hits are counted; an entry the cache let go (or
+    replaced) in between gets none: the table never serves what the cache let go."""
+    resolver, _ = setup()
+    fast = resolver.fast
+    store(resolver, reply(ttl=60), 100.0)
+    for when in (100.1, 100.2):
+        cold: list[ColdHit] = []
+        assert fast.answer_cold(query(), when, cold) is not None
+        fast.hand_off_cold((cold, when, 0.00001))
+    fast.drain()
+    store(resolver, reply(("192.0.2.7",), ttl=60), 100.25)  # replaced before the turn
+    assert not fast.make_rows(100.3)
+    assert len(fast) == 0

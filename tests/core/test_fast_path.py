@@ -207,9 +207,12 @@ def test_hits_a_thread_served_from_a_row_dropped_meanwhile_are_counted() -> None
     data = query()
     old = s.fast.remember(data, wire.parse_query(data), entry, 100.0)
     assert old is not None
-    # A reader thread read `old` from the table; meanwhile the loop made a new row for the
-    # same bytes (a cold hit admitted again), which dropped `old`. The thread's batch comes
-    # after the drop, and its replies are still requests the sidecar answered.
+    # A reader thread read `old` from the table; meanwhile the entry was replaced (a prefetch
+    # landed), which dropped `old`, and the loop made a new row for the same bytes. The
+    # thread's batch comes after the drop, and its replies are still requests answered.
+    assert s.fast.remember(data, wire.parse_query(data), entry, 100.05) is old  # kept
+    entry = s.store(reply(), 100.1)
+    assert old.dropped
     new = s.fast.remember(data, wire.parse_query(data), entry, 100.1)
     assert new is not None and new is not old
     s.fast.hand_off(([old] * 32, 0.00002))
@@ -351,15 +354,33 @@ def test_a_shaped_row_refreshed_ahead_rechecks_health_within_shaped_recheck_of_t
     assert sorted(str(rr.rdata) for rr in answer.rr) == list(addresses)  # failed open
 
 
-def test_a_plain_row_not_asked_since_its_refresh_goes_when_its_bucket_comes() -> None:
-    s, due, _hit, data = timed_row()
+def test_a_row_not_asked_since_its_refresh_rests_until_asked_again() -> None:
+    """Not refreshed while no one asks (no timer at idle), not dropped either: asked again
+    after a quiet spell, it is made current at once, where a dropped row had to be earned
+    again by two hits (a burst after a quiet second began on hits answered from entries)."""
+    s, due, hit, data = timed_row()
     key = wire.parse_query(data).key
-    assert s.cache.charged(key) > 0
+    charged = s.cache.charged(key)
+    assert charged > 0
+    s.fast.flush()
+    assert not s.fast.refresh_due(due[-1])
+    assert not s.fast.due and len(due) == 1  # nothing scheduled: nothing wakes the loop
+    assert s.fast.get(data[2:]) is hit and hit.valid_until == 101.0  # resting, past its moment
+    assert s.cache.charged(key) == charged  # its bytes still count against the cache
+    answer = s.served(data, 130.4)  # asked again half a minute later
+    assert answer is not None and answer.rr[0].ttl == 30  # the TTL left then, not before
+    assert hit.valid_until == 131.0 and len(due) == 2  # current, and scheduled again
+    s.fast.remember(data, wire.parse_query(data), hit.entry, 130.5)
+    assert s.fast.get(data[2:]) is hit  # the same row, not a new one
+
+
+def test_a_resting_row_of_an_expired_entry_goes_when_asked() -> None:
+    s, due, hit, data = timed_row()
     s.fast.flush()
     s.fast.refresh_due(due[-1])
-    assert s.fast.get(data[2:]) is None and len(s.fast) == 0 and not s.fast.due
-    assert s.cache.get(key, 101.2) is not None  # the entry stays: it answers without a row
-    assert s.cache.charged(key) == 0  # the row's bytes went with it
+    assert s.served(data, 160.5) is None  # the entry expired at 160.0
+    assert hit.dropped and s.fast.get(data[2:]) is None
+    assert s.cache.charged(wire.parse_query(data).key) == 0
 
 
 def test_rows_refreshed_on_demand_or_gone_are_skipped_when_their_bucket_comes() -> None:
