@@ -61,7 +61,8 @@ Theory of operation
   second had to be earned again by two hits, and the burst began on hits answered from
   entries: most of the sidecar's answers over 500 us at half load (bench/NOTES.md). A
   resting row stays charged to its entry's key, and goes with its entry, when the table is
-  full (the sweep), or when asked after its entry expired.
+  full (the sweep), when asked after its entry expired, or when RESTING_ROWS others rest
+  since it began to.
 - Admission: a row is made on the second hit of an entry while its first is remembered
   (`admit`): in two generations of at most half of ADMIT_WITHIN and ADMIT_MEMORY entries
   each, by entry identity (no copy of a key, nothing written to the entry). Hits with no row
@@ -103,6 +104,10 @@ AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its mome
 REST_AFTER = 0.5
 REFRESH_BATCH = 8  # rows refreshed ahead per call (~50 us), then a reader thread may run
 RESTS_PER_REFRESH = 8  # rows set resting in a call count as one refreshed
+# Rows resting at most; past that the one resting longest goes. Unbounded, 100,000 names
+# asked about once a second each (a few of them twice in a second, so given a row) filled
+# the table with rows never asked again: 7 MiB more RSS.
+RESTING_ROWS = 2048
 ADMIT_WITHIN = 1.0  # a row for an entry asked twice within about this many seconds...
 ADMIT_MEMORY = 8192  # ...and this many other entries asked (see `admit`)
 DRAIN_AT = 64  # batches of rows handed off before the loop is asked to count them
@@ -227,6 +232,8 @@ class FastPath:
         self._swept_at = -math.inf
         # Rows to refresh ahead, by bucket (moment // TICK), each with the moment it had.
         self.due: dict[int, list[tuple[FastHit, float]]] = {}
+        # The rows resting (see the module's notes), in the order they began to.
+        self.resting: dict[FastHit, None] = {}
         self.on_due: Callable[[float], None] | None = None  # glue: call refresh_due then
         # Batches a UDP reader thread served, (their rows, their time), not counted yet. The
         # thread's only write here is `hand_off` (see the module's notes); the loop `drain`s.
@@ -381,6 +388,8 @@ class FastPath:
                 self._charge(q.key)
         hit.seen = hit.counted + hit.hits
         hit.refreshed_at = now if ran_at is None else ran_at
+        if self.resting:
+            self.resting.pop(hit, None)
         if self.on_due is not None:
             slot = int((valid_until - REFRESH_LEAD) / TICK)
             rows = self.due.get(slot)
@@ -413,6 +422,10 @@ class FastPath:
                         # rests, out of `due`, until it is asked again. Cheap (~0.3 us), but a
                         # thousand of them in one turn held the GIL for 0.35 ms: counted too.
                         rested += 1
+                        resting = self.resting
+                        resting[hit] = None
+                        if len(resting) > RESTING_ROWS:
+                            self.drop(next(iter(resting)))  # the one resting longest
                     else:
                         self.refresh(hit, b"\0\0" + hit.key, max(now, moment + AFTER), now)
                         done += 1
@@ -593,6 +606,8 @@ class FastPath:
             self.drain(0)
         self.flush_row(hit)
         hit.dropped = True
+        if self.resting:
+            self.resting.pop(hit, None)
         hit.valid_until = -math.inf  # never current again, for a thread that holds it
         if hit.shaped is not None:
             # The row may wait in `due` a while yet: let its pool and all but one of its

@@ -15,6 +15,7 @@ from sidecar.core.fast_path import (
     ADMIT_MEMORY,
     DRAIN_AT,
     REFRESH_LEAD,
+    RESTING_ROWS,
     SHAPED_RECHECK,
     TICK,
     FastHit,
@@ -372,6 +373,28 @@ def test_a_row_not_asked_since_its_refresh_rests_until_asked_again() -> None:
     assert hit.valid_until == 131.0 and len(due) == 2  # current, and scheduled again
     s.fast.remember(data, wire.parse_query(data), hit.entry, 130.5)
     assert s.fast.get(data[2:]) is hit  # the same row, not a new one
+
+
+def test_rows_resting_are_bounded_the_one_resting_longest_goes() -> None:
+    s = Setup(capacity=RESTING_ROWS + 100)
+    due: list[float] = []
+    s.fast.on_due = due.append
+    rows = []
+    for i in range(RESTING_ROWS + 10):  # cached in one burst, each asked once: none again
+        name = f"n{i}.example"
+        entry = s.store(reply(name=name), 100.0, name)
+        data = query(name)
+        hit = s.fast.remember(data, wire.parse_query(data), entry, 100.3)
+        assert hit is not None
+        rows.append(hit)
+    while s.fast.refresh_due(due[0]):
+        pass
+    assert len(s.fast.resting) == RESTING_ROWS and len(s.fast) == RESTING_ROWS
+    gone = [hit for hit in rows if hit.dropped]
+    assert len(gone) == 10 and all(s.cache.charged(hit.q.key) == 0 for hit in gone)
+    kept = next(hit for hit in rows if not hit.dropped)
+    assert s.served(b"\0\7" + kept.key, 101.5) is not None  # asked again: current, not resting
+    assert kept not in s.fast.resting and len(s.fast.resting) == RESTING_ROWS - 1
 
 
 def test_a_resting_row_of_an_expired_entry_goes_when_asked() -> None:
