@@ -68,9 +68,9 @@ Theory of operation
   each, by entry identity (no copy of a key, nothing written to the entry). Hits with no row
   are answered from the entry itself: by a reader thread (`answer_cold`), which hands them
   to the loop to count and admit, or on the loop. The loop counts a reader thread's backlog
-  and makes the rows it admitted in turns (`drain_turn`: DRAIN_COLD_TURN batches counted and
-  REFRESH_BATCH rows made a turn, the GIL handed to the thread between turns), each row only
-  if its entry is still the cache's and servable then.
+  at once and makes the rows it admitted in turns (`drain_turn`: REFRESH_BATCH rows a turn,
+  the GIL handed to the thread between turns), each only if its entry is still the cache's
+  and servable then.
 - Bounded: at most `capacity` rows. When full, rows not valid any more (resting, or not asked
   within about a second) are swept out, at most once a second; if that frees nothing, no row
   is added and such queries take the ordinary path.
@@ -116,7 +116,6 @@ DRAIN_AT = 64  # batches of rows handed off before the loop is asked to count th
 # (each hit's objects are its own; a row's are shared). 100,000 names asked in turn: 64 ->
 # 16, 116k -> 130k QPS, 8.6 -> 7.7 us of CPU per query (bench/NOTES.md).
 DRAIN_COLD_AT = 16
-DRAIN_COLD_TURN = 8  # of those counted a turn (`drain_turn`): ~0.15 ms when they are full
 # Estimated bytes of a row beside its reply bytes (tracemalloc, CPython 3.11): the row, its
 # parsed query, its key and its slots in `rows` and `by_key`; and per reply it hands out.
 ROW_OVERHEAD = 550
@@ -561,12 +560,13 @@ class FastPath:
         return bool(admitted)
 
     def drain_turn(self, now: float) -> bool:
-        """The loop's turn after a reader thread's backlog (`on_backlog`): count the rows'
-        batches, at most DRAIN_COLD_TURN of hits answered from entries, then make at most
-        REFRESH_BATCH of the rows admitted; True if more wait. The first drain of a burst
-        after a quiet spell counted all its full batches at once (0.3 ms and more)."""
-        self.drain(DRAIN_COLD_TURN)
-        return self.make_rows(now) or bool(self._handed_cold)
+        """The loop's turn after a reader thread's backlog (`on_backlog`): count it all, then
+        make at most REFRESH_BATCH of the rows admitted; True if more wait. The count is not
+        split: at 100,000 names asked in turn the thread refills the backlog during every
+        hand-over, so turns of 8 batches ran without end, a GIL hand-over (on the sidecar's
+        one CPU, a context switch) every 8 batches (bench/NOTES.md)."""
+        self.drain()
+        return self.make_rows(now)
 
     def _timed(self, durations: Histogram, seconds: float, replies: int) -> None:
         """`replies` answered in one batch that took `seconds`: each took that long."""
