@@ -104,9 +104,8 @@ AFTER = 1e-3  # a row refreshed ahead is rendered as of this long after its mome
 REST_AFTER = 0.5
 REFRESH_BATCH = 8  # rows refreshed ahead per call (~50 us), then a reader thread may run
 RESTS_PER_REFRESH = 8  # rows set resting in a call count as one refreshed
-# Rows resting at most; past that the one resting longest goes. Unbounded, 100,000 names
-# asked about once a second each (a few of them twice in a second, so given a row) filled
-# the table with rows never asked again: 7 MiB more RSS.
+# Rows resting at most; past that the one resting longest goes. Unbounded, the rows of the
+# 10,000 names `make bench` asks before its 100,000 all rested: 7 MiB more RSS then.
 RESTING_ROWS = 2048
 ADMIT_WITHIN = 1.0  # a row for an entry asked twice within about this many seconds...
 ADMIT_MEMORY = 8192  # ...and this many other entries asked (see `admit`)
@@ -242,7 +241,8 @@ class FastPath:
         self._handed_cold: deque[tuple[list[ColdHit], float, float]] = deque()
         self.on_backlog: Callable[[], None] | None = None  # glue: have the loop drain_turn
         # Hits answered from entries that `drain` admitted, their rows not made yet (make_rows),
-        # and those entries (by identity): one hit each. At most ~2 x ADMIT_MEMORY (`admit`).
+        # and those entries (by identity): one hit each, so at most as many as the admission
+        # memory (`admit`) and the resting rows hold.
         self._admitted: deque[ColdHit] = deque()
         self._admitting: set[object] = set()
         # Hits faster than QUICK not in the latency histogram yet: how many, their time.
@@ -490,7 +490,8 @@ class FastPath:
         reply in the batch's time, and each hit answered from an entry is counted as the loop
         counts a hit, its entry marked used, and admitted to a row (`make_rows`) when its
         second. On the event loop, before any count is read. `most_cold` >= 0: at most that
-        many batches of hits answered from entries (`drain_turn`)."""
+        many batches of hits answered from entries (0: the rows' only, all a refresh or a drop
+        reads)."""
         handed = self._handed
         durations = self.metrics.durations["cache"]
         while handed:
