@@ -120,8 +120,9 @@ DRAIN_COLD_AT = 16
 ROW_OVERHEAD = 550
 TAIL_OVERHEAD = 60
 
-# A hit a reader thread answered from a cache entry (no row): the query, its parse, the entry.
-ColdHit = tuple[bytes, wire.Query, Entry]
+# A hit a reader thread answered from a cache entry (no current row): the query, its parse,
+# the entry, and the row for those bytes if one was there (past its moment: resting).
+ColdHit = tuple[bytes, wire.Query, Entry, "FastHit | None"]
 
 
 class ShapedReplies(Protocol):
@@ -241,10 +242,9 @@ class FastPath:
         self._handed_cold: deque[tuple[list[ColdHit], float, float]] = deque()
         self.on_backlog: Callable[[], None] | None = None  # glue: have the loop drain_turn
         # Hits answered from entries that `drain` admitted, their rows not made yet (make_rows),
-        # and those entries (by identity): one hit each, so at most as many as the admission
+        # by entry (identity), oldest first: one hit each, so at most as many as the admission
         # memory (`admit`) and the resting rows hold.
-        self._admitted: deque[ColdHit] = deque()
-        self._admitting: set[object] = set()
+        self._admitted: dict[object, ColdHit] = {}
         # Hits faster than QUICK not in the latency histogram yet: how many, their time.
         self.quick = 0
         self.quick_seconds = 0.0
@@ -326,7 +326,7 @@ class FastPath:
         or went, and the row is dropped. `ran_at`: when this runs, if before `now` (a refresh
         ahead, rendered as of just after the row's moment)."""
         if self._handed:  # the hits it served before this refresh are counted as of before
-            self.drain(0)  # (hits answered from entries count for no row: left to drain_turn)
+            self._count_rows()
         entry = hit.entry
         if entry.expires <= now:
             self.drop(hit)
@@ -408,7 +408,7 @@ class FastPath:
         go held the GIL for milliseconds while the UDP reader thread waited (the glue hands it
         over between calls)."""
         if self._handed:
-            self.drain(0)  # "asked since" reads the rows' counts
+            self._count_rows()  # "asked since" reads the rows' counts
         last = int(now / TICK)
         done = rested = 0
         for slot in sorted(slot for slot in self.due if slot <= last):
@@ -474,7 +474,7 @@ class FastPath:
             return None
         ttl = math.ceil(entry.expires - now)
         reply = entry.render_with_ttl(query, q, ttl, wire.udp_limit(q.edns_size))
-        cold.append((query, q, entry))
+        cold.append((query, q, entry, resting))
         return reply
 
     def hand_off_cold(self, batch: tuple[list[ColdHit], float, float]) -> None:
@@ -485,13 +485,47 @@ class FastPath:
         if len(handed) == DRAIN_COLD_AT and self.on_backlog is not None:
             self.on_backlog()
 
-    def drain(self, most_cold: int = -1) -> None:
+    def drain(self) -> None:
         """Count the batches handed off by reader threads: each of their rows served one
-        reply in the batch's time, and each hit answered from an entry is counted as the loop
-        counts a hit, its entry marked used, and admitted to a row (`make_rows`) when its
-        second. On the event loop, before any count is read. `most_cold` >= 0: at most that
-        many batches of hits answered from entries (0: the rows' only, all a refresh or a drop
-        reads)."""
+        reply in the batch's time (`_count_rows`), and each hit answered from an entry is
+        counted as the loop counts a hit, its entry marked used, and admitted to a row
+        (`make_rows`) when its second, or when its row rests. On the event loop, before any
+        count is read."""
+        self._count_rows()
+        handed_cold = self._handed_cold
+        if not handed_cold:
+            return
+        metrics, source = self.metrics, self.source
+        requests, hits, responses = (
+            metrics.requests["udp"],
+            metrics.cache_hits,
+            metrics.responses["cache"],
+        )
+        durations, touch, admitted = metrics.durations["cache"], source.touch, self._admitted
+        while handed_cold:
+            cold, now, seconds = handed_cold.popleft()
+            asked, before = self._generations(now)  # `admit`, for the batch's moment
+            for cold_hit in cold:
+                _, q, entry, row = cold_hit
+                requests[q.qtype] += 1
+                form = entry.form
+                hits[form.negative] += 1
+                responses[form.rcode] += 1
+                touch(q.key)
+                if entry in admitted:
+                    continue  # its row is made in a coming turn
+                if (
+                    entry in asked
+                    or entry in before
+                    or (row is not None and row.entry is entry and not row.dropped)
+                ):
+                    admitted[entry] = cold_hit  # a second hit, or a resting row asked again
+                else:
+                    asked.add(entry)
+            self._timed(durations, seconds, len(cold))
+
+    def _count_rows(self) -> None:
+        """Count the batches of rows handed off (all a refresh, a rest or a drop reads)."""
         handed = self._handed
         durations = self.metrics.durations["cache"]
         while handed:
@@ -505,56 +539,19 @@ class FastPath:
                     # to wait, a burst lost a batch of 32 from requests_total.
                     self.flush_row(hit)
             self._timed(durations, seconds, len(rows))
-        handed_cold = self._handed_cold
-        if not handed_cold:
-            return
-        metrics, source = self.metrics, self.source
-        requests, hits, responses = (
-            metrics.requests["udp"],
-            metrics.cache_hits,
-            metrics.responses["cache"],
-        )
-        touch, rows_get = source.touch, self.rows.get
-        admitted, admitting = self._admitted, self._admitting
-        while handed_cold and most_cold != 0:
-            most_cold -= 1
-            cold, now, seconds = handed_cold.popleft()
-            asked, before = self._generations(now)  # `admit`, for the batch's moment
-            for cold_hit in cold:
-                query, q, entry = cold_hit
-                requests[q.qtype] += 1
-                form = entry.form
-                hits[form.negative] += 1
-                responses[form.rcode] += 1
-                touch(q.key)
-                if entry in admitting:
-                    continue  # its row is made in a coming turn
-                if entry in asked or entry in before:
-                    admitting.add(entry)
-                    admitted.append(cold_hit)
-                else:
-                    row = rows_get(query[2:])
-                    if row is not None and row.entry is entry:
-                        admitting.add(entry)
-                        admitted.append(cold_hit)  # a resting row, asked again
-                    else:
-                        asked.add(entry)
-            self._timed(durations, seconds, len(cold))
 
     def make_rows(self, now: float, most: int = REFRESH_BATCH) -> bool:
         """Make (or make current again) at most `most` of the rows `drain` admitted, those
         whose entry is still the cache's and servable at `now`: True if more wait. In turns,
         as `refresh_due`: after a quiet spell every name of a burst is admitted within a few
-        milliseconds, and a drain that made them all (~2 us each) held the GIL for up to
+        milliseconds, and a drain that made them all (2-5 us each) held the GIL for up to
         0.8 ms while the reader thread waited with the burst's queries (bench/NOTES.md).
         Not inside `drain`, also because making a row refreshes it, which drains first."""
         admitted = self._admitted
         servable = self.source.servable
         done = 0
-        admitting = self._admitting
         while admitted and done < most:
-            query, q, entry = admitted.popleft()
-            admitting.discard(entry)
+            query, q, entry, _ = admitted.pop(next(iter(admitted)))
             if servable(q.key, now) is entry:
                 self.remember(query, q, entry, now)
                 done += 1
@@ -604,7 +601,7 @@ class FastPath:
     def drop(self, hit: FastHit) -> None:
         """Forget a row, counting what it served."""
         if self._handed:
-            self.drain(0)
+            self._count_rows()
         self.flush_row(hit)
         hit.dropped = True
         if self.resting:
@@ -639,4 +636,3 @@ class FastPath:
             self.drop(hit)
         self.due.clear()
         self._admitted.clear()
-        self._admitting.clear()

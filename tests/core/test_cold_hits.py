@@ -105,7 +105,8 @@ def test_a_resting_row_is_made_current_by_its_first_hit_answered_from_the_entry(
     row = fast.remember(data, wire.parse_query(data), entry, 100.2)
     assert row is not None and row.valid_until == 101.0
     cold: list[ColdHit] = []
-    assert fast.answer_cold(query(qid=9), 120.5, cold) is not None  # the row is past it
+    resting = fast.get(data[2:])  # past its moment: the thread passes it on (datagram_batch)
+    assert resting is row and fast.answer_cold(query(qid=9), 120.5, cold, resting) is not None
     fast.hand_off_cold((cold, 120.5, 0.00001))
     assert not fast.drain_turn(120.5)
     assert fast.get(data[2:]) is row and row.valid_until == 121.0
